@@ -1,0 +1,335 @@
+"""Forward SDEs of score-based diffusion models and their generative (reverse) family.
+
+Every SDE is an immutable pytree dataclass (``flax.struct.dataclass``): its hyper-parameters,
+including the diffusion time ``T`` and the smallest time ``eps``, are array leaves, so an SDE can be
+passed through ``jax.jit``/``vmap``/``grad`` and sweeping ``T`` does not recompile.
+
+Conventions
+-----------
+* ``x`` has a leading batch axis: shape ``(B, *event)``. ``t`` is a scalar or has shape ``(B,)``;
+  per-time quantities (``diffusion``, ``marginal_coeffs``) have the shape of ``t`` and are broadcast
+  against ``x`` with :func:`bcast`.
+* ``marginal(x0, t)`` is the exact transition ``p_{0t}(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I)`` of
+  the SDE started at ``t = 0`` (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
+  eqs. 29, 33 and Appendix B).  For VE we use the exact variance ``sigma_min^2 (r^{2t} - 1)``,
+  ``r = sigma_max / sigma_min``, rather than score_sde's approximation ``sigma(t)^2``.
+* Changing ``T`` never changes beta(t) or sigma(t) (Franzese et al., "How much is enough? A study on
+  diffusion times in score-based generative models", Appendix H.3).
+* The generative family (Cao et al., "Exploring the optimal choice for generative processes in
+  diffusion models: ordinary vs stochastic differential equations", eq. 2; Huang et al., "A
+  variational perspective on diffusion-based generative models and score matching", eq. 13 with
+  lambda = 1 - c) is
+      dx = [f(x, t) - (1 + c)/2 g(t)^2 s(x, t)] dt + sqrt(c) g(t) dw_bar,
+  integrated backwards from ``T`` to ``eps``; ``c = 0`` is the probability-flow ODE, ``c = 1`` the
+  reverse SDE of Anderson (1982), ``c > 1`` adds more noise (h^2 = c g^2).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]  # (x, t) -> score, parameters already bound
+
+
+def bcast(v: Array, x: Array) -> Array:
+  """Reshapes a per-example quantity ``v`` (scalar or shape ``(B,)``) to broadcast against ``x``."""
+  v = jnp.asarray(v)
+  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def sum_except_batch(x: Array) -> Array:
+  """Sums over every axis but the leading batch axis."""
+  return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+
+
+def gaussian_logp(z: Array, std: Array | float = 1.0) -> Array:
+  """Per-example log N(z; 0, std^2 I) with ``std`` a scalar or of shape ``(B,)``."""
+  d = math.prod(z.shape[1:])
+  std = jnp.asarray(std)
+  var = std**2
+  sq = sum_except_batch(z**2)
+  return -0.5 * d * jnp.log(2 * jnp.pi * var) - 0.5 * sq / var
+
+
+class GenerativeSDE(NamedTuple):
+  """Drift and diffusion of the generative process in *original* time t (run from T to eps)."""
+  drift: Callable[[Array, Array], Array]  # (x, t) -> f - (1+c)/2 g^2 s
+  diffusion: Callable[[Array], Array]  # t -> sqrt(c) g(t)
+
+
+class _SDE:
+  """Shared behaviour. Subclasses define ``drift``, ``diffusion``, ``marginal_coeffs``,
+  ``prior_std`` and the importance-sampling antiderivative."""
+
+  # -- interface implemented by subclasses ------------------------------------------------------
+  def drift(self, x: Array, t: Array) -> Array:
+    raise NotImplementedError
+
+  def diffusion(self, t: Array) -> Array:
+    raise NotImplementedError
+
+  def marginal_coeffs(self, t: Array) -> tuple[Array, Array]:
+    """(alpha_t, sigma_t) with x_t = alpha_t x_0 + sigma_t z."""
+    raise NotImplementedError
+
+  def prior_std(self) -> Array:
+    raise NotImplementedError
+
+  def noise_conditioning(self, t: Array) -> Array:
+    """The scalar a score network is conditioned on (t for VP/subVP, log sigma(t) for VE)."""
+    return jnp.asarray(t)
+
+  # -- shared ------------------------------------------------------------------------------------
+  def marginal(self, x0: Array, t: Array) -> tuple[Array, Array]:
+    """Mean (shape of x0) and std (shape of t) of p_{0t}(x_t | x0)."""
+    alpha, sigma = self.marginal_coeffs(t)
+    return bcast(alpha, x0) * x0, sigma
+
+  def perturb(self, x0: Array, t: Array, noise: Array) -> Array:
+    """x_t = alpha_t x0 + sigma_t noise."""
+    alpha, sigma = self.marginal_coeffs(t)
+    return bcast(alpha, x0) * x0 + bcast(sigma, x0) * noise
+
+  def transition_score(self, xt: Array, x0: Array, t: Array) -> Array:
+    """grad_{x_t} log p_{0t}(x_t | x0) = -(x_t - alpha_t x0) / sigma_t^2."""
+    alpha, sigma = self.marginal_coeffs(t)
+    return -(xt - bcast(alpha, xt) * x0) / bcast(sigma, xt) ** 2
+
+  def prior_sample(self, key: Array, shape) -> Array:
+    return self.prior_std() * jax.random.normal(key, shape)
+
+  def prior_logp(self, z: Array) -> Array:
+    """Per-example log-density of the Gaussian prior (sum over non-batch axes)."""
+    return gaussian_logp(z, self.prior_std())
+
+  def reverse(self, score_fn: ScoreFn, c: Array | float = 1.0) -> GenerativeSDE:
+    """Generative family dx = [f - (1+c)/2 g^2 s] dt + sqrt(c) g dw_bar (Cao et al., eq. 2)."""
+    c = jnp.asarray(c)
+
+    def drift(x, t):
+      g = bcast(self.diffusion(t), x)
+      return self.drift(x, t) - 0.5 * (1.0 + c) * g**2 * score_fn(x, t)
+
+    def diffusion(t):
+      return jnp.sqrt(c) * self.diffusion(t)
+
+    return GenerativeSDE(drift, diffusion)
+
+  def probability_flow(self, score_fn: ScoreFn) -> GenerativeSDE:
+    """c = 0: the probability-flow ODE (Song et al. 2021, eq. 13)."""
+    return self.reverse(score_fn, 0.0)
+
+  # Importance sampling of t with proposal p(t) ∝ g(t)^2 / sigma_t^2 on [eps, T]
+  # (Song et al. 2021b, "Maximum likelihood training of score-based diffusion models", §5.1).
+  def is_antiderivative(self, t: Array) -> Array:
+    """Phi(t) with Phi'(t) = g(t)^2 / sigma_t^2."""
+    raise NotImplementedError
+
+  def is_inverse_antiderivative(self, y: Array) -> Array:
+    """t with Phi(t) = y."""
+    raise NotImplementedError
+
+  def is_weight(self, t: Array) -> Array:
+    """g(t)^2 / sigma_t^2, the unnormalized proposal density."""
+    _, sigma = self.marginal_coeffs(t)
+    return self.diffusion(t) ** 2 / sigma**2
+
+  def is_normalizer(self) -> Array:
+    """Z = Phi(T) - Phi(eps), so p(t) = g^2 / (sigma^2 Z)."""
+    return self.is_antiderivative(self.T) - self.is_antiderivative(self.eps)
+
+  def is_sample_t(self, key: Array, shape) -> Array:
+    """Samples t ~ p(t) ∝ g^2/sigma^2 on [eps, T] by inverting the CDF."""
+    u = jax.random.uniform(key, shape)
+    lo = self.is_antiderivative(self.eps)
+    hi = self.is_antiderivative(self.T)
+    t = self.is_inverse_antiderivative(lo + u * (hi - lo))
+    return jnp.clip(t, self.eps, self.T)
+
+  def uniform_sample_t(self, key: Array, shape) -> Array:
+    return jax.random.uniform(key, shape, minval=self.eps, maxval=self.T)
+
+  def validate(self) -> None:
+    """Raises ValueError naming the offending field (call outside jit)."""
+    if not float(self.eps) > 0:
+      raise ValueError(f"sde.eps must be > 0, got {float(self.eps)}")
+    if not float(self.T) > float(self.eps):
+      raise ValueError(f"sde.T must exceed sde.eps, got T={float(self.T)} eps={float(self.eps)}")
+
+
+def _log_expm1(x: Array) -> Array:
+  """log(exp(x) - 1) for x > 0, stable for small and large x (both branches NaN-free for grad)."""
+  small = jnp.log(jnp.expm1(jnp.minimum(x, 1.0)))
+  large = x + jnp.log(-jnp.expm1(-jnp.maximum(x, 1.0)))
+  return jnp.where(x > 1.0, large, small)
+
+
+def _inv_log_expm1(y: Array) -> Array:
+  """x with log(exp(x) - 1) = y, i.e. softplus(y) = log1p(exp(y))."""
+  return jax.nn.softplus(y)
+
+
+class _LinearBeta(_SDE):
+  """Drift -1/2 beta(t) x with beta(t) = beta_min + t (beta_max - beta_min), shared by VP and
+  sub-VP (Song et al. 2021, eqs. 11-12). Subclasses hold the fields beta_min, beta_max, T, eps."""
+
+  def beta(self, t):
+    return self.beta_min + t * (self.beta_max - self.beta_min)
+
+  def int_beta(self, t):
+    """B(t) = int_0^t beta(s) ds."""
+    return self.beta_min * t + 0.5 * t**2 * (self.beta_max - self.beta_min)
+
+  def drift(self, x, t):
+    return -0.5 * bcast(self.beta(t), x) * x
+
+  def prior_std(self):
+    return jnp.asarray(1.0)
+
+  def validate(self):
+    super().validate()
+    if not float(self.beta_min) > 0:
+      raise ValueError(f"sde.beta_min must be > 0, got {float(self.beta_min)}")
+    if not float(self.beta_max) >= float(self.beta_min):
+      raise ValueError(f"sde.beta_max must be >= sde.beta_min, got {float(self.beta_max)}")
+
+
+@struct.dataclass
+class VPSDE(_LinearBeta):
+  """Variance-preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta linear in t
+  (Song et al. 2021, eq. 11; DDPM in the continuous limit)."""
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  T: float = 1.0
+  eps: float = 1e-5
+
+  def diffusion(self, t):
+    return jnp.sqrt(self.beta(t))
+
+  def marginal_coeffs(self, t):
+    b = self.int_beta(t)
+    return jnp.exp(-0.5 * b), jnp.sqrt(-jnp.expm1(-b))
+
+  def is_antiderivative(self, t):
+    # int beta / (1 - e^{-B}) dt = int dB e^B/(e^B - 1) = log(e^B - 1).
+    return _log_expm1(self.int_beta(t))
+
+  def is_inverse_antiderivative(self, y):
+    return _t_from_int_beta(self, _inv_log_expm1(y))
+
+
+def _t_from_int_beta(sde, b):
+  """Solves beta_min t + 1/2 (beta_max - beta_min) t^2 = b for t >= 0 (stable quadratic root)."""
+  d = sde.beta_max - sde.beta_min
+  # t = 2b / (beta_min + sqrt(beta_min^2 + 2 d b)) avoids cancellation and handles d = 0.
+  return 2.0 * b / (sde.beta_min + jnp.sqrt(sde.beta_min**2 + 2.0 * d * b))
+
+
+@struct.dataclass
+class subVPSDE(_LinearBeta):
+  """Sub-VP SDE dx = -1/2 beta x dt + sqrt(beta (1 - e^{-2B(t)})) dw (Song et al. 2021, eq. 12)."""
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  T: float = 1.0
+  eps: float = 1e-5
+
+  def diffusion(self, t):
+    return jnp.sqrt(self.beta(t) * -jnp.expm1(-2.0 * self.int_beta(t)))
+
+  def marginal_coeffs(self, t):
+    b = self.int_beta(t)
+    return jnp.exp(-0.5 * b), -jnp.expm1(-b)
+
+  def is_antiderivative(self, t):
+    # g^2/sigma^2 = beta (1 + e^{-B}) / (1 - e^{-B}); int dB (e^B + 1)/(e^B - 1) = 2 log(e^B - 1) - B.
+    b = self.int_beta(t)
+    return 2.0 * _log_expm1(b) - b
+
+  def is_inverse_antiderivative(self, y):
+    # Phi(B) = 2 log(e^B - 1) - B is increasing in B; solve for B by bisection in log-space bounds,
+    # then map B to t. 60 halvings of [1e-12, 1e4] give ~1e-14 relative accuracy (float64).
+    def phi(b):
+      return 2.0 * _log_expm1(b) - b
+
+    lo = jnp.full(jnp.shape(y), 1e-12)
+    hi = jnp.full(jnp.shape(y), 1e4)
+
+    def body(_, lohi):
+      lo, hi = lohi
+      mid = jnp.sqrt(lo * hi)  # geometric bisection: B spans many decades near t = eps
+      mid = jnp.where(hi / lo < 4.0, 0.5 * (lo + hi), mid)
+      go_up = phi(mid) < y
+      return jnp.where(go_up, mid, lo), jnp.where(go_up, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, 100, body, (lo, hi))
+    return _t_from_int_beta(self, 0.5 * (lo + hi))
+
+
+@struct.dataclass
+class VESDE(_SDE):
+  """Variance-exploding SDE dx = sigma(t) sqrt(2 log r) dw, sigma(t) = sigma_min r^t,
+  r = sigma_max / sigma_min (Song et al. 2021, eq. 9; NCSN in the continuous limit)."""
+  sigma_min: float = 0.01
+  sigma_max: float = 50.0
+  T: float = 1.0
+  eps: float = 1e-5
+
+  def log_ratio(self):
+    return jnp.log(self.sigma_max / self.sigma_min)
+
+  def sigma(self, t):
+    """The noise scale sigma(t) = sigma_min r^t (score_sde's marginal-std approximation)."""
+    return self.sigma_min * jnp.exp(t * self.log_ratio())
+
+  def drift(self, x, t):
+    return jnp.zeros_like(x)
+
+  def diffusion(self, t):
+    return self.sigma(t) * jnp.sqrt(2.0 * self.log_ratio())
+
+  def marginal_coeffs(self, t):
+    # Var = int_0^t g^2 = sigma_min^2 (r^{2t} - 1), exact for the SDE started at t = 0.
+    t = jnp.asarray(t)
+    return jnp.ones_like(t), self.sigma_min * jnp.sqrt(jnp.expm1(2.0 * t * self.log_ratio()))
+
+  def prior_std(self):
+    """Std of the prior N(0, sigma(T)^2 I), the marginal scale at the diffusion time T."""
+    return self.sigma(self.T)
+
+  def noise_conditioning(self, t):
+    return jnp.log(self.sigma(t))
+
+  def is_antiderivative(self, t):
+    # g^2/sigma_t^2 = 2 log r r^{2t} / (r^{2t} - 1); antiderivative log(r^{2t} - 1).
+    return _log_expm1(2.0 * t * self.log_ratio())
+
+  def is_inverse_antiderivative(self, y):
+    return _inv_log_expm1(y) / (2.0 * self.log_ratio())
+
+  def validate(self):
+    super().validate()
+    if not float(self.sigma_min) > 0:
+      raise ValueError(f"sde.sigma_min must be > 0, got {float(self.sigma_min)}")
+    if not float(self.sigma_max) > float(self.sigma_min):
+      raise ValueError(f"sde.sigma_max must exceed sde.sigma_min, got {float(self.sigma_max)}")
+
+
+SDES = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE}
+
+
+def get_sde(config) -> _SDE:
+  """Builds and validates the SDE named by ``config.sde.name`` (ml_collections ConfigDict)."""
+  cfg = config.sde
+  name = str(cfg.name).lower()
+  if name not in SDES:
+    raise ValueError(f"sde.name must be one of {sorted(SDES)}, got {cfg.name!r}")
+  cls = SDES[name]
+  fields = {f: cfg[f] for f in cls.__dataclass_fields__ if f in cfg}
+  sde = cls(**{k: float(v) for k, v in fields.items()})
+  sde.validate()
+  return sde
