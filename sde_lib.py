@@ -62,6 +62,19 @@ class GenerativeSDE(NamedTuple):
   diffusion: Callable[[Array], Array]  # t -> sqrt(c) g(t)
 
 
+@struct.dataclass
+class GaussianPrior:
+  """Isotropic N(0, std^2 I) prior; auxiliary priors (auxiliary.py) share this interface:
+  ``sample(key, shape)`` and per-example ``log_prob(x)``."""
+  std: Array
+
+  def sample(self, key: Array, shape) -> Array:
+    return self.std * jax.random.normal(key, shape)
+
+  def log_prob(self, x: Array) -> Array:
+    return gaussian_logp(x, self.std)
+
+
 class _SDE:
   """Shared behaviour. Subclasses define ``drift``, ``diffusion``, ``marginal_coeffs``,
   ``prior_std`` and the importance-sampling antiderivative."""
@@ -100,12 +113,16 @@ class _SDE:
     alpha, sigma = self.marginal_coeffs(t)
     return -(xt - bcast(alpha, xt) * x0) / bcast(sigma, xt) ** 2
 
+  def prior(self) -> GaussianPrior:
+    """The Gaussian prior p_noise at time T, as a prior object (sample / log_prob)."""
+    return GaussianPrior(self.prior_std())
+
   def prior_sample(self, key: Array, shape) -> Array:
-    return self.prior_std() * jax.random.normal(key, shape)
+    return self.prior().sample(key, shape)
 
   def prior_logp(self, z: Array) -> Array:
     """Per-example log-density of the Gaussian prior (sum over non-batch axes)."""
-    return gaussian_logp(z, self.prior_std())
+    return self.prior().log_prob(z)
 
   def reverse(self, score_fn: ScoreFn, c: Array | float = 1.0) -> GenerativeSDE:
     """Generative family dx = [f - (1+c)/2 g^2 s] dt + sqrt(c) g dw_bar (Cao et al., eq. 2)."""
