@@ -1,0 +1,59 @@
+"""Score-function wrappers: the only view of a network that losses, samplers and likelihood get.
+
+Parameterizations (DESIGN.md, Contracts):
+* 'score': the network output is s_theta(x, t) directly (Song et al. 2021).
+* 'noise': the network predicts eps; s = -eps_hat / sigma_t (Ho et al. 2020; Song et al. 2021,
+  Appendix C, continuous DDPM).
+* 'a': the network outputs a = g(t) s (Huang et al., "A variational perspective ...", Section 6,
+  eq. 24 with a = g^T s_theta); s = a / g(t).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sde_lib import bcast
+
+Array = jax.Array
+PARAMETERIZATIONS = ("score", "noise", "a")
+TrainScoreFn = Callable[..., Array]  # (params, x, t, rng=None) -> score
+
+
+def apply_model(model: nn.Module, params, x: Array, cond: Array, rng: Optional[Array] = None) -> Array:
+  """Network output; ``rng=None`` is eval mode (no dropout), else train mode with dropout ``rng``."""
+  if rng is None:
+    return model.apply({"params": params}, x, cond, train=False)
+  return model.apply({"params": params}, x, cond, train=True, rngs={"dropout": rng})
+
+
+def get_score_fn(sde, model: nn.Module, parameterization: str = "score") -> TrainScoreFn:
+  """Returns score_fn(params, x, t, rng=None) -> score with the shape of x.
+
+  ``t`` is a scalar or of shape (B,); the network is conditioned on ``sde.noise_conditioning(t)``.
+  """
+  if parameterization not in PARAMETERIZATIONS:
+    raise ValueError(f"model.parameterization must be one of {PARAMETERIZATIONS}, "
+                     f"got {parameterization!r}")
+
+  def score_fn(params, x: Array, t: Array, rng: Optional[Array] = None) -> Array:
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+    out = apply_model(model, params, x, sde.noise_conditioning(t), rng)
+    if parameterization == "score":
+      return out
+    if parameterization == "noise":
+      _, sigma = sde.marginal_coeffs(t)
+      return -out / bcast(sigma, x)
+    return out / bcast(sde.diffusion(t), x)
+
+  return score_fn
+
+
+def init_model(model: nn.Module, key: Array, sample_shape: Sequence[int]):
+  """Initializes the 'params' collection from a zero input of shape (B, *event) and cond (B,)."""
+  x = jnp.zeros(tuple(sample_shape), jnp.float32)
+  cond = jnp.zeros(tuple(sample_shape)[:1], jnp.float32)
+  pkey, dkey = jax.random.split(key)
+  return model.init({"params": pkey, "dropout": dkey}, x, cond, train=False)["params"]
