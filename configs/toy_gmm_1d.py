@@ -1,0 +1,13 @@
+"""1-D two-mode Gaussian mixture 0.5 N(-1, 0.01) + 0.5 N(1, 0.01) (Cao et al., "ODE vs SDE",
+Appendix H.1-H.2): VP with g_t = 1 (beta_min = beta_max = 1) and T = 4."""
+from configs.default_toy import get_default_toy_config
+
+
+def get_config():
+  config = get_default_toy_config()
+  config.data.dataset = "gmm_1d"
+  config.sde.name = "vpsde"
+  config.sde.beta_min, config.sde.beta_max, config.sde.T = 1.0, 1.0, 4.0
+  config.sde.eps = 1e-3
+  config.sampling.method = "sde"
+  return config

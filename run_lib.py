@@ -1,0 +1,497 @@
+"""Training loop and entry points for every mode of ``main.py``: the one module with file I/O.
+
+``train(config, workdir)`` builds SDE, model, score_fn, loss and optimizer from the config, trains
+with the jit-compiled (device-sharded) step of ``losses.py``, and keeps the workdir resumable:
+
+* ``config.json`` is written on first start; a restart with a config that differs in a field that
+  changes the run (anything but ``training.n_iters``, logging/snapshot frequencies, ``sampling.*``,
+  ``eval.*``) is refused with an error naming the field.
+* orbax checkpoints: ``checkpoints-meta/`` keeps the latest state (every
+  ``snapshot_freq_for_preemption`` steps), ``checkpoints/`` keeps ``max_to_keep`` periodic ones
+  (every ``snapshot_freq``). The state holds step, params, EMA params, optimizer state and the RNG;
+  the data stream is a pure function of (seed, step) so a resumed run continues it exactly.
+* a non-finite loss raises ``FloatingPointError("non-finite loss at step N")`` and no checkpoint is
+  written for it; per-step losses go to ``train_loss.csv``, metrics to absl logging and TensorBoard
+  (``tensorboard/``); at the end a final checkpoint and ``loss_curve.png``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+import sde_lib
+import toy_data
+from models import get_model, registered_models
+from models.utils import PARAMETERIZATIONS, get_score_fn, init_model
+
+Array = jax.Array
+
+IMAGE_DATASETS = ("digits", "mnist", "cifar10", "celeb_a")
+WEIGHTINGS = ("default", "likelihood", "likelihood_is", "noise_driven", "data_driven")
+TARGETS = ("dsm", "stf")
+SAMPLING_METHODS = ("ode", "sde", "pc", "exponential")
+OPTIMIZERS = ("adam", "adamw")
+# Config fields that may change between a run and its resumption (everything else must match).
+RESUMABLE_FIELDS = ("training.n_iters", "training.log_freq", "training.eval_freq",
+                    "training.snapshot_freq", "training.snapshot_freq_for_preemption",
+                    "training.max_to_keep")
+RESUMABLE_SECTIONS = ("sampling.", "eval.")
+
+CONFIG_FILE = "config.json"
+LOSS_FILE = "train_loss.csv"
+EVAL_FILE = "eval_loss.csv"
+LATEST_DIR = "checkpoints-meta"
+PERIODIC_DIR = "checkpoints"
+
+
+# -- configuration --------------------------------------------------------------------------------
+def _require(ok: bool, field: str, msg: str, value: Any) -> None:
+  if not ok:
+    raise ValueError(f"{field} {msg}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> sde_lib._SDE:
+  """Checks every field the run depends on; ValueError names the offending field. Returns the SDE.
+
+  Touches no file, so it runs before the workdir is created or modified.
+  """
+  sde = sde_lib.get_sde(config)  # sde.name, eps > 0, T > eps, beta / sigma ranges
+  _require(_is_int(config.seed), "seed", "must be an int", config.seed)
+  tr = config.training
+  for f in ("batch_size", "ref_batch_size", "n_iters", "log_freq", "eval_freq", "snapshot_freq",
+            "snapshot_freq_for_preemption", "max_to_keep"):
+    _require(_is_int(tr[f]) and tr[f] >= 1, f"training.{f}", "must be a positive int", tr[f])
+  _require(tr.ref_batch_size >= tr.batch_size, "training.ref_batch_size",
+           f"must be >= training.batch_size={tr.batch_size}", tr.ref_batch_size)
+  _require(tr.weighting in WEIGHTINGS, "training.weighting", f"must be one of {WEIGHTINGS}",
+           tr.weighting)
+  _require(tr.target in TARGETS, "training.target", f"must be one of {TARGETS}", tr.target)
+  if "eval_batch_size" in tr:
+    _require(_is_int(tr.eval_batch_size) and tr.eval_batch_size >= 1, "training.eval_batch_size",
+             "must be a positive int", tr.eval_batch_size)
+
+  m = config.model
+  _require(str(m.name).lower() in registered_models(), "model.name",
+           f"must be one of {registered_models()}", m.name)
+  _require(m.parameterization in PARAMETERIZATIONS, "model.parameterization",
+           f"must be one of {PARAMETERIZATIONS}", m.parameterization)
+  _require(0.0 <= m.ema_rate <= 1.0, "model.ema_rate", "must be in [0, 1]", m.ema_rate)
+  _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
+  get_model(config)  # model-specific fields (widths, activation, ...) fail here, naming the field
+
+  o = config.optim
+  _require(str(o.optimizer).lower() in OPTIMIZERS, "optim.optimizer", f"must be one of {OPTIMIZERS}",
+           o.optimizer)
+  _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a finite positive number", o.lr)
+  _require(o.warmup >= 0, "optim.warmup", "must be >= 0", o.warmup)
+  _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)", o.grad_clip)
+
+  known = tuple(toy_data.TOY_DISTRIBUTIONS) + IMAGE_DATASETS
+  _require(config.data.dataset in known, "data.dataset", f"must be one of {known}",
+           config.data.dataset)
+
+  s = config.sampling
+  _require(s.c >= 0 and math.isfinite(s.c), "sampling.c", "must be finite and >= 0", s.c)
+  _require(s.method in SAMPLING_METHODS, "sampling.method", f"must be one of {SAMPLING_METHODS}",
+           s.method)
+  _require(_is_int(s.n_steps) and s.n_steps >= 1, "sampling.n_steps", "must be a positive int",
+           s.n_steps)
+  _require(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1", config.eval.batch_size)
+  return sde
+
+
+def _flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+  """Flattens a config (via its JSON form, so tuples and lists compare equal) to dotted keys."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config.to_json_best_effort())
+  out = {}
+
+  def rec(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        rec(v, prefix + k + ".")
+      else:
+        out[prefix + k] = v
+
+  rec(config, "")
+  return out
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses (ValueError naming the field) a config that differs from ``workdir/config.json`` in a
+  field that changes the run. A workdir without config.json is accepted."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flat_config(json.load(f))
+  given = _flat_config(config)
+  for key in sorted(set(saved) | set(given)):
+    if key in RESUMABLE_FIELDS or key.startswith(RESUMABLE_SECTIONS):
+      continue
+    a, b = saved.get(key, "<absent>"), given.get(key, "<absent>")
+    if a != b:
+      raise ValueError(f"config field {key} differs from the run in {workdir} (saved {a!r}, "
+                       f"given {b!r}); resume with the same value or use a new workdir")
+
+
+# -- data ------------------------------------------------------------------------------------------
+def train_batch_rows(config) -> int:
+  """Rows drawn per step: the STF reference batch (Xu et al., Alg. 1) or the training batch."""
+  return config.training.ref_batch_size if config.training.target == "stf" else config.training.batch_size
+
+
+def get_data_sampler(config) -> Callable[[Array, int], Array]:
+  """``sample(key, n) -> (n, *event)`` for the configured dataset (toy distributions for now)."""
+  name = config.data.dataset
+  if name in toy_data.TOY_DISTRIBUTIONS:
+    return toy_data.get_toy_distribution(name).sample
+  raise NotImplementedError(f"data.dataset={name!r}: image datasets are not wired into run_lib yet "
+                            "(datasets.py integration pending); use a toy dataset")
+
+
+def data_stream_batch(sample: Callable, data_key: Array, step: int | Array, n: int) -> Array:
+  """The batch of training step ``step`` (0-based): a pure function of (data_key, step), so a
+  resumed run draws exactly the batches an uninterrupted run would."""
+  return sample(jax.random.fold_in(data_key, step), n)
+
+
+# -- checkpoint / file helpers ---------------------------------------------------------------------
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _checkpoint_managers(workdir: str, config):
+  import orbax.checkpoint as ocp
+  opts = dict(create=True, cleanup_tmp_directories=True)
+  latest = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, LATEST_DIR)),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts))
+  periodic = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, PERIODIC_DIR)),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.training.max_to_keep, **opts))
+  return latest, periodic
+
+
+def _to_saveable(state):
+  """Typed PRNG keys are stored as their raw key data."""
+  return jax.tree.map(
+      lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, state)
+
+
+def _from_saveable(restored, like):
+  return jax.tree.map(
+      lambda r, l: jax.random.wrap_key_data(r, impl=jax.random.key_impl(l))
+      if jnp.issubdtype(l.dtype, jax.dtypes.prng_key) else r, restored, like)
+
+
+def save_checkpoint(manager, state, step: int) -> None:
+  import orbax.checkpoint as ocp
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_to_saveable(state)),
+      meta=ocp.args.JsonSave({"step": int(step), "data_position": int(step)})), force=True)
+
+
+def restore_checkpoint(workdir: str, state, managers=None):
+  """Restores the newest checkpoint (latest or periodic) into the structure/sharding of ``state``.
+  Returns (state, step); (state, 0) when the workdir has none."""
+  import orbax.checkpoint as ocp
+  own = managers is None
+  if own:
+    managers = _checkpoint_managers(workdir, ml_collections.ConfigDict(
+        {"training": {"max_to_keep": 1000}}))
+  try:
+    best = max(((m.latest_step(), m) for m in managers if m.latest_step() is not None),
+               default=None, key=lambda sm: sm[0])
+    if best is None:
+      return state, 0
+    step, manager = best
+    saveable = _to_saveable(state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saveable)
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    if int(out["meta"]["data_position"]) != step:
+      raise ValueError(f"checkpoint {step} in {workdir} has data_position "
+                       f"{out['meta']['data_position']}")
+    return _from_saveable(out["state"], state), step
+  finally:
+    if own:
+      for m in managers:
+        m.close()
+
+
+def _load_loss_history(workdir: str, upto: int, name: str = LOSS_FILE) -> list[tuple[int, float]]:
+  """Per-step losses (step, loss) saved with checkpoints, steps <= ``upto`` (a later kill may have
+  left rows past the checkpoint; they are recomputed identically)."""
+  path = os.path.join(workdir, name)
+  rows = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        parts = line.strip().split(",")
+        if len(parts) != 2 or not parts[0].isdigit():
+          continue  # header or a line cut by a kill
+        step = int(parts[0])
+        if step <= upto:
+          rows[step] = float(parts[1])
+  return sorted(rows.items())
+
+
+def _write_loss_history(workdir: str, rows: list[tuple[int, float]], name: str = LOSS_FILE) -> None:
+  """Atomically rewrites a (step, loss) file."""
+  path = os.path.join(workdir, name)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("step,loss\n")
+    f.writelines(f"{s},{l!r}\n" for s, l in rows)
+  os.replace(tmp, path)
+
+
+def _plot_loss_curve(workdir: str, rows: list[tuple[int, float]],
+                     evals: list[tuple[int, float]]) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  path = os.path.join(workdir, "loss_curve.png")
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if rows:
+    steps, vals = np.array(rows).T
+    ax.plot(steps, vals, lw=0.5, alpha=0.4, label="train loss (per step)")
+    w = max(1, len(vals) // 100)
+    if len(vals) >= w:
+      smooth = np.convolve(vals, np.ones(w) / w, mode="valid")
+      ax.plot(steps[w - 1:], smooth, lw=1.5, label=f"train loss (mean of {w})")
+  if evals:
+    es, ev = np.array(evals).T
+    ax.plot(es, ev, "o-", ms=3, label="held-out loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  if rows and np.all(np.array(rows)[:, 1] > 0):
+    ax.set_yscale("log")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+class _Preemption:
+  """Sets a flag on SIGTERM (main thread only) so the loop can checkpoint and stop cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+# -- training --------------------------------------------------------------------------------------
+def _all_finite(tree) -> bool:
+  return bool(jax.tree.reduce(lambda a, b: a & b,
+                              jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree), True))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in ``workdir``; returns ``{'losses': {step: loss}, 'eval':
+  {step: loss}, 'step': final step, 'start_step': restored step}`` for the steps run now.
+
+  Step N (1-based) is the N-th optimizer update; its batch is ``data_stream_batch(..., N - 1)``.
+  """
+  import losses  # deferred: validation and config checks must not depend on it
+
+  sde = validate_config(config)
+  tr = config.training
+  n_rows = train_batch_rows(config)
+  n_dev = jax.device_count()
+  for name, n in (("training.batch_size", tr.batch_size), ("training.ref_batch_size", n_rows)):
+    if n % n_dev:
+      raise ValueError(f"{name}={n} must be divisible by the number of devices ({n_dev})")
+  check_resumable(config, workdir)
+  sample = jax.jit(get_data_sampler(config), static_argnums=1)
+
+  # Everything derives from config.seed.
+  rng = jax.random.PRNGKey(config.seed)
+  init_key, state_key, data_key, eval_data_key, eval_key = jax.random.split(rng, 5)
+  model = get_model(config)
+  score_fn = get_score_fn(sde, model, config.model.parameterization)
+  event_shape = tuple(sample(init_key, 1).shape[1:])
+  params = init_model(model, init_key, (1,) + event_shape)
+  optimizer = losses.make_optimizer(config)
+  state = losses.init_train_state(params, optimizer, state_key)
+  loss_fn = losses.get_loss_fn(config, sde, score_fn)
+  mesh = losses.make_mesh()
+  train_step = losses.make_train_step(loss_fn, optimizer, config.model.ema_rate, mesh=mesh)
+  eval_step = losses.make_eval_step(losses.get_loss_fn(config, sde, score_fn, train=False),
+                                    mesh=mesh)
+  state = losses.replicate(state, mesh)
+
+  # Workdir: created only now, after validation.
+  os.makedirs(workdir, exist_ok=True)
+  if _is_main() and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+  managers = _checkpoint_managers(workdir, config)
+  latest_mgr, periodic_mgr = managers
+  writer = None
+  try:
+    state, start_step = restore_checkpoint(workdir, state, managers)
+    if start_step:
+      logging.info("Resumed from step %d in %s", start_step, workdir)
+    if int(jax.device_get(state.step)) != start_step:
+      raise ValueError(f"restored state.step={int(state.step)} != checkpoint step {start_step}")
+    history = _load_loss_history(workdir, start_step)
+    eval_history = _load_loss_history(workdir, start_step, EVAL_FILE)
+    if _is_main():
+      from tensorboardX import SummaryWriter
+      writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+
+    # A fixed held-out set (its own key, never in the training stream), in training-size batches.
+    n_eval_batches = max(1, tr.get("eval_batch_size", n_rows) // n_rows)
+    eval_batches = [losses.shard_batch(sample(jax.random.fold_in(eval_data_key, i), n_rows), mesh)
+                    for i in range(n_eval_batches)]
+
+    new_losses: dict[int, float] = {}
+    evals: dict[int, float] = {}
+    pending: list[tuple[int, Array]] = []
+    last_t, last_step = time.time(), start_step
+    t0 = last_t
+
+    def drain() -> None:
+      """Fetches the pending per-step losses; raises at the first non-finite one."""
+      if not pending:
+        return
+      vals = np.asarray(jax.device_get(jnp.stack([l for _, l in pending])), dtype=np.float64)
+      for (s, _), v in zip(pending, vals):
+        if not np.isfinite(v):
+          pending.clear()
+          raise FloatingPointError(f"non-finite loss at step {s}")
+        new_losses[s] = float(v)
+        history.append((s, float(v)))
+        if writer is not None:
+          writer.add_scalar("train/loss", float(v), s)
+      pending.clear()
+
+    def checkpoint(step: int, kept: bool) -> None:
+      drain()
+      if not _all_finite(state.params):
+        raise FloatingPointError(f"non-finite parameters at step {step}")
+      save_checkpoint(latest_mgr, state, step)
+      if kept:
+        save_checkpoint(periodic_mgr, state, step)
+      if _is_main():
+        _write_loss_history(workdir, history)
+        _write_loss_history(workdir, eval_history, EVAL_FILE)
+
+    def heldout_loss(params) -> float:
+      # Same t / noise keys at every evaluation, so the curve shows the model, not resampling.
+      return float(np.mean([float(eval_step(params, b, jax.random.fold_in(eval_key, i))["loss"])
+                            for i, b in enumerate(eval_batches)]))
+
+    def evaluate_heldout(step: int) -> float:
+      v, v_ema = heldout_loss(state.params), heldout_loss(state.ema_params)
+      if not math.isfinite(v):
+        raise FloatingPointError(f"non-finite held-out loss at step {step}")
+      evals[step] = v
+      eval_history.append((step, v))
+      if writer is not None:
+        writer.add_scalar("eval/loss", v, step)
+        writer.add_scalar("eval/loss_ema", v_ema, step)
+      logging.info("step %d: held-out loss %.6g (EMA params %.6g)", step, v, v_ema)
+      return v
+
+    step = start_step
+    with _Preemption() as preempt:
+      while step < tr.n_iters:
+        batch = losses.shard_batch(data_stream_batch(sample, data_key, step, n_rows), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        pending.append((step, metrics["loss"]))
+        if step % tr.log_freq == 0 or step == tr.n_iters:
+          drain()
+          now = time.time()
+          rate = (step - last_step) / max(now - last_t, 1e-9)
+          window = [l for s, l in history[-(step - last_step):]]
+          logging.info("step %d/%d: loss %.6g (mean of last %d %.6g), %.1f steps/s, ETA %.0fs",
+                       step, tr.n_iters, history[-1][1], len(window), float(np.mean(window)),
+                       rate, (tr.n_iters - step) / max(rate, 1e-9))
+          if writer is not None:
+            writer.add_scalar("train/steps_per_sec", rate, step)
+          last_t, last_step = now, step
+        if step % tr.eval_freq == 0 or step == tr.n_iters:
+          drain()
+          evaluate_heldout(step)
+        kept = step % tr.snapshot_freq == 0 or step == tr.n_iters
+        if kept or step % tr.snapshot_freq_for_preemption == 0 or preempt.requested:
+          checkpoint(step, kept)
+        if preempt.requested:
+          logging.warning("SIGTERM: checkpointed step %d in %s and stopped", step, workdir)
+          break
+    drain()
+    for m in managers:
+      m.wait_until_finished()
+    if step >= tr.n_iters and _is_main():
+      path = _plot_loss_curve(workdir, history, eval_history)
+      logging.info("Finished at step %d in %.1fs; loss curve: %s", step, time.time() - t0, path)
+    return {"losses": new_losses, "eval": evals, "step": step, "start_step": start_step,
+            "state": state}
+  finally:
+    for m in managers:
+      m.close()  # waits for pending (valid) async saves
+    if writer is not None:
+      writer.close()
+
+
+# -- other modes (wired after samplers / likelihood / auxiliary land) -----------------------------
+def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str = "eval"):
+  """Likelihood / sample-quality evaluation of a checkpoint (not yet implemented)."""
+  validate_config(config)
+  raise NotImplementedError("mode=eval: run_lib.evaluate is not wired yet (needs likelihood.py, "
+                            "evaluation.py)")
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str, sample_folder: str = "samples"):
+  """Draws samples from a checkpoint (not yet implemented)."""
+  validate_config(config)
+  raise NotImplementedError("mode=sample: run_lib.sample is not wired yet (needs samplers.py)")
+
+
+def fit_auxiliary(config: ml_collections.ConfigDict, workdir: str):
+  """Fits the auxiliary prior nu_phi to p(x, T) (not yet implemented)."""
+  validate_config(config)
+  raise NotImplementedError("mode=fit_aux: run_lib.fit_auxiliary is not wired yet (needs "
+                            "auxiliary.py)")
+
+
+MODES: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
+    "train": train,
+    "eval": evaluate,
+    "sample": sample,
+    "fit_aux": fit_auxiliary,
+}
