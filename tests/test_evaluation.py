@@ -1,0 +1,414 @@
+"""Tests of evaluation.py: FID / IS against closed forms and SciPy, the FID Inception network
+(parameter count, serialization, weight conversion, an independent Keras Inception-v3 up to
+Mixed_7b), the digits feature distance, histogram divergences (Cao et al., Appendix H.3), image grids.
+"""
+import importlib.util
+import os
+import re
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.linalg
+import scipy.special
+import scipy.stats
+
+import evaluation as ev
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _converter():
+  spec = importlib.util.spec_from_file_location(
+      "convert_inception_weights", os.path.join(ROOT, "scripts", "convert_inception_weights.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _random_cov(rng: np.random.Generator, d: int, n: int | None = None) -> np.ndarray:
+  a = rng.normal(size=(d, n or 2 * d))
+  return a @ a.T / a.shape[1]
+
+
+def _scipy_fid(mu1, s1, mu2, s2) -> float:
+  """Reference: pytorch-fid / TTUR formula with scipy.linalg.sqrtm (float64)."""
+  covmean = scipy.linalg.sqrtm(s1 @ s2)
+  covmean = np.real(covmean)
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.fixture(scope="module")
+def random_variables():
+  """Random FID-Inception variables (He-scaled kernels, non-trivial BatchNorm statistics), drawn
+  with NumPy from the eval_shape tree (running flax init eagerly is slow on CPU)."""
+  rng = np.random.default_rng(1)
+  flat = {}
+  for path, s in ev.flatten_variables_shapes().items():
+    if path.endswith("kernel"):
+      fan_in = int(np.prod(s.shape[:-1]))
+      v = rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape)
+    elif path.endswith("var"):
+      v = rng.uniform(0.5, 2.0, s.shape)
+    elif path.endswith("scale"):
+      v = rng.uniform(0.5, 1.5, s.shape)
+    else:  # BN bias / running mean, fc bias
+      v = rng.normal(0.0, 0.1, s.shape)
+    flat[path] = jnp.asarray(v, jnp.float32)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+# ------------------------------------------------------------------------------------------- FID
+
+@pytest.mark.parametrize("d", [8, 64, 256])
+def test_fid_matches_scipy_sqrtm_reference(d):
+  rng = np.random.default_rng(d)
+  mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+  s1, s2 = _random_cov(rng, d), _random_cov(rng, d)
+  ref = _scipy_fid(mu1, s1, mu2, s2)
+  got = ev.fid_from_stats(mu1, s1, mu2, s2)
+  assert abs(got - ref) / abs(ref) < 1e-6, (got, ref)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+  rng = np.random.default_rng(0)
+  # full-rank (N > D) and rank-deficient (N < D, as with few samples of 2048-d features)
+  for n, d in [(500, 64), (60, 128)]:
+    feats = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 3.0 + 5.0
+    mu, sigma = ev.compute_statistics(feats)
+    scale = np.trace(sigma)
+    assert abs(ev.fid_from_stats(mu, sigma, mu, sigma)) < 1e-6 * scale
+    assert abs(ev.frechet_distance(feats, feats)) < 1e-6 * scale
+
+
+def test_fid_closed_form_for_commuting_covariances():
+  """Commuting S1 = Q diag(a) Q^T, S2 = Q diag(b) Q^T: FID = |mu1-mu2|^2 + sum (sqrt a - sqrt b)^2."""
+  rng = np.random.default_rng(3)
+  d = 50
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  a, b = rng.uniform(0.1, 4.0, d), rng.uniform(0.1, 4.0, d)
+  mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+  exact = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  for s1, s2 in [(np.diag(a), np.diag(b)), ((q * a) @ q.T, (q * b) @ q.T)]:
+    got = ev.fid_from_stats(mu1, s1, mu2, s2)
+    assert abs(got - exact) / exact < 1e-9, (got, exact)
+  # 1-D: (m1 - m2)^2 + (s1 - s2)^2
+  assert ev.fid_from_stats(np.array([1.0]), np.array([[4.0]]), np.array([-1.0]),
+                           np.array([[9.0]])) == pytest.approx(4.0 + 1.0, rel=1e-12)
+
+
+def test_fid_from_samples_approaches_closed_form():
+  """Sampling check: Gaussian fits of 20k samples reproduce the exact FID within 2%."""
+  rng = np.random.default_rng(4)
+  d = 5
+  a, b = rng.uniform(0.5, 2.0, d), rng.uniform(0.5, 2.0, d)
+  f1 = rng.normal(size=(20000, d)) * np.sqrt(a)
+  f2 = rng.normal(size=(20000, d)) * np.sqrt(b) + 0.5
+  exact = d * 0.25 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  assert ev.frechet_distance(f1, f2) == pytest.approx(exact, rel=0.02)
+
+
+def test_fid_rejects_inconsistent_shapes():
+  with pytest.raises(ValueError, match="inconsistent"):
+    ev.fid_from_stats(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_stats_roundtrip_and_errors(tmp_path):
+  rng = np.random.default_rng(5)
+  mu, sigma = rng.normal(size=7), _random_cov(rng, 7)
+  path = str(tmp_path / "stats.npz")
+  ev.save_stats(path, mu, sigma)
+  mu2, sigma2 = ev.load_stats(path)
+  np.testing.assert_array_equal(mu, mu2)
+  np.testing.assert_array_equal(sigma, sigma2)
+  with pytest.raises(FileNotFoundError, match="nope.npz"):
+    ev.load_stats(str(tmp_path / "nope.npz"))
+  bad = str(tmp_path / "bad.npz")
+  np.savez(bad, mean=mu)
+  with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+    ev.load_stats(bad)
+
+
+# -------------------------------------------------------------------------------- Inception Score
+
+def test_inception_score_limits_and_reference():
+  k, n = 10, 1000
+  uniform = np.full((n, k), 1.0 / k)
+  assert ev.inception_score(uniform, splits=10)[0] == pytest.approx(1.0, abs=1e-12)
+  onehot = np.eye(k)[np.arange(n) % k]
+  mean, std = ev.inception_score(onehot, splits=10)
+  assert mean == pytest.approx(k, rel=1e-12) and std < 1e-12
+  # Confident logits (margin 50) -> essentially one-hot.
+  assert ev.inception_score(50.0 * onehot, splits=10, from_logits=True)[0] == pytest.approx(
+      k, rel=1e-6)
+  # Random posteriors, one split: exp(mean_i KL(p_i || mean p)) with scipy.special.rel_entr.
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(200, 7)) * 2
+  p = scipy.special.softmax(logits, axis=1)
+  ref = np.exp(scipy.special.rel_entr(p, p.mean(0, keepdims=True)).sum(1).mean())
+  assert ev.inception_score(logits, splits=1)[0] == pytest.approx(ref, rel=1e-10)
+  assert ev.inception_score(p, splits=1)[0] == pytest.approx(ref, rel=1e-10)
+  assert ev.mean_entropy(uniform) == pytest.approx(np.log(k), rel=1e-12)
+
+
+# -------------------------------------------------------------------------- Inception network
+
+def test_inception_param_count_is_the_fid_inception_count():
+  shapes = ev.inception_param_shapes()
+  # torchvision inception_v3: 27,161,264 parameters with the aux head (3,326,696) and a 1000-way fc;
+  # the FID network drops the aux head and has 1008 classes (+8 * 2048 + 8).
+  assert ev.count_params(shapes["params"]) == 27_161_264 - 3_326_696 + 8 * 2048 + 8 == 23_850_960
+  flat = ev.flatten_variables_shapes()
+  # 94 conv+BN units (conv kernel, BN scale/bias/mean/var) + fc kernel/bias = pytorch-fid's 472 keys
+  assert len(flat) == 94 * 5 + 2
+  assert flat["params/fc/kernel"].shape == (2048, 1008)
+  assert flat["params/Conv2d_1a_3x3/conv/kernel"].shape == (3, 3, 3, 32)
+  assert flat["params/Mixed_7c/branch3x3dbl_3b/conv/kernel"].shape == (3, 1, 384, 384)
+
+
+def test_inception_pools_exclude_padding_and_pad_max_with_minus_inf():
+  x = jnp.full((1, 5, 5, 2), 3.0)
+  np.testing.assert_allclose(ev._avg_pool_same(x), 3.0, rtol=1e-6)  # zeros would pull borders down
+  y = -1.0 - jnp.arange(25.0).reshape(1, 5, 5, 1)
+  pooled = nn.max_pool(y, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
+  assert float(pooled[0, 0, 0, 0]) == -1.0  # max over the valid neighbours, not the zero padding
+
+
+def test_preprocess_matches_numpy_bilinear_reference():
+  """jax.image.resize(bilinear, no antialias) = torch's interpolate(align_corners=False)."""
+  def ref_resize(img, out):  # numpy reference of half-pixel bilinear with edge clamping
+    n = img.shape[0]
+    src = np.maximum((np.arange(out) + 0.5) * n / out - 0.5, 0.0)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n - 1)
+    lam = src - i0
+    rows = img[i0] * (1 - lam)[:, None] + img[i1] * lam[:, None]
+    return rows[:, i0] * (1 - lam)[None, :] + rows[:, i1] * lam[None, :]
+
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, size=(2, 8, 8, 1), dtype=np.uint8)
+  out = np.asarray(ev.preprocess_for_inception(jnp.asarray(img), 299))
+  assert out.shape == (2, 299, 299, 3)
+  for i in range(2):
+    ref = 2 * ref_resize(img[i, ..., 0] / 255.0, 299) - 1
+    for c in range(3):
+      np.testing.assert_allclose(out[i, ..., c], ref, atol=1e-5)
+  # downsampling path (e.g. 400 -> 299) also matches (no antialiasing; antialiasing would differ by
+  # ~0.1); jax computes the float32 sample positions, hence the looser tolerance
+  big = rng.uniform(size=(1, 400, 400, 3)).astype(np.float32)
+  out = np.asarray(ev.preprocess_for_inception(jnp.asarray(big), 299))
+  np.testing.assert_allclose(out[0, ..., 1], 2 * ref_resize(big[0, ..., 1].astype(np.float64), 299) - 1,
+                             atol=1e-4)
+
+
+def test_inception_weights_save_load_give_identical_features(tmp_path, random_variables):
+  path = str(tmp_path / "inception.npz")
+  ev.save_inception_params(random_variables, path)
+  loaded = ev.load_inception_params(path)
+  x = jax.random.uniform(jax.random.PRNGKey(2), (2, 75, 75, 3), minval=-1, maxval=1)
+  model = ev.InceptionV3()
+  p1, l1 = model.apply(random_variables, x)
+  p2, l2 = model.apply(loaded, x)
+  assert p1.shape == (2, 2048) and l1.shape == (2, 1008)
+  assert np.all(np.isfinite(p1)) and float(jnp.std(p1)) > 0
+  np.testing.assert_array_equal(np.asarray(p1), np.asarray(p2))
+  np.testing.assert_array_equal(np.asarray(l1), np.asarray(l2))
+
+
+def test_load_inception_params_errors_name_path_and_parameter(tmp_path, random_variables):
+  with pytest.raises(FileNotFoundError, match="missing_weights.npz"):
+    ev.load_inception_params(str(tmp_path / "missing_weights.npz"))
+  flat = ev.flatten_variables(random_variables)
+  bad = dict(flat)
+  bad["params/Mixed_6b/branch7x7_2/conv/kernel"] = np.zeros((7, 1, 128, 128), np.float32)
+  path = str(tmp_path / "bad_shape.npz")
+  np.savez(path, **bad)
+  with pytest.raises(ValueError, match=r"bad_shape.npz.*Mixed_6b/branch7x7_2/conv/kernel"):
+    ev.load_inception_params(path)
+  del bad["params/fc/bias"]
+  path = str(tmp_path / "bad_keys.npz")
+  np.savez(path, **bad)
+  with pytest.raises(ValueError, match=r"bad_keys.npz.*fc/bias"):
+    ev.load_inception_params(path)
+
+
+def test_inception_features_on_resized_digits(random_variables):
+  """8x8 grey uint8 -> 299 RGB, batched/padded/sharded; batching does not change the result."""
+  rng = np.random.default_rng(0)
+  imgs = rng.integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
+  out = ev.inception_features(random_variables, imgs, batch_size=4)  # 1 padded batch, 4 devices
+  assert out.pool3.shape == (3, 2048) and out.logits.shape == (3, 1008)
+  assert np.all(np.isfinite(out.pool3)) and np.all(np.isfinite(out.logits))
+  direct = ev.InceptionV3().apply(random_variables, ev.preprocess_for_inception(jnp.asarray(imgs)))
+  np.testing.assert_allclose(out.pool3, np.asarray(direct[0]), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out.logits, np.asarray(direct[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_inception_matches_independent_keras_inception_v3_up_to_mixed_7b(random_variables):
+  """Oracle: Keras' InceptionV3 (TF semantics: SAME avg pools exclude padding) with our weights.
+
+  Keras' BN has no scale (gamma = 1), so ours is set to 1; the FID network differs from Keras only
+  after Mixed_7b (max pool in Mixed_7c), so we compare the Mixed_7b output ('mixed9').
+  """
+  keras = pytest.importorskip("keras")
+  model = keras.applications.InceptionV3(weights=None, include_top=False, input_shape=(75, 75, 3))
+  convs = sorted([l for l in model.layers if l.__class__.__name__ == "Conv2D"],
+                 key=lambda l: int((re.findall(r"_(\d+)$", l.name) or ["0"])[0]))
+  bns = sorted([l for l in model.layers if l.__class__.__name__ == "BatchNormalization"],
+               key=lambda l: int((re.findall(r"_(\d+)$", l.name) or ["0"])[0]))
+  flat = ev.flatten_variables(random_variables)
+  # conv units in definition order (torchvision / Keras build the branches in the same order)
+  blocks = {
+      "A": ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2",
+            "branch3x3dbl_3", "branch_pool"],
+      "B": ["branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"],
+      "C": ["branch1x1", "branch7x7_1", "branch7x7_2", "branch7x7_3"]
+           + [f"branch7x7dbl_{i}" for i in range(1, 6)] + ["branch_pool"],
+      "D": ["branch3x3_1", "branch3x3_2"] + [f"branch7x7x3_{i}" for i in range(1, 5)],
+      "E": ["branch1x1", "branch3x3_1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_1",
+            "branch3x3dbl_2", "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool"]}
+  layout = [("Mixed_5b", "A"), ("Mixed_5c", "A"), ("Mixed_5d", "A"), ("Mixed_6a", "B"),
+            ("Mixed_6b", "C"), ("Mixed_6c", "C"), ("Mixed_6d", "C"), ("Mixed_6e", "C"),
+            ("Mixed_7a", "D"), ("Mixed_7b", "E"), ("Mixed_7c", "E")]
+  conv_paths = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+  conv_paths += [f"{mixed}/{b}" for mixed, kind in layout for b in blocks[kind]]
+  assert len(convs) == len(bns) == len(conv_paths) == 94
+  new = dict(flat)
+  for conv, bn, path in zip(convs, bns, conv_paths):
+    conv.set_weights([flat[f"params/{path}/conv/kernel"]])
+    bn.set_weights([flat[f"params/{path}/bn/bias"], flat[f"batch_stats/{path}/bn/mean"],
+                    flat[f"batch_stats/{path}/bn/var"]])
+    new[f"params/{path}/bn/scale"] = np.ones_like(flat[f"params/{path}/bn/scale"])
+  variables = jax.tree_util.tree_map(jnp.asarray,
+                                     traverse_util.unflatten_dict(new, sep="/"))
+  x = np.random.default_rng(0).uniform(-1, 1, size=(2, 75, 75, 3)).astype(np.float32)
+  keras_out = np.asarray(keras.Model(model.input, model.get_layer("mixed9").output)(x))
+  _, state = ev.InceptionV3().apply(
+      variables, jnp.asarray(x), mutable=["intermediates"],
+      capture_intermediates=lambda mdl, name: mdl.name == "Mixed_7b" and name == "__call__")
+  ours = np.asarray(state["intermediates"]["Mixed_7b"]["__call__"][0])
+  assert ours.shape == keras_out.shape == (2, 1, 1, 2048)
+  scale = np.abs(keras_out).max()
+  assert scale > 0
+  np.testing.assert_allclose(ours, keras_out, atol=1e-4 * scale)
+
+
+def test_weight_converter_roundtrips_a_synthetic_torch_state_dict(tmp_path, random_variables):
+  conv = _converter()
+  sd = conv.export_state_dict(random_variables)
+  # torch layouts (OIHW convs, (out, in) fc) of pytorch-fid's FIDInceptionV3
+  assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+  assert sd["Mixed_6b.branch7x7_2.conv.weight"].shape == (128, 128, 1, 7)
+  assert sd["Mixed_7c.branch3x3_2b.conv.weight"].shape == (384, 384, 3, 1)
+  assert sd["fc.weight"].shape == (1008, 2048)
+  assert {"Mixed_5b.branch_pool.bn.running_var", "Mixed_7a.branch7x7x3_4.bn.weight"} <= set(sd)
+  sd_extra = dict(sd, **{"Conv2d_1a_3x3.bn.num_batches_tracked": np.array(0)})
+  flat = conv.convert_state_dict(sd_extra)
+  ref = ev.flatten_variables(random_variables)
+  assert set(flat) == set(ref)
+  for k in ref:
+    np.testing.assert_array_equal(flat[k], ref[k])
+  # CLI on the .npz export -> loadable weights identical to the originals
+  src, dst = str(tmp_path / "sd.npz"), str(tmp_path / "converted.npz")
+  np.savez(src, **sd)
+  conv.main(["--input", src, "--output", dst])
+  loaded = ev.flatten_variables(ev.load_inception_params(dst))
+  for k in ref:
+    np.testing.assert_array_equal(loaded[k], ref[k])
+  with pytest.raises(KeyError, match="weird"):
+    conv.convert_state_dict(dict(sd, **{"weird.thing": np.zeros(1)}))
+  bad = dict(sd)
+  bad["Mixed_5b.branch1x1.conv.weight"] = np.zeros((64, 192, 3, 3), np.float32)
+  with pytest.raises(ValueError, match="Mixed_5b/branch1x1/conv/kernel"):
+    conv.convert_state_dict(bad, "bad.pth")
+
+
+# ----------------------------------------------------------------------------------------- digits
+
+@pytest.fixture(scope="module")
+def digits():
+  x_tr, y_tr, x_te, y_te = ev.load_digits_split()
+  clf = ev.train_digits_classifier(x_tr, y_tr, x_te, y_te, seed=0)
+  return clf, x_tr, y_tr, x_te, y_te
+
+
+def test_digits_classifier_accuracy_and_feature_distance(digits):
+  clf, x_tr, _, x_te, y_te = digits
+  assert clf.test_accuracy > 0.9
+  # our numpy forward pass agrees with sklearn's score on the test split
+  acc = np.mean(np.argmax(ev.digits_probs(clf, x_te), 1) == y_te)
+  assert acc == pytest.approx(clf.test_accuracy, abs=1e-12)
+  noise = np.random.default_rng(0).uniform(size=x_te.shape)
+  d_real = ev.digits_feature_distance(x_te, x_tr, clf)
+  d_noise = ev.digits_feature_distance(noise, x_tr, clf)
+  assert d_real < 0.1 * d_noise, (d_real, d_noise)
+  m = ev.digits_metrics(clf, x_te, x_tr)
+  assert m["feature_distance"] == pytest.approx(d_real)
+  assert m["classifier_score"] > 8.0  # confident, balanced predictions on 10 classes
+  assert m["mean_entropy"] < 0.3
+  # deterministic given the seed
+  clf2 = ev.train_digits_classifier(x_tr, y_tr, x_te, y_te, seed=0)
+  np.testing.assert_array_equal(clf.weights[0], clf2.weights[0])
+
+
+# -------------------------------------------------------------------------- toy divergences
+
+def test_histogram_divergences_identical_samples_are_zero():
+  x = np.random.default_rng(0).normal(size=(5000, 2))
+  r = ev.histogram_divergences(x, x.copy())
+  for key in ["kl", "js", "kl_marginal", "js_marginal", "wasserstein", "wasserstein_marginal"]:
+    assert abs(r[key]) < 1e-12, (key, r[key])
+
+
+def test_histogram_divergences_shifted_gaussians_1d():
+  """p = N(0, 1), q = N(delta, 1): KL = delta^2 / 2, W1 = delta, JS by quadrature."""
+  delta, n, rng = 0.5, 200_000, np.random.default_rng(1)
+  xp, xq = rng.normal(size=n), rng.normal(size=n) + delta
+  lo, hi = -5.0, 5.5
+  r = ev.histogram_divergences(xp, xq, bins=100, range=(lo, hi))
+  # exact value of the binned estimator's target: KL / JS of the bin probabilities
+  edges = np.linspace(lo, hi, 101)
+  bp, bq = np.diff(scipy.stats.norm.cdf(edges)), np.diff(scipy.stats.norm.cdf(edges, loc=delta))
+  kl_bins = np.sum(bp * np.log(bp / bq))
+  pdf_p = lambda x: scipy.stats.norm.pdf(x)
+  pdf_q = lambda x: scipy.stats.norm.pdf(x, loc=delta)
+  m = lambda x: 0.5 * (pdf_p(x) + pdf_q(x))
+  js = scipy.integrate.quad(lambda x: 0.5 * scipy.special.rel_entr(pdf_p(x), m(x))
+                            + 0.5 * scipy.special.rel_entr(pdf_q(x), m(x)), -12, 12)[0]
+  assert r["kl"] == pytest.approx(delta ** 2 / 2, abs=0.01)
+  assert r["kl"] == pytest.approx(kl_bins, abs=0.005)
+  assert r["js"] == pytest.approx(js, abs=0.005)
+  assert r["wasserstein"] == pytest.approx(delta, abs=0.01)
+  assert r["kl_marginal"] == r["kl"]
+
+
+def test_histogram_divergences_shifted_gaussians_2d():
+  """Shift (delta, 0): joint KL = delta^2/2, per-axis mean delta^2/4; sliced W1 = E|u.v| = 2 delta/pi."""
+  delta, n, rng = 0.6, 200_000, np.random.default_rng(2)
+  xp = rng.normal(size=(n, 2))
+  xq = rng.normal(size=(n, 2)) + np.array([delta, 0.0])
+  r = ev.histogram_divergences(xp, xq, bins=30, range=[(-5, 5.6), (-5, 5)], n_projections=512)
+  assert r["kl"] == pytest.approx(delta ** 2 / 2, abs=0.015)
+  assert r["kl_marginal"] == pytest.approx(delta ** 2 / 4, abs=0.01)
+  assert r["wasserstein_marginal"] == pytest.approx(delta / 2, abs=0.01)
+  assert r["wasserstein"] == pytest.approx(2 * delta / np.pi, rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------- grids
+
+def test_image_grid_layout():
+  imgs = np.stack([np.full((3, 3, 1), i / 4.0) for i in range(5)])
+  g = ev.image_grid(imgs, nrow=2, padding=2, pad_value=0.0)
+  assert g.dtype == np.uint8 and g.shape == (3 * 5 + 2, 2 * 5 + 2)
+  for i in range(5):
+    r, c = divmod(i, 2)
+    tile = g[2 + 5 * r:5 + 5 * r, 2 + 5 * c:5 + 5 * c]
+    assert np.all(tile == round(255 * i / 4.0))
+  assert g[0].max() == 0 and np.all(g[12:, 7:] == 0)  # padding and the empty sixth cell
+  rgb = ev.image_grid(np.zeros((4, 2, 2, 3), np.uint8), nrow=4)
+  assert rgb.shape == (2 + 4, 4 * 4 + 2, 3)
