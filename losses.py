@@ -1,0 +1,438 @@
+"""Training objectives of score-based diffusion models and the device-sharded train / eval steps.
+
+Every loss estimates a time-weighted score-matching objective
+
+    J(theta) = E_{t ~ U[eps, T]} [ lambda(t) E_{x_0, x_t} || s_theta(x_t, t) - target ||^2 ],
+
+(Song et al. 2021, "Score-Based Generative Modeling through SDEs", eq. 7) with
+
+* weighting lambda(t): ``default`` sigma_t^2 (score_sde), ``likelihood`` g(t)^2 (Song et al. 2021b,
+  "Maximum likelihood training of score-based diffusion models" (ScoreFlow), Theorem 1),
+  ``likelihood_is`` g^2 with t drawn from p(t) ∝ g^2 / sigma_t^2 (ScoreFlow §5.1, eq. 12),
+  ``noise_driven`` sigma_t^3 and ``data_driven`` sigma_t^2 / (0.25 + sigma_t) (Cao et al., "ODE vs
+  SDE", Appendix I, eq. 45, with varpi_t = sigma_t the std of p_{0t});
+* target: ``dsm`` the transition score grad log p_{0t}(x_t | x_0) (Vincent 2011) or ``stf`` the
+  Stable Target Field of Xu et al. ("Stable target field for reduced variance score estimation",
+  eq. 5 and Algorithm 1), a self-normalized average of transition scores over a reference batch.
+
+The implicit / sliced score-matching forms (Huang et al., "A variational perspective on
+diffusion-based generative models and score matching", eq. 25 and Appendix A) are here too
+(``ism_loss`` / ``ssm_loss``), and the trace-of-covariance diagnostics V_DSM(t), V_STF(t) of the STF
+paper (eq. 4 and §5.2).
+
+A note on the STF minimizer. Xu et al. (eq. 7, Theorem 1) call the STF minimizer biased for finite
+n. When x_t is perturbed from a member of the reference batch (Algorithm 1), it is not: the joint
+law of (x_1..x_n, x_t) is p_0^n(x_{1:n}) p_{0t}(x_t | x_1), the target is symmetric in x_{1:n}, so
+E[target | x_t] = E_{p_0^n}[(1/n) sum_i p_{0t}(x_t|x_i) target] / p_t(x_t)
+               = E_{p_0}[grad p_{0t}(x_t|x)] / p_t(x_t) = grad log p_t(x_t)
+for every n >= 1 (tests/test_losses.py checks this numerically). Hence V_STF(t) = E||v_STF -
+grad log p_t||^2, which is what ``v_stf`` estimates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sde_lib import bcast, sum_except_batch
+
+Array = jax.Array
+Params = Any
+# score_fn(params, x, t, rng=None) -> score (models.utils.get_score_fn); rng=None is eval mode.
+TrainScoreFn = Callable[..., Array]
+LossFn = Callable[[Params, Array, Array], tuple[Array, dict]]
+
+WEIGHTINGS = ("default", "likelihood", "likelihood_is", "noise_driven", "data_driven")
+TARGETS = ("dsm", "stf")
+PROBES = ("rademacher", "gaussian", "exact")
+DATA_AXIS = "data"
+
+
+# -- time weighting ---------------------------------------------------------------------------------
+def loss_weight(sde, t: Array, weighting: str) -> Array:
+  """lambda(t) of the objective J (shape of t). ``likelihood_is`` has the likelihood weighting g^2.
+
+  default sigma_t^2 (Song et al. 2021, §3.3); likelihood g^2 (ScoreFlow, Theorem 1); noise_driven
+  sigma_t^3 and data_driven sigma_t^2 / (0.25 + sigma_t) (Cao et al., Appendix I, eq. 45)."""
+  _, sigma = sde.marginal_coeffs(t)
+  if weighting == "default":
+    return sigma**2
+  if weighting in ("likelihood", "likelihood_is"):
+    return sde.diffusion(t) ** 2
+  if weighting == "noise_driven":
+    return sigma**3
+  if weighting == "data_driven":
+    return sigma**2 / (0.25 + sigma)
+  raise ValueError(f"training.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def sample_time(sde, key: Array, n: int, weighting: str) -> tuple[Array, Array]:
+  """Draws n times and the per-example factor w(t) with E[w(t) h(t)] = E_{t~U[eps,T]}[lambda h].
+
+  Uniform t: w = lambda(t). ``likelihood_is`` (ScoreFlow §5.1, eq. 12): t ~ p(t) = g^2 / (sigma^2 Z),
+  w = lambda(t) / (p(t) (T - eps)) = sigma_t^2 Z / (T - eps), so every weighting estimates the same
+  kind of quantity (a time average over [eps, T]) and the IS loss is unbiased for the uniform-t
+  likelihood-weighted loss; the total integral int g^2 h dt is (T - eps) times it."""
+  if weighting == "likelihood_is":
+    t = sde.is_sample_t(key, (n,))
+    _, sigma = sde.marginal_coeffs(t)
+    return t, sigma**2 * sde.is_normalizer() / (sde.T - sde.eps)
+  t = sde.uniform_sample_t(key, (n,))
+  return t, loss_weight(sde, t, weighting)
+
+
+# -- regression targets ------------------------------------------------------------------------------
+def dsm_target(sde, x0: Array, xt: Array, t: Array) -> Array:
+  """Denoising score-matching target grad_{x_t} log p_{0t}(x_t | x_0) (Vincent 2011; Song et al.
+  2021, eq. 7)."""
+  return sde.transition_score(xt, x0, t)
+
+
+def stf_log_weights(sde, xt: Array, t: Array, ref: Array) -> Array:
+  """Normalized log-weights log w_ij, w_ij ∝ p_{0t}(x_t^i | x_j) over the n reference points, (B, n)
+  (Xu et al., eq. 5 / Algorithm 1).
+
+  With p_{0t}(x_t|x_j) = N(alpha_t x_j, sigma_t^2 I): log p = -(|x_t|^2 - 2 alpha x_t.x_j +
+  alpha^2 |x_j|^2) / (2 sigma^2) + const; the |x_t|^2 term is constant in j and dropped, the rest is
+  a (B, D) @ (D, n) product (no B x n x D tensor). Points are centred on the reference mean first
+  (distances are unchanged) to limit float32 cancellation."""
+  b, n = xt.shape[0], ref.shape[0]
+  alpha, sigma = sde.marginal_coeffs(t)
+  alpha = jnp.broadcast_to(alpha, (b,))[:, None]
+  sigma = jnp.broadcast_to(sigma, (b,))[:, None]
+  rf = ref.reshape(n, -1).astype(xt.dtype)
+  center = jnp.mean(rf, axis=0)
+  rc = rf - center
+  xc = xt.reshape(b, -1) - alpha * center
+  cross = jnp.matmul(xc, rc.T, precision=jax.lax.Precision.HIGHEST)  # (B, n)
+  sq = jnp.sum(rc**2, axis=-1)[None, :]  # (1, n)
+  logits = (2.0 * alpha * cross - alpha**2 * sq) / (2.0 * sigma**2)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def stf_target(sde, xt: Array, t: Array, ref: Array, return_weights: bool = False):
+  """Stable Target Field sum_j w_ij grad log p_{0t}(x_t^i | x_j) (Xu et al., eq. 5, Algorithm 1).
+
+  The transition score is affine in x_j and sum_j w_ij = 1, so the target is the transition score
+  at the weighted reference mean (W @ ref), a (B, n) @ (n, D) product. With n = 1 (ref = the clean
+  point of x_t) it equals ``dsm_target`` exactly. ``ref`` may be larger than ``xt``'s batch; in
+  Algorithm 1 the training batch is part of it. Returns the target, and (B, n) weights if asked."""
+  b, n = xt.shape[0], ref.shape[0]
+  w = jnp.exp(stf_log_weights(sde, xt, t, ref))
+  x0_hat = jnp.matmul(w, ref.reshape(n, -1).astype(xt.dtype), precision=jax.lax.Precision.HIGHEST)
+  target = sde.transition_score(xt, x0_hat.reshape(xt.shape), t)
+  return (target, w) if return_weights else target
+
+
+def _reduce(sq: Array, reduce_mean: bool) -> Array:
+  """Per-example sum (or mean) of a squared error over the event axes."""
+  flat = sq.reshape(sq.shape[0], -1)
+  return jnp.mean(flat, axis=-1) if reduce_mean else jnp.sum(flat, axis=-1)
+
+
+def _perturb(sde, x0: Array, key: Array, weighting: str):
+  """t, w(t), noise and x_t = alpha_t x0 + sigma_t z for a batch; shared by every loss below so that
+  the same key gives the same (t, x_t) in dsm_loss, ism_loss and ssm_loss (paired comparisons)."""
+  k_t, k_z = jax.random.split(key)
+  t, w = sample_time(sde, k_t, x0.shape[0], weighting)
+  z = jax.random.normal(k_z, x0.shape, dtype=x0.dtype)
+  return t, w, sde.perturb(x0, t, z)
+
+
+def _time_metrics(t: Array, w: Array) -> dict:
+  return {"weight_mean": jnp.mean(w), "t_mean": jnp.mean(t), "t_min": jnp.min(t),
+          "t_max": jnp.max(t)}
+
+
+def dsm_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
+             weighting: str = "default", reduce_mean: bool = False, ref: Optional[Array] = None,
+             train: bool = True) -> tuple[Array, dict]:
+  """Monte Carlo estimate of J with the DSM target (``ref`` None) or the STF target over ``ref``
+  (Song et al. 2021, eq. 7; Xu et al., Algorithm 1): mean_i w(t_i) |s(x_t^i, t_i) - target_i|^2."""
+  k_pert, k_model = jax.random.split(key)
+  t, w, xt = _perturb(sde, x0, k_pert, weighting)
+  metrics = {}
+  if ref is None:
+    target = dsm_target(sde, x0, xt, t)
+  else:
+    target, wts = stf_target(sde, xt, t, ref, return_weights=True)
+    metrics["stf_ess_mean"] = jnp.mean(1.0 / jnp.sum(wts**2, axis=-1))  # effective sample size
+  score = score_fn(params, xt, t, rng=k_model if train else None)
+  losses = w * _reduce(jnp.square(score - target), reduce_mean)
+  loss = jnp.mean(losses)
+  metrics.update(loss=loss, **_time_metrics(t, w))
+  return loss, metrics
+
+
+# -- implicit / sliced score matching -----------------------------------------------------------------
+def _probe(key: Array, shape, dtype, probe: str) -> Array:
+  if probe == "rademacher":
+    return jax.random.rademacher(key, shape, dtype=dtype)
+  if probe == "gaussian":
+    return jax.random.normal(key, shape, dtype=dtype)
+  raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+
+
+def divergence(fn: Callable[[Array], Array], x: Array, key: Optional[Array] = None,
+               probe: str = "rademacher") -> tuple[Array, Array]:
+  """(fn(x), per-example divergence) of a batched map fn: (B, *event) -> (B, *event).
+
+  Hutchinson (1989): div ≈ v^T (d fn / dx) v with E[v v^T] = I, one forward-mode jvp (examples are
+  independent, so one probe per example); ``exact`` sums D jvps with basis vectors (small D)."""
+  if probe == "exact":
+    d = math.prod(x.shape[1:])
+    out = fn(x)
+
+    def diag(k):
+      e = jnp.zeros((d,), x.dtype).at[k].set(1.0)
+      e = jnp.broadcast_to(e.reshape(x.shape[1:]), x.shape)
+      return sum_except_batch(e * jax.jvp(fn, (x,), (e,))[1])
+
+    return out, jnp.sum(jax.vmap(diag)(jnp.arange(d)), axis=0)
+  v = _probe(key, x.shape, x.dtype, probe)
+  out, jv = jax.jvp(fn, (x,), (v,))
+  return out, sum_except_batch(v * jv)
+
+
+def _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, sliced):
+  k_pert, k_probe = jax.random.split(key)
+  t, w, xt = _perturb(sde, x0, k_pert, weighting)
+  d = math.prod(x0.shape[1:])
+  if sliced:
+    v = _probe(k_probe, xt.shape, xt.dtype, probe)
+    s, jv = jax.jvp(lambda x: score_fn(params, x, t), (xt,), (v,))
+    div = sum_except_batch(v * jv)
+    sq = sum_except_batch(v * s) ** 2
+  else:
+    s, div = divergence(lambda x: score_fn(params, x, t), xt, k_probe, probe)
+    sq = sum_except_batch(s**2)
+  per_example = sq + 2.0 * div
+  if reduce_mean:
+    per_example = per_example / d
+  loss = jnp.mean(w * per_example)
+  return loss, {"loss": loss, **_time_metrics(t, w)}
+
+
+def ism_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
+             weighting: str = "default", probe: str = "rademacher",
+             reduce_mean: bool = False) -> tuple[Array, dict]:
+  """Implicit score matching E[lambda(t) (|s(x_t)|^2 + 2 div s(x_t))] (Hyvärinen 2005; the integrand
+  of Huang et al. eq. 25 / Appendix A.1), divergence by Hutchinson (or exact). Equals the DSM loss
+  minus E_t[lambda(t) D / sigma_t^2] in expectation (D / sigma_t^2 = E|grad log p_{0t}|^2)."""
+  return _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, False)
+
+
+def ssm_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
+             weighting: str = "default", probe: str = "rademacher",
+             reduce_mean: bool = False) -> tuple[Array, dict]:
+  """Sliced score matching E[lambda(t) ((v.s)^2 + 2 v^T (ds/dx) v)] (Song et al. 2019; Huang et al.
+  Appendix A.2): both terms Hutchinson-sliced, same expectation as ``ism_loss``."""
+  if probe == "exact":
+    raise ValueError("ssm_loss needs a random probe ('rademacher' or 'gaussian')")
+  return _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, True)
+
+
+def dsm_ism_offset(sde, t: Array, dim: int, weighting: str = "default",
+                   reduce_mean: bool = False) -> Array:
+  """lambda(t) D / sigma_t^2 = lambda(t) E|grad log p_{0t}(x_t|x_0)|^2: DSM minus ISM at time t."""
+  _, sigma = sde.marginal_coeffs(t)
+  per_dim = loss_weight(sde, t, weighting) / sigma**2
+  return per_dim if reduce_mean else dim * per_dim
+
+
+# -- trace-of-covariance diagnostics (Xu et al., eq. 4 and §5.2) ------------------------------------------
+def _mean_and_se(v: Array) -> tuple[Array, Array]:
+  return jnp.mean(v), jnp.std(v, ddof=1) / jnp.sqrt(v.shape[0])
+
+
+def v_dsm(sde, x0: Array, t: Array, key: Array,
+          marginal_score: Callable[[Array, Array], Array]) -> tuple[Array, Array]:
+  """(estimate, standard error) of V_DSM(t) = E_{x_0, x_t} |grad log p_{0t}(x_t|x_0) -
+  grad log p_t(x_t)|^2 (Xu et al., eq. 4) from clean samples x0 (M, *event) and the exact marginal
+  score ``marginal_score(x, t)`` (e.g. toy_data's)."""
+  t = jnp.full((x0.shape[0],), t, dtype=x0.dtype)
+  z = jax.random.normal(key, x0.shape, dtype=x0.dtype)
+  xt = sde.perturb(x0, t, z)
+  diff = dsm_target(sde, x0, xt, t) - marginal_score(xt, t)
+  return _mean_and_se(sum_except_batch(diff**2))
+
+
+def v_stf(sde, x0: Array, ref: Array, t: Array, key: Array,
+          marginal_score: Callable[[Array, Array], Array]) -> tuple[Array, Array]:
+  """(estimate, standard error) of V_STF(t) (Xu et al., §5.2) with reference batch size n.
+
+  x0 (M, *event) are the points x_t is perturbed from; ref (M, n - 1, *event) are each example's
+  other n - 1 reference points (i.i.d. from p_0). Since E[v_STF | x_t] = grad log p_t(x_t) (module
+  docstring), Tr Cov(v_STF | x_t) averaged over x_t is E|v_STF - grad log p_t|^2."""
+  m = x0.shape[0]
+  t = jnp.full((m,), t, dtype=x0.dtype)
+  z = jax.random.normal(key, x0.shape, dtype=x0.dtype)
+  xt = sde.perturb(x0, t, z)
+  refs = jnp.concatenate([x0[:, None], ref.astype(x0.dtype)], axis=1)  # (M, n, *event)
+  target = jax.vmap(lambda x, ti, r: stf_target(sde, x[None], ti, r)[0])(xt, t, refs)
+  diff = target - marginal_score(xt, t)
+  return _mean_and_se(sum_except_batch(diff**2))
+
+
+# -- config-driven loss ---------------------------------------------------------------------------------
+def _cfg_get(cfg, name: str, default):
+  return cfg[name] if name in cfg else default
+
+
+def validate_training_config(config) -> None:
+  """Raises ValueError naming the offending ``training.*`` field."""
+  tr = config.training
+  if tr.weighting not in WEIGHTINGS:
+    raise ValueError(f"training.weighting must be one of {WEIGHTINGS}, got {tr.weighting!r}")
+  if tr.target not in TARGETS:
+    raise ValueError(f"training.target must be one of {TARGETS}, got {tr.target!r}")
+  if not int(tr.batch_size) >= 1:
+    raise ValueError(f"training.batch_size must be >= 1, got {tr.batch_size}")
+  if tr.target == "stf":
+    n = _cfg_get(tr, "ref_batch_size", None)
+    if n is None or int(n) < int(tr.batch_size):
+      raise ValueError(f"training.ref_batch_size (STF reference batch, {n}) must be >= "
+                       f"training.batch_size ({tr.batch_size})")
+
+
+def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> LossFn:
+  """loss_fn(params, batch, key) -> (loss, metrics) from ``config.training`` (weighting, target,
+  batch_size B, ref_batch_size n, reduce_mean). The batch is (N, *event): DSM trains on its first B
+  rows; STF needs N = n, trains on the first B rows and uses all n as the reference batch (Xu et
+  al., Algorithm 1). ``train=False`` calls score_fn with rng=None (no dropout)."""
+  validate_training_config(config)
+  tr = config.training
+  weighting, target = str(tr.weighting), str(tr.target)
+  b = int(tr.batch_size)
+  n = int(_cfg_get(tr, "ref_batch_size", b))
+  reduce_mean = bool(_cfg_get(tr, "reduce_mean", False))
+
+  def loss_fn(params: Params, batch: Array, key: Array) -> tuple[Array, dict]:
+    rows = batch.shape[0]
+    if target == "stf" and rows != n:
+      raise ValueError(f"STF batch must have training.ref_batch_size={n} rows, got {rows}")
+    if rows < b:
+      raise ValueError(f"batch has {rows} rows, fewer than training.batch_size={b}")
+    ref = batch if target == "stf" else None
+    return dsm_loss(sde, score_fn, params, batch[:b], key, weighting, reduce_mean, ref, train)
+
+  return loss_fn
+
+
+# -- optimizer, train state and the sharded steps -------------------------------------------------------
+@struct.dataclass
+class TrainState:
+  step: Array
+  params: Params
+  ema_params: Params
+  opt_state: Any
+  rng: Array
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """optax chain: clip_by_global_norm(optim.grad_clip) (skipped if 0), Adam(optim.beta1,
+  optim.eps), decoupled weight decay if optim.weight_decay > 0, learning rate optim.lr with linear
+  warmup lr * min((step + 1) / optim.warmup, 1) (score_sde's schedule, first step nonzero)."""
+  o = config.optim
+  name = str(_cfg_get(o, "optimizer", "adam")).lower()
+  if name not in ("adam", "adamw"):
+    raise ValueError(f"optim.optimizer must be 'adam' or 'adamw', got {name!r}")
+  lr = float(o.lr)
+  if not lr > 0:
+    raise ValueError(f"optim.lr must be > 0, got {lr}")
+  warmup = int(_cfg_get(o, "warmup", 0))
+  if warmup < 0:
+    raise ValueError(f"optim.warmup must be >= 0, got {warmup}")
+  clip = float(_cfg_get(o, "grad_clip", 0.0))
+  if clip < 0:
+    raise ValueError(f"optim.grad_clip must be >= 0, got {clip}")
+  wd = float(_cfg_get(o, "weight_decay", 0.0))
+  if wd < 0:
+    raise ValueError(f"optim.weight_decay must be >= 0, got {wd}")
+
+  def schedule(count):
+    if warmup == 0:
+      return jnp.asarray(lr)
+    return lr * jnp.minimum((count + 1) / warmup, 1.0)
+
+  parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  parts.append(optax.scale_by_adam(b1=float(_cfg_get(o, "beta1", 0.9)),
+                                   b2=float(_cfg_get(o, "beta2", 0.999)),
+                                   eps=float(_cfg_get(o, "eps", 1e-8))))
+  if wd > 0:
+    parts.append(optax.add_decayed_weights(wd))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts)
+
+
+def init_train_state(params: Params, optimizer: optax.GradientTransformation,
+                     rng: Array) -> TrainState:
+  """Step 0, EMA initialised to the parameters."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.array, params),
+                    opt_state=optimizer.init(params), rng=rng)
+
+
+def make_mesh(devices=None) -> Mesh:
+  """1-D mesh with axis 'data' over ``devices`` (default: all local devices)."""
+  devices = jax.local_devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def shard_batch(batch: Array, mesh: Mesh) -> Array:
+  """Places a global batch (N, ...) sharded along its first axis over the mesh axis 'data'."""
+  size = mesh.shape[DATA_AXIS]
+  if batch.shape[0] % size:
+    raise ValueError(f"batch of {batch.shape[0]} rows does not split over {size} devices")
+  return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree (params, train state) fully replicated on the mesh."""
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_rate: float,
+                    mesh: Optional[Mesh] = None, donate: bool = False):
+  """One ``jax.jit`` function (state, batch) -> (state, metrics), data-parallel over ``mesh``
+  (default: all local devices): the batch is sharded on axis 'data', state replicated. The jitted
+  program has global semantics, so XLA gathers whatever rows a shard needs (all n STF reference
+  points for every example) and all-reduces the gradient. The step's key is fold_in(rng, step);
+  EMA: ema <- r ema + (1 - r) params (Song et al. 2021, Appendix)."""
+  mesh = make_mesh() if mesh is None else mesh
+  repl = NamedSharding(mesh, PartitionSpec())
+  data = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  rate = float(ema_rate)
+
+  def step_fn(state: TrainState, batch: Array) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(state.rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    return new, metrics
+
+  return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(loss_fn: LossFn, mesh: Optional[Mesh] = None):
+  """jit (params, batch, key) -> metrics of ``loss_fn`` (build it with ``train=False``), batch
+  sharded on 'data', params replicated. Pass ``state.ema_params`` to evaluate the EMA model."""
+  mesh = make_mesh() if mesh is None else mesh
+  repl = NamedSharding(mesh, PartitionSpec())
+  data = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+  def eval_fn(params: Params, batch: Array, key: Array) -> dict:
+    loss, metrics = loss_fn(params, batch, key)
+    return dict(metrics, loss=loss)
+
+  return jax.jit(eval_fn, in_shardings=(repl, data, repl), out_shardings=repl)
