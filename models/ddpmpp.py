@@ -10,11 +10,11 @@ score_sde's continuous VP/sub-VP score function). Field list: see models/ncsnpp.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
+from models import register_model
 from models.ncsnpp import NCSNpp
 
 
+@register_model("ddpmpp")
 class DDPMpp(NCSNpp):
   """NCSN++ module with the DDPM++ cont. CIFAR-10 defaults (score_sde
   configs/vp/cifar10_ddpmpp_continuous.py)."""

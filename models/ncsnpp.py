@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from models import layers
+from models import layers, register_model
 
 Array = jax.Array
 
@@ -61,6 +61,7 @@ def _check(name: str, value: str, allowed: Sequence[str]) -> str:
   return value
 
 
+@register_model("ncsnpp")
 class NCSNpp(nn.Module):
   """NCSN++ / DDPM++ U-Net (score_sde ``ncsnpp``); see the module docstring for the fields."""
   nf: int = 128

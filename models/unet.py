@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from models import register_model
 from models.ddpmpp import DDPMpp, ddpmpp_cifar_config
 
 
+@register_model("unet")
 class UNet(DDPMpp):
   """DDPM++-style U-Net with the diffusion-time paper's MNIST widths as defaults."""
   nf: int = 64
