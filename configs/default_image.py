@@ -1,0 +1,127 @@
+"""Shared defaults of the image experiments (score_sde's CIFAR-10 training setup).
+
+Builds on ``configs/default.py``. Values follow Song et al. 2021 ("Score-Based Generative Modeling
+through SDEs", Appendix H and its public configs ``default_cifar10_configs.py``): batch 128,
+Adam lr 2e-4 (beta1 0.9, eps 1e-8), linear warmup 5000, gradient clipping at norm 1,
+1.3M iterations, dropout 0.1, random horizontal flips, EMA 0.9999 (DDPM++ cont.) / 0.999 (NCSN++
+cont.). The model section holds every field of models/ncsnpp.py with the DDPM++ cont. (VP) values;
+VE / NCSN++ experiments override the differing fields with ``ncsnpp_cont_model``.
+
+Fields added to the shared schema here: ``data.train_split``, ``data.prefetch_size`` and the
+score-network fields of ``config.model`` (see models/ncsnpp.py).
+"""
+import ml_collections
+
+from configs.default import get_default_config
+
+
+def ddpmpp_cont_model(model: ml_collections.ConfigDict) -> None:
+  """DDPM++ cont. (score_sde configs/vp/cifar10_ddpmpp_continuous.py), in place."""
+  model.name = "ddpmpp"
+  model.parameterization = "noise"  # score = -eps_hat / sigma_t (score_sde's continuous VP)
+  model.ema_rate = 0.9999
+  model.nf = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 4
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.fir = False
+  model.fir_kernel = (1, 3, 3, 1)
+  model.skip_rescale = True
+  model.resblock_type = "biggan"
+  model.progressive = "none"
+  model.progressive_input = "none"
+  model.progressive_combine = "sum"
+  model.embedding_type = "positional"
+  model.fourier_scale = 16.0
+  model.time_embedding_scale = 999.0  # score_sde's continuous VP labels 999 t
+  model.init_scale = 0.0
+  model.conditional = True
+  model.center_input = False  # set to (not data.centered): score_sde maps [0, 1] inputs to 2x - 1
+  model.dtype = "float32"
+
+
+def ncsnpp_cont_model(model: ml_collections.ConfigDict) -> None:
+  """NCSN++ cont. (score_sde configs/ve/cifar10_ncsnpp_continuous.py), in place: FIR resampling,
+  no progressive output path, residual progressive input, Gaussian Fourier features of log sigma,
+  EMA 0.999."""
+  ddpmpp_cont_model(model)
+  model.name = "ncsnpp"
+  model.ema_rate = 0.999
+  model.fir = True
+  model.progressive = "none"
+  model.progressive_input = "residual"
+  model.embedding_type = "fourier"
+  model.time_embedding_scale = 1.0
+
+
+def get_default_image_config() -> ml_collections.ConfigDict:
+  config = get_default_config()
+
+  training = config.training
+  training.batch_size = 128
+  training.ref_batch_size = 128  # STF experiments raise this (reference batch n)
+  training.n_iters = 1_300_001
+  training.log_freq = 50
+  training.eval_freq = 1000
+  training.snapshot_freq = 50_000
+  training.snapshot_freq_for_preemption = 10_000
+  training.weighting = "default"
+  training.target = "dsm"
+  training.reduce_mean = False
+
+  sde = config.sde
+  sde.name = "vpsde"
+  sde.beta_min = 0.1
+  sde.beta_max = 20.0
+  sde.sigma_min = 0.01
+  sde.sigma_max = 50.0
+  sde.T = 1.0
+  sde.eps = 1e-5
+
+  ddpmpp_cont_model(config.model)
+
+  optim = config.optim
+  optim.optimizer = "adam"
+  optim.lr = 2e-4
+  optim.beta1 = 0.9
+  optim.eps = 1e-8
+  optim.weight_decay = 0.0
+  optim.warmup = 5000
+  optim.grad_clip = 1.0
+
+  data = config.data
+  data.dataset = "cifar10"
+  data.image_size = 32
+  data.num_channels = 3
+  data.num_grey_levels = 256
+  data.random_flip = True
+  data.centered = False
+  data.uniform_dequantization = False
+  config.model.center_input = True  # data in [0, 1]: the network sees 2x - 1 (score_sde)
+  data.train_split = "train"
+  data.prefetch_size = 2  # batches in flight to the devices
+
+  sampling = config.sampling
+  sampling.method = "sde"  # reverse SDE (c = 1), Euler-Maruyama, as score_sde's VP 'pc' sampler
+  sampling.c = 1.0
+  sampling.n_steps = 1000
+  sampling.snr = 0.16
+  sampling.n_corrector_steps = 1
+  sampling.denoise = True
+  sampling.n_samples = 50_000
+  sampling.batch_size = 500
+
+  evaluate = config.eval
+  evaluate.batch_size = 1024
+  evaluate.split = "test"
+  evaluate.num_samples = 50_000
+  evaluate.divergence = "hutchinson"
+  evaluate.hutchinson_probe = "rademacher"
+  evaluate.fid = True
+  return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return get_default_image_config()

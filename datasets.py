@@ -1,0 +1,597 @@
+"""Input pipelines: TFDS images (cifar10, mnist, celeb_a), the offline ``digits`` default, toy data.
+
+Design (numbers in benchmarks/input_pipeline.py): every image split is decoded ONCE into a uint8
+array (this process's shard only) and batches are cut from it by numpy fancy indexing. The position
+in the stream is two integers ``{'epoch', 'index'}`` (``get_state()`` / ``set_state()``), a plain
+pytree that orbax saves next to the train state; a restored iterator yields exactly the batches the
+original would have yielded, including random flips and dequantization noise, because every random
+draw is keyed by (seed, process, epoch, index). CIFAR-10 is 150 MB and MNIST 47 MB of uint8; CelebA
+64x64 is 2 GB for the whole train split (divided by the number of processes).
+
+Scaling conventions (Song et al. 2021 score_sde; Song et al. 2021 ScoreFlow §5.2). An image with
+integer levels k in {0, ..., L-1} (L = ``num_grey_levels``: 256 for TFDS images, 17 for digits) is
+mapped to
+  * x = k / (L - 1) in [0, 1]                    (no dequantization), or
+  * x = (k + u) / L with u ~ U[0, 1)^D in [0, 1)  (uniform dequantization, likelihood training),
+and then, when ``data.centered``, to 2x - 1 in [-1, 1]. For bits/dim the continuous density of
+``x`` is converted with ``DatasetInfo.bpd_offset`` = log2(L / range), range = 2 if centered else 1
+(score_sde's offset 8 / 7 for 256 levels): bpd = -log p(x) / (D ln 2) + bpd_offset.
+
+Sharding: each process reads a disjoint, contiguous part of the split (``tfds.split_for_jax_process``
+for TFDS; the same even-split rule for digits: sizes differ by at most one, earlier shards larger).
+Batch sizes in the config are global; each process yields ``batch_size // process_count`` rows.
+
+Evaluation iterators are finite: they visit every example of the process's shard exactly once, in
+order, the last batch padded (repeating example 0 of the shard) with ``mask`` False on the padding.
+All processes yield the same number of eval batches (needed for multi-host collectives).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import jax
+import ml_collections
+from absl import logging
+import numpy as np
+
+# --------------------------------------------------------------------------------------------------
+# Dataset registry
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImageSpec:
+  native_size: tuple[int, int]  # (H, W) as stored
+  num_channels: int
+  num_grey_levels: int
+  splits: tuple[str, ...]
+  tfds: bool
+
+
+_IMAGE_DATASETS: dict[str, _ImageSpec] = {
+    "digits": _ImageSpec((8, 8), 1, 17, ("train", "test", "validation", "train_without_validation"),
+                         tfds=False),
+    "mnist": _ImageSpec((28, 28), 1, 256, ("train", "test"), tfds=True),
+    "cifar10": _ImageSpec((32, 32), 3, 256, ("train", "test"), tfds=True),
+    "celeb_a": _ImageSpec((218, 178), 3, 256, ("train", "validation", "test"), tfds=True),
+}
+IMAGE_DATASETS = tuple(sorted(_IMAGE_DATASETS))
+CELEBA_CROP = 140  # score_sde / Song & Ermon (2020): central 140x140 crop, then resize
+
+# digits: FIXED split of scikit-learn's 1,797 images, permutation of np.random.default_rng(0):
+# test = perm[:360] (20 %), train = perm[360:] (1,437); validation = the last 144 (10 %) of train,
+# train_without_validation = the first 1,293 of train. These never change between versions.
+DIGITS_SEED = 0
+DIGITS_NUM_TEST = 360
+DIGITS_NUM_VALIDATION = 144
+
+
+def _toy_names() -> tuple[str, ...]:
+  import toy_data  # local import: toy_data imports jax only
+  return tuple(toy_data.TOY_DISTRIBUTIONS)
+
+
+def _spec(config: ml_collections.ConfigDict) -> _ImageSpec | None:
+  """The image spec of ``config.data.dataset``; None for toy data; ValueError for unknown names."""
+  name = str(config.data.dataset)
+  if name in _IMAGE_DATASETS:
+    return _IMAGE_DATASETS[name]
+  if name in _toy_names():
+    return None
+  raise ValueError(f"data.dataset={name!r} is unknown; valid names: images {list(IMAGE_DATASETS)}, "
+                   f"toy distributions {list(_toy_names())}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset information (shapes, levels, scaling) for models / likelihood
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about ``config.data.dataset`` that models, likelihood and evaluation need."""
+  name: str
+  shape: tuple[int, ...]  # event shape: (H, W, C) for images, (D,) for toy data
+  is_image: bool
+  num_grey_levels: int  # L (0 for continuous toy data)
+  centered: bool  # data in [-1, 1] (True) or [0, 1]
+  uniform_dequantization: bool  # training data dequantized as (k + u) / L
+
+  @property
+  def dim(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def data_range(self) -> float:
+    return 2.0 if self.centered else 1.0
+
+  @property
+  def bpd_offset(self) -> float:
+    """log2(L / range): add to -log p(x) / (D ln 2) to get bits/dim of the discrete data
+    (the change of variables from [0, L)^D to the model's data space; ScoreFlow §5.2)."""
+    if not self.is_image:
+      raise ValueError(f"data.dataset={self.name!r} is not discrete image data: bits/dim undefined")
+    return math.log2(self.num_grey_levels / self.data_range)
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+  """Shape, grey levels and scaling of ``config.data.dataset`` (no data is read)."""
+  spec = _spec(config)
+  data = config.data
+  name = str(data.dataset)
+  if spec is None:
+    import toy_data
+    dist = toy_data.get_toy_distribution(name)
+    return DatasetInfo(name, (int(dist.dim),), False, 0, False, False)
+  size = _image_size(config, spec)
+  return DatasetInfo(name, (size, size, spec.num_channels), True, spec.num_grey_levels,
+                     bool(data.centered), bool(data.uniform_dequantization))
+
+
+def _image_size(config: ml_collections.ConfigDict, spec: _ImageSpec) -> int:
+  """Validates data.image_size / num_channels / num_grey_levels against the dataset."""
+  data = config.data
+  name = str(data.dataset)
+  size = int(data.image_size)
+  if int(data.num_channels) != spec.num_channels:
+    raise ValueError(f"data.num_channels={data.num_channels} but {name!r} has {spec.num_channels}")
+  if int(data.get("num_grey_levels", spec.num_grey_levels)) != spec.num_grey_levels:
+    # The dataset's own level count is authoritative (configs/default.py says 256 for 'digits');
+    # always read it from dataset_info(config).num_grey_levels.
+    logging.warning("data.num_grey_levels=%s ignored: %r has %d grey levels",
+                    data.num_grey_levels, name, spec.num_grey_levels)
+  if name == "digits" and size != 8:
+    raise ValueError(f"data.image_size={size}: 'digits' images are 8x8 (no resizing offline)")
+  if size <= 0:
+    raise ValueError(f"data.image_size={size} must be positive")
+  return size
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure preprocessing (numpy or jax arrays)
+# --------------------------------------------------------------------------------------------------
+
+
+def scale_images(levels, num_grey_levels: int, centered: bool, noise=None):
+  """Integer levels k in {0..L-1} -> model space: k/(L-1), or (k + noise)/L when ``noise``
+  (U[0,1), uniform dequantization) is given; then 2x - 1 when ``centered``. Works on numpy and
+  jax arrays (ScoreFlow §5.2; score_sde datasets.py conventions)."""
+  x = levels.astype(np.float32)
+  if noise is None:
+    x = x / (num_grey_levels - 1)
+  else:
+    x = (x + noise) / num_grey_levels
+  return 2.0 * x - 1.0 if centered else x
+
+
+def inverse_scale(x, centered: bool):
+  """Model space -> [0, 1] (for plotting / FID); the inverse of the centering only."""
+  return (x + 1.0) / 2.0 if centered else x
+
+
+def uniform_dequantize(key: jax.Array, levels: jax.Array, info: DatasetInfo) -> jax.Array:
+  """(k + u) / L (centered if configured) with u ~ U[0,1): a fresh dequantization of integer
+  levels, e.g. for several dequantization repeats in bits/dim evaluation."""
+  u = jax.random.uniform(key, levels.shape)
+  return scale_images(levels, info.num_grey_levels, info.centered, noise=u)
+
+
+def quantize(x, info: DatasetInfo, dequantized: bool | None = None):
+  """Model space -> integer levels {0..L-1}: floor(y L) for dequantized data (inverse of
+  (k + u) / L), else rint(y (L - 1)); y = x in [0, 1] after undoing the centering. ``dequantized``
+  defaults to ``info.uniform_dequantization`` (e.g. to discretize generated samples)."""
+  dequantized = info.uniform_dequantization if dequantized is None else dequantized
+  y = np.asarray(inverse_scale(x, info.centered))
+  k = np.floor(y * info.num_grey_levels) if dequantized else np.rint(y * (info.num_grey_levels - 1))
+  return np.clip(k, 0, info.num_grey_levels - 1).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading one process's shard as uint8
+# --------------------------------------------------------------------------------------------------
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """A TFDS dataset is not prepared in the data directory (and this code never downloads)."""
+
+
+def even_shard(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[start, end) of shard ``process_index`` of ``n`` examples in ``process_count`` contiguous
+  shards whose sizes differ by at most one (earlier shards larger, as tfds.even_splits)."""
+  base, rem = divmod(n, process_count)
+  start = process_index * base + min(process_index, rem)
+  return start, start + base + (1 if process_index < rem else 0)
+
+
+def _digits_levels() -> dict[str, np.ndarray]:
+  """All digits splits as uint8 arrays (N, 8, 8, 1) with values 0..16 (fixed split, see above)."""
+  from sklearn.datasets import load_digits
+  images = load_digits().images  # (1797, 8, 8) float64, integers 0..16
+  levels = np.rint(images).astype(np.uint8)[..., None]
+  perm = np.random.default_rng(DIGITS_SEED).permutation(len(levels))
+  test, train = perm[:DIGITS_NUM_TEST], perm[DIGITS_NUM_TEST:]
+  return {"train": levels[train], "test": levels[test],
+          "validation": levels[train[-DIGITS_NUM_VALIDATION:]],
+          "train_without_validation": levels[train[:-DIGITS_NUM_VALIDATION]]}
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+  """The TFDS builder of ``name``; DatasetNotPreparedError at once if it is not prepared."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  tf.config.set_visible_devices([], "GPU")  # keep TF off accelerators; JAX owns them
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    where = data_dir or "the TFDS default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    raise DatasetNotPreparedError(
+        f"TFDS dataset {name!r} (config.data.dataset) is not prepared in {where} (looked for "
+        f"{builder.data_dir}); scorelab never downloads. On a machine with network run "
+        f"`tfds build {name} --data_dir=DIR` (or `python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.load('{name}', data_dir='DIR')\"`), copy DIR here and pass "
+        f"--config.data.tfds_data_dir=DIR. The offline default is --config.data.dataset=digits.")
+  return builder
+
+
+def _tfds_levels(name: str, split: str, image_size: int, data_dir: str | None,
+                 process_index: int, process_count: int) -> tuple[np.ndarray, int, int]:
+  """This process's shard of a TFDS split as uint8 (n, S, S, C); returns (levels, start, total)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  builder = _tfds_builder(name, data_dir)
+  if split not in builder.info.splits:
+    raise ValueError(f"split {split!r} not in {name!r} (splits: {list(builder.info.splits)})")
+  total = builder.info.splits[split].num_examples
+  start, _ = even_shard(total, process_index, process_count)
+  sub = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+  ds = builder.as_dataset(split=sub, shuffle_files=False,
+                          read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  native = _IMAGE_DATASETS[name].native_size
+
+  def prep(example):
+    img = example["image"]
+    if name == "celeb_a":  # score_sde: central 140x140 crop, then antialiased bilinear resize
+      h, w = native
+      top, left = (h - CELEBA_CROP) // 2, (w - CELEBA_CROP) // 2
+      img = img[top:top + CELEBA_CROP, left:left + CELEBA_CROP]
+    if name == "celeb_a" or image_size != native[0]:
+      img = tf.image.resize(img, [image_size, image_size], antialias=True)
+      img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+    return img
+
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(1024)
+  chunks = [np.asarray(b) for b in tfds.as_numpy(ds)]
+  levels = (np.concatenate(chunks) if chunks
+            else np.zeros((0, image_size, image_size, _IMAGE_DATASETS[name].num_channels), np.uint8))
+  return levels, start, total
+
+
+def load_levels(config: ml_collections.ConfigDict, split: str, process_index: int = 0,
+                process_count: int = 1) -> tuple[np.ndarray, int, int]:
+  """(uint8 levels of this process's shard, global index of its first example, split size)."""
+  spec = _spec(config)
+  if spec is None:
+    raise ValueError(f"data.dataset={config.data.dataset!r} is a toy distribution, not images")
+  name = str(config.data.dataset)
+  size = _image_size(config, spec)
+  if spec.tfds:
+    return _tfds_levels(name, split, size, str(config.data.get("tfds_data_dir", "")) or None,
+                        process_index, process_count)
+  splits = _digits_levels()
+  if split not in splits:
+    raise ValueError(f"split {split!r} not in 'digits' (splits: {list(splits)})")
+  levels = splits[split]
+  start, end = even_shard(len(levels), process_index, process_count)
+  return levels[start:end], start, len(levels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Iterators
+# --------------------------------------------------------------------------------------------------
+
+Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def image_transform(info: DatasetInfo, *, random_flip: bool, dequantize: bool) -> Transform:
+  """uint8 levels (B, H, W, C) + a numpy Generator -> float32 model-space images: optional random
+  horizontal flip (each image with probability 1/2), scaling, optional uniform dequantization."""
+
+  def transform(levels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if random_flip:
+      flip = rng.random(len(levels)) < 0.5
+      levels = np.where(flip[:, None, None, None], levels[:, :, ::-1], levels)
+    noise = rng.random(levels.shape, dtype=np.float32) if dequantize else None
+    return scale_images(levels, info.num_grey_levels, info.centered, noise).astype(np.float32)
+
+  return transform
+
+
+class ArrayIterator:
+  """Infinite shuffled batches from an in-memory array (one process's shard).
+
+  The stream is the concatenation of epochs; epoch e is ``permutation(n)`` of a Generator seeded by
+  (seed, process_index, e) (identity order when ``shuffle`` is False). A batch may straddle two
+  epochs. The random draws of ``transform`` use a Generator seeded by (seed, process_index, epoch,
+  index) of the batch's first element, so ``set_state(get_state())`` reproduces the stream exactly.
+  """
+
+  def __init__(self, data: np.ndarray, batch_size: int, *, seed: int, shuffle: bool,
+               transform: Transform, process_index: int = 0):
+    if len(data) == 0:
+      raise ValueError("empty data shard: more processes than examples?")
+    if batch_size <= 0:
+      raise ValueError(f"per-process batch size must be positive, got {batch_size}")
+    self._data = data
+    self._batch_size = batch_size
+    self._seed = int(seed)
+    self._shuffle = shuffle
+    self._transform = transform
+    self._process_index = int(process_index)
+    self._epoch = 0
+    self._index = 0
+    self._perm_cache: tuple[int, np.ndarray] | None = None
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if self._perm_cache is None or self._perm_cache[0] != epoch:
+      n = len(self._data)
+      perm = (np.random.default_rng([self._seed, self._process_index, epoch]).permutation(n)
+              if self._shuffle else np.arange(n))
+      self._perm_cache = (epoch, perm)
+    return self._perm_cache[1]
+
+  def __iter__(self) -> "ArrayIterator":
+    return self
+
+  def next_indices(self) -> np.ndarray:
+    """Indices (into the shard) of the next batch; advances the position."""
+    n = len(self._data)
+    parts, need = [], self._batch_size
+    while need:
+      take = min(need, n - self._index)
+      parts.append(self._perm(self._epoch)[self._index:self._index + take])
+      need -= take
+      self._index += take
+      if self._index == n:
+        self._epoch, self._index = self._epoch + 1, 0
+    return np.concatenate(parts)
+
+  def __next__(self) -> np.ndarray:
+    rng = np.random.default_rng([self._seed, self._process_index, self._epoch, self._index, 1])
+    return self._transform(self._data[self.next_indices()], rng)
+
+  def get_state(self) -> dict[str, np.ndarray]:
+    """Position in the stream: a small pytree of int64 scalars (orbax-savable)."""
+    return {"epoch": np.asarray(self._epoch, np.int64), "index": np.asarray(self._index, np.int64)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    epoch, index = int(state["epoch"]), int(state["index"])
+    if epoch < 0 or not 0 <= index < len(self._data):
+      raise ValueError(f"invalid iterator state {state} for a shard of {len(self._data)} examples")
+    self._epoch, self._index = epoch, index
+
+
+class EvalBatch(NamedTuple):
+  """A padded evaluation batch: ``mask`` is False on padding rows, ``index`` is the example's index
+  in the whole split (-1 on padding)."""
+  image: np.ndarray
+  mask: np.ndarray
+  index: np.ndarray
+
+
+class EvalIterator:
+  """Finite, ordered pass over a shard; every example once; the last batch padded with a mask.
+
+  ``num_batches`` = ceil(largest shard / batch_size) is the same on every process. Transform
+  randomness (dequantization) is keyed by (seed, process, batch number): deterministic.
+  """
+
+  def __init__(self, data: np.ndarray, batch_size: int, *, start: int, total: int,
+               process_count: int, transform: Transform, seed: int, process_index: int = 0):
+    if batch_size <= 0:
+      raise ValueError(f"per-process eval batch size must be positive, got {batch_size}")
+    self._data, self._batch_size, self._start = data, batch_size, start
+    self._transform, self._seed, self._process_index = transform, int(seed), int(process_index)
+    self.num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+    self.num_examples = total
+    self._batch = 0
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self) -> "EvalIterator":
+    return self
+
+  def __next__(self) -> EvalBatch:
+    if self._batch >= self.num_batches:
+      raise StopIteration
+    b, n = self._batch_size, len(self._data)
+    idx = np.arange(self._batch * b, (self._batch + 1) * b)
+    mask = idx < n
+    safe = np.where(mask, idx, 0)
+    rng = np.random.default_rng([self._seed, self._process_index, self._batch, 2])
+    if n:
+      images = self._transform(self._data[safe], rng)
+    else:  # a process with an empty shard still takes part in every step
+      images = self._transform(np.zeros((b,) + self._data.shape[1:], self._data.dtype), rng)
+    self._batch += 1
+    return EvalBatch(images, mask, np.where(mask, idx + self._start, -1))
+
+  def get_state(self) -> dict[str, np.ndarray]:
+    return {"batch": np.asarray(self._batch, np.int64)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._batch = int(state["batch"])
+
+
+class ToyIterator:
+  """Infinite batches of a toy distribution; batch ``step`` is ``dist.sample(key_step, B)`` with
+  ``key_step = fold_in(fold_in(PRNGKey(seed), process_index), step)``: resumable from ``step``."""
+
+  def __init__(self, dist, batch_size: int, *, seed: int, process_index: int = 0):
+    self._dist, self._batch_size = dist, batch_size
+    self._key = jax.random.fold_in(jax.random.PRNGKey(seed), process_index)
+    self._step = 0
+    self._sample = jax.jit(lambda k: dist.sample(k, batch_size))
+
+  def __iter__(self) -> "ToyIterator":
+    return self
+
+  def __next__(self) -> np.ndarray:
+    x = self._sample(jax.random.fold_in(self._key, self._step))
+    self._step += 1
+    return np.asarray(x, np.float32)
+
+  def get_state(self) -> dict[str, np.ndarray]:
+    return {"step": np.asarray(self._step, np.int64)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._step = int(state["step"])
+
+
+DatasetIterator = ArrayIterator | EvalIterator | ToyIterator
+
+
+def _per_process(global_batch: int, process_count: int, field: str) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(f"{field}={global_batch} must be a positive multiple of the process count "
+                     f"({process_count})")
+  return global_batch // process_count
+
+
+def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuffle: bool = True,
+                process_index: int | None = None, process_count: int | None = None,
+                batch_size: int | None = None, repeat: bool = True, random_flip: bool | None = None,
+                dequantize: bool | None = None, seed: int | None = None) -> DatasetIterator:
+  """Batches of ``config.data.dataset`` for this process, as numpy float32 in model space.
+
+  repeat=True: an endless ``ArrayIterator`` (``ToyIterator`` for toy data) of arrays (B, *shape);
+    global batch = ``batch_size`` or ``training.ref_batch_size`` for the STF target (the first
+    ``training.batch_size`` rows are the training batch), else ``training.batch_size``; random flips
+    if ``data.random_flip``.
+  repeat=False: a finite ``EvalIterator`` of padded ``EvalBatch`` (global batch ``eval.batch_size``
+    by default), no flips, no shuffling.
+  dequantize defaults to ``data.uniform_dequantization``; seed to ``config.seed``.
+  Each process gets ``global_batch // process_count`` rows from its own disjoint shard.
+  """
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  seed = int(config.seed) if seed is None else int(seed)
+  spec = _spec(config)
+  training = config.training
+  if batch_size is None:
+    if repeat:
+      stf = str(training.get("target", "dsm")) == "stf"
+      field = "training.ref_batch_size" if stf else "training.batch_size"
+      batch_size = int(training.ref_batch_size if stf else training.batch_size)
+    else:
+      field, batch_size = "eval.batch_size", int(config.eval.batch_size)
+  else:
+    field = "batch_size"
+  local_batch = _per_process(int(batch_size), process_count, field)
+
+  if spec is None:  # toy distribution
+    import toy_data
+    dist = toy_data.get_toy_distribution(str(config.data.dataset))
+    if repeat:
+      return ToyIterator(dist, local_batch, seed=seed, process_index=process_index)
+    n = int(config.eval.get("num_samples", 10_000))  # a fixed held-out sample, drawn once
+    start, end = even_shard(n, process_index, process_count)
+    data = np.asarray(dist.sample(jax.random.PRNGKey(seed + 1), n), np.float32)[start:end]
+    return EvalIterator(data, local_batch, start=start, total=n, process_count=process_count,
+                        transform=lambda x, rng: x, seed=seed, process_index=process_index)
+
+  info = dataset_info(config)
+  dequantize = info.uniform_dequantization if dequantize is None else bool(dequantize)
+  if random_flip is None:
+    random_flip = bool(config.data.random_flip) and repeat
+  transform = image_transform(info, random_flip=random_flip, dequantize=dequantize)
+  levels, start, total = load_levels(config, split, process_index, process_count)
+  if repeat:
+    return ArrayIterator(levels, local_batch, seed=seed, shuffle=shuffle, transform=transform,
+                         process_index=process_index)
+  return EvalIterator(levels, local_batch, start=start, total=total, process_count=process_count,
+                      transform=transform, seed=seed, process_index=process_index)
+
+
+def get_eval_dataset(config: ml_collections.ConfigDict, *, split: str | None = None,
+                     **kwargs) -> EvalIterator:
+  """The finite padded pass over ``split`` (default ``eval.split``) with ``eval.batch_size``."""
+  split = str(config.eval.split) if split is None else split
+  return get_dataset(config, split=split, shuffle=False, repeat=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefetch to device
+# --------------------------------------------------------------------------------------------------
+
+
+class DevicePrefetchIterator:
+  """Keeps ``size`` batches in flight on device (``jax.device_put`` is asynchronous), laid out by
+  ``sharding`` (e.g. ``NamedSharding(mesh, P('data'))``; each process supplies its local rows via
+  ``jax.make_array_from_process_local_data``). ``get_state()`` is the position of the next batch
+  *returned* (not the next one read), so checkpoints stay exact despite the read-ahead."""
+
+  def __init__(self, iterator, sharding: jax.sharding.Sharding | None = None, size: int = 2):
+    self._it, self._sharding, self._size = iterator, sharding, max(int(size), 1)
+    self._queue: collections.deque = collections.deque()
+
+  def _put(self, batch):
+    if self._sharding is None:
+      return jax.tree.map(jax.device_put, batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self._sharding, x), batch)
+
+  def _fill(self) -> None:
+    while len(self._queue) < self._size:
+      state = self._it.get_state()
+      try:
+        batch = next(self._it)
+      except StopIteration:
+        return
+      self._queue.append((state, self._put(batch)))
+
+  def __iter__(self) -> "DevicePrefetchIterator":
+    return self
+
+  def __next__(self):
+    self._fill()
+    if not self._queue:
+      raise StopIteration
+    _, batch = self._queue.popleft()
+    self._fill()
+    return batch
+
+  def get_state(self) -> dict[str, np.ndarray]:
+    return self._queue[0][0] if self._queue else self._it.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._queue.clear()
+    self._it.set_state(state)
+
+
+def prefetch_to_device(iterator, sharding: jax.sharding.Sharding | None = None,
+                       size: int = 2) -> DevicePrefetchIterator:
+  """Wraps a dataset iterator so batches are transferred ``size`` steps ahead (see above)."""
+  return DevicePrefetchIterator(iterator, sharding, size)
+
+
+def split_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Number of examples per split of an image dataset (reads TFDS metadata; digits: fixed)."""
+  spec = _spec(config)
+  if spec is None:
+    raise ValueError(f"data.dataset={config.data.dataset!r} is a toy distribution (no splits)")
+  if not spec.tfds:
+    return {k: len(v) for k, v in _digits_levels().items()}
+  builder = _tfds_builder(str(config.data.dataset), str(config.data.get("tfds_data_dir", "")) or None)
+  return {k: v.num_examples for k, v in builder.info.splits.items()}
+
+
+__all__: Sequence[str] = (
+    "DatasetInfo", "DatasetNotPreparedError", "ArrayIterator", "EvalIterator", "EvalBatch",
+    "ToyIterator", "DevicePrefetchIterator", "dataset_info", "get_dataset", "get_eval_dataset",
+    "prefetch_to_device", "scale_images", "inverse_scale", "uniform_dequantize", "quantize",
+    "load_levels", "even_shard", "image_transform", "split_sizes", "IMAGE_DATASETS")

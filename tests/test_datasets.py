@@ -1,0 +1,353 @@
+"""Tests of datasets.py and the experiment configs.
+
+TFDS is exercised on ``tfds.testing.mock_data`` with a small metadata directory (train 20 / test 9
+examples) and an ``as_dataset`` replacement that honours the requested (sub)split, so per-process
+sharding is real. Every mock image is random (not mirror-symmetric) and carries its global index in
+the two top corners (pixel [0, 0, 0] and [0, -1, 0], unchanged by a horizontal flip).
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import datasets
+from configs.default import get_default_config
+
+N_MOCK = {"train": 20, "test": 9}
+TEST_OFFSET = 100  # mock test images have global ids 100 + i so they differ from train ones
+
+
+def _mock_images(name: str, idx: np.ndarray, split: str) -> np.ndarray:
+  h, w = datasets._IMAGE_DATASETS[name].native_size
+  c = datasets._IMAGE_DATASETS[name].num_channels
+  ids = idx + (TEST_OFFSET if split == "test" else 0)
+  imgs = np.stack([np.random.default_rng(int(i)).integers(0, 256, (h, w, c), dtype=np.uint8)
+                   for i in ids]) if len(ids) else np.zeros((0, h, w, c), np.uint8)
+  imgs[:, 0, 0, 0] = ids
+  imgs[:, 0, -1, 0] = ids
+  return imgs
+
+
+@pytest.fixture(scope="module")
+def mock_tfds_metadata(tmp_path_factory) -> str:
+  """A TFDS data_dir holding only metadata (dataset_info.json) for cifar10 / mnist / celeb_a."""
+  import tensorflow_datasets as tfds
+  meta = str(tmp_path_factory.mktemp("tfds_meta"))
+  for name in ("cifar10", "mnist", "celeb_a"):
+    builder = tfds.builder(name, data_dir=meta)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=k, shard_lengths=[v], num_bytes=0, filename_template=None)
+        for k, v in N_MOCK.items()]))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+  return meta
+
+
+@pytest.fixture
+def mock_tfds(mock_tfds_metadata):
+  """Mocked TFDS (active for one test) with the small split metadata above."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  def as_dataset_fn(self, split, decoders=None, read_config=None, shuffle_files=False):
+    del decoders, read_config, shuffle_files
+    instructions = self.info.splits[split].file_instructions
+    which = "test" if "-test." in instructions[0].filename else "train"
+    idx = np.concatenate([np.arange(f.skip, f.skip + f.take) for f in instructions])
+    return tf.data.Dataset.from_tensor_slices({"image": _mock_images(self.name, idx, which)})
+
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=mock_tfds_metadata,
+                              as_dataset_fn=as_dataset_fn):
+    yield
+
+
+def _config(dataset: str = "cifar10", **data) -> "ml_collections.ConfigDict":
+  config = get_default_config()
+  spec = datasets._IMAGE_DATASETS.get(dataset)
+  config.data.dataset = dataset
+  if spec is not None:
+    config.data.image_size = spec.native_size[0] if dataset != "celeb_a" else 64
+    config.data.num_channels = spec.num_channels
+    config.data.num_grey_levels = spec.num_grey_levels
+  for k, v in data.items():
+    config.data[k] = v
+  config.training.batch_size = 8
+  config.training.ref_batch_size = 8
+  config.eval.batch_size = 4
+  return config
+
+
+def _ids(batch: np.ndarray) -> np.ndarray:
+  """Global ids of uint8-level mock images (undo the [0, 1] scaling)."""
+  return np.rint(batch[:, 0, 0, 0] * 255).astype(int)
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS path (mocked)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tfds_shapes_and_ranges(mock_tfds):
+  for name, shape in [("cifar10", (32, 32, 3)), ("mnist", (28, 28, 1)), ("celeb_a", (64, 64, 3))]:
+    it = datasets.get_dataset(_config(name), split="train", shuffle=True, process_index=0,
+                              process_count=1)
+    x = next(it)
+    assert x.shape == (8,) + shape and x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+  # Centered: exactly 2x - 1 of the uncentered batch at the same position; range [-1, 1].
+  u = next(datasets.get_dataset(_config("cifar10"), split="train", shuffle=True, process_count=1,
+                                process_index=0))
+  c = next(datasets.get_dataset(_config("cifar10", centered=True), split="train", shuffle=True,
+                                process_count=1, process_index=0))
+  np.testing.assert_allclose(c, 2 * u - 1, atol=1e-6)
+  assert c.min() < -0.99 and c.max() > 0.99  # random mock pixels reach both ends
+  # Without dequantization every value is k / 255 exactly.
+  np.testing.assert_allclose(u * 255, np.rint(u * 255), atol=1e-4)
+
+
+def test_tfds_random_flip(mock_tfds):
+  kw = dict(split="train", shuffle=True, process_index=0, process_count=1, batch_size=16)
+  plain = next(datasets.get_dataset(_config("cifar10", random_flip=False), **kw))
+  flipped = next(datasets.get_dataset(_config("cifar10", random_flip=True), **kw))
+  same = np.all(flipped == plain, axis=(1, 2, 3))
+  mirrored = np.all(flipped == plain[:, :, ::-1], axis=(1, 2, 3))
+  assert np.all(same ^ mirrored)  # each image is either untouched or exactly mirrored
+  assert same.any() and mirrored.any()  # P(all equal) = 2^-15 for this fixed seed: it is not
+
+
+def test_tfds_sharding_two_processes(mock_tfds):
+  config = _config("cifar10")
+  seen_eval, seen_train = [], []
+  for p in range(2):
+    ev = datasets.get_dataset(config, split="train", shuffle=False, repeat=False, process_index=p,
+                              process_count=2)
+    rows = [(b.index[b.mask], _ids(b.image)[b.mask]) for b in ev]
+    idx = np.concatenate([r[0] for r in rows])
+    np.testing.assert_array_equal(idx, np.concatenate([r[1] for r in rows]))  # image <-> index
+    seen_eval.append(set(idx.tolist()))
+    # One epoch of the shuffled training stream of this process (shard of 10, batch 4 per process).
+    tr = datasets.get_dataset(config, split="train", shuffle=True, process_index=p, process_count=2)
+    ids = np.concatenate([_ids(next(tr)) for _ in range(5)])[:10]
+    assert len(set(ids.tolist())) == 10
+    seen_train.append(set(ids.tolist()))
+  for seen in (seen_eval, seen_train):
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(N_MOCK["train"]))
+  test = datasets.get_dataset(config, split="test", shuffle=False, repeat=False, process_index=1,
+                              process_count=2)
+  b = next(test)
+  assert set(_ids(b.image)[b.mask].tolist()) <= set(range(TEST_OFFSET, TEST_OFFSET + 9))
+
+
+def test_tfds_iterator_state_roundtrip_with_orbax(mock_tfds, tmp_path):
+  import orbax.checkpoint as ocp
+  config = _config("cifar10", random_flip=True, uniform_dequantization=True)
+  kw = dict(split="train", shuffle=True, process_index=0, process_count=1)
+  it = datasets.get_dataset(config, **kw)
+  for _ in range(4):  # crosses an epoch boundary (20 examples, batch 8)
+    next(it)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "state", it.get_state())
+  expected = [next(it) for _ in range(3)]
+  fresh = datasets.get_dataset(config, **kw)
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(tmp_path / "state")
+  fresh.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(fresh), e)
+  # Device prefetch keeps the position of the next batch returned, not of the next one read.
+  pre = datasets.prefetch_to_device(datasets.get_dataset(config, **kw), size=3)
+  next(pre)
+  state = pre.get_state()
+  want = np.asarray(next(pre))
+  again = datasets.prefetch_to_device(datasets.get_dataset(config, **kw), size=3)
+  again.set_state(state)
+  np.testing.assert_array_equal(np.asarray(next(again)), want)
+
+
+def test_not_prepared_fails_at_once(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds
+
+  def no_download(*args, **kwargs):
+    raise AssertionError("a download was attempted")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+  config = _config("cifar10", tfds_data_dir=str(tmp_path))
+  with pytest.raises(datasets.DatasetNotPreparedError) as err:
+    datasets.get_dataset(config, split="train", shuffle=True, process_index=0, process_count=1)
+  msg = str(err.value)
+  assert "'cifar10'" in msg and "tfds build cifar10" in msg and "tfds_data_dir" in msg
+  assert str(tmp_path) in msg
+  assert os.listdir(tmp_path) == []  # nothing was written
+
+
+# ------------------------------------------------------------------------------------------------
+# digits
+# ------------------------------------------------------------------------------------------------
+
+
+def test_digits_splits_fixed_and_disjoint():
+  a, b = datasets._digits_levels(), datasets._digits_levels()
+  sizes = {k: len(v) for k, v in a.items()}
+  assert sizes == {"train": 1437, "test": 360, "validation": 144, "train_without_validation": 1293}
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])  # deterministic
+    assert a[k].shape[1:] == (8, 8, 1) and a[k].dtype == np.uint8
+  from sklearn.datasets import load_digits
+  raw = np.rint(load_digits().images).astype(np.uint8)[..., None]
+  key = lambda arr: {x.tobytes() for x in arr}  # noqa: E731
+  # train + test is the whole data set (as a multiset of images).
+  np.testing.assert_array_equal(
+      np.sort(np.concatenate([a["train"], a["test"]]).reshape(1797, -1), axis=0),
+      np.sort(raw.reshape(1797, -1), axis=0))
+  np.testing.assert_array_equal(
+      np.concatenate([a["train_without_validation"], a["validation"]]), a["train"])
+  assert len(key(a["validation"]) & key(a["train_without_validation"])) <= 2  # dup images only
+  all_levels = np.unique(np.concatenate([v.ravel() for v in a.values()]))
+  np.testing.assert_array_equal(all_levels, np.arange(17))  # 17 grey levels 0..16
+
+
+def test_digits_scaling_and_dequantization():
+  levels = datasets._digits_levels()["train"]
+  kw = dict(split="train", shuffle=False, process_index=0, process_count=1, batch_size=1437)
+  x = next(datasets.get_dataset(_config("digits"), **kw))
+  np.testing.assert_allclose(x, levels / 16.0, atol=1e-6)  # k / (L - 1)
+  d = next(datasets.get_dataset(_config("digits", uniform_dequantization=True), **kw))
+  assert d.min() >= 0.0 and d.max() < 1.0
+  np.testing.assert_array_equal(np.floor(d * 17).astype(np.uint8), levels)  # (k + u) / L
+  u = d * 17 - levels  # the noise: U[0, 1), mean 1/2, var 1/12 (tolerance ~ 5 sd of 91,968 draws)
+  assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.003
+  c = next(datasets.get_dataset(_config("digits", uniform_dequantization=True, centered=True),
+                                **kw))
+  np.testing.assert_allclose(c, 2 * d - 1, atol=1e-6)
+  assert c.min() >= -1.0 and c.max() < 1.0
+  # Determinism and seeds.
+  again = next(datasets.get_dataset(_config("digits", uniform_dequantization=True), **kw))
+  np.testing.assert_array_equal(again, d)
+  other = next(datasets.get_dataset(_config("digits", uniform_dequantization=True), seed=7, **kw))
+  assert not np.array_equal(other, d)
+  info = datasets.dataset_info(_config("digits", uniform_dequantization=True))
+  np.testing.assert_array_equal(datasets.quantize(d, info), levels)
+
+
+@pytest.mark.parametrize("process_count,batch", [(1, 64), (3, 50), (4, 90)])
+def test_padded_eval_covers_every_example_once(process_count, batch):
+  config = _config("digits")
+  levels = datasets._digits_levels()["test"]
+  counts = np.zeros(len(levels), int)
+  num_batches = set()
+  for p in range(process_count):
+    ev = datasets.get_dataset(config, split="test", shuffle=False, repeat=False, process_index=p,
+                              process_count=process_count, batch_size=batch * process_count)
+    num_batches.add(len(ev))
+    got = list(ev)
+    assert len(got) == len(ev)
+    for b in got:
+      assert b.image.shape == (batch, 8, 8, 1) and b.mask.shape == (batch,)
+      np.testing.assert_array_equal(b.index < 0, ~b.mask)
+      np.add.at(counts, b.index[b.mask], 1)
+      np.testing.assert_allclose(b.image[b.mask], levels[b.index[b.mask]] / 16.0, atol=1e-6)
+  assert len(num_batches) == 1  # every process runs the same number of eval steps
+  assert num_batches.pop() == math.ceil(math.ceil(360 / process_count) / batch)
+  np.testing.assert_array_equal(counts, 1)
+
+
+def test_batch_sizes_per_process_and_stf():
+  config = _config("digits")
+  config.training.batch_size, config.training.ref_batch_size = 8, 32
+  assert next(datasets.get_dataset(config, process_index=0, process_count=2)).shape[0] == 4
+  config.training.target = "stf"
+  assert next(datasets.get_dataset(config, process_index=0, process_count=2)).shape[0] == 16
+  with pytest.raises(ValueError, match="training.ref_batch_size"):
+    datasets.get_dataset(config, process_index=0, process_count=3)
+
+
+def test_bpd_offset_uniform_density_oracle():
+  """Under the uniform density on the data range, every discrete image has probability L^-D, i.e.
+  exactly log2(L) bits/dim: -log p(x) / (D ln 2) + offset must equal log2(L)."""
+  for dataset, centered in [("digits", False), ("digits", True), ("cifar10", False),
+                            ("cifar10", True)]:
+    info = datasets.dataset_info(_config(dataset, centered=centered))
+    log_p_per_dim = -math.log(info.data_range)  # uniform on [0,1) or [-1,1)
+    bpd = -log_p_per_dim / math.log(2) + info.bpd_offset
+    assert bpd == pytest.approx(math.log2(info.num_grey_levels), abs=1e-12)
+  assert datasets.dataset_info(_config("cifar10", centered=True)).bpd_offset == pytest.approx(7.0)
+
+
+def test_jax_dequantize_matches_numpy_convention():
+  info = datasets.dataset_info(_config("digits", centered=True))
+  levels = datasets._digits_levels()["test"][:16]
+  x = np.asarray(jax.jit(lambda k, l: datasets.uniform_dequantize(k, l, info))(
+      jax.random.PRNGKey(0), levels))
+  assert x.min() >= -1 and x.max() < 1
+  np.testing.assert_array_equal(np.floor((x + 1) / 2 * 17).astype(np.uint8), levels)
+
+
+# ------------------------------------------------------------------------------------------------
+# toy data, errors, configs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_toy_adapter_resumes_by_step():
+  config = get_default_config()
+  config.data.dataset = "gmm_2d"
+  config.training.batch_size = 16
+  it = datasets.get_dataset(config, process_index=0, process_count=1)
+  first = [next(it) for _ in range(3)]
+  assert first[0].shape == (16, 2) and not np.array_equal(first[0], first[1])
+  again = datasets.get_dataset(config, process_index=0, process_count=1)
+  again.set_state({"step": 2})
+  np.testing.assert_array_equal(next(again), first[2])
+  other = datasets.get_dataset(config, process_index=1, process_count=2)
+  assert not np.array_equal(next(other)[:8], first[0][:8])  # processes draw different points
+  assert datasets.dataset_info(config).shape == (2,)
+
+
+def test_unknown_dataset_names_the_field():
+  config = _config("digits")
+  config.data.dataset = "imagenet1k"
+  with pytest.raises(ValueError, match="data.dataset"):
+    datasets.get_dataset(config, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="data.dataset"):
+    datasets.dataset_info(config)
+  config = _config("digits", image_size=16)
+  with pytest.raises(ValueError, match="data.image_size"):
+    datasets.dataset_info(config)
+
+
+CONFIG_FILES = sorted(
+    os.path.splitext(os.path.basename(p))[0]
+    for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
+    if not os.path.basename(p).startswith("__"))
+
+
+def _keys(cfg, prefix=""):
+  out = set()
+  for k, v in cfg.items():
+    out.add(prefix + k)
+    if hasattr(v, "items"):
+      out |= _keys(v, prefix + k + ".")
+  return out
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_loads_with_the_shared_schema(name):
+  module = importlib.import_module(f"configs.{name}")
+  if not hasattr(module, "get_config"):
+    pytest.skip(f"configs/{name}.py has no get_config (a helper module)")
+  config = module.get_config()
+  missing = _keys(get_default_config()) - _keys(config)
+  assert not missing, f"configs/{name}.py lacks {sorted(missing)}"
+  assert config.training.ref_batch_size >= config.training.batch_size
+  assert 0 < config.sde.eps < config.sde.T
+  info = datasets.dataset_info(config)  # dataset name known, shapes consistent
+  if info.is_image:
+    assert config.data.num_grey_levels == info.num_grey_levels
+    assert config.model.center_input == (not config.data.centered)
+    assert info.shape[0] % 2 ** (len(config.model.ch_mult) - 1) == 0
