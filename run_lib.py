@@ -310,9 +310,15 @@ class _Preemption:
 
 
 # -- training --------------------------------------------------------------------------------------
+@jax.jit
+def _finite(tree) -> Array:
+  return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree),
+                         jnp.asarray(True))
+
+
 def _all_finite(tree) -> bool:
-  return bool(jax.tree.reduce(lambda a, b: a & b,
-                              jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree), True))
+  """True iff every leaf of ``tree`` is finite (one jitted reduction)."""
+  return bool(_finite(tree))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -387,7 +393,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       """Fetches the pending per-step losses; raises at the first non-finite one."""
       if not pending:
         return
-      vals = np.asarray(jax.device_get(jnp.stack([l for _, l in pending])), dtype=np.float64)
+      vals = np.asarray(jax.device_get([l for _, l in pending]), dtype=np.float64)
       for (s, _), v in zip(pending, vals):
         if not np.isfinite(v):
           pending.clear()

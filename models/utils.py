@@ -53,7 +53,13 @@ def get_score_fn(sde, model: nn.Module, parameterization: str = "score") -> Trai
 
 def init_model(model: nn.Module, key: Array, sample_shape: Sequence[int]):
   """Initializes the 'params' collection from a zero input of shape (B, *event) and cond (B,)."""
-  x = jnp.zeros(tuple(sample_shape), jnp.float32)
-  cond = jnp.zeros(tuple(sample_shape)[:1], jnp.float32)
-  pkey, dkey = jax.random.split(key)
-  return model.init({"params": pkey, "dropout": dkey}, x, cond, train=False)["params"]
+  shape = tuple(sample_shape)
+
+  @jax.jit  # one compilation instead of one per initializer op
+  def init(key):
+    pkey, dkey = jax.random.split(key)
+    x = jnp.zeros(shape, jnp.float32)
+    cond = jnp.zeros(shape[:1], jnp.float32)
+    return model.init({"params": pkey, "dropout": dkey}, x, cond, train=False)["params"]
+
+  return init(key)

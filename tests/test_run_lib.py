@@ -1,0 +1,241 @@
+"""Tests of run_lib.train / validate_config and main.py: exact resume, NaN stop, config errors.
+
+Tiny configs (MLP 16x16, batch 16, tens of steps) on the 4 simulated devices of conftest.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import run_lib
+from configs.default_toy import get_default_toy_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(n_iters: int = 40, dataset: str = "gmm_2d"):
+  c = get_default_toy_config()
+  c.data.dataset = dataset
+  c.training.n_iters = n_iters
+  c.training.batch_size = 16
+  c.training.ref_batch_size = 16
+  c.training.eval_batch_size = 32
+  c.training.log_freq = 10
+  c.training.eval_freq = 20
+  c.training.snapshot_freq = 20
+  c.training.snapshot_freq_for_preemption = 10
+  c.training.max_to_keep = 2
+  c.model.widths = (16, 16)
+  c.model.embedding_dim = 8
+  c.optim.warmup = 5
+  return c
+
+
+def checkpoint_steps(workdir: str) -> set[int]:
+  steps = set()
+  for sub in (run_lib.LATEST_DIR, run_lib.PERIODIC_DIR):
+    d = os.path.join(workdir, sub)
+    if os.path.isdir(d):
+      steps |= {int(s) for s in os.listdir(d) if s.isdigit()}
+  return steps
+
+
+def loss_file(workdir: str) -> dict[int, float]:
+  return dict(run_lib._load_loss_history(workdir, 10**9))
+
+
+def snapshot(path: str) -> dict[str, float]:
+  """Every file under ``path`` with its mtime (to check a workdir was not modified)."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(root, f)
+      out[p] = os.stat(p).st_mtime_ns
+  return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """One 40-step run: the reference for the resume tests."""
+  wd = str(tmp_path_factory.mktemp("ref") / "wd")
+  out = run_lib.train(tiny_config(40), wd)
+  return wd, out
+
+
+def test_uninterrupted_run_outputs(uninterrupted):
+  wd, out = uninterrupted
+  assert out["step"] == 40 and out["start_step"] == 0
+  assert sorted(out["losses"]) == list(range(1, 41))
+  assert all(np.isfinite(v) for v in out["losses"].values())
+  assert loss_file(wd) == out["losses"]
+  assert sorted(out["eval"]) == [20, 40]
+  # periodic checkpoints kept: 20, 40 (max_to_keep=2); 'latest' keeps only 40.
+  assert sorted(os.listdir(os.path.join(wd, run_lib.PERIODIC_DIR))) == ["20", "40"]
+  assert [s for s in os.listdir(os.path.join(wd, run_lib.LATEST_DIR)) if s.isdigit()] == ["40"]
+  assert os.path.getsize(os.path.join(wd, "loss_curve.png")) > 1000
+  assert os.listdir(os.path.join(wd, "tensorboard"))
+  with open(os.path.join(wd, run_lib.CONFIG_FILE)) as f:
+    assert json.load(f)["training"]["batch_size"] == 16
+  # Training reduces the loss (the first 10 vs the last 10 steps).
+  losses = np.array([out["losses"][s] for s in range(1, 41)])
+  assert losses[-10:].mean() < losses[:10].mean()
+  # The restored state equals the one the run ended with (params, EMA, optimizer state, RNG).
+  restored, step = run_lib.restore_checkpoint(wd, out["state"])
+  assert step == 40
+  for a, b in zip(jax.tree.leaves(run_lib._to_saveable(restored)),
+                  jax.tree.leaves(run_lib._to_saveable(out["state"]))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_continues_stream_exactly(uninterrupted, tmp_path):
+  """Train 25 steps (final checkpoint 25), then resume to 40: steps 26..40 equal the reference
+  bit for bit, and the loss file holds the same 40 values."""
+  ref_wd, ref = uninterrupted
+  wd = str(tmp_path / "wd")
+  first = run_lib.train(tiny_config(25), wd)
+  np.testing.assert_array_equal([first["losses"][s] for s in range(1, 26)],
+                                [ref["losses"][s] for s in range(1, 26)])
+  second = run_lib.train(tiny_config(40), wd)  # n_iters may change on resume
+  assert second["start_step"] == 25 and sorted(second["losses"]) == list(range(26, 41))
+  np.testing.assert_array_equal([second["losses"][s] for s in range(26, 41)],
+                                [ref["losses"][s] for s in range(26, 41)])
+  np.testing.assert_array_equal([second["eval"][40]], [ref["eval"][40]])
+  assert loss_file(wd) == loss_file(ref_wd)
+
+
+def test_resume_after_crash(uninterrupted, tmp_path, monkeypatch):
+  """A crash at step 18 (no clean exit) leaves the latest checkpoint of step 10; the restart
+  recomputes 11.. and matches the reference exactly."""
+  _, ref = uninterrupted
+  wd = str(tmp_path / "wd")
+  real = run_lib.data_stream_batch
+
+  def crashing(sample, key, step, n):
+    if step == 17:  # the batch of step 18
+      raise KeyboardInterrupt("simulated kill")
+    return real(sample, key, step, n)
+
+  monkeypatch.setattr(run_lib, "data_stream_batch", crashing)
+  with pytest.raises(KeyboardInterrupt):
+    run_lib.train(tiny_config(40), wd)
+  assert max(checkpoint_steps(wd)) == 10
+  monkeypatch.setattr(run_lib, "data_stream_batch", real)
+  out = run_lib.train(tiny_config(40), wd)
+  assert out["start_step"] == 10
+  np.testing.assert_array_equal([out["losses"][s] for s in range(11, 41)],
+                                [ref["losses"][s] for s in range(11, 41)])
+
+
+def test_resume_refuses_incompatible_config(uninterrupted):
+  wd, _ = uninterrupted
+  before = snapshot(wd)
+  c = tiny_config(40)
+  c.optim.lr = 1e-3
+  with pytest.raises(ValueError, match=r"optim\.lr"):
+    run_lib.train(c, wd)
+  c = tiny_config(40)
+  c.model.widths = (16, 32)
+  with pytest.raises(ValueError, match=r"model\.widths"):
+    run_lib.train(c, wd)
+  assert snapshot(wd) == before
+
+
+def test_nan_loss_stops_without_checkpoint(tmp_path, monkeypatch):
+  """NaN data injected into the batch of step 20 -> FloatingPointError naming step 20; the last
+  checkpoint is step 10 (latest and periodic checkpoints were due at step 20: none is written)."""
+  wd = str(tmp_path / "wd")
+  real = run_lib.data_stream_batch
+
+  def poisoned(sample, key, step, n):
+    x = real(sample, key, step, n)
+    return x.at[3, 0].set(np.nan) if step == 19 else x
+
+  monkeypatch.setattr(run_lib, "data_stream_batch", poisoned)
+  with pytest.raises(FloatingPointError, match=r"non-finite loss at step 20\b"):
+    run_lib.train(tiny_config(40), wd)
+  assert checkpoint_steps(wd) == {10}
+  assert max(loss_file(wd)) == 10
+
+
+def test_absurd_lr_stops(tmp_path):
+  wd = str(tmp_path / "wd")
+  c = tiny_config(40)
+  c.optim.lr = 1e30
+  c.optim.warmup = 0
+  c.optim.grad_clip = 0.0
+  with pytest.raises(FloatingPointError, match=r"non-finite (loss|parameters) at step (\d+)") as e:
+    run_lib.train(c, wd)
+  bad = int(str(e.value).split("step ")[1])
+  assert all(s < bad for s in checkpoint_steps(wd))
+  # Every checkpoint that exists holds finite parameters.
+  if checkpoint_steps(wd):
+    state, _ = run_lib.restore_checkpoint(wd, _fresh_state(c))
+    assert run_lib._all_finite(state.params)
+
+
+def _fresh_state(config):
+  import losses
+  from models import get_model
+  from models.utils import init_model
+  model = get_model(config)
+  params = init_model(model, jax.random.PRNGKey(0), (1, 2))
+  return losses.init_train_state(params, losses.make_optimizer(config), jax.random.PRNGKey(1))
+
+
+def _set(config, field, value):
+  section, name = field.split(".")
+  config[section][name] = value
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("sde.eps", 1.0, r"sde\.T must exceed sde\.eps"),
+    ("sde.T", 1e-6, r"sde\.T must exceed sde\.eps"),
+    ("sde.name", "cosine", r"sde\.name"),
+    ("sampling.c", -0.5, r"sampling\.c"),
+    ("model.name", "resnet9000", r"model\.name.*resnet9000"),
+    ("data.dataset", "imagenet_toy", r"data\.dataset.*imagenet_toy"),
+    ("training.ref_batch_size", 8, r"training\.ref_batch_size"),
+    ("training.weighting", "uniform", r"training\.weighting"),
+    ("model.parameterization", "x0", r"model\.parameterization"),
+    ("optim.lr", -1.0, r"optim\.lr"),
+])
+def test_invalid_config_fails_before_workdir(tmp_path, field, value, match):
+  c = tiny_config(10)
+  _set(c, field, value)
+  with pytest.raises(ValueError, match=match):
+    run_lib.validate_config(c)
+  wd = str(tmp_path / "new_wd")
+  with pytest.raises(ValueError, match=match):
+    run_lib.train(c, wd)
+  assert not os.path.exists(wd)
+
+
+def test_main_subprocess(tmp_path):
+  """main.py with --config overrides trains and writes the workdir; an invalid override exits
+  non-zero naming the field and creates nothing."""
+  wd = str(tmp_path / "wd")
+  base = [sys.executable, os.path.join(REPO, "main.py"),
+          f"--config={os.path.join(REPO, 'configs', 'toy_gmm_1d.py')}", f"--workdir={wd}"]
+  small = ["--config.training.n_iters=12", "--config.training.batch_size=16",
+           "--config.training.ref_batch_size=16", "--config.training.log_freq=4",
+           "--config.training.eval_freq=12", "--config.training.eval_batch_size=16",
+           "--config.model.embedding=sinusoidal"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  bad = subprocess.run(base + small + ["--config.sde.eps=5.0"], capture_output=True, text=True,
+                       env=env, cwd=str(tmp_path), timeout=300)
+  assert bad.returncode != 0 and "sde.eps" in bad.stderr
+  assert not os.path.exists(wd)
+  ok = subprocess.run(base + small + ["--mode=train"], capture_output=True, text=True, env=env,
+                      cwd=str(tmp_path), timeout=300)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert sorted(loss_file(wd)) == list(range(1, 13))
+  with open(os.path.join(wd, run_lib.CONFIG_FILE)) as f:
+    saved = json.load(f)
+  assert saved["training"]["n_iters"] == 12 and saved["model"]["embedding"] == "sinusoidal"
+  assert 12 in checkpoint_steps(wd)
