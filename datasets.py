@@ -31,6 +31,8 @@ import collections
 import dataclasses
 import math
 import os
+import queue
+import threading
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
@@ -302,7 +304,8 @@ def image_transform(info: DatasetInfo, *, random_flip: bool, dequantize: bool) -
   def transform(levels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if random_flip:
       flip = rng.random(len(levels)) < 0.5
-      levels = np.where(flip[:, None, None, None], levels[:, :, ::-1], levels)
+      levels = levels.copy()
+      levels[flip] = levels[flip][:, :, ::-1]
     noise = rng.random(levels.shape, dtype=np.float32) if dequantize else None
     return scale_images(levels, info.num_grey_levels, info.centered, noise).astype(np.float32)
 
@@ -526,6 +529,86 @@ def get_eval_dataset(config: ml_collections.ConfigDict, *, split: str | None = N
 
 
 # --------------------------------------------------------------------------------------------------
+# Background host thread
+# --------------------------------------------------------------------------------------------------
+
+_END = object()
+
+
+class ThreadedIterator:
+  """Produces the batches of ``iterator`` in a daemon thread, ``buffer_size`` ahead (numpy's random
+  fills and copies release the GIL, so batch preparation overlaps with the train step).
+
+  ``get_state()`` is the position after the last batch *returned*: each queued batch carries the
+  state of the underlying iterator right after it was produced. ``set_state`` stops the thread,
+  drops the read-ahead, repositions the underlying iterator and restarts.
+  """
+
+  def __init__(self, iterator, buffer_size: int = 4):
+    self._it, self._size = iterator, max(int(buffer_size), 1)
+    self._state = iterator.get_state()
+    self._start()
+
+  def _start(self) -> None:
+    self._queue: queue.Queue = queue.Queue(maxsize=self._size)
+    self._stop = threading.Event()
+    self._done = False
+    queue_, stop, it = self._queue, self._stop, self._it
+
+    def produce():
+      while not stop.is_set():
+        try:
+          item = (next(it), it.get_state())
+        except StopIteration:
+          item = _END
+        except BaseException as e:  # surfaced in the consumer
+          item = e
+        while not stop.is_set():
+          try:
+            queue_.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if item is _END or isinstance(item, BaseException):
+          return
+
+    self._thread = threading.Thread(target=produce, daemon=True)
+    self._thread.start()
+
+  def _halt(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+  def __iter__(self) -> "ThreadedIterator":
+    return self
+
+  def __next__(self):
+    if self._done:
+      raise StopIteration
+    item = self._queue.get()
+    if item is _END:
+      self._done = True
+      raise StopIteration
+    if isinstance(item, BaseException):
+      self._done = True
+      raise item
+    batch, self._state = item
+    return batch
+
+  def get_state(self) -> dict[str, np.ndarray]:
+    return self._state
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._halt()
+    self._it.set_state(state)
+    self._state = self._it.get_state()
+    self._start()
+
+  def close(self) -> None:
+    self._halt()
+
+
+# --------------------------------------------------------------------------------------------------
 # Prefetch to device
 # --------------------------------------------------------------------------------------------------
 
@@ -573,9 +656,13 @@ class DevicePrefetchIterator:
     self._it.set_state(state)
 
 
-def prefetch_to_device(iterator, sharding: jax.sharding.Sharding | None = None,
-                       size: int = 2) -> DevicePrefetchIterator:
-  """Wraps a dataset iterator so batches are transferred ``size`` steps ahead (see above)."""
+def prefetch_to_device(iterator, sharding: jax.sharding.Sharding | None = None, size: int = 2,
+                       host_buffer: int = 0) -> DevicePrefetchIterator:
+  """Wraps a dataset iterator so batches are transferred ``size`` steps ahead (see above); with
+  ``host_buffer > 0`` they are also prepared that many steps ahead in a background thread
+  (``ThreadedIterator``). ``get_state()`` / ``set_state()`` stay exact through both layers."""
+  if host_buffer > 0:
+    iterator = ThreadedIterator(iterator, host_buffer)
   return DevicePrefetchIterator(iterator, sharding, size)
 
 
@@ -592,6 +679,6 @@ def split_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 __all__: Sequence[str] = (
     "DatasetInfo", "DatasetNotPreparedError", "ArrayIterator", "EvalIterator", "EvalBatch",
-    "ToyIterator", "DevicePrefetchIterator", "dataset_info", "get_dataset", "get_eval_dataset",
+    "ToyIterator", "ThreadedIterator", "DevicePrefetchIterator", "dataset_info", "get_dataset", "get_eval_dataset",
     "prefetch_to_device", "scale_images", "inverse_scale", "uniform_dequantize", "quantize",
     "load_levels", "even_shard", "image_transform", "split_sizes", "IMAGE_DATASETS")

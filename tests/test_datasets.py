@@ -171,6 +171,39 @@ def test_tfds_iterator_state_roundtrip_with_orbax(mock_tfds, tmp_path):
   np.testing.assert_array_equal(np.asarray(next(again)), want)
 
 
+def test_threaded_iterator_exact_state_and_errors():
+  config = _config("digits", random_flip=True, uniform_dequantization=True)
+  kw = dict(split="train", shuffle=True, process_index=0, process_count=1, batch_size=100)
+  reference = datasets.get_dataset(config, **kw)
+  want = [next(reference) for _ in range(20)]  # 2000 > 1437: crosses an epoch
+  threaded = datasets.prefetch_to_device(datasets.get_dataset(config, **kw), size=2, host_buffer=4)
+  for w in want[:5]:
+    np.testing.assert_array_equal(np.asarray(next(threaded)), w)
+  state = threaded.get_state()
+  assert int(state["index"]) == 500  # the position of what was returned, not of the read-ahead
+  threaded.set_state({"epoch": 0, "index": 1300})  # reposition while the thread runs ahead
+  reference.set_state({"epoch": 0, "index": 1300})
+  np.testing.assert_array_equal(np.asarray(next(threaded)), next(reference))
+
+  class Broken:
+    def __init__(self):
+      self.n = 0
+
+    def get_state(self):
+      return {"n": self.n}
+
+    def __next__(self):
+      self.n += 1
+      if self.n == 3:
+        raise RuntimeError("bad record")
+      return np.zeros(2)
+
+  broken = datasets.ThreadedIterator(Broken(), 2)
+  next(broken), next(broken)
+  with pytest.raises(RuntimeError, match="bad record"):
+    next(broken)
+
+
 def test_not_prepared_fails_at_once(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
 
