@@ -1,0 +1,583 @@
+"""Likelihoods of score-based diffusion models: exact ODE log-likelihood on device, bits/dim,
+the ScoreFlow per-datapoint bound, the continuous-time ELBO and the ELBO decomposition.
+
+References (full texts in ``../shared/papers``):
+* [SF]  Song, Durkan, Murray, Ermon, "Maximum likelihood training of score-based diffusion models"
+        (ScoreFlow): probability-flow ODE likelihood (Sec. 3, eq. 7), the per-datapoint bound
+        (Theorem 3, eq. 11; Theorem 6, eq. 37 on [eps, T]), the eps correction (Appendix B, eq. 39),
+        importance sampling of t (Sec. 5.1, eq. 12), uniform / variational dequantization (Sec. 5.2).
+* [VP]  Huang, Lim, Courville, "A variational perspective on diffusion-based generative models and
+        score matching": the continuous-time ELBO of the plug-in reverse SDE (eq. 25), its ISM form
+        with the Hutchinson estimator and its DSM form (Sec. 6.2, eq. 29; Appendix A).
+* [HM]  Franzese et al., "How much is enough? A study on diffusion times in score-based generative
+        models": the ELBO decomposition (eqs. 4-9, Proposition 1).
+
+Conventions: ``x`` has a leading batch axis ``(B, *event)``; a plain ``score_fn(x, t) -> score``
+with ``t`` of shape ``(B,)`` (parameters bound with ``functools.partial``); every function is pure
+and jit-compatible (string options are static). Float32 by default; every function also runs in
+float64 when called under ``jax.enable_x64(True)`` with float64 inputs (dtypes follow ``x``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sde_lib import GaussianPrior, bcast, sum_except_batch
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+
+DIVERGENCES = ("exact", "hutchinson")
+PROBES = ("rademacher", "gaussian")
+SOLVERS = {
+    "dopri5": diffrax.Dopri5,
+    "tsit5": diffrax.Tsit5,
+    "bosh3": diffrax.Bosh3,
+    "heun": diffrax.Heun,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def _check(name: str, value: str, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def sample_probe(key: Array, shape, probe: str = "rademacher", dtype=jnp.float32) -> Array:
+  """Hutchinson probe v with E[v v^T] = I: Rademacher (+-1) or standard Gaussian entries."""
+  _check("probe", probe, PROBES)
+  if probe == "rademacher":
+    return jax.random.rademacher(key, shape, dtype=dtype)
+  return jax.random.normal(key, shape, dtype=dtype)
+
+
+def _event_dim(x: Array) -> int:
+  return math.prod(x.shape[1:])
+
+
+def drift_divergence(sde, t: Array, x: Array) -> Array:
+  """div_x f(x, t) per example, shape (B,), for the linear isotropic drifts f = a(t) x of
+  ``sde_lib`` (VP, sub-VP, VE): div f = D a(t), with a(t) = f(1, t). ``t`` scalar or (B,)."""
+  t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+  ones = jnp.ones_like(x)
+  return sum_except_batch(sde.drift(ones, t))
+
+
+def get_solver(solver: str | diffrax.AbstractSolver) -> diffrax.AbstractSolver:
+  """A diffrax solver instance from its name ('dopri5' | 'tsit5' | 'bosh3' | 'heun') or itself."""
+  if isinstance(solver, str):
+    _check("solver", solver.lower(), SOLVERS)
+    return SOLVERS[solver.lower()]()
+  return solver
+
+
+def _evals_per_step(solver: diffrax.AbstractSolver) -> int:
+  """Vector-field evaluations per (accepted or rejected) step of an explicit RK solver: one per
+  stage, minus one when the last stage is reused as the next first stage (FSAL; diffrax keeps it
+  after a rejection too, since the step restarts from the same point)."""
+  tab = solver.tableau
+  return len(tab.c) + (0 if tab.fsal else 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Probability-flow ODE likelihood (instantaneous change of variables)
+# ------------------------------------------------------------------------------------------------
+def drift_and_divergence(score_fn: ScoreFn, sde, divergence: str = "exact"):
+  """Per-example ``fn(x, t, probe) -> (f_tilde(x, t), div f_tilde(x, t))`` for one example ``x``
+  (shape ``event``) and scalar ``t``, with f_tilde = f - 1/2 g^2 s the probability-flow drift
+  ([SF] eq. 7). Drift and divergence come from ONE linearization of the drift:
+
+  * 'exact': ``jax.linearize`` once, then the D Jacobian columns J e_i by vmapping the linear
+    map; div = tr J (cost ~ D jvps, for small D).
+  * 'hutchinson': one ``jax.jvp`` with the probe v gives (f, J v); div ~= v^T J v
+    (Skilling-Hutchinson; unbiased for E[v v^T] = I).
+  """
+  _check("divergence", divergence, DIVERGENCES)
+  flow = sde.probability_flow(score_fn).drift
+
+  def single(x, t):
+    return flow(x[None], jnp.reshape(t, (1,)).astype(x.dtype))[0]
+
+  if divergence == "exact":
+    def fn(x, t, probe=None):
+      del probe
+      fx, lin = jax.linearize(lambda y: single(y, t), x)
+      d = x.size
+      basis = jnp.eye(d, dtype=x.dtype).reshape((d,) + x.shape)
+      cols = jax.vmap(lin)(basis).reshape(d, d)  # row i is J e_i, so cols[i, i] = J_ii
+      return fx, jnp.trace(cols)
+  else:
+    def fn(x, t, probe):
+      fx, jv = jax.jvp(lambda y: single(y, t), (x,), (probe,))
+      return fx, jnp.sum(probe * jv)
+  return fn
+
+
+def _rms(tree) -> Array:
+  leaves = [jnp.ravel(l) for l in jax.tree_util.tree_leaves(tree)]
+  v = jnp.concatenate(leaves)
+  return jnp.sqrt(jnp.mean(v**2))
+
+
+def initial_step_size(fn: Callable, t0: Array, t1: Array, y0, rtol: float, atol: float,
+                      order: float) -> Array:
+  """Signed initial step for an explicit RK method of error order ``order`` (Hairer, Norsett,
+  Wanner, "Solving ODEs I", Sec. II.4; the rule SciPy's solve_ivp uses): with scale
+  sc = atol + rtol |y0|, d0 = |y0/sc|, d1 = |f0/sc| (RMS norms), h0 = 0.01 d0/d1 (1e-6 if either
+  is < 1e-5), one Euler trial step gives d2 = |(f(t0 + h0, y0 + h0 f0) - f0)/sc| / h0 and
+  h = min(100 h0, (0.01 / max(d1, d2))^(1/order), |t1 - t0|). Costs two evaluations of ``fn``."""
+  direction = jnp.sign(t1 - t0)
+  length = jnp.abs(t1 - t0)
+  scale = jax.tree_util.tree_map(lambda y: atol + rtol * jnp.abs(y), y0)
+  div = lambda a, b: jax.tree_util.tree_map(lambda u, v: u / v, a, b)
+  f0 = fn(t0, y0)
+  d0 = _rms(div(y0, scale))
+  d1 = _rms(div(f0, scale))
+  small = (d0 < 1e-5) | (d1 < 1e-5)
+  h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1))
+  h0 = jnp.minimum(h0, length)
+  y1 = jax.tree_util.tree_map(lambda y, f: y + h0 * direction * f, y0, f0)
+  f1 = fn(t0 + h0 * direction, y1)
+  d2 = _rms(div(jax.tree_util.tree_map(lambda a, b: a - b, f1, f0), scale)) / h0
+  dmax = jnp.maximum(d1, d2)
+  h1 = jnp.where(dmax <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3),
+                 (0.01 / jnp.maximum(dmax, 1e-300 if h0.dtype == jnp.float64 else 1e-30))
+                 ** (1.0 / order))
+  return direction * jnp.minimum(jnp.minimum(100 * h0, h1), length)
+
+
+def solve_flow(score_fn: ScoreFn, sde, x: Array, key: Optional[Array], *, t0, t1,
+               divergence: str = "exact", probe: str = "rademacher", rtol: float = 1e-5,
+               atol: float = 1e-5, solver: str | diffrax.AbstractSolver = "dopri5",
+               max_steps: int = 4096) -> dict:
+  """Integrates the augmented probability-flow ODE d(x, Delta)/dt = (f_tilde, div f_tilde) from
+  ``t0`` to ``t1`` for every example separately (vmap over the batch: per-example adaptive steps).
+
+  Returns ``z = x(t1)``, ``delta = int_{t0}^{t1} div f_tilde dt`` so that, by the instantaneous
+  change of variables ([SF] Sec. 3; Chen et al. 2018), log p_{t0}(x) = log p_{t1}(z) + delta;
+  ``nfe`` (per-example vector-field evaluations: 2 for the initial step-size selection, 1 for
+  the first FSAL stage, then ``_evals_per_step`` per attempted step), ``num_steps`` and ``ok``.
+
+  Step control is diffrax's PIDController as an I-controller (rtol, atol, RMS norm, safety 0.9,
+  factors in [0.2, 10]) with the error exponent 1/order (= 1/5 for Dopri5/Tsit5), as SciPy's RK45;
+  the initial step is chosen per example by ``initial_step_size`` (Hairer's heuristic, as SciPy;
+  diffrax 0.7's own ``dt0=None`` falls back to a fixed 0.01 here). Hutchinson probes are drawn
+  once per solve from ``key`` and kept fixed along the trajectory.
+  """
+  _check("divergence", divergence, DIVERGENCES)
+  dtype = x.dtype
+  solver = get_solver(solver)
+  field = drift_and_divergence(score_fn, sde, divergence)
+  if divergence == "hutchinson":
+    if key is None:
+      raise ValueError("divergence='hutchinson' needs a PRNG key for the probes")
+    probes = sample_probe(key, x.shape, probe, dtype)
+  else:
+    probes = jnp.zeros_like(x)
+  t0 = jnp.asarray(t0, dtype)
+  t1 = jnp.asarray(t1, dtype)
+  per_step = _evals_per_step(solver)
+
+  def one(xi, vi):
+    def vf(t, y, args):
+      del args
+      return field(y[0], t, vi)
+
+    term = diffrax.ODETerm(vf)
+    order = solver.order(term)
+    y0 = (xi, jnp.zeros((), dtype))
+    dt0 = initial_step_size(lambda t, y: vf(t, y, None), t0, t1, y0, rtol, atol, order)
+    controller = diffrax.PIDController(rtol=rtol, atol=atol, error_order=order)
+    sol = diffrax.diffeqsolve(
+        term, solver, t0, t1, dt0, y0,
+        stepsize_controller=controller, max_steps=max_steps,
+        saveat=diffrax.SaveAt(t1=True), throw=False)
+    steps = sol.stats["num_steps"]
+    ok = sol.result == diffrax.RESULTS.successful
+    return sol.ys[0][-1], sol.ys[1][-1], steps, ok
+
+  z, delta, steps, ok = jax.vmap(one)(x, probes)
+  return dict(z=z, delta=delta, nfe=3 + per_step * steps, num_steps=steps, ok=ok)
+
+
+def log_likelihood(score_fn: ScoreFn, sde, x: Array, key: Optional[Array] = None, *,
+                   prior: Any = None, divergence: str = "exact", probe: str = "rademacher",
+                   rtol: float = 1e-5, atol: float = 1e-5,
+                   solver: str | diffrax.AbstractSolver = "dopri5",
+                   max_steps: int = 4096) -> dict:
+  """log p_eps(x) of the probability-flow ODE model ([SF] Sec. 3, p_theta^ODE), per example.
+
+  Integrates from t = eps (the data) to t = T (the prior):
+      log p_eps(x) = log prior(z_T) + int_eps^T div f_tilde(x_t, t) dt,
+  because d/dt log p_t(x_t) = -div f_tilde(x_t, t) along a trajectory of dx/dt = f_tilde. With the
+  exact score and ``prior`` equal to the exact p_T, ``logp`` is the exact log p_eps(x) (the
+  density of the forward process at time eps, not p_0). ``prior`` is any object with per-example
+  ``log_prob`` (default ``sde.prior()``, the Gaussian p_noise); an auxiliary nu_phi works as is.
+
+  Returns ``dict(logp (B,), z (B, *event), delta_logp (B,), nfe (B,), num_steps (B,), ok (B,))``;
+  ``logp`` is NaN where the solver failed (e.g. ``max_steps`` reached). No eps correction is
+  applied: p_theta^ODE is a valid density for the data on [eps, T] ([SF] Appendix B). Use
+  ``jax.enable_x64(True)`` and float64 ``x`` for float64 solves.
+  """
+  prior = sde.prior() if prior is None else prior
+  out = solve_flow(score_fn, sde, x, key, t0=sde.eps, t1=sde.T, divergence=divergence,
+                   probe=probe, rtol=rtol, atol=atol, solver=solver, max_steps=max_steps)
+  logp = prior.log_prob(out["z"]).astype(x.dtype) + out["delta"]
+  logp = jnp.where(out["ok"], logp, jnp.nan)
+  return dict(logp=logp, z=out["z"], delta_logp=out["delta"], nfe=out["nfe"],
+              num_steps=out["num_steps"], ok=out["ok"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Bits per dimension and dequantization
+# ------------------------------------------------------------------------------------------------
+def bits_per_dim(logp: Array, shape, *, centered: bool = False, num_levels: int = 256) -> Array:
+  """Bits/dim of the discrete data from log p of its dequantized, scaled version.
+
+  Derivation. Integer data k in {0, ..., K-1}^D (K = ``num_levels``) are dequantized to
+  u = k + v, v ~ U[0, 1)^D; a continuous density p_u on R^D gives the discrete model
+  P(k) = int_{[0,1)^D} p_u(k + v) dv >= exp E_v[log p_u(k + v)] (Jensen; Theis et al. 2016,
+  [SF] Sec. 5.2). The model sees y = u / K in [0, 1)^D (``centered=False``) or y = 2 u / K - 1 in
+  [-1, 1)^D (``centered=True``). The change of variables p_u(u) = p_y(y) |dy/du| gives
+      log p_u = log p_y - D log K            ([0, 1] scaling, dy/du = 1/K),
+      log p_u = log p_y - D log K + D log 2  ([-1, 1] scaling, dy/du = 2/K),
+  and bits/dim = -log p_u / (D log 2). Check: p_y uniform on [0,1]^D (log p_y = 0) or on
+  [-1,1]^D (log p_y = -D log 2) both give log2 K bits/dim (8 for K = 256).
+  ``shape`` is the event shape (D = prod(shape)); ``logp`` is in nats.
+  """
+  d = math.prod(shape)
+  offset = d * math.log(num_levels) - (d * math.log(2.0) if centered else 0.0)
+  return (-logp + offset) / (d * math.log(2.0))
+
+
+def uniform_dequantize(key: Array, x: Array, num_levels: int = 256, centered: bool = False,
+                       dtype=None) -> Array:
+  """y = (k + v) / K (or 2 (k + v) / K - 1 when ``centered``), v ~ U[0, 1), the dequantization
+  that ``bits_per_dim`` assumes. ``x`` holds the integer levels k in {0..K-1} (integer dtype) or
+  data already scaled as k / (K - 1) to [0, 1] (or to [-1, 1] when ``centered``), the TFDS /
+  score_sde scaling; levels are recovered by rounding. Noise is drawn per example from
+  ``fold_in(key, i)``, so it does not depend on how a split is batched if the caller folds in a
+  global example offset."""
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    dtype = dtype or jnp.float32
+    k = x.astype(dtype)
+  else:
+    dtype = dtype or x.dtype
+    scaled = (x + 1.0) / 2.0 if centered else x
+    k = jnp.round(scaled * (num_levels - 1)).astype(dtype)
+  v = jax.random.uniform(key, x.shape, dtype=dtype)
+  y = (k + v) / num_levels
+  return 2.0 * y - 1.0 if centered else y
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _dequantize_examples(key: Array, batch: Array, offset: Array, num_levels: int,
+                         centered: bool) -> Array:
+  """``uniform_dequantize`` of example j of a batch with key fold_in(key, offset + j)."""
+  keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(offset + jnp.arange(batch.shape[0]))
+  return jax.vmap(lambda k, xi: uniform_dequantize(k, xi[None], num_levels, centered)[0])(
+      keys, batch)
+
+
+def dataset_bits_per_dim(logp_fn: Callable[[Array, Array], Array], batches: Iterable[Array],
+                         key: Array, *, batch_size: int, num_levels: int = 256,
+                         centered: bool = False, dequantize: bool = True) -> dict:
+  """Bits/dim over a whole split: every batch is padded to ``batch_size`` (repeating its last
+  row) so ``logp_fn`` (e.g. a jitted ``log_likelihood``) compiles once, and the padding is masked
+  out (no example is dropped or counted twice).
+
+  ``logp_fn(y, key) -> logp (B,)`` takes dequantized, scaled data ``y`` (when ``dequantize``;
+  otherwise the batches are passed as they are, already continuous). Dequantization noise of
+  example i of the split uses ``fold_in(key_deq, i)`` (independent of the batching); ``logp_fn``
+  gets ``fold_in(key_logp, batch index)``. Returns ``dict(bpd, stderr, n, bpd_per_example)``.
+  """
+  key_deq, key_logp = jax.random.split(key)
+  total, total_sq, count = 0.0, 0.0, 0
+  per_example = []
+  offset = 0
+  for i, batch in enumerate(batches):
+    batch = jnp.asarray(batch)
+    n = batch.shape[0]
+    if n > batch_size:
+      raise ValueError(f"a batch has {n} examples, more than batch_size={batch_size}")
+    pad = batch_size - n
+    if pad:
+      batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], pad, axis=0)], axis=0)
+    mask = jnp.arange(batch_size) < n
+    if dequantize:
+      y = _dequantize_examples(key_deq, batch, offset, num_levels, centered)
+    else:
+      y = batch
+    logp = logp_fn(y, jax.random.fold_in(key_logp, i))
+    bpd = bits_per_dim(logp, y.shape[1:], centered=centered, num_levels=num_levels)
+    total = total + jnp.sum(jnp.where(mask, bpd, 0.0))
+    total_sq = total_sq + jnp.sum(jnp.where(mask, bpd**2, 0.0))
+    count += n
+    per_example.append(np.asarray(bpd)[np.asarray(mask)])
+    offset += n
+  if count == 0:
+    raise ValueError("dataset_bits_per_dim got no examples")
+  mean = total / count
+  var = jnp.maximum(total_sq / count - mean**2, 0.0)
+  return dict(bpd=mean, stderr=jnp.sqrt(var / max(count - 1, 1)), n=count,
+              bpd_per_example=np.concatenate(per_example))
+
+
+# ------------------------------------------------------------------------------------------------
+# Variational bounds: ScoreFlow (DSM form + eps correction) and the CT-ELBO (ISM / DSM forms)
+# ------------------------------------------------------------------------------------------------
+def _sample_time(sde, key: Array, batch: int, importance_sampling: bool, dtype):
+  """t ~ p(t) on [eps, T] and the weight 1/p(t) that turns an integral over t into E_p[.]:
+  importance sampling p(t) = g^2 / (sigma_t^2 Z) ([SF] Sec. 5.1, eq. 12) or uniform."""
+  if importance_sampling:
+    t = sde.is_sample_t(key, (batch,)).astype(dtype)
+    inv_p = sde.is_normalizer() / sde.is_weight(t)
+  else:
+    t = sde.uniform_sample_t(key, (batch,)).astype(dtype)
+    inv_p = jnp.broadcast_to(jnp.asarray(sde.T - sde.eps, dtype), (batch,))
+  return t, inv_p.astype(dtype)
+
+
+def _integrand_draw(score_fn: ScoreFn, sde, x: Array, key: Array, form: str, probe: str,
+                    importance_sampling: bool) -> tuple[Array, Array]:
+  """One (t, x_t) draw per example of the time integral of the bound, already divided by p(t).
+
+  'dsm' ([SF] Theorem 6 / [VP] eq. 29 + Appendix A.3), with x_t = alpha x + sigma z:
+      score part  1/2 g^2 |s - grad log p_0t(x_t|x)|^2 = 1/2 (g^2/sigma^2) |sigma s + z|^2,
+      constant    -1/2 g^2 |grad log p_0t|^2 - div f = -1/2 (g^2/sigma^2) |z|^2 - div f.
+  'ism' ([VP] eq. 25): 1/2 g^2 |s|^2 + g^2 div s - div f with div s ~= v^T (ds/dx) v (one jvp);
+      returned as (that, 0). Returns (score part, constant), each (B,).
+  """
+  b = x.shape[0]
+  k_t, k_z, k_v = jax.random.split(key, 3)
+  t, inv_p = _sample_time(sde, k_t, b, importance_sampling, x.dtype)
+  z = jax.random.normal(k_z, x.shape, dtype=x.dtype)
+  alpha, sigma = sde.marginal_coeffs(t)
+  xt = bcast(alpha, x) * x + bcast(sigma, x) * z
+  g2 = sde.diffusion(t) ** 2
+  div_f = drift_divergence(sde, t, x)
+  if form == "dsm":
+    s = score_fn(xt, t)
+    ratio = g2 / sigma**2
+    sm = 0.5 * ratio * sum_except_batch((bcast(sigma, x) * s + z) ** 2)
+    const = -0.5 * ratio * sum_except_batch(z**2) - div_f
+    return inv_p * sm, inv_p * const
+  v = sample_probe(k_v, x.shape, probe, x.dtype)
+  s, jv = jax.jvp(lambda y: score_fn(y, t), (xt,), (v,))
+  ism = 0.5 * g2 * sum_except_batch(s**2) + g2 * sum_except_batch(v * jv) - div_f
+  return inv_p * ism, jnp.zeros_like(ism)
+
+
+def prior_cross_entropy(sde, x: Array, key: Array, prior: Any = None, n_samples: int = 16) -> Array:
+  """-E_{x' ~ p_0T(x'|x)}[log prior(x')] per example ([SF] Theorem 3, first term). Closed form for
+  a ``GaussianPrior`` N(0, s^2 I): D/2 log(2 pi s^2) + (alpha_T^2 |x|^2 + D sigma_T^2) / (2 s^2);
+  Monte Carlo with ``n_samples`` draws for any other prior object (e.g. an auxiliary nu_phi)."""
+  prior = sde.prior() if prior is None else prior
+  alpha, sigma = sde.marginal_coeffs(jnp.asarray(sde.T, x.dtype))
+  d = _event_dim(x)
+  if isinstance(prior, GaussianPrior):
+    var = jnp.asarray(prior.std, x.dtype) ** 2
+    sq = sum_except_batch(x**2)
+    return 0.5 * d * jnp.log(2 * jnp.pi * var) + (alpha**2 * sq + d * sigma**2) / (2 * var)
+  keys = jax.random.split(key, n_samples)
+
+  def draw(k):
+    z = jax.random.normal(k, x.shape, dtype=x.dtype)
+    return -prior.log_prob(alpha * x + sigma * z).astype(x.dtype)
+
+  return jnp.mean(jax.lax.map(draw, keys), axis=0)
+
+
+def eps_correction(score_fn: ScoreFn, sde, x: Array, key: Array, n_samples: int = 16) -> Array:
+  """-E_{x' ~ p_0eps(x'|x)}[log q_theta(x|x') - log p_0eps(x'|x)] ([SF] Appendix B, eq. 39) with
+  the Tweedie decoder q_theta(x|x') = N(x'/a + b^2/a s(x', eps), b^2/a^2 I), p_0eps = N(a x, b^2 I).
+  Writing x' = a x + b z the Gaussian normalizers cancel up to |det| and
+      correction = -D log a + 1/2 E[|z + b s(x', eps)|^2 - |z|^2]
+  (evaluated in this form: the two log-densities are each O(D log b) and would cancel)."""
+  a, b = sde.marginal_coeffs(jnp.asarray(sde.eps, x.dtype))
+  d = _event_dim(x)
+  t = jnp.full(x.shape[:1], sde.eps, x.dtype)
+  keys = jax.random.split(key, n_samples)
+
+  def draw(k):
+    z = jax.random.normal(k, x.shape, dtype=x.dtype)
+    s = score_fn(a * x + b * z, t)
+    return 0.5 * sum_except_batch((z + b * s) ** 2 - z**2)
+
+  return -d * jnp.log(a) + jnp.mean(jax.lax.map(draw, keys), axis=0)
+
+
+def _time_integral(score_fn: ScoreFn, sde, x: Array, key: Array, n_time_samples: int,
+                   form: str, probe: str, importance_sampling: bool) -> dict:
+  """Monte Carlo estimate of the time integral over [eps, T] (``n_time_samples`` draws per
+  example, sequential via lax.map to bound memory) with its standard error."""
+  keys = jax.random.split(key, n_time_samples)
+  main, const = jax.lax.map(
+      lambda k: _integrand_draw(score_fn, sde, x, k, form, probe, importance_sampling), keys)
+  total = main + const
+  n = n_time_samples
+  stderr = jnp.std(total, axis=0, ddof=1) / math.sqrt(n) if n > 1 else jnp.full(x.shape[:1], jnp.inf)
+  return dict(main=jnp.mean(main, 0), const=jnp.mean(const, 0), total=jnp.mean(total, 0),
+              stderr=stderr)
+
+
+def ct_elbo(score_fn: ScoreFn, sde, x: Array, key: Array, *, form: str = "ism",
+            probe: str = "rademacher", n_time_samples: int = 256, importance_sampling: bool = True,
+            prior: Any = None, n_prior_samples: int = 16, eps_correction_term: bool = False) -> dict:
+  """Continuous-time ELBO of the plug-in reverse SDE (lambda = 0, c = 1), [VP] eq. 25:
+      E = E[log prior(Y_T) | Y_0 = x] - int_eps^T E[1/2 g^2 |s|^2 + g^2 div s - div f | Y_0 = x] ds
+  per example (nats). ``form='ism'``: divergence by Hutchinson (one jvp per draw, ``probe``);
+  ``form='dsm'``: the equivalent denoising form ([VP] eq. 29, Appendix A.3)
+      -int E[1/2 g^2 |s - grad log p_0s|^2] + int E[1/2 g^2 |grad log p_0s|^2 + div f]
+  whose second integral (``dsm_constant``, independent of s) is kept, so both forms estimate the
+  same quantity; [SF] Theorem 6 gives E = -L^DSM(x, eps).
+
+  On [eps, T] this lower-bounds E_{x' ~ p_0eps(x'|x)}[log p_theta^SDE(x')] (eps-smoothed data,
+  [SF] eq. 37); with ``eps_correction_term`` the eq. 39 correction is subtracted, giving a lower
+  bound on log p_theta(x) of the Tweedie-decoded model. Time t: importance sampled
+  p(t) ∝ g^2/sigma_t^2 ([SF] eq. 12) or uniform. Returns ``dict(elbo, prior_term (E log prior),
+  integral, dsm_constant, correction, stderr)`` each (B,); ``stderr`` is the MC standard error of
+  the time integral.
+  """
+  _check("form", form, ("ism", "dsm"))
+  k_int, k_prior, k_corr = jax.random.split(key, 3)
+  integral = _time_integral(score_fn, sde, x, k_int, n_time_samples, form, probe,
+                            importance_sampling)
+  prior_term = -prior_cross_entropy(sde, x, k_prior, prior, n_prior_samples)
+  corr = (eps_correction(score_fn, sde, x, k_corr, n_prior_samples) if eps_correction_term
+          else jnp.zeros_like(prior_term))
+  elbo = prior_term - integral["total"] - corr
+  return dict(elbo=elbo, prior_term=prior_term, integral=integral["total"],
+              dsm_constant=-integral["const"] if form == "dsm" else jnp.zeros_like(elbo),
+              correction=corr, stderr=integral["stderr"])
+
+
+def scoreflow_bound(score_fn: ScoreFn, sde, x: Array, key: Array, *, n_time_samples: int = 256,
+                    importance_sampling: bool = True, prior: Any = None,
+                    n_prior_samples: int = 16, eps_correction_term: bool = True) -> dict:
+  """ScoreFlow per-datapoint upper bound on -log p_theta(x) in nats ([SF] Theorem 3 on [eps, T],
+  i.e. Theorem 6, eq. 37, plus the eps correction of Appendix B, eq. 39):
+      -log p_theta(x) <= -E_{p_0eps(x'|x)}[log q_theta(x|x') - log p_0eps(x'|x)]     (correction)
+                         - E_{p_0T(x'|x)}[log prior(x')]                             (prior)
+                         + 1/2 int_eps^T g^2 E|s - grad log p_0t(x'|x)|^2 dt         (score)
+                         - 1/2 int_eps^T E[g^2 |grad log p_0t|^2 + 2 div f] dt.      (constant)
+  Time integrals: ``n_time_samples`` draws per example, t ~ g^2/(sigma^2 Z) with weight
+  Z sigma^2/g^2 ([SF] eq. 12) when ``importance_sampling`` else uniform. Returns
+  ``dict(nll_bound, prior, score, constant, correction, stderr)`` each (B,).
+  """
+  k_int, k_prior, k_corr = jax.random.split(key, 3)
+  integral = _time_integral(score_fn, sde, x, k_int, n_time_samples, "dsm", "rademacher",
+                            importance_sampling)
+  prior_ce = prior_cross_entropy(sde, x, k_prior, prior, n_prior_samples)
+  corr = (eps_correction(score_fn, sde, x, k_corr, n_prior_samples) if eps_correction_term
+          else jnp.zeros_like(prior_ce))
+  return dict(nll_bound=prior_ce + integral["total"] + corr, prior=prior_ce,
+              score=integral["main"], constant=integral["const"], correction=corr,
+              stderr=integral["stderr"])
+
+
+# ------------------------------------------------------------------------------------------------
+# ELBO decomposition of "How much is enough?" for toy distributions with exact marginal scores
+# ------------------------------------------------------------------------------------------------
+def _quadrature_times(sde, n_t: int, dtype):
+  """Gauss-Legendre nodes in y = Phi(t), Phi' = g^2/sigma_t^2 (the IS antiderivative), so that
+  int_eps^T g^2 h(t) dt = int sigma_t^2 h(t(y)) dy has a smooth, bounded integrand near t = eps."""
+  nodes, weights = np.polynomial.legendre.leggauss(n_t)
+  lo = sde.is_antiderivative(jnp.asarray(sde.eps, dtype))
+  hi = sde.is_antiderivative(jnp.asarray(sde.T, dtype))
+  y = 0.5 * (hi - lo) * jnp.asarray(nodes, dtype) + 0.5 * (hi + lo)
+  w = 0.5 * (hi - lo) * jnp.asarray(weights, dtype)
+  t = jnp.clip(sde.is_inverse_antiderivative(y), sde.eps, sde.T)
+  return t, w
+
+
+def elbo_decomposition(sde, dist, key: Array, *, score_fn: Optional[ScoreFn] = None,
+                       prior: Any = None, n_x: int = 4096, n_t: int = 64) -> dict:
+  """ELBO decomposition of [HM] (eqs. 4-9) on the horizon [eps, T] for a toy ``dist`` with exact
+  marginals (``sample(key, n)``, ``marginal_log_prob(sde, x, t)``, ``marginal_score(sde, x, t)``,
+  e.g. ``toy_data.GaussianMixture``). x_0 ~ dist, x_t = alpha_t x_0 + sigma_t z (one set of
+  ``n_x`` Monte Carlo draws shared by all t); time integrals by ``n_t``-node Gauss-Legendre
+  quadrature in y = Phi(t) (see ``_quadrature_times``). Returned (nats, averages over x):
+
+  * ``kl_prior``  KL[p(x,T) || p_noise] = E_{p_T}[log p_T - log prior]           ([HM] eq. 6)
+  * ``K``         1/2 int g^2 E|grad log p_t(x_t) - grad log p_0t(x_t|x_0)|^2    ([HM] eq. 5):
+                  the minimum over s of the DSM integral I(s, T) (Monte Carlo with the control
+                  variate |z|^2 - D, which has known mean 0)
+  * ``G``         I(s_theta, T) - K(T) = 1/2 int g^2 E|s_theta - grad log p_t|^2 (gap; 0 with no
+                  ``score_fn``, i.e. the exact score)
+  * ``R``         1/2 int E[g^2 |grad log p_0t|^2 - 2 f^T grad log p_0t] dt      ([HM] eq. 4);
+                  its x-expectation is closed form: int (D g^2/(2 sigma^2) + div f) dt
+  * ``log_pT``    E_{p_T}[log p_T];  ``log_prior`` E_{p_T}[log prior]
+  * ``log_data``  E_{p_eps}[log p_eps] (the data term on [eps, T])
+  * ``elbo``      log_prior - K - G + R                                              ([HM] eq. 4)
+                  = log_data - G - kl_prior by Proposition 1 (eq. 9)
+  * ``prop1_residual``  log_pT - K + R - log_data (0 up to MC/quadrature error, [HM] eq. 8)
+  and ``*_stderr`` Monte Carlo standard errors of the x-averages.
+  """
+  prior = sde.prior() if prior is None else prior
+  k_x, k_z = jax.random.split(key)
+  x0 = dist.sample(k_x, n_x)
+  dtype = x0.dtype
+  z = jax.random.normal(k_z, x0.shape, dtype=dtype)
+  d = _event_dim(x0)
+
+  def at(t):
+    alpha, sigma = sde.marginal_coeffs(t)
+    return alpha * x0 + sigma * z, sigma
+
+  # Endpoint terms (Monte Carlo over x).
+  t_end = jnp.asarray(sde.T, dtype)
+  x_t_end, _ = at(t_end)
+  log_pT = dist.marginal_log_prob(sde, x_t_end, t_end)
+  log_prior = prior.log_prob(x_t_end).astype(dtype)
+  x_eps, _ = at(jnp.asarray(sde.eps, dtype))
+  log_data = dist.marginal_log_prob(sde, x_eps, jnp.asarray(sde.eps, dtype))
+
+  # Time integrals (quadrature over t in y = Phi(t), Monte Carlo over x).
+  ts, ws = _quadrature_times(sde, n_t, dtype)
+
+  def node(t):
+    xt, sigma = at(t)
+    true = dist.marginal_score(sde, xt, t)
+    # sigma^2 * 1/2 |grad log p_t + z/sigma|^2, minus c (|z|^2 - D) (a zero-mean control variate,
+    # c the per-node regression coefficient): removes the chi^2 noise of |z|^2 that dominates
+    # when sigma_t is small compared with the data scale.
+    a = jnp.sum((sigma * true + z) ** 2, axis=-1)
+    b = jnp.sum(z**2, axis=-1) - d
+    c = jnp.mean((a - jnp.mean(a)) * b) / jnp.mean(b**2)
+    k_int = 0.5 * (a - jax.lax.stop_gradient(c) * b)
+    if score_fn is None:
+      g_int = jnp.zeros_like(k_int)
+    else:
+      s = score_fn(xt, jnp.full(x0.shape[:1], t, dtype))
+      g_int = 0.5 * sigma**2 * jnp.sum((s - true) ** 2, axis=-1)
+    g2 = sde.diffusion(t) ** 2
+    r_int = 0.5 * d + sigma**2 / g2 * drift_divergence(sde, t, x0[:1])[0]
+    return k_int, g_int, r_int
+
+  k_n, g_n, r_n = jax.lax.map(node, ts)  # (n_t, n_x), (n_t, n_x), (n_t,)
+  k_x_vals = jnp.einsum("t,tn->n", ws, k_n)
+  g_x_vals = jnp.einsum("t,tn->n", ws, g_n)
+  r_val = jnp.sum(ws * r_n)
+
+  def mean_se(v):
+    return jnp.mean(v), jnp.std(v, ddof=1) / math.sqrt(v.shape[0])
+
+  kl_vals = log_pT - log_prior
+  elbo_vals = log_prior - k_x_vals - g_x_vals + r_val
+  resid_vals = log_pT - k_x_vals + r_val - log_data
+  out = {}
+  for name, v in [("kl_prior", kl_vals), ("K", k_x_vals), ("G", g_x_vals), ("log_pT", log_pT),
+                  ("log_prior", log_prior), ("log_data", log_data), ("elbo", elbo_vals),
+                  ("prop1_residual", resid_vals)]:
+    out[name], out[name + "_stderr"] = mean_se(v)
+  out["R"] = r_val
+  return out
