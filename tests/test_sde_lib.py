@@ -84,19 +84,24 @@ def _em_snapshots(sde, x0, bounds, n_paths, steps, key):
                                                                 "ve", "ve_T2"]],
                          ids=["vp", "vp_T2", "subvp", "subvp_T0.6", "ve", "ve_T2"])
 def test_marginal_matches_euler_maruyama(sde):
-  """Closed-form mean alpha_t x0 and std sigma_t vs 20k EM paths at t = 1e-3 ... T.
-  Tolerance: 5 SE (SE_mean = s/sqrt(n), SE_std = s/sqrt(2n)) + |EM-chain moment - closed form|;
-  the EM bias itself is required to be < 1% of the std so the check stays sharp."""
-  n, steps, x0 = 20000, 500, 1.5
+  """Closed-form mean alpha_t x0 and std sigma_t vs 20k EM paths (float64, 1000 steps per segment)
+  at t = 1e-3, 0.1, T/2, T. Tolerance: 5 SE (SE_mean = s/sqrt(n), SE_std = s/sqrt(2n)) + the EM
+  discretisation bias |EM-chain moment - closed form|, which must itself stay below 0.6% of the
+  std and 0.5 SE of the mean so the check stays sharp. (float64: at t = 1e-3 the sub-VP transition
+  std is 1e-4 and float32 rounding of x + f x dt would exceed the Monte-Carlo error.)"""
+  n, steps, x0 = 20000, 1000, 1.5
   t_max = float(sde.T)
   bounds = np.array([0.0, 1e-3, 0.1, 0.5 * t_max, t_max])
-  xs, em_mean, em_std = _em_snapshots(sde, x0, jnp.asarray(bounds), n, steps, jax.random.PRNGKey(0))
+  with jax.enable_x64(True):
+    xs, em_mean, em_std = _em_snapshots(_f64(sde), x0, jnp.asarray(bounds), n, steps,
+                                        jax.random.PRNGKey(0))
+    coeffs = [_f64(sde).marginal(jnp.full((1,), x0), jnp.asarray(t)) for t in bounds[1:]]
   for i, t in enumerate(bounds[1:]):
-    mean, std = sde.marginal(jnp.full((1,), x0), jnp.asarray(t))
+    mean, std = coeffs[i]
     mean, std = float(mean[0]), float(std)
     x = np.asarray(xs[i], np.float64)
     bias_m, bias_s = abs(float(em_mean[i]) - mean), abs(float(em_std[i]) - std)
-    assert bias_s < 1e-2 * std, (t, bias_s, std)
+    assert bias_s < 6e-3 * std and bias_m < 0.5 * std / math.sqrt(n), (t, bias_m, bias_s, std)
     tol_m = N_SIGMA * std / math.sqrt(n) + bias_m
     tol_s = N_SIGMA * std / math.sqrt(2 * n) + bias_s
     assert abs(x.mean() - mean) < tol_m, (t, x.mean(), mean, tol_m)

@@ -167,12 +167,15 @@ def test_marginal_score_is_grad_of_marginal_log_prob(name):
 @pytest.mark.parametrize("sde", [sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE(sigma_max=5.0)],
                          ids=["vp", "subvp", "ve"])
 def test_marginal_matches_perturbed_samples(sde):
-  """p_t of the 2-D mixture = law of sde.perturb(x0 ~ p_0, t, z): moments (5 SE), average
-  log-likelihood (5 SE) and, for the 1-D mixture, a KS test against the marginal CDF."""
+  """p_t = law of sde.perturb(x0 ~ p_0, t, z) for the 2-D mixture, the 1-D two-mode mixture and a
+  wide full-covariance Gaussian: moments (5 SE), average log-likelihood (5 SE) and, in 1-D, a KS
+  test against the marginal CDF (with a power check)."""
   n = 20000
   k0, k1, k2 = jax.random.split(jax.random.PRNGKey(6), 3)
-  for name, t in [("gmm_2d", 0.05), ("gmm_2d", 0.3), ("gmm_1d_diffusion_time", 0.02)]:
-    dist = td.get_toy_distribution(name)
+  wide = td.gaussian([2.0, -1.0], [[4.0, 1.2], [1.2, 1.0]])  # full covariance, alpha^2 Sigma matters
+  for name, t in [("gmm_2d", 0.05), ("gmm_2d", 0.3), ("gmm_1d_diffusion_time", 0.02),
+                  ("gmm_1d_diffusion_time", 0.3), ("wide", 0.3)]:
+    dist = wide if name == "wide" else td.get_toy_distribution(name)
     x0 = dist.sample(k0, n)
     xt = sde.perturb(x0, jnp.asarray(t), jax.random.normal(k1, x0.shape))
     marg = dist.marginal(sde, t)
