@@ -1,0 +1,406 @@
+"""Samplers against closed-form oracles (exact Gaussian / GMM scores).
+
+Tolerances: sample means and covariances must agree with the exact moments within ``Z`` standard
+errors of the sample estimate (SE of a mean: sqrt(C_ii / N); of a covariance entry:
+sqrt((C_ii C_jj + C_ij^2) / N)) plus a small stated allowance for time discretization. The ODE-vs-SDE
+pulse experiment (Cao et al., Appendix G) compares the fitted variance / KL of generated 1-D samples
+with the closed form derived from their Appendix G.1, evaluated by quadrature.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from scipy import integrate
+
+import sde_lib
+import samplers
+import toy_data
+from configs.default import get_default_config
+
+Z = 4.5  # standard errors allowed for moment checks (per entry; a few dozen entries per test)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Oracles
+# ---------------------------------------------------------------------------------------------------
+
+def gaussian_marginal(mean, cov, sde, t):
+  """p_t of x0 ~ N(m, C) under a linear SDE: N(alpha_t m, alpha_t^2 C + sigma_t^2 I)."""
+  alpha, sigma = sde.marginal_coeffs(jnp.asarray(t))
+  return alpha * mean, alpha**2 * cov + sigma**2 * jnp.eye(mean.shape[0])
+
+
+def gaussian_score_fn(mean, cov, sde):
+  """Exact score -(alpha^2 C + sigma^2 I)^{-1} (x - alpha m) for Gaussian data (local oracle)."""
+
+  def score(x, t):
+    m_t, c_t = gaussian_marginal(mean, cov, sde, t)
+    return -jnp.linalg.solve(c_t, (x - m_t).T).T
+
+  return score
+
+
+class FullGaussianPrior:
+  """N(m, C) prior with the ``sample(key, shape)`` / ``log_prob(x)`` interface of sde_lib's priors."""
+
+  def __init__(self, mean, cov):
+    self.mean, self.cov = mean, cov
+
+  def sample(self, key, shape):
+    chol = jnp.linalg.cholesky(self.cov)
+    return self.mean + jax.random.normal(key, shape) @ chol.T
+
+  def log_prob(self, x):
+    return jax.scipy.stats.multivariate_normal.logpdf(x, self.mean, self.cov)
+
+
+def assert_moments(x, mean, cov, rel_allow=0.0, what=""):
+  """Sample mean / covariance equal (mean, cov) within Z standard errors (+ rel_allow * scale)."""
+  x = np.asarray(x, np.float64)
+  mean, cov = np.asarray(mean, np.float64), np.atleast_2d(np.asarray(cov, np.float64))
+  n = x.shape[0]
+  d = np.sqrt(np.diag(cov))
+  mean_tol = Z * d / math.sqrt(n) + rel_allow * d
+  np.testing.assert_array_less(np.abs(x.mean(0) - mean), mean_tol, err_msg=f"mean {what}")
+  cov_hat = np.atleast_2d(np.cov(x.T))
+  se = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)
+  cov_tol = Z * se + rel_allow * np.outer(d, d)
+  np.testing.assert_array_less(np.abs(cov_hat - cov), cov_tol, err_msg=f"cov {what}")
+
+
+class CallCounter:
+  """Counts executed score evaluations with jax.debug.callback (one per call, inside jit/loops)."""
+
+  def __init__(self, score_fn):
+    self.n = 0
+    self.score_fn = score_fn
+
+  def _inc(self):
+    self.n += 1
+
+  def __call__(self, x, t):
+    jax.debug.callback(self._inc)
+    return self.score_fn(x, t)
+
+
+MEAN2 = jnp.array([1.0, -0.5])
+COV2 = jnp.array([[0.5, 0.3], [0.3, 0.4]])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Moments: ODE, SDE family c in {0, 1, 4}, PC, exponential integrator
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sde", [sde_lib.VPSDE(eps=1e-3), sde_lib.VESDE(eps=1e-3)], ids=["vp", "ve"])
+def test_gaussian_2d_moments_all_samplers(sde):
+  n = 3000
+  score = gaussian_score_fn(MEAN2, COV2, sde)
+  shape = (n, 2)
+  ode = jax.jit(lambda sde, key: samplers.ode_sampler(score, sde, key, shape))
+  em = jax.jit(lambda sde, key, c: samplers.sde_sampler(score, sde, key, shape, c=c, n_steps=400))
+  pc = jax.jit(lambda sde, key: samplers.pc_sampler(score, sde, key, shape, n_steps=400))
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  x, stats = ode(sde, keys[0])
+  assert bool(stats["success"])
+  assert_moments(x, MEAN2, COV2, 0.01, "ode")
+  for key, c in zip(keys[1:4], (0.0, 1.0, 4.0)):
+    x, stats = em(sde, key, c)
+    assert int(stats["nfe"]) == 400
+    # 400 Euler-Maruyama steps: allow 3% of the scale for the O(dt) bias on top of sampling error.
+    assert_moments(x, MEAN2, COV2, 0.03, f"em c={c}")
+  x, _ = pc(sde, keys[4])
+  assert_moments(x, MEAN2, COV2, 0.03, "pc")
+  if isinstance(sde, sde_lib.VPSDE):
+    x, _ = samplers.exponential_integrator_sampler(score, sde, keys[5], shape, c=2.0, n_steps=400)
+    assert_moments(x, MEAN2, COV2, 0.03, "exponential")
+
+
+def test_gmm_1d_ode_and_sde_modes():
+  """ODE-vs-SDE paper's 1-D two-mode GMM (Appendix H.1) under VP: moments and mode weights."""
+  dist = toy_data.ode_sde_gmm_1d()
+  sde = sde_lib.VPSDE(eps=1e-3)
+  score = dist.score_fn(sde)
+  n = 4000
+  mean, cov = dist.mean(), dist.cov()
+  x, stats = jax.jit(lambda key: samplers.ode_sampler(score, sde, key, (n, 1)))(jax.random.PRNGKey(1))
+  assert bool(stats["success"])
+  assert_moments(x, mean, cov, 0.01, "gmm ode")
+  frac_se = math.sqrt(0.25 / n)
+  assert abs(float(jnp.mean(x > 0)) - 0.5) < Z * frac_se
+  for c in (1.0, 4.0):
+    x, _ = jax.jit(lambda key: samplers.sde_sampler(score, sde, key, (n, 1), c=c, n_steps=1000))(
+        jax.random.PRNGKey(2))
+    assert_moments(x, mean, cov, 0.02, f"gmm em c={c}")
+    assert abs(float(jnp.mean(x > 0)) - 0.5) < Z * frac_se
+    # Samples sit on the modes: within-mode spread matches the component std 0.1 (+2% allowance).
+    within = np.std(np.abs(np.asarray(x)) - 1.0)
+    assert abs(within - 0.1) < Z * 0.1 / math.sqrt(2 * n) + 0.002
+
+
+def test_gmm_2d_ode_ve_and_pc():
+  dist = toy_data.ode_sde_gmm_2d()
+  n = 3000
+  for sde in (sde_lib.VESDE(eps=1e-3), sde_lib.VPSDE(eps=1e-3)):
+    score = dist.score_fn(sde)
+    x, stats = samplers.ode_sampler(score, sde, jax.random.PRNGKey(3), (n, 2))
+    assert bool(stats["success"])
+    assert_moments(x, dist.mean(), dist.cov(), 0.01, f"gmm2d ode {type(sde).__name__}")
+  x, _ = samplers.pc_sampler(score, sde, jax.random.PRNGKey(4), (n, 2), n_steps=500, snr=0.1)
+  assert_moments(x, dist.mean(), dist.cov(), 0.03, "gmm2d pc")
+  quadrant = (np.asarray(x[:, 0]) > 0) * 2 + (np.asarray(x[:, 1]) > 0)
+  counts = np.bincount(quadrant, minlength=4) / n
+  np.testing.assert_array_less(np.abs(counts - 0.25), Z * math.sqrt(0.25 * 0.75 / n))
+
+
+def test_exponential_integrator_agrees_with_em_and_ode():
+  sde = sde_lib.VPSDE(eps=1e-3)
+  score = gaussian_score_fn(MEAN2, COV2, sde)
+  # Pathwise, c = 0: the exponential integrator from the same x_T converges to the ODE solution.
+  x_T = sde.prior_sample(jax.random.PRNGKey(5), (256, 2))
+  ref, _ = samplers.ode_sampler(score, sde, None, (256, 2), x_init=x_T, rtol=1e-6, atol=1e-6)
+  errs = []
+  for n_steps in (250, 1000):
+    x, _ = samplers.exponential_integrator_sampler(score, sde, jax.random.PRNGKey(0), (256, 2),
+                                                   c=0.0, n_steps=n_steps, x_init=x_T)
+    errs.append(float(jnp.max(jnp.abs(x - ref))))
+  assert errs[1] < 0.02, errs
+  assert errs[1] < 0.5 * errs[0], errs  # first-order convergence (ratio ~4 expected)
+  # In distribution, c = 1 and c = 4: exponential integrator and Euler-Maruyama at 1000 steps agree
+  # with each other (difference of two independent estimates) and with the data moments.
+  n = 4000
+  for c in (1.0, 4.0):
+    xe, _ = samplers.exponential_integrator_sampler(score, sde, jax.random.PRNGKey(6), (n, 2),
+                                                    c=c, n_steps=1000)
+    xm, _ = samplers.sde_sampler(score, sde, jax.random.PRNGKey(7), (n, 2), c=c, n_steps=1000)
+    assert_moments(xe, MEAN2, COV2, 0.02, f"exp c={c}")
+    assert_moments(xm, MEAN2, COV2, 0.02, f"em c={c}")
+    se_diff = np.sqrt(2 * np.diag(np.asarray(COV2)) / n)
+    np.testing.assert_array_less(np.abs(np.mean(xe, 0) - np.mean(xm, 0)), Z * se_diff + 0.01)
+
+
+# ---------------------------------------------------------------------------------------------------
+# NFE bookkeeping against a counting wrapper
+# ---------------------------------------------------------------------------------------------------
+
+def test_nfe_counts_match_counting_wrapper():
+  dist = toy_data.ode_sde_gmm_1d()  # stiff near eps: the adaptive solver rejects steps
+  sde = sde_lib.VPSDE(eps=1e-3)
+  shape = (16, 1)
+  key = jax.random.PRNGKey(0)
+  cases = [
+      ("ode tsit5", samplers.ode_sampler, dict(solver="tsit5", rtol=1e-6, atol=1e-6, dt0=0.3)),
+      ("ode dopri5 +denoise", samplers.ode_sampler, dict(solver="dopri5", rtol=1e-4, atol=1e-4,
+                                                         denoise=True)),
+      ("em", samplers.sde_sampler, dict(c=1.0, n_steps=37)),
+      ("sra1", samplers.sde_sampler, dict(c=2.0, n_steps=20, solver="sra1", denoise=True)),
+      ("heun adaptive", samplers.sde_sampler, dict(c=1.0, n_steps=10, solver="heun",
+                                                   adaptive=True, rtol=1e-2, atol=1e-2)),
+      ("pc", samplers.pc_sampler, dict(n_steps=15, n_corrector_steps=2, denoise=True)),
+      ("pc no corrector", samplers.pc_sampler, dict(n_steps=15, n_corrector_steps=0,
+                                                    predictor="euler_maruyama")),
+      ("exponential", samplers.exponential_integrator_sampler, dict(c=1.0, n_steps=25)),
+  ]
+  rejected = 0
+  for name, fn, kw in cases:
+    counter = CallCounter(dist.score_fn(sde))
+    x, stats = jax.jit(lambda key: fn(counter, sde, key, shape, **kw))(key)
+    jax.block_until_ready(x)
+    jax.effects_barrier()
+    assert int(stats["nfe"]) == counter.n, (name, int(stats["nfe"]), counter.n)
+    if "num_rejected_steps" in stats:
+      rejected += int(stats["num_rejected_steps"])
+  assert rejected > 0  # the formula was exercised with rejected steps (incl. the first step)
+  # Closed-form counts for the fixed-step samplers.
+  assert int(samplers.pc_sampler(dist.score_fn(sde), sde, key, shape, n_steps=15,
+                                 n_corrector_steps=2, denoise=True)[1]["nfe"]) == 15 * 3 + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# ODE-vs-SDE paper, Appendix G: 1-D Gaussian with pulse-shaped score errors
+# ---------------------------------------------------------------------------------------------------
+
+SIGMA0, T_G, EPS_G = 0.5, 2.0, 1e-4
+EARLY = (0.1, 2.0)  # forward time t > 0.05 T: generative time < 0.95 T (their case 4)
+LATE = (0.0, 0.02)  # forward time t < 0.01 T: generative time > 0.99 T (their case 5)
+
+
+def appendix_g_var(t):
+  """sigma_t^2 = sigma_0^2 e^{-t} + 1 - e^{-t} for f = -x/2, g = 1 (Cao et al., eq. 42)."""
+  return SIGMA0**2 * np.exp(-t) + 1.0 - np.exp(-t)
+
+
+def appendix_g_generated_var(c, eps_err, window):
+  """Var(Y) at the end of dY = a_tau Y dtau + h dW (generative time tau = T - t), h^2 = c:
+  Var = G^{-2} Var(Y_0) + int G^{-2} G_tau^2 h^2 dtau, G_tau = exp(-int_0^tau a) (Appendix G.1),
+  with a_tau = 1/2 + (1 + h^2)/2 (-1/sigma_{T-tau}^2 + eps alpha_tau) and E = alpha x = 1_window *
+  score, i.e. alpha_tau = -1_window / sigma_{T-tau}^2. Integrated to tau = T - eps by quadrature."""
+  lo, hi = window
+
+  def a(tau):
+    t = T_G - tau
+    ind = 1.0 if lo <= t <= hi else 0.0
+    return 0.5 - 0.5 * (1.0 + c) * (1.0 + eps_err * ind) / appendix_g_var(t)
+
+  tau_end = T_G - EPS_G
+  brk = [p for p in (T_G - hi, T_G - lo) if 0.0 < p < tau_end]
+
+  def int_a(tau):
+    return integrate.quad(a, 0.0, tau, points=[p for p in brk if p < tau] or None, limit=200,
+                          epsabs=1e-13, epsrel=1e-12)[0]
+
+  log_g_end = -int_a(tau_end)
+  var = np.exp(-2.0 * log_g_end) * appendix_g_var(T_G)
+  if c > 0:
+    var += integrate.quad(lambda tau: c * np.exp(2.0 * (int_a(tau_end) - int_a(tau))), 0.0, tau_end,
+                          points=brk or None, limit=200)[0]
+  return var
+
+
+def gaussian_kl(var_p, mean_q, var_q):
+  """KL(N(0, var_p) || N(mean_q, var_q)) (Appendix G.1 with the fitted mean included)."""
+  return 0.5 * np.log(var_q / var_p) + (var_p + mean_q**2) / (2.0 * var_q) - 0.5
+
+
+def _pulse_sampler(n, n_steps, method):
+  sde = sde_lib.VPSDE(beta_min=1.0, beta_max=1.0, T=T_G, eps=EPS_G)  # f = -x/2, g = 1
+
+  def score(x, t):
+    return -x / (SIGMA0**2 * jnp.exp(-t) + 1.0 - jnp.exp(-t))
+
+  prior = sde_lib.GaussianPrior(jnp.sqrt(appendix_g_var(T_G)))  # law(Y_0) = p_T exactly
+
+  @jax.jit
+  def run(key, c, lo, hi, eps_err):
+    def pulse(x, t):
+      return score(x, t) * ((t >= lo) & (t <= hi))
+
+    kw = dict(c=c, n_steps=n_steps, prior=prior, score_perturbation=pulse, epsilon=eps_err)
+    if method == "exponential":
+      return samplers.exponential_integrator_sampler(score, sde, key, (n, 1), **kw)[0]
+    return samplers.sde_sampler(score, sde, key, (n, 1), **kw)[0]
+
+  return run
+
+
+def _check_pulse_experiment(n, n_steps, cs, eps_err, method, disc_allow):
+  run = _pulse_sampler(n, n_steps, method)
+  target = appendix_g_var(EPS_G)
+  kls = {}
+  for window_name, window in (("early", EARLY), ("late", LATE)):
+    for i, c in enumerate(cs):
+      v = appendix_g_generated_var(c, eps_err, window)
+      kl = gaussian_kl(target, 0.0, v)
+      x = np.asarray(run(jax.random.PRNGKey(10 + i), c, window[0], window[1], eps_err), np.float64)
+      m_hat, v_hat = x.mean(), x.var()
+      tol_v = (Z * math.sqrt(2.0 / n) + disc_allow) * v
+      assert abs(v_hat - v) < tol_v, (window_name, c, v_hat, v)
+      kl_hat = gaussian_kl(target, m_hat, v_hat)
+      dkl_dv = abs(0.5 / v - 0.5 * target / v**2)
+      assert abs(kl_hat - kl) < dkl_dv * tol_v + 0.5 * tol_v**2 / v**2 + Z / n, (window_name, c,
+                                                                                kl_hat, kl)
+      kls[window_name, c] = (kl, kl_hat)
+  # Cao et al., Props. 3.4-3.5: early errors shrink as c grows, late errors grow (closed form ...
+  for a, b in zip(cs[:-1], cs[1:]):
+    assert kls["early", a][0] > kls["early", b][0]
+    assert kls["late", a][0] < kls["late", b][0]
+  # ... and visible in the samples between the extreme c's.
+  assert kls["early", cs[0]][1] > kls["early", cs[-1]][1]
+  assert kls["late", cs[0]][1] < kls["late", cs[-1]][1]
+  return kls
+
+
+def test_appendix_g_pulse_errors_kl():
+  # 2000 EM steps: discretization bias of the variance < 1% here (exact discrete recursion).
+  _check_pulse_experiment(n=40_000, n_steps=2000, cs=(0.0, 1.0, 4.0), eps_err=0.3,
+                          method="em", disc_allow=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["em", "exponential"])
+def test_appendix_g_pulse_errors_kl_large(method):
+  kls = _check_pulse_experiment(n=400_000, n_steps=8000, cs=(0.0, 0.5, 1.0, 2.0, 4.0, 10.0),
+                                eps_err=0.3, method=method, disc_allow=0.003)
+  print({k: tuple(float(f"{u:.3g}") for u in v) for k, v in kls.items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# T != 1, eps, no recompilation, config entry point
+# ---------------------------------------------------------------------------------------------------
+
+def test_T_and_eps_respected_without_recompiling():
+  n = 3000
+  traces = {"ode": 0, "em": 0}
+  base = sde_lib.VPSDE(T=0.6, eps=0.05)
+
+  def make(name, fn, **kw):
+    @jax.jit
+    def run(sde, key):
+      traces[name] += 1  # runs once per trace
+      mean_T, cov_T = gaussian_marginal(MEAN2, COV2, sde, sde.T)
+      prior = FullGaussianPrior(mean_T, cov_T)  # exact p_T: small T needs the true marginal
+      return fn(gaussian_score_fn(MEAN2, COV2, sde), sde, key, (n, 2), prior=prior, **kw)
+    return run
+
+  ode = make("ode", samplers.ode_sampler)
+  em = make("em", samplers.sde_sampler, c=1.0, n_steps=300)
+  for T, eps in ((0.6, 0.05), (0.3, 0.1)):
+    sde = base.replace(T=jnp.asarray(T), eps=jnp.asarray(eps))
+    mean_eps, cov_eps = gaussian_marginal(MEAN2, COV2, sde, eps)
+    for name, run in (("ode", ode), ("em", em)):
+      x, _ = run(sde, jax.random.PRNGKey(int(T * 10)))
+      # The samples follow p_eps (not p_0): eps = 0.1 shrinks the covariance visibly.
+      assert_moments(x, mean_eps, cov_eps, 0.02, f"{name} T={T} eps={eps}")
+  assert traces == {"ode": 1, "em": 1}
+  # Tweedie denoising: E[x0 | x_eps] ~ N(m, C alpha^2 (alpha^2 C + sigma^2 I)^{-1} C).
+  sde = sde_lib.VPSDE(T=jnp.asarray(0.3), eps=jnp.asarray(0.1))
+  mean_T, cov_T = gaussian_marginal(MEAN2, COV2, sde, sde.T)
+  x, stats = samplers.ode_sampler(gaussian_score_fn(MEAN2, COV2, sde), sde, jax.random.PRNGKey(9),
+                                  (n, 2), prior=FullGaussianPrior(mean_T, cov_T), denoise=True)
+  alpha, _ = sde.marginal_coeffs(sde.eps)
+  _, cov_eps = gaussian_marginal(MEAN2, COV2, sde, sde.eps)
+  cov_post_mean = alpha**2 * COV2 @ jnp.linalg.solve(cov_eps, COV2)
+  assert_moments(x, MEAN2, cov_post_mean, 0.01, "denoised")
+
+
+def _cfg(**overrides):
+  config = get_default_config()
+  for k, v in overrides.items():
+    config.sampling[k] = v
+  return config
+
+
+def test_get_sampler_methods_and_validation():
+  sde = sde_lib.VPSDE(eps=1e-3)
+  score = gaussian_score_fn(MEAN2, COV2, sde)
+  key = jax.random.PRNGKey(0)
+  expected = {
+      "ode": None,
+      "sde": 50 + 1,
+      "pc": 50 * 3 + 1,
+      "exponential": 50 + 1,
+  }
+  for method, nfe in expected.items():
+    sample_fn = samplers.get_sampler(_cfg(method=method, n_steps=50, n_corrector_steps=2,
+                                          denoise=True, c=2.0), sde, (8, 2))
+    x, stats = jax.jit(sample_fn, static_argnums=0)(score, key)
+    assert x.shape == (8, 2) and bool(jnp.all(jnp.isfinite(x)))
+    if nfe is not None:
+      assert int(stats["nfe"]) == nfe, method
+    else:
+      assert int(stats["nfe"]) == 1 + 6 * int(stats["num_steps"]) + 1
+  with pytest.raises(ValueError, match="sampling.method"):
+    samplers.get_sampler(_cfg(method="ddim"), sde, (8, 2))
+  with pytest.raises(ValueError, match="sampling.c"):
+    samplers.get_sampler(_cfg(method="sde", c=-1.0), sde, (8, 2))
+  with pytest.raises(ValueError, match="sampling.solver"):
+    samplers.get_sampler(_cfg(method="ode", solver="rk4"), sde, (8, 2))
+  with pytest.raises(ValueError, match="sampling.solver"):
+    samplers.get_sampler(_cfg(method="sde", solver="milstein"), sde, (8, 2))
+  with pytest.raises(ValueError, match="vpsde"):
+    samplers.get_sampler(_cfg(method="exponential"), sde_lib.VESDE(), (8, 2))
+  with pytest.raises(ValueError, match="sampling.c"):
+    samplers.sde_sampler(score, sde, key, (8, 2), c=-0.5)
