@@ -13,9 +13,10 @@ integer levels k in {0, ..., L-1} (L = ``num_grey_levels``: 256 for TFDS images,
 mapped to
   * x = k / (L - 1) in [0, 1]                    (no dequantization), or
   * x = (k + u) / L with u ~ U[0, 1)^D in [0, 1)  (uniform dequantization, likelihood training),
-and then, when ``data.centered``, to 2x - 1 in [-1, 1]. For bits/dim the continuous density of
-``x`` is converted with ``DatasetInfo.bpd_offset`` = log2(L / range), range = 2 if centered else 1
-(score_sde's offset 8 / 7 for 256 levels): bpd = -log p(x) / (D ln 2) + bpd_offset.
+and then, when ``data.centered``, to 2x - 1 in [-1, 1]. Bits/dim of the discrete data:
+``likelihood.bits_per_dim(logp, info.shape, centered=info.centered, num_levels=info.num_grey_levels)``
+with ``info = dataset_info(config)``; its dequantization is ``likelihood.uniform_dequantize``, which
+takes the integer levels that ``get_dataset(..., as_levels=True)`` yields.
 
 Sharding: each process reads a disjoint, contiguous part of the split (``tfds.split_for_jax_process``
 for TFDS; the same even-split rule for digits: sizes differ by at most one, earlier shards larger).
@@ -111,13 +112,6 @@ class DatasetInfo:
   def data_range(self) -> float:
     return 2.0 if self.centered else 1.0
 
-  @property
-  def bpd_offset(self) -> float:
-    """log2(L / range): add to -log p(x) / (D ln 2) to get bits/dim of the discrete data
-    (the change of variables from [0, L)^D to the model's data space; ScoreFlow §5.2)."""
-    if not self.is_image:
-      raise ValueError(f"data.dataset={self.name!r} is not discrete image data: bits/dim undefined")
-    return math.log2(self.num_grey_levels / self.data_range)
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -173,13 +167,6 @@ def scale_images(levels, num_grey_levels: int, centered: bool, noise=None):
 def inverse_scale(x, centered: bool):
   """Model space -> [0, 1] (for plotting / FID); the inverse of the centering only."""
   return (x + 1.0) / 2.0 if centered else x
-
-
-def uniform_dequantize(key: jax.Array, levels: jax.Array, info: DatasetInfo) -> jax.Array:
-  """(k + u) / L (centered if configured) with u ~ U[0,1): a fresh dequantization of integer
-  levels, e.g. for several dequantization repeats in bits/dim evaluation."""
-  u = jax.random.uniform(key, levels.shape)
-  return scale_images(levels, info.num_grey_levels, info.centered, noise=u)
 
 
 def quantize(x, info: DatasetInfo, dequantized: bool | None = None):
@@ -467,7 +454,8 @@ def _per_process(global_batch: int, process_count: int, field: str) -> int:
 def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuffle: bool = True,
                 process_index: int | None = None, process_count: int | None = None,
                 batch_size: int | None = None, repeat: bool = True, random_flip: bool | None = None,
-                dequantize: bool | None = None, seed: int | None = None) -> DatasetIterator:
+                dequantize: bool | None = None, seed: int | None = None,
+                as_levels: bool = False) -> DatasetIterator:
   """Batches of ``config.data.dataset`` for this process, as numpy float32 in model space.
 
   repeat=True: an endless ``ArrayIterator`` (``ToyIterator`` for toy data) of arrays (B, *shape);
@@ -477,6 +465,8 @@ def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuf
   repeat=False: a finite ``EvalIterator`` of padded ``EvalBatch`` (global batch ``eval.batch_size``
     by default), no flips, no shuffling.
   dequantize defaults to ``data.uniform_dequantization``; seed to ``config.seed``.
+  as_levels=True yields the raw uint8 levels k (no flip, scaling or dequantization), e.g. for
+  ``likelihood.dataset_bits_per_dim``, which dequantizes per example itself.
   Each process gets ``global_batch // process_count`` rows from its own disjoint shard.
   """
   process_index = jax.process_index() if process_index is None else int(process_index)
@@ -513,6 +503,8 @@ def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuf
   if random_flip is None:
     random_flip = bool(config.data.random_flip) and repeat
   transform = image_transform(info, random_flip=random_flip, dequantize=dequantize)
+  if as_levels:
+    transform = lambda levels, rng: levels  # noqa: E731
   levels, start, total = load_levels(config, split, process_index, process_count)
   if repeat:
     return ArrayIterator(levels, local_batch, seed=seed, shuffle=shuffle, transform=transform,
@@ -680,5 +672,5 @@ def split_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
 __all__: Sequence[str] = (
     "DatasetInfo", "DatasetNotPreparedError", "ArrayIterator", "EvalIterator", "EvalBatch",
     "ToyIterator", "ThreadedIterator", "DevicePrefetchIterator", "dataset_info", "get_dataset", "get_eval_dataset",
-    "prefetch_to_device", "scale_images", "inverse_scale", "uniform_dequantize", "quantize",
+    "prefetch_to_device", "scale_images", "inverse_scale", "quantize",
     "load_levels", "even_shard", "image_transform", "split_sizes", "IMAGE_DATASETS")

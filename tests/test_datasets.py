@@ -301,25 +301,27 @@ def test_batch_sizes_per_process_and_stf():
     datasets.get_dataset(config, process_index=0, process_count=3)
 
 
-def test_bpd_offset_uniform_density_oracle():
-  """Under the uniform density on the data range, every discrete image has probability L^-D, i.e.
-  exactly log2(L) bits/dim: -log p(x) / (D ln 2) + offset must equal log2(L)."""
-  for dataset, centered in [("digits", False), ("digits", True), ("cifar10", False),
-                            ("cifar10", True)]:
-    info = datasets.dataset_info(_config(dataset, centered=centered))
-    log_p_per_dim = -math.log(info.data_range)  # uniform on [0,1) or [-1,1)
-    bpd = -log_p_per_dim / math.log(2) + info.bpd_offset
-    assert bpd == pytest.approx(math.log2(info.num_grey_levels), abs=1e-12)
-  assert datasets.dataset_info(_config("cifar10", centered=True)).bpd_offset == pytest.approx(7.0)
-
-
-def test_jax_dequantize_matches_numpy_convention():
-  info = datasets.dataset_info(_config("digits", centered=True))
-  levels = datasets._digits_levels()["test"][:16]
-  x = np.asarray(jax.jit(lambda k, l: datasets.uniform_dequantize(k, l, info))(
-      jax.random.PRNGKey(0), levels))
-  assert x.min() >= -1 and x.max() < 1
-  np.testing.assert_array_equal(np.floor((x + 1) / 2 * 17).astype(np.uint8), levels)
+def test_levels_and_info_feed_likelihood_bits_per_dim():
+  """Contract with likelihood.py: the eval stream's raw levels + dataset_info give the right
+  dequantization and bits/dim. Oracle: under the uniform density on the data range every discrete
+  image has probability L^-D, i.e. exactly log2(L) bits/dim."""
+  likelihood = pytest.importorskip("likelihood")
+  for centered in (False, True):
+    config = _config("digits", centered=centered)
+    info = datasets.dataset_info(config)
+    batch = next(datasets.get_dataset(config, split="test", shuffle=False, repeat=False,
+                                      process_index=0, process_count=1, batch_size=32,
+                                      as_levels=True))
+    assert batch.image.dtype == np.uint8 and batch.image.max() <= 16
+    y = np.asarray(likelihood.uniform_dequantize(jax.random.PRNGKey(0), batch.image,
+                                                 info.num_grey_levels, info.centered))
+    lo = -1.0 if centered else 0.0
+    assert y.min() >= lo and y.max() < 1.0
+    np.testing.assert_array_equal(datasets.quantize(y, info, dequantized=True), batch.image)
+    logp_uniform = -info.dim * math.log(info.data_range) * np.ones(len(y))
+    bpd = np.asarray(likelihood.bits_per_dim(logp_uniform, info.shape, centered=info.centered,
+                                             num_levels=info.num_grey_levels))
+    np.testing.assert_allclose(bpd, math.log2(17), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,6 +382,10 @@ def test_every_config_loads_with_the_shared_schema(name):
   assert config.training.ref_batch_size >= config.training.batch_size
   assert 0 < config.sde.eps < config.sde.T
   info = datasets.dataset_info(config)  # dataset name known, shapes consistent
+  import models
+  for family in ("mlp", "ncsnpp", "ddpmpp", "unet"):  # modules register their names on import
+    importlib.import_module(f"models.{family}")
+  models.get_model(config)  # model name registered, model fields accepted
   if info.is_image:
     assert config.data.num_grey_levels == info.num_grey_levels
     assert config.model.center_input == (not config.data.centered)
