@@ -176,14 +176,16 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
-def _checkpoint_managers(workdir: str, config):
+def _checkpoint_managers(workdir: str, max_to_keep: int, read_only: bool = False):
+  """(latest, periodic) orbax managers; ``read_only`` creates and deletes nothing."""
   import orbax.checkpoint as ocp
-  opts = dict(create=True, cleanup_tmp_directories=True)
+  opts = (dict(read_only=True, create=False) if read_only
+          else dict(create=True, cleanup_tmp_directories=True))
   latest = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, LATEST_DIR)),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts))
-  periodic = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, PERIODIC_DIR)),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.training.max_to_keep, **opts))
+  periodic = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, PERIODIC_DIR)),
+                                   options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                                        **opts))
   return latest, periodic
 
 
@@ -208,12 +210,12 @@ def save_checkpoint(manager, state, step: int) -> None:
 
 def restore_checkpoint(workdir: str, state, managers=None):
   """Restores the newest checkpoint (latest or periodic) into the structure/sharding of ``state``.
-  Returns (state, step); (state, 0) when the workdir has none."""
+  Returns (state, step); (state, 0) when the workdir has none. Without ``managers`` the workdir
+  is opened read-only (what eval / sample modes use)."""
   import orbax.checkpoint as ocp
   own = managers is None
   if own:
-    managers = _checkpoint_managers(workdir, ml_collections.ConfigDict(
-        {"training": {"max_to_keep": 1000}}))
+    managers = _checkpoint_managers(workdir, 1, read_only=True)
   try:
     best = max(((m.latest_step(), m) for m in managers if m.latest_step() is not None),
                default=None, key=lambda sm: sm[0])
@@ -363,7 +365,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       f.write(config.to_json_best_effort(indent=2))
     os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
-  managers = _checkpoint_managers(workdir, config)
+  managers = _checkpoint_managers(workdir, tr.max_to_keep)
   latest_mgr, periodic_mgr = managers
   writer = None
   try:
@@ -449,6 +451,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        rate, (tr.n_iters - step) / max(rate, 1e-9))
           if writer is not None:
             writer.add_scalar("train/steps_per_sec", rate, step)
+            for k, v in jax.device_get(metrics).items():  # this step's other scalar metrics
+              if k != "loss" and np.ndim(v) == 0:
+                writer.add_scalar(f"train/{k}", float(v), step)
           last_t, last_step = now, step
         if step % tr.eval_freq == 0 or step == tr.n_iters:
           drain()

@@ -86,8 +86,9 @@ def test_uninterrupted_run_outputs(uninterrupted):
   losses = np.array([out["losses"][s] for s in range(1, 41)])
   assert losses[-10:].mean() < losses[:10].mean()
   # The restored state equals the one the run ended with (params, EMA, optimizer state, RNG).
-  restored, step = run_lib.restore_checkpoint(wd, out["state"])
-  assert step == 40
+  before = snapshot(wd)
+  restored, step = run_lib.restore_checkpoint(wd, out["state"])  # read-only: workdir unchanged
+  assert step == 40 and snapshot(wd) == before
   for a, b in zip(jax.tree.leaves(run_lib._to_saveable(restored)),
                   jax.tree.leaves(run_lib._to_saveable(out["state"]))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
