@@ -372,11 +372,13 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def init_train_state(params: Params, optimizer: optax.GradientTransformation,
-                     rng: Array) -> TrainState:
-  """Step 0, EMA initialised to the parameters."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.array, params),
-                    opt_state=optimizer.init(params), rng=rng)
+                     rng: Array, mesh: Optional[Mesh] = None) -> TrainState:
+  """Step 0, EMA initialised to the parameters. With ``mesh`` the state is placed replicated on
+  it, as the train step returns it (otherwise the first two steps compile twice)."""
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     ema_params=jax.tree.map(jnp.array, params),
+                     opt_state=optimizer.init(params), rng=rng)
+  return state if mesh is None else replicate(state, mesh)
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -78,6 +78,24 @@ def test_config_errors_name_the_field():
     loss_fn({}, jnp.zeros((3, 2)), jax.random.PRNGKey(0))
 
 
+def test_weightings_match_the_papers_formulas():
+  """Cao et al. eq. 5 / 45 with varpi_t = sqrt(1 - exp(-t^2 (b1 - b0)/2 - t b0)) for VP; g^2 = beta;
+  reduce_mean divides the loss by D."""
+  sde = sde_lib.VPSDE()
+  t = jnp.array([0.01, 0.2, 0.7, 1.0])
+  varpi = jnp.sqrt(1 - jnp.exp(-0.5 * t**2 * (20.0 - 0.1) - 0.1 * t))
+  want = {"default": varpi**2, "noise_driven": varpi**3, "data_driven": varpi**2 / (0.25 + varpi),
+          "likelihood": 0.1 + t * (20.0 - 0.1)}
+  for name, w in want.items():
+    np.testing.assert_allclose(losses.loss_weight(sde, t, name), w, rtol=1e-5)
+  fn = lambda p, x, t, rng=None: p * x
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (8, 3, 5))
+  key = jax.random.PRNGKey(1)
+  total = losses.get_loss_fn(_config(batch_size=8), sde, fn)(-1.0, x0, key)[0]
+  mean = losses.get_loss_fn(_config(batch_size=8, reduce_mean=True), sde, fn)(-1.0, x0, key)[0]
+  np.testing.assert_allclose(mean, total / 15, rtol=1e-6)
+
+
 # -- STF target -------------------------------------------------------------------------------------------
 SDES = [sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE()]
 
@@ -244,8 +262,9 @@ def test_ism_ssm_equal_dsm_up_to_constant(probe):
   with jax.enable_x64(True):
     mu, s, data = _gaussian_data()
     sde = sde_lib.VPSDE()
-    score_fn = lambda p, x, t, rng=None: -p["a"] * x + p["b"]
-    params = {"a": jnp.array([0.7, 1.5]), "b": jnp.array([0.3, -0.2])}
+    # A full, non-symmetric A: the Hutchinson probes see off-diagonal terms.
+    score_fn = lambda p, x, t, rng=None: -x @ p["a"].T + p["b"]
+    params = {"a": jnp.array([[0.7, 0.4], [-0.3, 1.5]]), "b": jnp.array([0.3, -0.2])}
     reps, b = 300, 32
     keys = jax.random.split(jax.random.PRNGKey(6), reps)
     x0 = data.sample(jax.random.PRNGKey(7), reps * b).reshape(reps, b, 2)
@@ -292,7 +311,7 @@ def test_sharded_train_step_matches_single_device(target):
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = losses.make_mesh(devices)
     step = losses.make_train_step(loss_fn, optimizer, ema_rate=0.9, mesh=mesh)
-    state = losses.init_train_state(params, optimizer, jax.random.PRNGKey(2))
+    state = losses.init_train_state(params, optimizer, jax.random.PRNGKey(2), mesh)
     for batch in batches:
       state, metrics = step(state, losses.shard_batch(batch, mesh))
     assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
