@@ -204,6 +204,19 @@ def test_threaded_iterator_exact_state_and_errors():
     next(broken)
 
 
+def test_prefetch_to_device_shards_over_the_mesh():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  devices = np.asarray(jax.local_devices())
+  sharding = NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+  config = _config("digits")
+  kw = dict(split="train", shuffle=True, process_index=0, process_count=1,
+            batch_size=8 * len(devices))
+  want = next(datasets.get_dataset(config, **kw))
+  got = next(datasets.prefetch_to_device(datasets.get_dataset(config, **kw), sharding))
+  assert got.sharding == sharding and len(got.addressable_shards) == len(devices)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_not_prepared_fails_at_once(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
 
