@@ -14,7 +14,7 @@ keeps float32 accurate when ``sigma_t`` is tiny (small ``t``).
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +71,13 @@ class GaussianMixture:
             + jnp.einsum("k,ki,kj->ij", w, centred, centred))
 
   # -- sampling and density -----------------------------------------------------------------------
-  def sample(self, key: Array, n: int) -> Array:
-    """n i.i.d. samples, shape (n, D): component k ~ Cat(w), then x = mu_k + L_k z, z ~ N(0, I)."""
+  def sample(self, key: Array, n: int | Sequence[int]) -> Array:
+    """i.i.d. samples: component k ~ Cat(w), then x = mu_k + L_k z, z ~ N(0, I). ``n`` is a count
+    (returns (n, D)) or a shape (..., D) (the prior interface ``sample(key, shape)``)."""
+    n, shape = _num_and_shape(n, self.dim)
+    return self._sample(key, n).reshape(shape)
+
+  def _sample(self, key: Array, n: int) -> Array:
     k_comp, k_noise = jax.random.split(key)
     comp = jax.random.categorical(k_comp, self.log_weights(), shape=(n,))
     z = jax.random.normal(k_noise, (n, self.dim), dtype=self.means.dtype)
@@ -159,9 +164,21 @@ class SwissRoll:
   def dim(self) -> int:
     return 2
 
-  def sample(self, key: Array, n: int) -> Array:
+  def sample(self, key: Array, n: int | Sequence[int]) -> Array:
+    """``n`` a count (returns (n, 2)) or a shape (..., 2)."""
+    n, shape = _num_and_shape(n, self.dim)
     s = jax.random.uniform(key, (n,), minval=self.s_min, maxval=self.s_max)
-    return self.scale * jnp.stack([s * jnp.sin(s), s * jnp.cos(s)], axis=-1)
+    return (self.scale * jnp.stack([s * jnp.sin(s), s * jnp.cos(s)], axis=-1)).reshape(shape)
+
+
+def _num_and_shape(n: int | Sequence[int], dim: int) -> tuple[int, tuple[int, ...]]:
+  """(number of samples, output shape) from a count n or a shape (..., dim)."""
+  if isinstance(n, (tuple, list)):
+    shape = tuple(int(v) for v in n)
+    if not shape or shape[-1] != dim:
+      raise ValueError(f"sample shape {shape} must end with the event dimension {dim}")
+    return math.prod(shape[:-1]), shape
+  return int(n), (int(n), dim)
 
 
 # -- builders with the papers' parameters -----------------------------------------------------------

@@ -43,6 +43,11 @@ def test_registry_names_and_error():
   for name in td.TOY_DISTRIBUTIONS:
     dist = td.get_toy_distribution(name)
     assert dist.sample(jax.random.PRNGKey(0), 3).shape == (3, dist.dim)
+    # The prior interface sample(key, shape): a shape (..., D) gives the same draws reshaped.
+    key = jax.random.PRNGKey(1)
+    np.testing.assert_array_equal(dist.sample(key, (2, 3, dist.dim)).reshape(6, dist.dim), dist.sample(key, 6))
+  with pytest.raises(ValueError, match="event dimension"):
+    td.ode_sde_gmm_2d().sample(jax.random.PRNGKey(0), (4, 3))
   with pytest.raises(ValueError, match="data.dataset") as err:
     td.get_toy_distribution("gmm_3d")
   for name in td.TOY_DISTRIBUTIONS:
