@@ -382,17 +382,23 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation,
 
 
 def make_mesh(devices=None) -> Mesh:
-  """1-D mesh with axis 'data' over ``devices`` (default: all local devices)."""
-  devices = jax.local_devices() if devices is None else list(devices)
+  """1-D mesh with axis 'data' over ``devices`` (default ``jax.devices()``: the local devices on one
+  host, every process's devices after ``jax.distributed.initialize()`` on several)."""
+  devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def shard_batch(batch: Array, mesh: Mesh) -> Array:
-  """Places a global batch (N, ...) sharded along its first axis over the mesh axis 'data'."""
+  """Places a batch sharded along its first axis over the mesh axis 'data'. One process: ``batch``
+  is the global batch (N, ...). Several processes: each passes its own rows (N / process_count),
+  assembled into one global array."""
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  if jax.process_count() > 1:
+    return jax.make_array_from_process_local_data(sharding, np.asarray(batch))
   size = mesh.shape[DATA_AXIS]
   if batch.shape[0] % size:
     raise ValueError(f"batch of {batch.shape[0]} rows does not split over {size} devices")
-  return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+  return jax.device_put(batch, sharding)
 
 
 def replicate(tree, mesh: Mesh):
