@@ -113,7 +113,6 @@ class DatasetInfo:
     return 2.0 if self.centered else 1.0
 
 
-
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """Shape, grey levels and scaling of ``config.data.dataset`` (no data is read)."""
   spec = _spec(config)
@@ -212,7 +211,10 @@ def _tfds_builder(name: str, data_dir: str | None):
   """The TFDS builder of ``name``; DatasetNotPreparedError at once if it is not prepared."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
-  tf.config.set_visible_devices([], "GPU")  # keep TF off accelerators; JAX owns them
+  try:
+    tf.config.set_visible_devices([], "GPU")  # keep TF off accelerators; JAX owns them
+  except RuntimeError:  # TF devices already initialized by the caller
+    pass
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
     where = data_dir or "the TFDS default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
@@ -231,7 +233,7 @@ def _tfds_levels(name: str, split: str, image_size: int, data_dir: str | None,
   import tensorflow as tf
   import tensorflow_datasets as tfds
   builder = _tfds_builder(name, data_dir)
-  if split not in builder.info.splits:
+  if split not in builder.info.splits:  # base split names only ('train', 'test', ...)
     raise ValueError(f"split {split!r} not in {name!r} (splits: {list(builder.info.splits)})")
   total = builder.info.splits[split].num_examples
   start, _ = even_shard(total, process_index, process_count)
