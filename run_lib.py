@@ -263,6 +263,12 @@ def _write_loss_history(workdir: str, rows: list[tuple[int, float]], name: str =
   os.replace(tmp, path)
 
 
+def _append_loss_history(workdir: str, rows: list[tuple[int, float]], name: str = LOSS_FILE) -> None:
+  """Appends rows (a cut last line is dropped by the rewrite at the next start)."""
+  with open(os.path.join(workdir, name), "a") as f:
+    f.writelines(f"{s},{l!r}\n" for s, l in rows)
+
+
 def _plot_loss_curve(workdir: str, rows: list[tuple[int, float]],
                      evals: list[tuple[int, float]]) -> str:
   import matplotlib
@@ -334,7 +340,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sde = validate_config(config)
   tr = config.training
   n_rows = train_batch_rows(config)
-  n_dev = jax.device_count()
+  n_dev = jax.local_device_count()  # the mesh of losses.make_mesh()
   for name, n in (("training.batch_size", tr.batch_size), ("training.ref_batch_size", n_rows)):
     if n % n_dev:
       raise ValueError(f"{name}={n} must be divisible by the number of devices ({n_dev})")
@@ -376,7 +382,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       raise ValueError(f"restored state.step={int(state.step)} != checkpoint step {start_step}")
     history = _load_loss_history(workdir, start_step)
     eval_history = _load_loss_history(workdir, start_step, EVAL_FILE)
+    flushed = [len(history)]  # rows of `history` already in LOSS_FILE
     if _is_main():
+      # Drop rows a killed run wrote past its last checkpoint (they are recomputed identically).
+      _write_loss_history(workdir, history)
+      _write_loss_history(workdir, eval_history, EVAL_FILE)
       from tensorboardX import SummaryWriter
       writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
@@ -410,12 +420,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       drain()
       if not _all_finite(state.params):
         raise FloatingPointError(f"non-finite parameters at step {step}")
+      if _is_main():  # rows first: rows past the last committed checkpoint are dropped on restart
+        _append_loss_history(workdir, history[flushed[0]:])
+        flushed[0] = len(history)
+        _write_loss_history(workdir, eval_history, EVAL_FILE)
       save_checkpoint(latest_mgr, state, step)
       if kept:
         save_checkpoint(periodic_mgr, state, step)
-      if _is_main():
-        _write_loss_history(workdir, history)
-        _write_loss_history(workdir, eval_history, EVAL_FILE)
 
     def heldout_loss(params) -> float:
       # Same t / noise keys at every evaluation, so the curve shows the model, not resampling.
@@ -441,11 +452,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state, metrics = train_step(state, batch)
         step += 1
         pending.append((step, metrics["loss"]))
+        if step == start_step + 1:  # exclude compilation from the steps/s of the first window
+          drain()
+          last_t, last_step = time.time(), step
         if step % tr.log_freq == 0 or step == tr.n_iters:
           drain()
           now = time.time()
           rate = (step - last_step) / max(now - last_t, 1e-9)
-          window = [l for s, l in history[-(step - last_step):]]
+          window = [l for _, l in history[-max(step - last_step, 1):]]
           logging.info("step %d/%d: loss %.6g (mean of last %d %.6g), %.1f steps/s, ETA %.0fs",
                        step, tr.n_iters, history[-1][1], len(window), float(np.mean(window)),
                        rate, (tr.n_iters - step) / max(rate, 1e-9))

@@ -126,11 +126,14 @@ def test_resume_after_crash(uninterrupted, tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     run_lib.train(tiny_config(40), wd)
   assert max(checkpoint_steps(wd)) == 10
+  with open(os.path.join(wd, run_lib.LOSS_FILE), "a") as f:
+    f.write("12,0.5\n13,0.2")  # rows past the checkpoint, the last one cut by the kill
   monkeypatch.setattr(run_lib, "data_stream_batch", real)
   out = run_lib.train(tiny_config(40), wd)
   assert out["start_step"] == 10
   np.testing.assert_array_equal([out["losses"][s] for s in range(11, 41)],
                                 [ref["losses"][s] for s in range(11, 41)])
+  assert loss_file(wd) == ref["losses"]
 
 
 def test_resume_refuses_incompatible_config(uninterrupted):
@@ -240,3 +243,45 @@ def test_main_subprocess(tmp_path):
     saved = json.load(f)
   assert saved["training"]["n_iters"] == 12 and saved["model"]["embedding"] == "sinusoidal"
   assert 12 in checkpoint_steps(wd)
+
+
+TOY_CONFIGS = sorted(f for f in os.listdir(os.path.join(REPO, "configs"))
+                     if f.startswith("toy_") and f.endswith(".py"))
+
+
+def _load_config(fname: str):
+  import importlib
+  return importlib.import_module(f"configs.{fname[:-3]}").get_config()
+
+
+def test_toy_configs_valid():
+  """Every toy config validates, builds its model and names a toy distribution; the required
+  variants exist (one per distribution, an STF one and a likelihood_is one)."""
+  import toy_data
+  from models import get_model
+  configs = {f: _load_config(f) for f in TOY_CONFIGS}
+  assert {c.data.dataset for c in configs.values()} == set(toy_data.TOY_DISTRIBUTIONS)
+  assert any(c.training.target == "stf" for c in configs.values())
+  assert any(c.training.weighting == "likelihood_is" for c in configs.values())
+  for f, c in configs.items():
+    run_lib.validate_config(c)
+    get_model(c)
+    assert run_lib.train_batch_rows(c) == (c.training.ref_batch_size if c.training.target == "stf"
+                                           else c.training.batch_size), f
+  stf = configs["toy_two_gaussians_64d_stf.py"]
+  assert run_lib.train_batch_rows(stf) == 1024 > stf.training.batch_size
+  sr = configs["toy_swiss_roll.py"]  # Cao et al., Appendix H.2
+  assert (sr.sde.beta_min, sr.sde.beta_max, sr.sde.T, sr.training.batch_size) == (0.1, 20.0, 1.0, 400)
+  assert tuple(sr.model.widths) == (50, 50) and sr.model.activation == "relu"
+
+
+def test_data_stream_is_pure_function_of_step():
+  c = tiny_config(10)
+  sample = run_lib.get_data_sampler(c)
+  key = jax.random.PRNGKey(3)
+  a = run_lib.data_stream_batch(sample, key, 7, 16)
+  np.testing.assert_array_equal(a, run_lib.data_stream_batch(sample, key, 7, 16))
+  assert not np.array_equal(a, run_lib.data_stream_batch(sample, key, 8, 16))
+  c.data.dataset = "cifar10"
+  with pytest.raises(NotImplementedError, match="cifar10"):
+    run_lib.get_data_sampler(c)
