@@ -93,6 +93,9 @@ def assert_moments(x, mean, cov, rel_allow=0.0, what=""):
   se = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)
   cov_tol = Z * se + rel_allow * np.outer(d, d)
   np.testing.assert_array_less(np.abs(cov_hat - cov), cov_tol, err_msg=f"cov {what}")
+  # Reported with -s: largest deviation in standard errors (mean, covariance).
+  print(f"[{what}] max |dev|/SE: mean {np.max(np.abs(x.mean(0) - mean) / (d / math.sqrt(n))):.2f}"
+        f" cov {np.max(np.abs(cov_hat - cov) / se):.2f}")
 
 
 class CallCounter:
@@ -124,7 +127,13 @@ def test_gaussian_2d_moments_all_samplers(sde):
   score = gaussian_score_fn(MEAN2, COV2, sde)
   shape = (n, 2)
   ode = jax.jit(lambda sde, key: samplers.ode_sampler(score, sde, key, shape))
-  em = jax.jit(lambda sde, key, c: samplers.sde_sampler(score, sde, key, shape, c=c, n_steps=400))
+  em_traces = []
+
+  @jax.jit
+  def em(sde, key, c):
+    em_traces.append(1)  # once per trace: sweeping c must not recompile
+    return samplers.sde_sampler(score, sde, key, shape, c=c, n_steps=400)
+
   pc = jax.jit(lambda sde, key: samplers.pc_sampler(score, sde, key, shape, n_steps=400))
   keys = jax.random.split(jax.random.PRNGKey(0), 6)
   x, stats = ode(sde, keys[0])
@@ -135,6 +144,7 @@ def test_gaussian_2d_moments_all_samplers(sde):
     assert int(stats["nfe"]) == 400
     # 400 Euler-Maruyama steps: allow 3% of the scale for the O(dt) bias on top of sampling error.
     assert_moments(x, MEAN2, COV2, 0.03, f"em c={c}")
+  assert len(em_traces) == 1
   x, _ = pc(sde, keys[4])
   assert_moments(x, MEAN2, COV2, 0.03, "pc")
   if isinstance(sde, sde_lib.VPSDE):
