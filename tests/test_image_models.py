@@ -8,6 +8,7 @@ architecture. Networks use tiny widths so the file runs in about a minute on 2 c
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -112,29 +113,39 @@ def test_naive_resampling_roundtrip():
 
 
 # ------------------------------------------------------------------------------------------------
-# Networks (tiny widths).
+# Networks (tiny widths). Every check compiles once: XLA compilation of a U-Net dominates the cost,
+# so each test folds init, forward passes and comparisons into one jitted function, compiled with
+# the backend optimizations off (4x faster to compile; the nets are tiny).
 
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), init_scale=1.0)
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                   "xla_llvm_disable_expensive_passes": True})
 
 
 def _build(cls, base, **kw):
   return cls.from_config(dict(base, **dict(TINY, **kw)))
 
 
-def _init(model, shape, key=0):
+def _inputs(shape, key=0):
   x = jax.random.normal(jax.random.PRNGKey(key), shape)
   t = jnp.linspace(0.2, 0.8, shape[0])
-  params = model.init(jax.random.PRNGKey(key + 1), x, t)["params"]
-  return params, x, t
+  return x, t
+
+
+def _rel(a, b):
+  """Per-example relative difference |a - b| / |a|."""
+  a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+  return jnp.linalg.norm(a - b, axis=1) / jnp.linalg.norm(a, axis=1)
 
 
 CASES = [
     ("ncsnpp_32x32x3", NCSNpp, ncsnpp_cifar_config(), (2, 32, 32, 3), {}),
-    ("ncsnpp_skip_32x32x3", NCSNpp, ncsnpp_cifar_config(), (2, 16, 16, 3),
+    ("ncsnpp_skip_16x16x3", NCSNpp, ncsnpp_cifar_config(), (2, 16, 16, 3),
      dict(progressive="output_skip", progressive_input="input_skip")),
-    ("ncsnpp_ddpm_residual_16", NCSNpp, ncsnpp_cifar_config(), (2, 16, 16, 3),
-     dict(progressive="residual", resblock_type="ddpm")),
-    ("ddpmpp_32x32x3", DDPMpp, ddpmpp_cifar_config(), (2, 32, 32, 3), {}),
+    ("ncsnpp_ddpm_residual_uncond_16", NCSNpp, ncsnpp_cifar_config(), (2, 16, 16, 3),
+     dict(progressive="residual", resblock_type="ddpm", conditional=False)),
+    ("ddpmpp_zero_init_32x32x3", DDPMpp, ddpmpp_cifar_config(), (2, 32, 32, 3),
+     dict(init_scale=0.0)),
     ("unet_28x28x1", UNet, unet_mnist_config(), (2, 28, 28, 1), {}),
     ("unet_8x8x1", UNet, unet_digits_config(), (3, 8, 8, 1), dict(nf=8, attn_resolutions=(4,))),
 ]
@@ -142,98 +153,113 @@ CASES = [
 
 @pytest.mark.parametrize("name,cls,base,shape,kw", CASES, ids=[c[0] for c in CASES])
 def test_output_shape_and_conditioning(name, cls, base, shape, kw):
+  """Output has the input's shape; a different noise level changes every example's output (the
+  batch holds each image twice, with cond and cond + 0.3: GroupNorm and attention act per example)
+  unless conditional=False, where the two halves must agree exactly."""
   model = _build(cls, base, **kw)
-  params, x, t = _init(model, shape)
-  f = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c))
-  y1 = f(params, x, t)
+  x, t = _inputs(shape)
+  y, _ = jit(model.init_with_output)(jax.random.PRNGKey(1), jnp.concatenate([x, x]),
+                                     jnp.concatenate([t, t + 0.3]))
+  y1, y2 = y[: shape[0]], y[shape[0]:]
   assert y1.shape == x.shape and y1.dtype == x.dtype
-  assert bool(jnp.all(jnp.isfinite(y1)))
-  # A different noise level changes every example's output (relative change > 1e-3).
-  y2 = f(params, x, t + 0.3)
-  rel = jnp.linalg.norm((y1 - y2).reshape(shape[0], -1), axis=1) / jnp.linalg.norm(
-      y1.reshape(shape[0], -1), axis=1)
-  assert bool(jnp.all(rel > 1e-3)), rel
-
-
-def test_unconditional_ignores_cond_and_zero_init_output():
-  model = _build(DDPMpp, ddpmpp_cifar_config(), conditional=False)
-  params, x, t = _init(model, (2, 16, 16, 3))
-  y1 = model.apply({"params": params}, x, t)
-  y2 = model.apply({"params": params}, x, t + 0.5)
-  np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
-  # With score_sde's init_scale = 0 the last layers start at ~0 (variance scale 1e-10).
-  model0 = _build(DDPMpp, ddpmpp_cifar_config(), init_scale=0.0)
-  p0, x, t = _init(model0, (2, 16, 16, 3))
-  assert float(jnp.max(jnp.abs(model0.apply({"params": p0}, x, t)))) < 1e-3
+  assert bool(jnp.all(jnp.isfinite(y)))
+  if kw.get("init_scale", 1.0) == 0.0:
+    # score_sde's init_scale = 0: every residual branch ends in a ~0 conv (variance scale 1e-10),
+    # so the initial net is ~0 and (almost) independent of cond.
+    assert float(jnp.max(jnp.abs(y))) < 1e-3
+  elif kw.get("conditional", True):
+    rel = _rel(y1, y2)
+    assert bool(jnp.all(rel > 1e-3)), rel
+  else:
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
 
 
 def test_dropout_only_in_train_mode():
+  """Train mode: identical inputs get different dropout masks, a new key changes the output, the
+  same key reproduces it. Eval mode: needs no dropout rng and is deterministic."""
   model = _build(DDPMpp, ddpmpp_cifar_config(), dropout=0.5)
-  params, x, t = _init(model, (2, 16, 16, 3))
-  ev1 = model.apply({"params": params}, x, t, train=False)
-  ev2 = model.apply({"params": params}, x, t, train=False, rngs={"dropout": jax.random.PRNGKey(5)})
-  np.testing.assert_array_equal(np.asarray(ev1), np.asarray(ev2))
-  tr = lambda k: model.apply({"params": params}, x, t, train=True,
-                             rngs={"dropout": jax.random.PRNGKey(k)})
-  a, a2, b = tr(1), tr(1), tr(2)
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))
-  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
-  assert float(jnp.max(jnp.abs(a - ev1))) > 1e-3
-  # No dropout rate: train mode equals eval mode.
-  model_nd = _build(DDPMpp, ddpmpp_cifar_config(), dropout=0.0)
-  tr0 = model_nd.apply({"params": params}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
-  np.testing.assert_allclose(tr0, model_nd.apply({"params": params}, x, t), atol=1e-6)
+  x, t = _inputs((1, 16, 16, 3))
+  xx, tt = jnp.concatenate([x, x]), jnp.concatenate([t, t])
+
+  @jit
+  def run(dkey):
+    params = model.init(jax.random.PRNGKey(1), xx, tt)["params"]
+    ev = model.apply({"params": params}, xx, tt, train=False)  # no 'dropout' rng supplied
+    tr = model.apply({"params": params}, xx, tt, train=True, rngs={"dropout": dkey})
+    return ev, tr
+
+  ev, tr1 = run(jax.random.PRNGKey(2))
+  _, tr1b = run(jax.random.PRNGKey(2))
+  _, tr2 = run(jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(np.asarray(ev[0]), np.asarray(ev[1]))
+  np.testing.assert_array_equal(np.asarray(tr1), np.asarray(tr1b))
+  assert float(_rel(tr1[:1], tr1[1:])[0]) > 1e-2
+  assert float(jnp.max(_rel(tr1, tr2))) > 1e-2
+  assert float(jnp.max(_rel(ev, tr1))) > 1e-2
 
 
 def test_jit_and_grad_through_score_fn():
-  """The network behind models.utils.get_score_fn: jit matches eager, gradients are finite."""
-  cfg = ml_collections.ConfigDict({"model": dict(ncsnpp_cifar_config(), **TINY)})
+  """The network behind models.get_model / models.utils.get_score_fn (VE, 'noise'): score equals
+  -net(x, log sigma(t)) / sigma_t; gradients w.r.t. params and x are finite and non-zero; the
+  Fourier frequencies get no gradient (fixed, as in score_sde)."""
+  cfg = ml_collections.ConfigDict({"model": dict(ncsnpp_cifar_config(), **dict(TINY, nf=8))})
   model = models.get_model(cfg)
   assert isinstance(model, NCSNpp)
   sde = sde_lib.VESDE()
-  params = mutils.init_model(model, jax.random.PRNGKey(0), (2, 16, 16, 3))
   score_fn = mutils.get_score_fn(sde, model, "noise")
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  x, _ = _inputs((2, 8, 8, 3))
   t = jnp.array([0.1, 0.7])
-  eager = score_fn(params, x, t)
-  jitted = jax.jit(score_fn)(params, x, t)
-  np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-4 * float(jnp.abs(eager).max()))
 
-  def loss(p, x):
-    return jnp.mean(score_fn(p, x, t, jax.random.PRNGKey(3)) ** 2)
+  @jit
+  def run(key):
+    params = mutils.init_model(model, key, x.shape)
+    score = score_fn(params, x, t)
+    net = model.apply({"params": params}, x, jnp.log(sde.sigma(t)))
+    loss = lambda p, x: jnp.mean(score_fn(p, x, t, jax.random.PRNGKey(3)) ** 2)
+    return score, net, jax.grad(loss, argnums=(0, 1))(params, x)
 
-  gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  score, net, (gp, gx) = run(jax.random.PRNGKey(0))
+  _, sigma = sde.marginal_coeffs(t)
+  np.testing.assert_allclose(score, -net / sigma[:, None, None, None], rtol=1e-5, atol=1e-7)
   leaves = jax.tree_util.tree_leaves(gp)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
   assert sum(float(jnp.sum(g**2)) for g in leaves) > 0
   assert bool(jnp.all(jnp.isfinite(gx))) and float(jnp.sum(gx**2)) > 0
-  # The Fourier frequencies are fixed (stop_gradient), as in score_sde.
   assert float(jnp.max(jnp.abs(gp["GaussianFourierProjection_0"]["W"]))) == 0.0
 
 
 def test_bfloat16_compute():
-  cfg32 = dict(ddpmpp_cifar_config(), **TINY)
+  """dtype='bfloat16': params stay float32, output float32 and within 5% of the float32 net
+  (bf16 has an 8-bit mantissa, ~4e-3 relative error per op)."""
+  cfg32 = dict(ddpmpp_cifar_config(), **dict(TINY, nf=8))
   m32 = DDPMpp.from_config(cfg32)
   m16 = DDPMpp.from_config(dict(cfg32, dtype="bfloat16"))
-  params, x, t = _init(m32, (2, 16, 16, 3))
-  p16 = m16.init(jax.random.PRNGKey(1), x, t)["params"]
+  x, t = _inputs((2, 8, 8, 3))
+  p16 = jax.eval_shape(m16.init, jax.random.PRNGKey(1), x, t)["params"]
   assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(p16))
-  y32 = m32.apply({"params": params}, x, t)
-  y16 = jax.jit(lambda p: m16.apply({"params": p}, x, t))(params)
+
+  @jit
+  def run(key):
+    y32, v = m32.init_with_output(key, x, t)
+    return y32, m16.apply(v, x, t)
+
+  y32, y16 = run(jax.random.PRNGKey(1))
   assert y16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(y16)))
   rel = float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32))
-  assert rel < 5e-2, rel  # bf16 has an 8-bit mantissa (~4e-3 per op)
+  assert 0 < rel < 5e-2, rel
 
 
 def test_config_errors_name_the_field():
+  x, t = _inputs((1, 16, 16, 3))
   with pytest.raises(ValueError, match="model.progressive"):
-    m = _build(NCSNpp, ncsnpp_cifar_config(), progressive="bogus")
-    _init(m, (1, 16, 16, 3))
+    jax.eval_shape(_build(NCSNpp, ncsnpp_cifar_config(), progressive="bogus").init,
+                   jax.random.PRNGKey(0), x, t)
   with pytest.raises(ValueError, match="model.dtype"):
     _build(NCSNpp, ncsnpp_cifar_config(), dtype="int8")
+  x, t = _inputs((1, 28, 28, 1))
   with pytest.raises(ValueError, match="divisible"):
-    m = _build(UNet, unet_mnist_config(), ch_mult=(1, 2, 2, 2))
-    _init(m, (1, 28, 28, 1))
+    jax.eval_shape(_build(UNet, unet_mnist_config(), ch_mult=(1, 2, 2, 2)).init,
+                   jax.random.PRNGKey(0), x, t)
 
 
 # ------------------------------------------------------------------------------------------------
