@@ -329,6 +329,31 @@ def inception_features(variables: Variables, images: np.ndarray | Array, batch_s
   return InceptionOutputs(np.concatenate(pools), np.concatenate(logits))
 
 
+def unbiased_logits(variables: Variables, pool3: np.ndarray) -> np.ndarray:
+  """``pool3 @ W_fc`` without the fc bias (float64): the logits of the original Inception Score
+  code (Salimans et al. 2016 take ``softmax/logits/MatMul`` of the 2015 graph; torch-fidelity's
+  ``logits_unbiased``)."""
+  kernel = np.asarray(variables["params"]["fc"]["kernel"], np.float64)
+  return np.asarray(pool3, np.float64) @ kernel
+
+
+def inception_metrics(variables: Variables, images: np.ndarray | Array,
+                      ref_stats: tuple[np.ndarray, np.ndarray] | None = None, batch_size: int = 100,
+                      splits: int = 10, size: int = INCEPTION_SIZE) -> dict[str, float]:
+  """Entry point for ``--mode=eval``: Inception Score (unbiased logits, ``splits`` splits) of
+  ``images`` and, given reference ``(mu, sigma)`` (``load_stats``), their FID.
+
+  For ``--mode=fid_stats``: ``compute_statistics(inception_features(v, data, bs).pool3)`` then
+  ``save_stats``.
+  """
+  out = inception_features(variables, images, batch_size, size)
+  is_mean, is_std = inception_score(unbiased_logits(variables, out.pool3), splits, from_logits=True)
+  result = {"inception_score": is_mean, "inception_score_std": is_std}
+  if ref_stats is not None:
+    result["fid"] = fid_from_stats(*compute_statistics(out.pool3), *ref_stats)
+  return result
+
+
 # ----------------------------------------------------------------------------------------------
 # Frechet distance and Inception Score (host, float64).
 # ----------------------------------------------------------------------------------------------
@@ -341,22 +366,34 @@ def compute_statistics(features: np.ndarray | Array) -> tuple[np.ndarray, np.nda
   return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def _psd_eigh(a: np.ndarray, eigvals_only: bool = False):
+  """Eigendecomposition of the symmetric part of ``a`` (LAPACK divide and conquer, float64) with
+  round-off eigenvalues (below ``dim * eps * max |w|``, or negative) set to zero."""
+  import scipy.linalg
+  a = (a + a.T) / 2
+  out = scipy.linalg.eigh(a, eigvals_only=eigvals_only, driver="evd")
+  w = out if eigvals_only else out[0]
+  tol = a.shape[0] * np.finfo(np.float64).eps * max(float(np.abs(w).max(initial=0.0)), 1e-300)
+  w = np.where(w > tol, w, 0.0)
+  return w if eigvals_only else (w, out[1])
+
+
 def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
-  """Symmetric PSD square root via eigendecomposition (negative round-off eigenvalues -> 0)."""
-  w, v = np.linalg.eigh((a + a.T) / 2)
-  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  """Symmetric PSD square root via eigendecomposition."""
+  w, v = _psd_eigh(a)
+  return (v * np.sqrt(w)) @ v.T
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
   """``tr (S1 S2)^{1/2}`` for PSD S1, S2 as ``tr (S1^{1/2} S2 S1^{1/2})^{1/2}``.
 
   ``S1 S2`` is similar to the symmetric PSD matrix ``S1^{1/2} S2 S1^{1/2}``, so their square roots
-  have the same eigenvalues; the symmetric form avoids the complex, non-symmetric ``sqrtm``.
+  have the same eigenvalues; the symmetric form avoids the complex, non-symmetric ``sqrtm`` and
+  its eps-offset fallback for singular covariances (fewer samples than feature dimensions).
   """
   s1 = _sqrtm_psd(np.asarray(sigma1, np.float64))
   m = s1 @ np.asarray(sigma2, np.float64) @ s1
-  w = np.linalg.eigvalsh((m + m.T) / 2)
-  return float(np.sum(np.sqrt(np.clip(w, 0.0, None))))
+  return float(np.sum(np.sqrt(_psd_eigh(m, eigvals_only=True))))
 
 
 def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
@@ -369,6 +406,9 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
     raise ValueError(f"inconsistent statistics shapes: mu1 {mu1.shape}, sigma1 {sigma1.shape}, "
                      f"mu2 {mu2.shape}, sigma2 {sigma2.shape}")
+  for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+    if not np.all(np.isfinite(a)):
+      raise ValueError(f"FID statistics {name} contain non-finite values")
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
                - 2.0 * trace_sqrt_product(sigma1, sigma2))
