@@ -33,7 +33,7 @@ from absl import logging
 import sde_lib
 import toy_data
 from models import get_model, registered_models
-from models.utils import PARAMETERIZATIONS, get_score_fn, init_model
+from models.utils import PARAMETERIZATIONS, init_model, score_fn_from_config
 
 Array = jax.Array
 
@@ -351,7 +351,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rng = jax.random.PRNGKey(config.seed)
   init_key, state_key, data_key, eval_data_key, eval_key = jax.random.split(rng, 5)
   model = get_model(config)
-  score_fn = get_score_fn(sde, model, config.model.parameterization)
+  score_fn = score_fn_from_config(config, sde, model)
   event_shape = tuple(sample(init_key, 1).shape[1:])
   params = init_model(model, init_key, (1,) + event_shape)
   optimizer = losses.make_optimizer(config)

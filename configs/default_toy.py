@@ -31,6 +31,8 @@ def get_default_toy_config() -> ml_collections.ConfigDict:
   model.embedding = "fourier"  # 'fourier' | 'sinusoidal' | 'concat' (raw t appended to x)
   model.embedding_dim = 32
   model.fourier_scale = 4.0
+  # Network input x * c_in(t), c_in = 1/sqrt(alpha_t^2 + sigma_t^2) (EDM); a no-op for VP, helps VE.
+  model.input_scaling = False
   model.ema_rate = 0.999
   model.dropout = 0.0
 

@@ -25,4 +25,5 @@ def get_config():
   config.training.ref_batch_size = 512
   config.sampling.method = "ode"
   config.sampling.c = 0.0
+  config.model.input_scaling = True  # VE: |x_t| grows to sigma_max; feed x * c_in(t)
   return config

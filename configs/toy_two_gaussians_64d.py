@@ -14,4 +14,5 @@ def get_config():
   config.training.target = "dsm"
   config.model.widths = (256, 256, 256)
   config.model.embedding_dim = 64
+  config.model.input_scaling = True  # VE: |x_t| grows to sigma_max; feed x * c_in(t)
   return config

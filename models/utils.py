@@ -29,10 +29,20 @@ def apply_model(model: nn.Module, params, x: Array, cond: Array, rng: Optional[A
   return model.apply({"params": params}, x, cond, train=True, rngs={"dropout": rng})
 
 
-def get_score_fn(sde, model: nn.Module, parameterization: str = "score") -> TrainScoreFn:
+def input_scale(sde, t: Array) -> Array:
+  """c_in(t) = 1 / sqrt(alpha_t^2 + sigma_t^2): unit-variance network input for unit-variance data
+  (Karras et al. 2022, "Elucidating the design space", Table 1 c_in). Identically 1 for VP."""
+  alpha, sigma = sde.marginal_coeffs(t)
+  return jax.lax.rsqrt(alpha**2 + sigma**2)
+
+
+def get_score_fn(sde, model: nn.Module, parameterization: str = "score",
+                 input_scaling: bool = False) -> TrainScoreFn:
   """Returns score_fn(params, x, t, rng=None) -> score with the shape of x.
 
   ``t`` is a scalar or of shape (B,); the network is conditioned on ``sde.noise_conditioning(t)``.
+  With ``input_scaling`` the network sees ``input_scale(sde, t) * x`` (matters for VE, where
+  |x_t| grows to sigma_max); the output conversions are unchanged.
   """
   if parameterization not in PARAMETERIZATIONS:
     raise ValueError(f"model.parameterization must be one of {PARAMETERIZATIONS}, "
@@ -40,7 +50,8 @@ def get_score_fn(sde, model: nn.Module, parameterization: str = "score") -> Trai
 
   def score_fn(params, x: Array, t: Array, rng: Optional[Array] = None) -> Array:
     t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-    out = apply_model(model, params, x, sde.noise_conditioning(t), rng)
+    x_in = bcast(input_scale(sde, t), x) * x if input_scaling else x
+    out = apply_model(model, params, x_in, sde.noise_conditioning(t), rng)
     if parameterization == "score":
       return out
     if parameterization == "noise":
@@ -49,6 +60,13 @@ def get_score_fn(sde, model: nn.Module, parameterization: str = "score") -> Trai
     return out / bcast(sde.diffusion(t), x)
 
   return score_fn
+
+
+def score_fn_from_config(config, sde, model: nn.Module) -> TrainScoreFn:
+  """get_score_fn with ``config.model.parameterization`` and ``config.model.input_scaling``
+  (default False): what training used, so evaluation and sampling must build it the same way."""
+  return get_score_fn(sde, model, config.model.parameterization,
+                      bool(config.model.get("input_scaling", False)))
 
 
 def init_model(model: nn.Module, key: Array, sample_shape: Sequence[int]):

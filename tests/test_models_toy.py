@@ -18,7 +18,7 @@ from configs.default_toy import get_default_toy_config
 import models
 from models import get_model, register_model, registered_models
 from models.mlp import MLPScore
-from models.utils import get_score_fn, init_model
+from models.utils import get_score_fn, init_model, input_scale, score_fn_from_config
 
 MU, S0 = 0.7, 0.3
 
@@ -40,12 +40,15 @@ class OracleNet(nn.Module):
   """Outputs the exact quantity a network with the given parameterization should predict."""
   sde: object
   parameterization: str
+  scaled_input: bool = False  # undo the c_in(t) input scaling of get_score_fn
 
   @nn.compact
   def __call__(self, x, cond, train=False):
     # A dummy parameter so params is a non-empty tree that grad can flow into.
     w = self.param("w", nn.initializers.ones, ())
     t = cond_to_t(self.sde, cond)
+    if self.scaled_input:
+      x = x / sde_lib.bcast(input_scale(self.sde, t), x)
     s = exact_score(self.sde, x, t) * w
     if self.parameterization == "score":
       return s
@@ -59,12 +62,13 @@ SDES = [sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE(), sde_lib.VPSDE(beta
 
 @pytest.mark.parametrize("sde", SDES, ids=["vp", "subvp", "ve", "vp_const_T4"])
 @pytest.mark.parametrize("param", ["score", "noise", "a"])
-def test_parameterizations_exact(sde, param):
+@pytest.mark.parametrize("scaled", [False, True], ids=["raw_input", "c_in_input"])
+def test_parameterizations_exact(sde, param, scaled):
   """Tolerance: rtol 1e-10 in float64 (the conversions are exact algebra)."""
   with jax.enable_x64(True):
-    net = OracleNet(sde, param)
+    net = OracleNet(sde, param, scaled)
     params = init_model(net, jax.random.PRNGKey(0), (5, 3))
-    score_fn = get_score_fn(sde, net, param)
+    score_fn = get_score_fn(sde, net, param, input_scaling=scaled)
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64) * 2.0
     t = jnp.linspace(0.01, float(sde.T), 5)
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
@@ -78,6 +82,25 @@ def test_parameterizations_exact(sde, param):
     # jit and grad pass through: d/dw sum(score * w) = sum(score) at w = 1.
     g = jax.jit(jax.grad(lambda p: jnp.sum(score_fn(p, x, t))))(params)
     np.testing.assert_allclose(g["w"], jnp.sum(want), rtol=1e-10)
+
+
+def test_input_scale():
+  """c_in = 1 for VP (alpha^2 + sigma^2 = 1), 1/sqrt(1 + sigma_t^2) for VE; from config."""
+  t = jnp.linspace(1e-3, 1.0, 7)
+  np.testing.assert_allclose(input_scale(sde_lib.VPSDE(), t), 1.0, rtol=1e-6)
+  ve = sde_lib.VESDE()
+  np.testing.assert_allclose(input_scale(ve, t), 1 / np.sqrt(1 + ve.marginal_coeffs(t)[1] ** 2),
+                             rtol=1e-6)
+  config = get_default_toy_config()
+  config.sde.name = "vesde"
+  config.model.parameterization = "score"
+  config.model.input_scaling = True
+  ve = sde_lib.get_sde(config)
+  net = OracleNet(ve, "score", True)
+  params = init_model(net, jax.random.PRNGKey(0), (4, 2))
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 2)) * 10
+  np.testing.assert_allclose(score_fn_from_config(config, ve, net)(params, x, 0.7),
+                             exact_score(ve, x, jnp.full((4,), 0.7)), rtol=1e-5)
 
 
 def test_unknown_parameterization():
