@@ -1,8 +1,8 @@
 """Sample-quality metrics: FID / Inception Score, a digits feature distance, toy-data divergences.
 
 * FID (Heusel et al. 2017, "GANs trained by a two time-scale update rule converge to a local Nash
-  equilibrium", eq. 6): ``||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})`` between Gaussians
-  fitted to Inception pool3 features. The network is the FID Inception-v3 (the TF graph
+  equilibrium", their definition of the FID): ``||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})``
+  between Gaussians fitted to Inception pool3 features. The network is the FID Inception-v3 (the TF graph
   ``inception-2015-12-05`` as ported by pytorch-fid: 1008 logits, average pools that exclude padding,
   max pool in the last block), written here in Flax linen with parameter names following the torch
   state dict (``Mixed_5b/branch1x1/conv/kernel`` ...) so the conversion script is a renaming.
@@ -398,7 +398,8 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
                    sigma2: np.ndarray) -> float:
-  """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6)."""
+  """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, FID):
+  ``||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2})``, float64."""
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -664,6 +665,8 @@ def image_grid(images: np.ndarray | Array, nrow: int = 8, padding: int = 2,
   if x.dtype != np.uint8:
     x = np.round(np.clip(np.asarray(x, np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
   n, h, w, c = x.shape
+  if n == 0 or nrow < 1:
+    raise ValueError(f"image_grid needs at least one image and nrow >= 1, got {n} images, nrow={nrow}")
   ncol = min(nrow, n)
   nrows = -(-n // ncol)
   fill = np.uint8(round(255 * pad_value))

@@ -462,3 +462,5 @@ def test_image_grid_layout():
   assert g[0].max() == 0 and np.all(g[12:, 7:] == 0)  # padding and the empty sixth cell
   rgb = ev.image_grid(np.zeros((4, 2, 2, 3), np.uint8), nrow=4)
   assert rgb.shape == (2 + 4, 4 * 4 + 2, 3)
+  with pytest.raises(ValueError, match="at least one image"):
+    ev.image_grid(np.zeros((0, 2, 2, 1)), nrow=4)
