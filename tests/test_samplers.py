@@ -400,6 +400,21 @@ def test_T_and_eps_respected_without_recompiling():
       # The samples follow p_eps (not p_0): eps = 0.1 shrinks the covariance visibly.
       assert_moments(x, mean_eps, cov_eps, 0.02, f"{name} T={T} eps={eps}")
   assert traces == {"ode": 1, "em": 1}
+  # Pathwise, no sampling error: for Gaussian data the probability-flow ODE keeps the standardized
+  # eigen-coordinates (u_i^T x - alpha_t u_i^T m) / sqrt(alpha_t^2 lam_i + sigma_t^2) fixed, so
+  # x_eps = alpha_eps m + U diag(sqrt(v_eps / v_T)) U^T (x_T - alpha_T m) exactly.
+  lam, u = np.linalg.eigh(np.asarray(COV2, np.float64))
+  for T, eps in ((0.6, 0.05), (2.0, 1e-3)):
+    sde = base.replace(T=jnp.asarray(T), eps=jnp.asarray(eps))
+    x_T = 2.0 * jax.random.normal(jax.random.PRNGKey(11), (64, 2))
+    x, _ = samplers.ode_sampler(gaussian_score_fn(MEAN2, COV2, sde), sde, None, (64, 2),
+                                x_init=x_T)
+    (a_T, s_T), (a_e, s_e) = [np.asarray(sde.marginal_coeffs(jnp.asarray(v)), np.float64)
+                              for v in (T, eps)]
+    scale = np.sqrt((a_e**2 * lam + s_e**2) / (a_T**2 * lam + s_T**2))
+    m = np.asarray(MEAN2, np.float64)
+    exact = a_e * m + ((np.asarray(x_T, np.float64) - a_T * m) @ u * scale) @ u.T
+    np.testing.assert_allclose(x, exact, atol=2e-3, rtol=1e-3)
   # Tweedie denoising: E[x0 | x_eps] ~ N(m, C alpha^2 (alpha^2 C + sigma^2 I)^{-1} C).
   sde = sde_lib.VPSDE(T=jnp.asarray(0.3), eps=jnp.asarray(0.1))
   mean_T, cov_T = gaussian_marginal(MEAN2, COV2, sde, sde.T)
