@@ -127,6 +127,58 @@ def _rms(tree) -> Array:
   return jnp.sqrt(jnp.mean(v**2))
 
 
+DOPRI5_SCIPY_ERROR_SCALE = 1.5  # scipy RK45.E == -1.5 * diffrax.Dopri5.tableau.b_error
+
+
+class ScipyRK45Controller(diffrax.AbstractAdaptiveStepSizeController):
+  """SciPy ``solve_ivp`` step-size control for explicit embedded RK pairs, as a diffrax
+  controller (our re-implementation of the rules SciPy documents for RK45; Hairer, Norsett,
+  Wanner, "Solving ODEs I", Sec. II.4). With err = RMS(y_err / (atol + rtol max(|y0|, |y1|))):
+  accept iff err < 1; the next step is h * min(10, 0.9 err^(-1/order)) after an acceptance
+  (capped at 1 if this step had been rejected before, and allowed to shrink, unlike diffrax's
+  PIDController), h * max(0.2, 0.9 err^(-1/order)) after a rejection. ``order`` is the order of
+  the error estimate + 1 (5 for Dopri5 / Tsit5, SciPy's ``error_estimator_order + 1``).
+  ``error_scale`` multiplies the solver's error estimate: SciPy's RK45 error weights E are exactly
+  1.5x (with opposite sign) diffrax's Dopri5 ``b_error`` (``DOPRI5_SCIPY_ERROR_SCALE``). The state
+  is the "rejected within this step" flag. ``dt0`` must be given (see ``initial_step_size``)."""
+  rtol: float
+  atol: float
+  order: float = 5.0
+  error_scale: float = 1.0
+  norm: Callable = _rms
+  safety: float = 0.9
+  factormin: float = 0.2
+  factormax: float = 10.0
+
+  def wrap(self, direction):
+    return self
+
+  def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+    if dt0 is None:
+      raise ValueError("ScipyRK45Controller needs an explicit dt0 (see initial_step_size)")
+    return t0 + dt0, jnp.asarray(False)
+
+  def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order,
+                      controller_state):
+    del args, error_order
+    def scaled(e, a, b):
+      b = jnp.where(jnp.isnan(b), a, b)
+      return e / (self.atol + self.rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)))
+    err = self.error_scale * self.norm(jax.tree_util.tree_map(scaled, y_error, y0, y1_candidate))
+    err = jax.lax.stop_gradient(err)
+    keep = err < 1.0
+    grow = jnp.where(err == 0, self.factormax,
+                     jnp.minimum(self.factormax,
+                                 self.safety * jnp.where(err == 0, 1.0, err) ** (-1.0 / self.order)))
+    grow = jnp.where(controller_state, jnp.minimum(1.0, grow), grow)
+    shrink = jnp.maximum(self.factormin,
+                         self.safety * jnp.where(jnp.isfinite(err), err, 1e30) ** (-1.0 / self.order))
+    factor = jax.lax.stop_gradient(jnp.where(keep, grow, shrink))
+    dt = (t1 - t0) * factor.astype(jnp.result_type(t1))
+    next_t0 = jnp.where(keep, t1, t0)
+    return keep, next_t0, next_t0 + dt, False, jnp.logical_not(keep), diffrax.RESULTS.successful
+
+
 def initial_step_size(fn: Callable, t0: Array, t1: Array, y0, rtol: float, atol: float,
                       order: float) -> Array:
   """Signed initial step for an explicit RK method of error order ``order`` (Hairer, Norsett,
@@ -157,6 +209,7 @@ def initial_step_size(fn: Callable, t0: Array, t1: Array, y0, rtol: float, atol:
 def solve_flow(score_fn: ScoreFn, sde, x: Array, key: Optional[Array], *, t0, t1,
                divergence: str = "exact", probe: str = "rademacher", rtol: float = 1e-5,
                atol: float = 1e-5, solver: str | diffrax.AbstractSolver = "dopri5",
+               controller: str = "scipy", per_example: bool = True,
                max_steps: int = 4096) -> dict:
   """Integrates the augmented probability-flow ODE d(x, Delta)/dt = (f_tilde, div f_tilde) from
   ``t0`` to ``t1`` for every example separately (vmap over the batch: per-example adaptive steps).
@@ -166,13 +219,21 @@ def solve_flow(score_fn: ScoreFn, sde, x: Array, key: Optional[Array], *, t0, t1
   ``nfe`` (per-example vector-field evaluations: 2 for the initial step-size selection, 1 for
   the first FSAL stage, then ``_evals_per_step`` per attempted step), ``num_steps`` and ``ok``.
 
-  Step control is diffrax's PIDController as an I-controller (rtol, atol, RMS norm, safety 0.9,
-  factors in [0.2, 10]) with the error exponent 1/order (= 1/5 for Dopri5/Tsit5), as SciPy's RK45;
-  the initial step is chosen per example by ``initial_step_size`` (Hairer's heuristic, as SciPy;
-  diffrax 0.7's own ``dt0=None`` falls back to a fixed 0.01 here). Hutchinson probes are drawn
-  once per solve from ``key`` and kept fixed along the trajectory.
+  Step control (``controller``): 'scipy' (default) is ``ScipyRK45Controller``, SciPy's RK45 rules,
+  so with ``solver='dopri5'`` (the same Dormand-Prince pair) the steps follow SciPy's; 'pid' is
+  diffrax's PIDController as an I-controller (same tolerances, RMS norm, safety and factor
+  limits, error exponent 1/order, but it never shrinks the step after an accepted step). The
+  initial step is chosen per example by ``initial_step_size`` (Hairer's heuristic, as SciPy;
+  diffrax 0.7's own ``dt0=None`` falls back to a fixed 0.01 for wrapped terms). Hutchinson probes
+  are drawn once per solve from ``key`` and kept fixed along the trajectory.
+
+  ``per_example=False`` solves the whole batch as ONE ODE with a shared step size (what
+  score_sde's SciPy loop does); every example then reports the batch NFE. The default vmaps
+  per-example solves: each example gets its own steps and NFE, and the device runs
+  max_i(steps_i) batched iterations.
   """
   _check("divergence", divergence, DIVERGENCES)
+  _check("controller", controller, ("scipy", "pid"))
   dtype = x.dtype
   solver = get_solver(solver)
   field = drift_and_divergence(score_fn, sde, divergence)
@@ -186,33 +247,41 @@ def solve_flow(score_fn: ScoreFn, sde, x: Array, key: Optional[Array], *, t0, t1
   t1 = jnp.asarray(t1, dtype)
   per_step = _evals_per_step(solver)
 
-  def one(xi, vi):
-    def vf(t, y, args):
-      del args
-      return field(y[0], t, vi)
-
+  def solve(vf, y0):
     term = diffrax.ODETerm(vf)
     order = solver.order(term)
-    y0 = (xi, jnp.zeros((), dtype))
     dt0 = initial_step_size(lambda t, y: vf(t, y, None), t0, t1, y0, rtol, atol, order)
-    controller = diffrax.PIDController(rtol=rtol, atol=atol, error_order=order)
+    if controller == "scipy":
+      scale = DOPRI5_SCIPY_ERROR_SCALE if isinstance(solver, diffrax.Dopri5) else 1.0
+      ctrl = ScipyRK45Controller(rtol=rtol, atol=atol, order=order, error_scale=scale)
+    else:
+      ctrl = diffrax.PIDController(rtol=rtol, atol=atol, error_order=order)
     sol = diffrax.diffeqsolve(
         term, solver, t0, t1, dt0, y0,
-        stepsize_controller=controller, max_steps=max_steps,
+        stepsize_controller=ctrl, max_steps=max_steps,
         saveat=diffrax.SaveAt(t1=True), throw=False)
-    steps = sol.stats["num_steps"]
     ok = sol.result == diffrax.RESULTS.successful
-    return sol.ys[0][-1], sol.ys[1][-1], steps, ok
+    return sol.ys[0][-1], sol.ys[1][-1], sol.stats["num_steps"], ok
 
-  z, delta, steps, ok = jax.vmap(one)(x, probes)
+  if per_example:
+    def one(xi, vi):
+      return solve(lambda t, y, args: field(y[0], t, vi), (xi, jnp.zeros((), dtype)))
+
+    z, delta, steps, ok = jax.vmap(one)(x, probes)
+  else:
+    batched_field = jax.vmap(field, in_axes=(0, None, 0))
+    z, delta, steps, ok = solve(lambda t, y, args: batched_field(y[0], t, probes),
+                                (x, jnp.zeros(x.shape[:1], dtype)))
+    steps = jnp.broadcast_to(steps, x.shape[:1])
+    ok = jnp.broadcast_to(ok, x.shape[:1])
   return dict(z=z, delta=delta, nfe=3 + per_step * steps, num_steps=steps, ok=ok)
 
 
 def log_likelihood(score_fn: ScoreFn, sde, x: Array, key: Optional[Array] = None, *,
                    prior: Any = None, divergence: str = "exact", probe: str = "rademacher",
                    rtol: float = 1e-5, atol: float = 1e-5,
-                   solver: str | diffrax.AbstractSolver = "dopri5",
-                   max_steps: int = 4096) -> dict:
+                   solver: str | diffrax.AbstractSolver = "dopri5", controller: str = "scipy",
+                   per_example: bool = True, max_steps: int = 4096) -> dict:
   """log p_eps(x) of the probability-flow ODE model ([SF] Sec. 3, p_theta^ODE), per example.
 
   Integrates from t = eps (the data) to t = T (the prior):
@@ -229,7 +298,8 @@ def log_likelihood(score_fn: ScoreFn, sde, x: Array, key: Optional[Array] = None
   """
   prior = sde.prior() if prior is None else prior
   out = solve_flow(score_fn, sde, x, key, t0=sde.eps, t1=sde.T, divergence=divergence,
-                   probe=probe, rtol=rtol, atol=atol, solver=solver, max_steps=max_steps)
+                   probe=probe, rtol=rtol, atol=atol, solver=solver, controller=controller,
+                   per_example=per_example, max_steps=max_steps)
   logp = prior.log_prob(out["z"]).astype(x.dtype) + out["delta"]
   logp = jnp.where(out["ok"], logp, jnp.nan)
   return dict(logp=logp, z=out["z"], delta_logp=out["delta"], nfe=out["nfe"],
