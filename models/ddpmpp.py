@@ -11,7 +11,7 @@ score_sde's continuous VP/sub-VP score function). Field list: see models/ncsnpp.
 from __future__ import annotations
 
 from models import register_model
-from models.ncsnpp import NCSNpp
+from models.ncsnpp import NCSNpp, ncsnpp_cifar_config
 
 
 @register_model("ddpmpp")
@@ -26,16 +26,14 @@ class DDPMpp(NCSNpp):
 
 
 def ddpmpp_cifar_config() -> dict:
-  """DDPM++ cont. (VP / sub-VP) on CIFAR-10, ~62M parameters (see benchmarks/param_counts.py)."""
-  return dict(name="ddpmpp", nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
-              dropout=0.1, resamp_with_conv=True, fir=False, fir_kernel=(1, 3, 3, 1),
-              skip_rescale=True, resblock_type="biggan", progressive="none",
-              progressive_input="none", progressive_combine="sum", embedding_type="positional",
-              fourier_scale=16.0, time_embedding_scale=999.0, init_scale=0.0, conditional=True,
-              center_input=False, dtype="float32")
+  """DDPM++ cont. (VP / sub-VP) on CIFAR-10 (score_sde configs/vp/cifar10_ddpmpp_continuous.py):
+  the NCSN++ config without FIR and progressive paths, with the positional embedding of 999 t;
+  61,804,419 parameters (benchmarks/param_counts.py)."""
+  return dict(ncsnpp_cifar_config(), name="ddpmpp", fir=False, progressive="none",
+              progressive_input="none", embedding_type="positional", time_embedding_scale=999.0)
 
 
 def ddpmpp_deep_cifar_config() -> dict:
   """DDPM++ cont. (deep): 8 residual blocks per resolution (score_sde
-  configs/subvp/cifar10_ddpmpp_deep_continuous.py)."""
+  configs/subvp/cifar10_ddpmpp_deep_continuous.py): 106,632,579 parameters."""
   return dict(ddpmpp_cifar_config(), num_res_blocks=8)

@@ -24,7 +24,8 @@ Dtype = Any
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
-  """DDPM initializer: variance scaling, fan_avg, uniform; scale 0 becomes 1e-10 (Ho et al. 2020)."""
+  """DDPM initializer: variance scaling, fan_avg, uniform; scale 0 becomes 1e-10 (Ho et al.
+  2020)."""
   scale = 1e-10 if scale == 0 else scale
   return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
@@ -86,7 +87,7 @@ class GaussianFourierProjection(nn.Module):
 
 
 def _skip(x: Array, h: Array, skip_rescale: bool) -> Array:
-  """Residual sum, divided by sqrt(2) when skip_rescale (Song et al. 2021, App. H.1, 'rescaling')."""
+  """Residual sum, divided by sqrt(2) when skip_rescale (Song et al. 2021, App. H.1)."""
   return (x + h) / math.sqrt(2.0) if skip_rescale else x + h
 
 
@@ -123,8 +124,9 @@ class ResnetBlock(nn.Module):
   """Pre-activation residual block GN-swish-conv, + Dense(swish(temb)), GN-swish-dropout-conv.
 
   Without resampling this is the DDPM++ block (score_sde ``ResnetBlockDDPMpp``, 1x1 shortcut when
-  the width changes); with ``up``/``down`` it is the BigGAN-style block (Brock et al. 2019; score_sde
-  ``ResnetBlockBigGANpp``) that resamples both branches and always projects the shortcut."""
+  the width changes); with ``up``/``down`` it is the BigGAN-style block (Brock et al. 2019;
+  score_sde ``ResnetBlockBigGANpp``) that resamples both branches and always projects the
+  shortcut."""
   out_ch: Optional[int] = None
   up: bool = False
   down: bool = False
@@ -153,15 +155,20 @@ class ResnetBlock(nn.Module):
     return _skip(x, h, self.skip_rescale)
 
 
-class Upsample(nn.Module):
-  """x2 upsampling (score_sde ``layerspp.Upsample``). Without FIR: nearest neighbour, optionally
-  followed by a 3x3 conv. With FIR: FIR upsampling, or with a conv the fused up-conv of StyleGAN2
-  (Karras et al. 2020): stride-2 transposed 3x3 conv, then the FIR filter (gain 4, padding (1, 1))."""
+class _Resample(nn.Module):
+  """Fields shared by Upsample and Downsample (out_ch defaults to the input width)."""
   out_ch: Optional[int] = None
   with_conv: bool = False
   fir: bool = False
   fir_kernel: Sequence[int] = (1, 3, 3, 1)
   dtype: Dtype = jnp.float32
+
+
+class Upsample(_Resample):
+  """x2 upsampling (score_sde ``layerspp.Upsample``). Without FIR: nearest neighbour, optionally
+  followed by a 3x3 conv. With FIR: FIR upsampling, or with a conv the fused up-conv of StyleGAN2
+  (Karras et al. 2020): stride-2 transposed 3x3 conv, then the FIR filter (gain 4, padding
+  (1, 1))."""
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -177,15 +184,10 @@ class Upsample(nn.Module):
     return ud.upfirdn2d(h, k, pad=((p + 1) // 2 + 1, p // 2 + 1))
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
   """x2 downsampling (score_sde ``layerspp.Downsample``). Without FIR: stride-2 3x3 conv or 2x2
   average pooling. With FIR: FIR downsampling, or with a conv the fused down-conv of StyleGAN2:
   FIR blur (padding (2, 2)), then a stride-2 'VALID' 3x3 conv."""
-  out_ch: Optional[int] = None
-  with_conv: bool = False
-  fir: bool = False
-  fir_kernel: Sequence[int] = (1, 3, 3, 1)
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:

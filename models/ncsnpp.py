@@ -1,15 +1,18 @@
 """NCSN++ score network (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
-Appendix H.1), the common backbone of DDPM++ (models/ddpmpp.py) and the small U-Net (models/unet.py).
+Appendix H.1), the common backbone of DDPM++ (models/ddpmpp.py) and the small U-Net
+(models/unet.py).
 
 Contract: ``NCSNpp.from_config(config)`` builds the module from ``config.model``;
 ``model.apply({'params': p}, x, cond, train=False, rngs={'dropout': key})`` with ``x`` (B, H, W, C)
 NHWC and ``cond`` (B,) = ``sde.noise_conditioning(t)`` (t for VP/subVP, log sigma(t) for VE) returns
 an array of the shape of ``x``. The output is the raw network output: the score wrapper
 (models/utils.py) applies the parameterization. score_sde's ``scale_by_sigma`` (VE: score = h /
-sigma(t)) is *not* done here; use ``model.parameterization = 'noise'`` (score = -h / sigma_t), which is
-the same function class up to the sign of h (the network learns either sign; with init_scale = 0 the
-initial output is ~0 either way) and uses the exact marginal std sigma_t. Inputs are not rescaled
-unless ``center_input`` (x -> 2x - 1, score_sde's behaviour when ``data.centered`` is False).
+sigma(t)) is *not* done here; use ``model.parameterization = 'noise'`` (score = -h / sigma_t),
+which is the same function class up to the sign of h (the network learns either sign; with
+init_scale = 0 the initial output is ~0 either way) and uses the exact marginal std sigma_t.
+Inputs are not rescaled unless ``center_input`` (x -> 2x - 1, score_sde's behaviour when
+``data.centered`` is False); models.utils' ``input_scaling`` (EDM c_in) is a departure from
+score_sde, off for a faithful reproduction.
 
 config.model fields (all optional; defaults below are the NCSN++ cont. CIFAR-10 VE config):
   nf                  base width (128)
@@ -219,7 +222,9 @@ class NCSNpp(nn.Module):
 
 def ncsnpp_cifar_config() -> dict:
   """NCSN++ cont. (VE) on CIFAR-10: score_sde configs/ve/cifar10_ncsnpp_continuous.py (progressive
-  'none', progressive_input 'residual', Fourier embedding of log sigma with scale 16, FIR)."""
+  'none', progressive_input 'residual', Fourier embedding of log sigma with scale 16, FIR);
+  62,758,915 parameters. (The 'output_skip' / 'input_skip' paths of the paper's architecture search
+  are available through the fields but are not what the released CIFAR-10 config uses.)"""
   return dict(name="ncsnpp", nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
               dropout=0.1, resamp_with_conv=True, fir=True, fir_kernel=(1, 3, 3, 1),
               skip_rescale=True, resblock_type="biggan", progressive="none",
@@ -229,5 +234,6 @@ def ncsnpp_cifar_config() -> dict:
 
 
 def ncsnpp_deep_cifar_config() -> dict:
-  """NCSN++ cont. (deep, VE): as ncsnpp_cifar_config with 8 residual blocks per resolution."""
+  """NCSN++ cont. (deep, VE): as ncsnpp_cifar_config with 8 residual blocks per resolution;
+  107,587,075 parameters."""
   return dict(ncsnpp_cifar_config(), num_res_blocks=8)

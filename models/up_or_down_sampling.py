@@ -42,7 +42,8 @@ def upfirdn2d(x: Array, kernel: np.ndarray, up: int = 1, down: int = 1,
     x = x.reshape(b, h * up, w * up, c)
   p0, p1 = pad
   x = jnp.pad(x, ((0, 0), (p0, p1), (p0, p1), (0, 0)))
-  k = jnp.asarray(np.asarray(kernel)[::-1, ::-1], dtype=x.dtype)  # flip: convolution, not correlation
+  # Flip: a true convolution, not a correlation.
+  k = jnp.asarray(np.asarray(kernel)[::-1, ::-1], dtype=x.dtype)
   rhs = jnp.tile(k[:, :, None, None], (1, 1, 1, c))  # HWIO with one input feature per group
   return jax.lax.conv_general_dilated(
       x, rhs, window_strides=(down, down), padding="VALID",

@@ -312,9 +312,11 @@ def _closed_form_count(cfg: dict, channels: int = 3, size: int = 32) -> int:
   return n + gn(ch) + conv(3, ch, channels)
 
 
-# Exact counts (float32 leaves of the 'params' collection, incl. the 128 fixed Fourier frequencies
-# of NCSN++). Rounded, they are the sizes reported for score_sde's CIFAR-10 checkpoints
-# (DDPM++ cont. 61.80M, NCSN++ cont. 62.75M; deep variants 106.6M / 107.6M).
+# Exact counts of score_sde's CIFAR-10 configurations (scalars in the 'params' collection: conv /
+# dense kernels and biases, GroupNorm scale and bias, and the 128 fixed Fourier frequencies of
+# NCSN++, which score_sde also stores as a parameter). They equal the closed-form count above and,
+# rounded, the published model sizes: DDPM++ cont. ~62M (61.80M), NCSN++ cont. ~63M (62.76M),
+# deep variants ~107M / ~108M (106.63M / 107.59M).
 PUBLISHED = {
     "ddpmpp": (DDPMpp, ddpmpp_cifar_config, 61_804_419),
     "ddpmpp_deep": (DDPMpp, ddpmpp_deep_cifar_config, 106_632_579),
