@@ -19,6 +19,7 @@ import pytest
 
 import models
 import sde_lib
+from models import layers
 from models import up_or_down_sampling as ud
 from models import utils as mutils
 from models.ddpmpp import DDPMpp, ddpmpp_cifar_config, ddpmpp_deep_cifar_config
@@ -105,6 +106,20 @@ def test_fir_constant_image_and_impulse_response():
   expect = np.zeros((4, 4))
   expect[1:3, 1:3] = np.outer([1.0, 3.0], [1.0, 3.0]) / 64.0
   np.testing.assert_allclose(resp, expect, atol=1e-7)
+
+
+def test_fused_fir_resampling_convs_reduce_to_fir_with_identity_kernel():
+  """With a centred identity 3x3 kernel and zero bias, the StyleGAN2-style fused layers (FIR
+  Downsample / Upsample with_conv, used by progressive 'residual' paths) equal plain FIR
+  down/up-sampling: the conv geometry (padding, stride, alignment) is exact."""
+  x = jax.random.normal(jax.random.PRNGKey(2), (1, 8, 8, 2))
+  eye = jnp.zeros((3, 3, 2, 2)).at[1, 1].set(jnp.eye(2))
+  for layer, ref in ((layers.Downsample(with_conv=True, fir=True), ud.downsample_2d),
+                     (layers.Upsample(with_conv=True, fir=True), ud.upsample_2d)):
+    params = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x)["params"]
+    (name,) = params.keys()
+    p = {name: {"kernel": eye, "bias": jnp.zeros((2,))}}
+    np.testing.assert_allclose(layer.apply({"params": p}, x), ref(x, K1, 2), atol=1e-5)
 
 
 def test_naive_resampling_roundtrip():
