@@ -77,6 +77,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   sampling.atol = 1e-5
   sampling.snr = 0.16  # Langevin corrector signal-to-noise ratio
   sampling.n_corrector_steps = 1
+  sampling.predictor = "reverse_diffusion"  # pc: 'reverse_diffusion' | 'euler_maruyama'
+  sampling.adaptive = False  # sde: adaptive step size (needs an SDE solver with error estimate)
+  sampling.max_steps = 100_000  # diffrax max_steps for adaptive solves
   sampling.denoise = True  # final Tweedie denoising step at eps
   sampling.n_samples = 64
   sampling.batch_size = 64
