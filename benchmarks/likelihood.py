@@ -224,7 +224,7 @@ def bench_case(case, key, rtol, atol, repeats, reference: bool) -> dict:
       speedup_per_example=float(sp["run_s"] / dfx["run_s"]),
       speedup_batched=float(sb["run_s"] / dfb["run_s"]),
   )
-  if reference:
+  if reference and res["dim"] <= 16:  # too expensive for the U-Net at 1e-10
     # Tight-tolerance on-device solve: the discretisation error of each method at rtol/atol.
     ref = run_diffrax(case, key, 1e-10, 1e-10, 1, per_example=True)
     res["reference_rtol_atol"] = 1e-10
