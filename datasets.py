@@ -354,6 +354,15 @@ class ArrayIterator:
     rng = np.random.default_rng([self._seed, self._process_index, self._epoch, self._index, 1])
     return self._transform(self._data[self.next_indices()], rng)
 
+  def batch_at(self, step: int) -> np.ndarray:
+    """Batch number ``step`` (0-based) of the stream: seeks to the position after ``step`` batches
+    (``step * batch_size`` rows) unless already there, so a resumed run that asks for the batch of
+    its next step gets exactly the batch an uninterrupted run would have had."""
+    epoch, index = divmod(int(step) * self._batch_size, len(self._data))
+    if (epoch, index) != (self._epoch, self._index):
+      self._epoch, self._index = epoch, index
+    return next(self)
+
   def get_state(self) -> dict[str, np.ndarray]:
     """Position in the stream: a small pytree of int64 scalars (orbax-savable)."""
     return {"epoch": np.asarray(self._epoch, np.int64), "index": np.asarray(self._index, np.int64)}

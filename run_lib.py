@@ -156,19 +156,24 @@ def train_batch_rows(config) -> int:
   return config.training.ref_batch_size if config.training.target == "stf" else config.training.batch_size
 
 
-def get_data_sampler(config) -> Callable[[Array, int], Array]:
-  """``sample(key, n) -> (n, *event)`` for the configured dataset (toy distributions for now)."""
+def get_data_sampler(config, split: str | None = None) -> Callable[[Array, int], Array] | Any:
+  """The training data source: ``sample(key, n)`` (jitted) for a toy distribution, or a
+  ``datasets.ArrayIterator`` over ``split`` (default ``data.train_split``) for image data."""
   name = config.data.dataset
   if name in toy_data.TOY_DISTRIBUTIONS:
-    return toy_data.get_toy_distribution(name).sample
-  raise NotImplementedError(f"data.dataset={name!r}: image datasets are not wired into run_lib yet "
-                            "(datasets.py integration pending); use a toy dataset")
+    return jax.jit(toy_data.get_toy_distribution(name).sample, static_argnums=1)
+  import datasets
+  split = str(config.data.get("train_split", "train")) if split is None else split
+  return datasets.get_dataset(config, split=split, shuffle=True, batch_size=train_batch_rows(config))
 
 
-def data_stream_batch(sample: Callable, data_key: Array, step: int | Array, n: int) -> Array:
-  """The batch of training step ``step`` (0-based): a pure function of (data_key, step), so a
-  resumed run draws exactly the batches an uninterrupted run would."""
-  return sample(jax.random.fold_in(data_key, step), n)
+def data_stream_batch(source, data_key: Array, step: int | Array, n: int) -> Array:
+  """The batch of training step ``step`` (0-based): a pure function of (data_key, step) for toy
+  data and an exact seek into the shuffled epoch stream for images, so a resumed run draws exactly
+  the batches an uninterrupted run would."""
+  if hasattr(source, "batch_at"):
+    return source.batch_at(int(step))
+  return source(jax.random.fold_in(data_key, step), n)
 
 
 # -- checkpoint / file helpers ---------------------------------------------------------------------
@@ -208,17 +213,25 @@ def save_checkpoint(manager, state, step: int) -> None:
       meta=ocp.args.JsonSave({"step": int(step), "data_position": int(step)})), force=True)
 
 
-def restore_checkpoint(workdir: str, state, managers=None):
-  """Restores the newest checkpoint (latest or periodic) into the structure/sharding of ``state``.
-  Returns (state, step); (state, 0) when the workdir has none. Without ``managers`` the workdir
-  is opened read-only (what eval / sample modes use)."""
+def restore_checkpoint(workdir: str, state, managers=None, step: int | None = None):
+  """Restores the newest checkpoint (latest or periodic), or the one of ``step``, into the
+  structure/sharding of ``state``. Returns (state, step); (state, 0) when the workdir has none.
+  Without ``managers`` the workdir is opened read-only (what eval / sample modes use)."""
   import orbax.checkpoint as ocp
   own = managers is None
   if own:
     managers = _checkpoint_managers(workdir, 1, read_only=True)
   try:
-    best = max(((m.latest_step(), m) for m in managers if m.latest_step() is not None),
-               default=None, key=lambda sm: sm[0])
+    if step is not None:
+      have = sorted({s for m in managers for s in m.all_steps()})
+      found = [m for m in managers if step in m.all_steps()]
+      if not found:
+        raise FileNotFoundError(f"eval.checkpoint={step}: no such checkpoint in {workdir} "
+                                f"(available steps: {have})")
+      best = (step, found[0])
+    else:
+      best = max(((m.latest_step(), m) for m in managers if m.latest_step() is not None),
+                 default=None, key=lambda sm: sm[0])
     if best is None:
       return state, 0
     step, manager = best
@@ -345,14 +358,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if n % n_dev:
       raise ValueError(f"{name}={n} must be divisible by the number of devices ({n_dev})")
   check_resumable(config, workdir)
-  sample = jax.jit(get_data_sampler(config), static_argnums=1)
+  import datasets
+  sample = get_data_sampler(config)
+  # Held-out batches: a separate toy stream, or the evaluation split of an image dataset.
+  heldout = sample if not hasattr(sample, "batch_at") else get_data_sampler(
+      config, split=str(config.eval.split))
 
   # Everything derives from config.seed.
   rng = jax.random.PRNGKey(config.seed)
   init_key, state_key, data_key, eval_data_key, eval_key = jax.random.split(rng, 5)
   model = get_model(config)
   score_fn = score_fn_from_config(config, sde, model)
-  event_shape = tuple(sample(init_key, 1).shape[1:])
+  event_shape = tuple(datasets.dataset_info(config).shape)
   params = init_model(model, init_key, (1,) + event_shape)
   optimizer = losses.make_optimizer(config)
   state = losses.init_train_state(params, optimizer, state_key)
@@ -392,7 +409,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     # A fixed held-out set (its own key, never in the training stream), in training-size batches.
     n_eval_batches = max(1, tr.get("eval_batch_size", n_rows) // n_rows)
-    eval_batches = [losses.shard_batch(sample(jax.random.fold_in(eval_data_key, i), n_rows), mesh)
+    eval_batches = [losses.shard_batch(data_stream_batch(heldout, eval_data_key, i, n_rows), mesh)
                     for i in range(n_eval_batches)]
 
     new_losses: dict[int, float] = {}
@@ -493,18 +510,257 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       writer.close()
 
 
-# -- other modes (wired after samplers / likelihood / auxiliary land) -----------------------------
-def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str = "eval"):
-  """Likelihood / sample-quality evaluation of a checkpoint (not yet implemented)."""
-  validate_config(config)
-  raise NotImplementedError("mode=eval: run_lib.evaluate is not wired yet (needs likelihood.py, "
-                            "evaluation.py)")
+# -- evaluation and sampling -----------------------------------------------------------------------
+def load_score_fn(config: ml_collections.ConfigDict, workdir: str):
+  """(sde, score_fn(x, t), event_shape, step) from the workdir's checkpoint: the newest one, or
+  step ``eval.checkpoint`` when it is >= 0; EMA parameters when ``eval.use_ema``. Read-only."""
+  import datasets
+  import losses
+  sde = validate_config(config)
+  event_shape = tuple(datasets.dataset_info(config).shape)
+  model = get_model(config)
+  score_fn = score_fn_from_config(config, sde, model)
+  key = jax.random.PRNGKey(config.seed)
+  params = init_model(model, key, (1,) + event_shape)
+  optimizer = losses.make_optimizer(config)
+  state = losses.init_train_state(params, optimizer, key)
+  want = int(config.eval.get("checkpoint", -1))
+  state, step = restore_checkpoint(workdir, state, step=None if want < 0 else want)
+  if step == 0:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, LATEST_DIR)} or "
+                            f"{os.path.join(workdir, PERIODIC_DIR)}: run --mode=train first")
+  params = state.ema_params if config.eval.use_ema else state.params
+  bound = lambda x, t: score_fn(params, x, t)  # noqa: E731  (eval mode: no dropout)
+  return sde, bound, event_shape, step
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+  os.replace(tmp, path)
+
+
+def _save_png(path: str, samples: np.ndarray, config, reference: np.ndarray | None = None) -> None:
+  """Scatter plot (1-D histogram) for toy data, an image grid for images."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import datasets
+  info = datasets.dataset_info(config)
+  if info.is_image:
+    import evaluation
+    grid = evaluation.image_grid(np.clip(datasets.inverse_scale(samples, info.centered), 0, 1),
+                                 nrow=int(math.ceil(math.sqrt(len(samples)))))
+    from PIL import Image
+    Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(path)
+    return
+  fig, ax = plt.subplots(figsize=(5, 5))
+  if samples.shape[-1] == 1:
+    bins = 100
+    if reference is not None:
+      ax.hist(reference[:, 0], bins=bins, density=True, alpha=0.5, label="data")
+    ax.hist(samples[:, 0], bins=bins, density=True, alpha=0.5, label="generated")
+  else:
+    if reference is not None:
+      ax.scatter(reference[:, 0], reference[:, 1], s=1, alpha=0.3, label="data")
+    ax.scatter(samples[:, 0], samples[:, 1], s=1, alpha=0.5, label="generated")
+    ax.set_aspect("equal")
+  ax.legend()
+  ax.set_title(f"{config.data.dataset}: {config.sampling.method}, c={config.sampling.c}, "
+               f"T={config.sde.T}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def generate(config: ml_collections.ConfigDict, sde, score_fn, event_shape, n: int, key):
+  """n samples in batches of ``sampling.batch_size`` with the configured sampler; (samples, nfe)."""
+  import samplers
+  bs = int(config.sampling.batch_size)
+  sample_fn = jax.jit(samplers.get_sampler(config, sde, (bs,) + tuple(event_shape)),
+                      static_argnums=0)
+  out, nfe = [], []
+  t0 = time.time()
+  for i in range(int(math.ceil(n / bs))):
+    x, stats = sample_fn(score_fn, jax.random.fold_in(key, i))
+    out.append(np.asarray(x))
+    nfe.append(float(np.mean(stats["nfe"])))
+    logging.info("sampling batch %d/%d: NFE %.0f, %.1fs elapsed", i + 1, int(math.ceil(n / bs)),
+                 nfe[-1], time.time() - t0)
+  return np.concatenate(out)[:n], float(np.mean(nfe))
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str, sample_folder: str = "samples"):
-  """Draws samples from a checkpoint (not yet implemented)."""
-  validate_config(config)
-  raise NotImplementedError("mode=sample: run_lib.sample is not wired yet (needs samplers.py)")
+  """Draws ``sampling.n_samples`` samples from the checkpoint: ``samples.npz``, ``samples.png`` and
+  ``report.json`` (sampler, c, T, NFE) in ``workdir/samples``."""
+  sde, score_fn, event_shape, step = load_score_fn(config, workdir)
+  out_dir = os.path.join(workdir, sample_folder)
+  os.makedirs(out_dir, exist_ok=True)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A)
+  t0 = time.time()
+  x, nfe = generate(config, sde, score_fn, event_shape, int(config.sampling.n_samples), key)
+  report = {"step": step, "n_samples": len(x), "method": config.sampling.method,
+            "c": float(config.sampling.c), "T": float(config.sde.T), "eps": float(config.sde.eps),
+            "nfe": nfe, "seconds": time.time() - t0, "finite": bool(np.all(np.isfinite(x)))}
+  np.savez(os.path.join(out_dir, "samples.npz"), samples=x)
+  reference = _toy_reference(config, len(x))
+  _save_png(os.path.join(out_dir, "samples.png"), x, config, reference)
+  _write_json(os.path.join(out_dir, "report.json"), report)
+  logging.info("samples: %s", report)
+  return report
+
+
+def _toy_reference(config, n: int) -> np.ndarray | None:
+  name = config.data.dataset
+  if name not in toy_data.TOY_DISTRIBUTIONS:
+    return None
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xDA7A)
+  return np.asarray(toy_data.get_toy_distribution(name).sample(key, n))
+
+
+def gmm_baseline_bpd(config, n_components=(1, 2, 4, 8, 16)) -> dict[str, Any]:
+  """Classical baseline on the same dequantized, scaled data: scikit-learn GaussianMixture (full
+  covariance), the component count chosen on the validation split, bits/dim on the eval split."""
+  import datasets
+  import likelihood
+  from sklearn.mixture import GaussianMixture
+  info = datasets.dataset_info(config)
+  rng = np.random.default_rng(config.seed)
+
+  def split(name):
+    levels, _, _ = datasets.load_levels(config, name)
+    y = datasets.scale_images(levels, info.num_grey_levels, info.centered,
+                              noise=rng.uniform(size=levels.shape))
+    return np.asarray(y, np.float64).reshape(len(levels), -1)
+
+  train, val, test = (split(s) for s in ("train_without_validation", "validation",
+                                         str(config.eval.split)))
+  scores = {}
+  for k in n_components:
+    gmm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=0).fit(train)
+    scores[k] = (float(np.mean(likelihood.bits_per_dim(gmm.score_samples(val), info.shape,
+                                                       centered=info.centered,
+                                                       num_levels=info.num_grey_levels))), gmm)
+  best = min(scores, key=lambda k: scores[k][0])
+  gmm = GaussianMixture(best, covariance_type="full", reg_covar=1e-4, random_state=0).fit(
+      np.concatenate([train, val]))
+  bpd = likelihood.bits_per_dim(gmm.score_samples(test), info.shape, centered=info.centered,
+                                num_levels=info.num_grey_levels)
+  return {"gmm_bpd": float(np.mean(bpd)), "gmm_components": int(best),
+          "gmm_validation_bpd": {str(k): v[0] for k, v in scores.items()},
+          "uniform_bpd": float(math.log2(info.num_grey_levels))}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str = "eval"):
+  """Evaluates the checkpoint and writes ``workdir/eval/report.json`` (+ samples PNG / npz):
+
+  * image data: bits/dim of the probability-flow ODE over the whole ``eval.split`` (uniform
+    dequantization, padded last batch), the ScoreFlow bound in bits/dim, samples with NFE, the
+    digits classifier metrics (digits) or FID / IS (``eval.fid`` with Inception weights), and for
+    digits the GaussianMixture baseline;
+  * toy data: NLL (nats) of a held-out sample by the ODE, the bound, the exact NLL where the
+    distribution has a density, and histogram divergences of generated vs true samples.
+  """
+  import datasets
+  import likelihood
+  sde, score_fn, event_shape, step = load_score_fn(config, workdir)
+  ev = config.eval
+  info = datasets.dataset_info(config)
+  out_dir = os.path.join(workdir, eval_folder)
+  os.makedirs(out_dir, exist_ok=True)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1)
+  k_ll, k_bound, k_sample = jax.random.split(key, 3)
+  report: dict[str, Any] = {"step": step, "dataset": info.name, "split": str(ev.split),
+                            "sde": config.sde.name, "T": float(config.sde.T),
+                            "eps": float(config.sde.eps)}
+  divergence = "exact" if str(ev.divergence) == "exact" else "hutchinson"
+
+  @jax.jit
+  def logp_fn(y, k):
+    return likelihood.log_likelihood(score_fn, sde, y, k, divergence=divergence,
+                                     probe=str(ev.hutchinson_probe), rtol=float(ev.rtol),
+                                     atol=float(ev.atol))
+
+  @jax.jit
+  def bound_fn(y, k):
+    return likelihood.scoreflow_bound(score_fn, sde, y, k,
+                                      n_time_samples=int(ev.get("bound_time_samples", 64)))["nll_bound"]
+
+  nfe_all: list[float] = []
+
+  def ll_only(y, k):
+    out = logp_fn(y, k)
+    nfe_all.append(float(np.mean(out["nfe"])))
+    return out["logp"]
+
+  def progress(name, batches):
+    t0 = time.time()
+    n = len(batches)
+    for i, b in enumerate(batches):
+      yield b
+      el = time.time() - t0
+      logging.info("%s: batch %d/%d, %.1fs elapsed, ETA %.0fs", name, i + 1, n, el,
+                   el / (i + 1) * (n - i - 1))
+
+  with jax.enable_x64(bool(ev.get("float64", False))):
+    if info.is_image:
+      eval_batches = [b.image[b.mask] for b in datasets.get_eval_dataset(config, as_levels=True)]
+      common = dict(batch_size=int(ev.batch_size), num_levels=info.num_grey_levels,
+                    centered=info.centered)
+      if ev.bpd:
+        r = likelihood.dataset_bits_per_dim(ll_only, progress("bits/dim (ODE)", eval_batches),
+                                            k_ll, **common)
+        report.update(bpd=float(r["bpd"]), bpd_stderr=float(r["stderr"]), n_examples=int(r["n"]),
+                      likelihood_nfe=float(np.mean(nfe_all)))
+      if ev.bound:
+        r = likelihood.dataset_bits_per_dim(bound_fn_neg(bound_fn), progress("bound", eval_batches),
+                                            k_bound, **common)
+        report.update(bound_bpd=float(r["bpd"]), bound_bpd_stderr=float(r["stderr"]))
+      if info.name == "digits":
+        report.update(gmm_baseline_bpd(config))
+    else:
+      dist = toy_data.get_toy_distribution(info.name)
+      x = jnp.asarray(_toy_reference(config, int(ev.get("num_likelihood_examples", 1000))))
+      if ev.bpd:
+        out = logp_fn(x, k_ll)
+        report.update(nll=float(-jnp.mean(out["logp"])), likelihood_nfe=float(jnp.mean(out["nfe"])))
+      if ev.bound:
+        report["nll_bound"] = float(jnp.mean(bound_fn(x, k_bound)))
+      if getattr(dist, "has_density", False):
+        report["nll_exact_data"] = float(-jnp.mean(dist.log_prob(x)))
+        report["nll_exact_p_eps"] = float(-jnp.mean(dist.marginal_log_prob(sde, x, sde.eps)))
+
+  n = int(ev.num_samples)
+  samples, nfe = generate(config, sde, score_fn, event_shape, n, k_sample)
+  report.update(sampling_method=config.sampling.method, sampling_c=float(config.sampling.c),
+                sampling_nfe=nfe, n_samples=n)
+  np.savez(os.path.join(out_dir, "samples.npz"), samples=samples)
+  reference = _toy_reference(config, n)
+  _save_png(os.path.join(out_dir, "samples.png"), samples, config, reference)
+  import evaluation
+  if reference is not None:
+    report.update({f"hist_{k}": v for k, v in
+                   evaluation.histogram_divergences(reference, samples).items()})
+  elif info.name == "digits":
+    levels, _, _ = datasets.load_levels(config, str(ev.split))
+    report.update({f"digits_{k}": v for k, v in evaluation.digits_metrics(
+        evaluation.train_digits_classifier(), datasets.inverse_scale(samples, info.centered),
+        levels.astype(np.float32) / (info.num_grey_levels - 1)).items()})
+  if info.is_image and ev.fid:
+    variables = evaluation.load_inception_params(str(ev.inception_weights))
+    ref = evaluation.load_stats(str(ev.fid_stats)) if ev.fid_stats else None
+    report.update(evaluation.inception_metrics(
+        variables, np.clip(datasets.inverse_scale(samples, info.centered), 0, 1), ref))
+  _write_json(os.path.join(out_dir, "report.json"), report)
+  for k in sorted(report):
+    logging.info("eval %s = %s", k, report[k])
+  return report
+
+
+def bound_fn_neg(bound_fn):
+  """The bound on -log p as a 'log p' function for ``dataset_bits_per_dim`` (which negates)."""
+  return lambda y, k: -bound_fn(y, k)
 
 
 def fit_auxiliary(config: ml_collections.ConfigDict, workdir: str):

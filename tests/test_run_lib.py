@@ -282,6 +282,13 @@ def test_data_stream_is_pure_function_of_step():
   a = run_lib.data_stream_batch(sample, key, 7, 16)
   np.testing.assert_array_equal(a, run_lib.data_stream_batch(sample, key, 7, 16))
   assert not np.array_equal(a, run_lib.data_stream_batch(sample, key, 8, 16))
-  c.data.dataset = "cifar10"
-  with pytest.raises(NotImplementedError, match="cifar10"):
-    run_lib.get_data_sampler(c)
+  # Image data: batch `step` is an exact seek into the shuffled epoch stream (any call order).
+  d = _load_config("digits_vp.py")
+  d.training.batch_size = d.training.ref_batch_size = 100  # 1,293 train rows: batches straddle epochs
+  stream = run_lib.get_data_sampler(d)
+  b7, b8, b20 = (run_lib.data_stream_batch(stream, key, s, 100) for s in (7, 8, 20))
+  fresh = run_lib.get_data_sampler(d)
+  np.testing.assert_array_equal(run_lib.data_stream_batch(fresh, key, 20, 100), b20)
+  np.testing.assert_array_equal(run_lib.data_stream_batch(fresh, key, 7, 100), b7)
+  np.testing.assert_array_equal(run_lib.data_stream_batch(fresh, key, 8, 100), b8)
+  assert b7.shape == (100, 8, 8, 1) and not np.array_equal(b7, b8)
