@@ -8,7 +8,6 @@ or DDPM sinusoidal features, Ho et al. 2020) or, as in the ODE-vs-SDE paper's Sw
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from models import register_model
+from models.layers import GaussianFourierProjection, sinusoidal_embedding
 
 Array = jax.Array
 
@@ -35,32 +35,6 @@ def get_activation(name: str):
   if name.lower() not in _ACTIVATIONS:
     raise ValueError(f"model.activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
   return _ACTIVATIONS[name.lower()]
-
-
-def sinusoidal_embedding(cond: Array, dim: int, max_period: float = 10_000.0) -> Array:
-  """DDPM sinusoidal features of a scalar per example (Ho et al. 2020; Vaswani et al. 2017): (B, dim)."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
-  args = cond.astype(jnp.float32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
-
-
-class GaussianFourierProjection(nn.Module):
-  """Random Fourier features [sin 2πWc, cos 2πWc], W ~ N(0, scale^2) fixed at init
-  (Song et al. 2021, Appendix H.1 / NCSN++). The frequencies are a parameter excluded from
-  training by ``stop_gradient``."""
-  dim: int
-  scale: float = 16.0
-
-  @nn.compact
-  def __call__(self, cond: Array) -> Array:
-    w = self.param("W", nn.initializers.normal(stddev=self.scale), (self.dim // 2,))
-    w = jax.lax.stop_gradient(w)
-    args = 2.0 * jnp.pi * cond[:, None] * w[None, :]
-    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
 @register_model("mlp")
@@ -101,7 +75,7 @@ class MLPScore(nn.Module):
       h, temb = jnp.concatenate([x, cond[:, None]], axis=-1), None
     else:
       if self.embedding == "fourier":
-        temb = GaussianFourierProjection(self.embedding_dim, self.fourier_scale)(cond)
+        temb = GaussianFourierProjection(self.embedding_dim // 2, self.fourier_scale)(cond)
       elif self.embedding == "sinusoidal":
         temb = sinusoidal_embedding(cond, self.embedding_dim)
       else:
