@@ -96,7 +96,7 @@ def unet_case(key, batch: int, dtype) -> dict:
 
   sde = sde_lib.VPSDE()
   model = UNet(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
-               init_scale=1.0)
+               init_scale=1.0, dtype=dtype)  # computation dtype (float64 with --x64)
   k_init, k_deq = jax.random.split(key)
   params = init_model(model, k_init, (2, 8, 8, 1))
   params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
