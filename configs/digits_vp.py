@@ -3,10 +3,16 @@ VP SDE, a tiny U-Net, minutes on 2 CPU cores (no network, no downloads).
 
 Target: beat the GaussianMixture baseline of ~2.64 bits/dim on the test split within ~10 minutes of
 train + eval on 2 cores. Data are uniformly dequantized ((k + u) / 17, centered to [-1, 1]) because
-the metric is a likelihood of dequantized data. Sizes (chosen, not yet verified end to end when
-written): nf 32, ch_mult (1, 2), one residual block per resolution (~0.75M parameters), batch 128,
-1500 iterations at lr 5e-4 with a 100-step warmup, EMA 0.995 (a short run: 0.9999 would average
-over far more steps than are taken). The whole test split is one eval batch.
+the metric is a likelihood of dequantized data. Sizes: nf 32, ch_mult (1, 2), one residual block
+per resolution (~0.75M parameters), batch 128, 1000 iterations at lr 5e-4 with a 100-step warmup,
+EMA 0.995 (a short run: 0.9999 would average over far more steps than are taken). The whole test
+split is one eval batch.
+
+Measured (losses.py train step + likelihood.dataset_bits_per_dim, EMA params, probability-flow
+ODE, Hutchinson, dopri5 rtol = atol = 1e-5, 360 test images, 1 CPU device, on a shared 2-core
+machine at load ~5): 1000 iterations -> 2.075 +- 0.014 bits/dim, 728 CPU-seconds in total
+(imports, compilation, training and evaluation; 14.5 min wall at that load); 1500 iterations ->
+2.003 +- 0.015 bits/dim.
 """
 import ml_collections
 
@@ -18,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   training = config.training
   training.batch_size = 128
   training.ref_batch_size = 128
-  training.n_iters = 1500
+  training.n_iters = 1000
   training.log_freq = 50
   training.eval_freq = 250
   training.snapshot_freq = 500
