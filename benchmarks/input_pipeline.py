@@ -11,6 +11,14 @@ batching machinery and of how the iterator position checkpoints:
 Real TFDS tfrecord reading is not measured here (no prepared dataset offline); datasets.py reads
 each split once into memory, so record-reading cost is paid once per run, not per step.
 
+Measured (2-core CPU, load 0.7, 10,000 CIFAR-shaped images, batch 128, flip + dequantization):
+  numpy ArrayIterator            41,900 img/s (58,800 with ThreadedIterator), state 2.1 kB, 0.04 s
+  tf.data, stateful random ops   21,800 img/s, iterator state cannot be saved (RandomUniform is
+                                 stateful; SerializeIterator fails)
+  tf.data, stateless random ops  18,800 img/s, state 36 MB (shuffle buffer), 0.18 s
+  digits numpy                   2.4M img/s
+Hence datasets.py uses the numpy in-memory iterator.
+
 Usage: python benchmarks/input_pipeline.py [--n 10000] [--batches 200] [--out FILE.json]
 Writes a JSON with images/s, state-save seconds and state bytes for each pipeline.
 """
