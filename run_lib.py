@@ -30,14 +30,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import datasets
 import sde_lib
 import toy_data
+from datasets import IMAGE_DATASETS
 from models import get_model, registered_models
 from models.utils import PARAMETERIZATIONS, init_model, score_fn_from_config
 
 Array = jax.Array
 
-IMAGE_DATASETS = ("digits", "mnist", "cifar10", "celeb_a")
 WEIGHTINGS = ("default", "likelihood", "likelihood_is", "noise_driven", "data_driven")
 TARGETS = ("dsm", "stf")
 SAMPLING_METHODS = ("ode", "sde", "pc", "exponential")
@@ -162,7 +163,6 @@ def get_data_sampler(config, split: str | None = None) -> Callable[[Array, int],
   name = config.data.dataset
   if name in toy_data.TOY_DISTRIBUTIONS:
     return jax.jit(toy_data.get_toy_distribution(name).sample, static_argnums=1)
-  import datasets
   split = str(config.data.get("train_split", "train")) if split is None else split
   return datasets.get_dataset(config, split=split, shuffle=True, batch_size=train_batch_rows(config))
 
@@ -358,7 +358,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if n % n_dev:
       raise ValueError(f"{name}={n} must be divisible by the number of devices ({n_dev})")
   check_resumable(config, workdir)
-  import datasets
   sample = get_data_sampler(config)
   # Held-out batches: a separate toy stream, or the evaluation split of an image dataset.
   heldout = sample if not hasattr(sample, "batch_at") else get_data_sampler(
@@ -514,7 +513,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def load_score_fn(config: ml_collections.ConfigDict, workdir: str):
   """(sde, score_fn(x, t), event_shape, step) from the workdir's checkpoint: the newest one, or
   step ``eval.checkpoint`` when it is >= 0; EMA parameters when ``eval.use_ema``. Read-only."""
-  import datasets
   import losses
   sde = validate_config(config)
   event_shape = tuple(datasets.dataset_info(config).shape)
@@ -546,7 +544,6 @@ def _save_png(path: str, samples: np.ndarray, config, reference: np.ndarray | No
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import datasets
   info = datasets.dataset_info(config)
   if info.is_image:
     import evaluation
@@ -622,7 +619,6 @@ def _toy_reference(config, n: int) -> np.ndarray | None:
 def gmm_baseline_bpd(config, n_components=(1, 2, 4, 8, 16)) -> dict[str, Any]:
   """Classical baseline on the same dequantized, scaled data: scikit-learn GaussianMixture (full
   covariance), the component count chosen on the validation split, bits/dim on the eval split."""
-  import datasets
   import likelihood
   from sklearn.mixture import GaussianMixture
   info = datasets.dataset_info(config)
@@ -662,7 +658,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str =
   * toy data: NLL (nats) of a held-out sample by the ODE, the bound, the exact NLL where the
     distribution has a density, and histogram divergences of generated vs true samples.
   """
-  import datasets
   import likelihood
   sde, score_fn, event_shape, step = load_score_fn(config, workdir)
   ev = config.eval

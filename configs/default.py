@@ -61,7 +61,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   data.centered = False  # images scaled to [-1, 1] when True, else [0, 1]
   data.random_flip = False
   data.uniform_dequantization = False
-  data.num_grey_levels = 256
+  data.num_grey_levels = 17  # digits; image configs set 256
   data.image_size = 8
   data.num_channels = 1
   data.tfds_data_dir = ""  # where prepared TFDS datasets live ('' = TFDS default)
