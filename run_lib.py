@@ -758,16 +758,30 @@ def bound_fn_neg(bound_fn):
   return lambda y, k: -bound_fn(y, k)
 
 
-def fit_auxiliary(config: ml_collections.ConfigDict, workdir: str):
-  """Fits the auxiliary prior nu_phi to p(x, T) (not yet implemented)."""
+def fid_stats(config: ml_collections.ConfigDict, workdir: str):
+  """Reference FID statistics of ``eval.split`` of an image dataset: Inception pool3 features of
+  every example (weights ``eval.inception_weights``), written as ``workdir/fid_stats_<dataset>_
+  <split>.npz`` with ``mu`` and ``sigma`` (the common format; set ``eval.fid_stats`` to it)."""
+  import evaluation
   validate_config(config)
-  raise NotImplementedError("mode=fit_aux: run_lib.fit_auxiliary is not wired yet (needs "
-                            "auxiliary.py)")
+  info = datasets.dataset_info(config)
+  if not info.is_image:
+    raise ValueError(f"data.dataset={info.name!r}: FID statistics need an image dataset")
+  variables = evaluation.load_inception_params(str(config.eval.inception_weights))
+  images = np.concatenate([b.image[b.mask] for b in datasets.get_eval_dataset(config, as_levels=True)])
+  images = images.astype(np.float32) / (info.num_grey_levels - 1)
+  feats = evaluation.inception_features(variables, images).pool3
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, f"fid_stats_{info.name}_{config.eval.split}.npz")
+  evaluation.save_stats(path, *evaluation.compute_statistics(feats))
+  logging.info("FID statistics of %d %s/%s images written to %s", len(images), info.name,
+               config.eval.split, path)
+  return path
 
 
 MODES: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
     "train": train,
     "eval": evaluate,
     "sample": sample,
-    "fit_aux": fit_auxiliary,
+    "fid_stats": fid_stats,
 }

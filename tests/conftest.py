@@ -1,6 +1,69 @@
-"""Test-suite setup: 4 simulated CPU devices (for the sharded train step) before JAX is imported."""
+"""Test-suite setup: 4 simulated CPU devices (for the sharded train step) before JAX is imported,
+and a mocked TFDS (``tfds.testing.mock_data``) for the cifar10 / mnist / celeb_a code path.
+
+The mock has a small metadata directory (train 20 / test 9 examples) and an ``as_dataset``
+replacement that honours the requested (sub)split, so per-process sharding is real. Every mock
+image is random (not mirror-symmetric) and carries its global index in the two top corners (pixel
+[0, 0, 0] and [0, -1, 0], unchanged by a horizontal flip).
+"""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+N_MOCK = {"train": 20, "test": 9}
+TEST_OFFSET = 100  # mock test images have global ids 100 + i so they differ from train ones
+
+
+def _mock_images(name: str, idx: np.ndarray, split: str) -> np.ndarray:
+  h, w = _image_specs()[name].native_size
+  c = _image_specs()[name].num_channels
+  ids = idx + (TEST_OFFSET if split == "test" else 0)
+  imgs = np.stack([np.random.default_rng(int(i)).integers(0, 256, (h, w, c), dtype=np.uint8)
+                   for i in ids]) if len(ids) else np.zeros((0, h, w, c), np.uint8)
+  imgs[:, 0, 0, 0] = ids
+  imgs[:, 0, -1, 0] = ids
+  return imgs
+
+
+@pytest.fixture(scope="module")
+def mock_tfds_metadata(tmp_path_factory) -> str:
+  """A TFDS data_dir holding only metadata (dataset_info.json) for cifar10 / mnist / celeb_a."""
+  import tensorflow_datasets as tfds
+  meta = str(tmp_path_factory.mktemp("tfds_meta"))
+  for name in ("cifar10", "mnist", "celeb_a"):
+    builder = tfds.builder(name, data_dir=meta)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=k, shard_lengths=[v], num_bytes=0, filename_template=None)
+        for k, v in N_MOCK.items()]))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+  return meta
+
+
+@pytest.fixture
+def mock_tfds(mock_tfds_metadata):
+  """Mocked TFDS (active for one test) with the small split metadata above."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  def as_dataset_fn(self, split, decoders=None, read_config=None, shuffle_files=False):
+    del decoders, read_config, shuffle_files
+    instructions = self.info.splits[split].file_instructions
+    which = "test" if "-test." in instructions[0].filename else "train"
+    idx = np.concatenate([np.arange(f.skip, f.skip + f.take) for f in instructions])
+    return tf.data.Dataset.from_tensor_slices({"image": _mock_images(self.name, idx, which)})
+
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=mock_tfds_metadata,
+                              as_dataset_fn=as_dataset_fn):
+    yield
+
+
+
+def _image_specs():
+  import datasets
+  return datasets._IMAGE_DATASETS
