@@ -57,39 +57,11 @@ def ncsnpp_cont_model(model: ml_collections.ConfigDict) -> None:
 
 
 def get_default_image_config() -> ml_collections.ConfigDict:
-  config = get_default_config()
+  config = get_default_config()  # score_sde's CIFAR-10 training, SDE and optimizer settings
 
-  training = config.training
-  training.batch_size = 128
-  training.ref_batch_size = 128  # STF experiments raise this (reference batch n)
-  training.n_iters = 1_300_001
-  training.log_freq = 50
-  training.eval_freq = 1000
-  training.snapshot_freq = 50_000
-  training.snapshot_freq_for_preemption = 10_000
-  training.weighting = "default"
-  training.target = "dsm"
-  training.reduce_mean = False
-
-  sde = config.sde
-  sde.name = "vpsde"
-  sde.beta_min = 0.1
-  sde.beta_max = 20.0
-  sde.sigma_min = 0.01
-  sde.sigma_max = 50.0
-  sde.T = 1.0
-  sde.eps = 1e-5
+  config.training.snapshot_freq_for_preemption = 10_000
 
   ddpmpp_cont_model(config.model)
-
-  optim = config.optim
-  optim.optimizer = "adam"
-  optim.lr = 2e-4
-  optim.beta1 = 0.9
-  optim.eps = 1e-8
-  optim.weight_decay = 0.0
-  optim.warmup = 5000
-  optim.grad_clip = 1.0
 
   data = config.data
   data.dataset = "cifar10"
@@ -105,20 +77,12 @@ def get_default_image_config() -> ml_collections.ConfigDict:
 
   sampling = config.sampling
   sampling.method = "sde"  # reverse SDE (c = 1), Euler-Maruyama, as score_sde's VP 'pc' sampler
-  sampling.c = 1.0
-  sampling.n_steps = 1000
-  sampling.snr = 0.16
-  sampling.n_corrector_steps = 1
-  sampling.denoise = True
   sampling.n_samples = 50_000
   sampling.batch_size = 500
 
   evaluate = config.eval
   evaluate.batch_size = 1024
-  evaluate.split = "test"
   evaluate.num_samples = 50_000
-  evaluate.divergence = "hutchinson"
-  evaluate.hutchinson_probe = "rademacher"
   evaluate.fid = True
   return config
 
