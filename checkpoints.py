@@ -1,0 +1,284 @@
+"""Verified checkpoints (one orbax CheckpointManager) and one writer per workdir output.
+
+Layout under ``workdir/``: ``checkpoints/<step>/state`` (orbax StandardSave of the TrainState, typed
+PRNG keys as key data) and ``checkpoints/<step>/meta/metadata`` (JSON: the caller's meta, ``step``
+and ``checksums`` {tree path: sha256 of dtype, shape and bytes} of every saved leaf);
+``checkpoints/<step>.damaged`` (damaged, set aside); ``checkpoints-meta/`` (legacy, read only);
+``.lock-<name>`` (``workdir_lock``: PID, host and start time of the holder).
+
+* Preservation: orbax's own policy (orbax >= 0.11), ``AnyPreservationPolicy(LatestN(1),
+  EveryNSteps(keep_every, max_to_keep), <step restored from>)``: the latest, the newest
+  ``max_to_keep`` multiples of ``keep_every``, and the verified step this store restored from.
+* Saves refuse non-finite float leaves; checksums hash the very (immutable) arrays handed to the
+  async save. Orbax commits a step atomically and deletes old ones only after the commit, so the
+  newest committed step is intact as written, and the pinned restored step stays the fallback.
+* Restore tries newest first, verifying checksums and finiteness; each failure is warned about
+  (``CheckpointWarning`` + absl) and the next older one tried; none intact raises one
+  ``CheckpointError`` listing every directory and reason. Once an older one restores, a writable
+  store renames the damaged newer ones ``<step>.damaged`` (kept for inspection, out of orbax's
+  view: never "latest", never counted by the policy, their steps can be saved again). Nothing is
+  renamed when none is intact (e.g. a changed model makes every restore fail) or when read-only.
+* Legacy workdirs (``checkpoints-meta/`` + ``checkpoints/`` without checksums) still restore:
+  both are candidates, newest first; a checkpoint whose meta lacks checksums is restored after
+  the finiteness check only, with a warning. New saves go to ``checkpoints/`` (whose legacy steps
+  the policy rotates); ``checkpoints-meta/`` may be deleted once a newer checkpoint exists.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+import warnings
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+DIR = "checkpoints"
+LEGACY_DIR = "checkpoints-meta"
+
+
+class CheckpointError(RuntimeError):
+  """No intact checkpoint could be restored."""
+
+
+class CheckpointWarning(UserWarning):
+  """A checkpoint was skipped, or restored without checksum verification."""
+
+
+def _warn(msg: str) -> None:
+  logging.warning(msg)
+  warnings.warn(msg, CheckpointWarning, stacklevel=3)
+
+
+def _to_saveable(state):
+  """Typed PRNG keys are stored as their raw key data."""
+  return jax.tree.map(
+      lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, state)
+
+
+def _from_saveable(restored, like):
+  return jax.tree.map(
+      lambda r, l: jax.random.wrap_key_data(r, impl=jax.random.key_impl(l))
+      if jnp.issubdtype(l.dtype, jax.dtypes.prng_key) else r, restored, like)
+
+
+def _host(x) -> np.ndarray:
+  """Host copy of a leaf; of one replica when the array spans processes (the replicated state)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not x.sharding.is_fully_replicated:
+      raise ValueError("checksums need replicated or fully addressable arrays")
+    x = x.addressable_data(0)
+  return np.asarray(jax.device_get(x))
+
+
+def _scan(tree) -> tuple[dict[str, str], list]:
+  """({tree path: sha256 of dtype, shape and bytes}, paths of non-finite float leaves)."""
+  sums, bad = {}, []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.ascontiguousarray(_host(leaf))
+    h = hashlib.sha256(f"{a.dtype.name}{a.shape}".encode())
+    h.update(a.reshape(-1).view(np.uint8))
+    sums[jax.tree_util.keystr(path)] = h.hexdigest()
+    if jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(a).all():
+      bad.append(path)
+  return sums, bad
+
+
+def _field(path) -> str:
+  return str(getattr(path[0], "name", getattr(path[0], "key", path[0])))
+
+
+@dataclasses.dataclass
+class _Pinned:
+  """Preservation policy keeping the given steps."""
+  steps: set
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    return [c.step in self.steps for c in checkpoints]
+
+
+class CheckpointStore:
+  """Verified orbax checkpoints in ``workdir/checkpoints`` (see the module docstring)."""
+
+  def __init__(self, workdir: str, *, keep_every: int, max_to_keep: int, read_only: bool = False):
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as cm
+    if keep_every < 1 or max_to_keep < 1:
+      raise ValueError(f"keep_every={keep_every} and max_to_keep={max_to_keep} must be >= 1")
+    self.workdir, self.read_only, self._pinned = os.path.abspath(workdir), read_only, _Pinned(set())
+    policy = cm.AnyPreservationPolicy([cm.LatestN(1), cm.EveryNSteps(keep_every,
+                                       max_to_keep=max_to_keep), self._pinned])
+    ro = dict(read_only=True, create=False)
+    opts = ro if read_only else dict(create=True, cleanup_tmp_directories=True)
+    self._mgr = ocp.CheckpointManager(os.path.join(self.workdir, DIR), options=(
+        ocp.CheckpointManagerOptions(preservation_policy=policy, **opts)))
+    legacy = os.path.join(self.workdir, LEGACY_DIR)
+    self._legacy = (ocp.CheckpointManager(legacy, options=ocp.CheckpointManagerOptions(**ro))
+                    if os.path.isdir(legacy) else None)
+
+  def _candidates(self) -> list[tuple[int, Any]]:
+    """(step, manager), newest first; the new layout first at equal steps."""
+    mgrs = [m for m in (self._mgr, self._legacy) if m is not None]
+    return sorted(((s, m) for m in mgrs for s in m.all_steps()),
+                  key=lambda c: (-c[0], c[1] is not self._mgr))
+
+  def all_steps(self) -> list[int]:
+    return sorted({s for s, _ in self._candidates()})
+
+  def latest_step(self) -> int | None:
+    return max(self.all_steps(), default=None)
+
+  def save(self, step: int, state, meta: dict) -> None:
+    """Saves ``state`` (async) with ``meta`` and per-leaf checksums; refuses non-finite values."""
+    import orbax.checkpoint as ocp
+    saveable = _to_saveable(state)
+    sums, bad = _scan(saveable)
+    if bad:
+      raise FloatingPointError(
+          f"refusing to save step {step}: non-finite values in "
+          f"{', '.join(sorted({_field(p) for p in bad}))} (first: {jax.tree_util.keystr(bad[0])})")
+    self._mgr.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(saveable),
+        meta=ocp.args.JsonSave({**meta, "step": int(step), "checksums": sums})))
+
+  def _verified(self, mgr, step: int, abstract, where: str):
+    """The restored saveable state of ``step``; raises on any damage."""
+    import orbax.checkpoint as ocp
+    out = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    meta = out["meta"]
+    if not isinstance(meta, dict) or int(meta.get("step", step)) != step:
+      raise CheckpointError(f"meta item missing or for another step: {meta!r:.200}")
+    sums, bad = _scan(out["state"])
+    if bad:
+      raise CheckpointError(f"non-finite values at leaf {jax.tree_util.keystr(bad[0])}")
+    want = meta.get("checksums")
+    if want is None:
+      _warn(f"checkpoint {where} has no checksums (legacy layout): restored WITHOUT verification")
+      return out["state"]
+    diff = sorted(k for k in set(want) | set(sums) if want.get(k) != sums.get(k))
+    if diff:
+      raise CheckpointError(f"checksum mismatch at leaf {diff[0]}"
+                            + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
+    return out["state"]
+
+  def restore(self, like_state, step: int | None = None):
+    """(state, step) from the newest intact checkpoint (or exactly ``step``) into the structure,
+    dtypes and shardings of ``like_state``; ``(like_state, 0)`` when there is none."""
+    import orbax.checkpoint as ocp
+    cands = self._candidates()
+    if step is not None:
+      if step not in {s for s, _ in cands}:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {self.workdir} "
+                                f"(available steps: {self.all_steps()})")
+      cands = [c for c in cands if c[0] == step]
+    if not cands:
+      return like_state, 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like_state))
+    failed = []
+    for s, mgr in cands:
+      where = os.path.join(str(mgr.directory), str(s))
+      try:
+        restored = self._verified(mgr, s, abstract, where)
+      except Exception as e:  # orbax / tensorstore / json / verification: try the next one
+        failed.append((where, f"{type(e).__name__}: {str(e)[:1000]}"))
+        _warn(f"checkpoint {where} is damaged, skipped: {failed[-1][1]}")
+        continue
+      if failed and not self.read_only:
+        self._quarantine([w for w, _ in failed])
+      self._pinned.steps.add(s)
+      return _from_saveable(restored, like_state), s
+    raise CheckpointError(f"no intact checkpoint in {self.workdir}; tried:\n"
+                          + "\n".join(f"  {w}: {r}" for w, r in failed))
+
+  def _quarantine(self, dirs: list[str]) -> None:
+    """Renames damaged step directories to ``<step>.damaged`` (process 0) and reloads."""
+    if jax.process_index() == 0:
+      for d in dirs:
+        dst, n = d + ".damaged", 1
+        while os.path.exists(dst):
+          dst, n = f"{d}.damaged-{n}", n + 1
+        os.rename(d, dst)
+        logging.warning("moved damaged checkpoint %s to %s", d, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("checkpoints: quarantined damaged steps")
+    for m in (self._mgr, self._legacy):
+      if m is not None:
+        m.reload()
+
+  def wait_until_finished(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and closes the managers."""
+    for m in (self._mgr, self._legacy):
+      if m is not None:
+        m.close()
+
+  def __enter__(self) -> "CheckpointStore":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, name: str) -> Iterator[str]:
+  """Exclusive advisory lock (``flock``) on ``workdir/.lock-<name>`` for the body's duration.
+
+  A second holder is refused at once (RuntimeError naming the holder's PID, host and the file).
+  The kernel releases the lock of a dead process, so a stale file is taken over and its info
+  overwritten. flock is per host (and best effort on network filesystems)."""
+  if not name or os.sep in name:
+    raise ValueError(f"lock name must be a plain word, got {name!r}")
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(os.path.abspath(workdir), f".lock-{name}")
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    old = os.pread(fd, 4096, 0).decode(errors="replace")
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      try:
+        info = dict(json.loads(os.pread(fd, 4096, 0) or b"{}"))
+      except (ValueError, TypeError):
+        info = {}
+      raise RuntimeError(
+          f"{workdir} is already in use for '{name}' by pid {info.get('pid', '?')} on host "
+          f"{info.get('host', '?')} (since {info.get('started', '?')}); lock file {path}") from None
+    if old.strip():
+      logging.info("lock %s: taking over from a finished holder (%s)", path, old.strip())
+    info = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    os.fsync(fd)
+    yield path
+    os.ftruncate(fd, 0)
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def check_writable(path: str) -> str:
+  """Creates folder ``path`` if needed and checks it is writable (a probe file is written and
+  deleted); raises PermissionError naming it. Call before any expensive work."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"output folder {os.path.abspath(path)} is not writable: "
+                          f"{e.strerror or e}") from e
+  return path
