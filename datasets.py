@@ -127,6 +127,13 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
                      bool(data.centered), bool(data.uniform_dequantization))
 
 
+def split_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Split names of the image dataset ``config.data.dataset`` (static, no data read); () for toy
+  data."""
+  spec = _spec(config)
+  return () if spec is None else spec.splits
+
+
 def _image_size(config: ml_collections.ConfigDict, spec: _ImageSpec) -> int:
   """Validates data.image_size / num_channels / num_grey_levels against the dataset."""
   data = config.data
@@ -134,7 +141,7 @@ def _image_size(config: ml_collections.ConfigDict, spec: _ImageSpec) -> int:
   size = int(data.image_size)
   if int(data.num_channels) != spec.num_channels:
     raise ValueError(f"data.num_channels={data.num_channels} but {name!r} has {spec.num_channels}")
-  if int(data.get("num_grey_levels", spec.num_grey_levels)) != spec.num_grey_levels:
+  if int(data.num_grey_levels) != spec.num_grey_levels:
     # The dataset's own level count is authoritative (configs/default.py says 256 for 'digits');
     # always read it from dataset_info(config).num_grey_levels.
     logging.warning("data.num_grey_levels=%s ignored: %r has %d grey levels",
@@ -269,7 +276,7 @@ def load_levels(config: ml_collections.ConfigDict, split: str, process_index: in
   name = str(config.data.dataset)
   size = _image_size(config, spec)
   if spec.tfds:
-    return _tfds_levels(name, split, size, str(config.data.get("tfds_data_dir", "")) or None,
+    return _tfds_levels(name, split, size, str(config.data.tfds_data_dir) or None,
                         process_index, process_count)
   splits = _digits_levels()
   if split not in splits:
@@ -489,7 +496,7 @@ def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuf
   training = config.training
   if batch_size is None:
     if repeat:
-      stf = str(training.get("target", "dsm")) == "stf"
+      stf = str(training.target) == "stf"
       field = "training.ref_batch_size" if stf else "training.batch_size"
       batch_size = int(training.ref_batch_size if stf else training.batch_size)
     else:
@@ -503,7 +510,7 @@ def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuf
     dist = toy_data.get_toy_distribution(str(config.data.dataset))
     if repeat:
       return ToyIterator(dist, local_batch, seed=seed, process_index=process_index)
-    n = int(config.eval.get("num_samples", 10_000))  # a fixed held-out sample, drawn once
+    n = int(config.eval.num_samples)  # a fixed held-out sample, drawn once
     start, end = even_shard(n, process_index, process_count)
     data = np.asarray(dist.sample(jax.random.PRNGKey(seed + 1), n), np.float32)[start:end]
     return EvalIterator(data, local_batch, start=start, total=n, process_count=process_count,
@@ -676,7 +683,7 @@ def split_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
     raise ValueError(f"data.dataset={config.data.dataset!r} is a toy distribution (no splits)")
   if not spec.tfds:
     return {k: len(v) for k, v in _digits_levels().items()}
-  builder = _tfds_builder(str(config.data.dataset), str(config.data.get("tfds_data_dir", "")) or None)
+  builder = _tfds_builder(str(config.data.dataset), str(config.data.tfds_data_dir) or None)
   return {k: v.num_examples for k, v in builder.info.splits.items()}
 
 
@@ -684,4 +691,4 @@ __all__: Sequence[str] = (
     "DatasetInfo", "DatasetNotPreparedError", "ArrayIterator", "EvalIterator", "EvalBatch",
     "ToyIterator", "ThreadedIterator", "DevicePrefetchIterator", "dataset_info", "get_dataset", "get_eval_dataset",
     "prefetch_to_device", "scale_images", "inverse_scale", "quantize",
-    "load_levels", "even_shard", "image_transform", "split_sizes", "IMAGE_DATASETS")
+    "load_levels", "even_shard", "image_transform", "split_sizes", "split_names", "IMAGE_DATASETS")

@@ -348,29 +348,41 @@ def uniform_dequantize(key: Array, x: Array, num_levels: int = 256, centered: bo
   return 2.0 * y - 1.0 if centered else y
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _dequantize_examples(key: Array, batch: Array, offset: Array, num_levels: int,
-                         centered: bool) -> Array:
+                         centered: bool, dtype=None) -> Array:
   """``uniform_dequantize`` of example j of a batch with key fold_in(key, offset + j)."""
   keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(offset + jnp.arange(batch.shape[0]))
-  return jax.vmap(lambda k, xi: uniform_dequantize(k, xi[None], num_levels, centered)[0])(
+  return jax.vmap(lambda k, xi: uniform_dequantize(k, xi[None], num_levels, centered, dtype)[0])(
       keys, batch)
+
+
+def mean_and_stderr(values) -> tuple[float, float]:
+  """Mean and its standard error sqrt(var / (n - 1)) of a 1-D sample (float64 on the host)."""
+  v = np.asarray(values, np.float64)
+  if v.size == 0:
+    return float("nan"), float("nan")
+  return float(v.mean()), float(np.sqrt(v.var() / max(v.size - 1, 1)))
 
 
 def dataset_bits_per_dim(logp_fn: Callable[[Array, Array], Array], batches: Iterable[Array],
                          key: Array, *, batch_size: int, num_levels: int = 256,
-                         centered: bool = False, dequantize: bool = True) -> dict:
+                         centered: bool = False, dequantize: bool = True, dtype=None,
+                         on_batch: Optional[Callable[[int], None]] = None) -> dict:
   """Bits/dim over a whole split: every batch is padded to ``batch_size`` (repeating its last
   row) so ``logp_fn`` (e.g. a jitted ``log_likelihood``) compiles once, and the padding is masked
   out (no example is dropped or counted twice).
 
-  ``logp_fn(y, key) -> logp (B,)`` takes dequantized, scaled data ``y`` (when ``dequantize``;
-  otherwise the batches are passed as they are, already continuous). Dequantization noise of
-  example i of the split uses ``fold_in(key_deq, i)`` (independent of the batching); ``logp_fn``
-  gets ``fold_in(key_logp, batch index)``. Returns ``dict(bpd, stderr, n, bpd_per_example)``.
+  ``logp_fn(y, key) -> logp (B,)`` takes dequantized, scaled data ``y`` (when ``dequantize``; in
+  ``dtype``, default float32; otherwise the batches are passed as they are, already continuous).
+  Dequantization noise of example i of the split uses ``fold_in(key_deq, i)`` (independent of the
+  batching); ``logp_fn`` gets ``fold_in(key_logp, batch index)``. A non-finite log p (a failed
+  adaptive solve returns NaN) is counted, never averaged: the mean and its standard error are over
+  the finite examples. ``on_batch(n)`` is called after each batch of n examples (progress).
+  Returns ``dict(bpd, stderr, n, n_failed, failed_indices, bpd_per_example)`` (NaN per failed
+  example).
   """
   key_deq, key_logp = jax.random.split(key)
-  total, total_sq, count = 0.0, 0.0, 0
   per_example = []
   offset = 0
   for i, batch in enumerate(batches):
@@ -378,27 +390,25 @@ def dataset_bits_per_dim(logp_fn: Callable[[Array, Array], Array], batches: Iter
     n = batch.shape[0]
     if n > batch_size:
       raise ValueError(f"a batch has {n} examples, more than batch_size={batch_size}")
-    pad = batch_size - n
-    if pad:
-      batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], pad, axis=0)], axis=0)
-    mask = jnp.arange(batch_size) < n
+    if n < batch_size:
+      batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], batch_size - n, axis=0)], axis=0)
     if dequantize:
-      y = _dequantize_examples(key_deq, batch, offset, num_levels, centered)
+      y = _dequantize_examples(key_deq, batch, offset, num_levels, centered, dtype)
     else:
       y = batch
     logp = logp_fn(y, jax.random.fold_in(key_logp, i))
     bpd = bits_per_dim(logp, y.shape[1:], centered=centered, num_levels=num_levels)
-    total = total + jnp.sum(jnp.where(mask, bpd, 0.0))
-    total_sq = total_sq + jnp.sum(jnp.where(mask, bpd**2, 0.0))
-    count += n
-    per_example.append(np.asarray(bpd)[np.asarray(mask)])
+    per_example.append(np.asarray(bpd, np.float64)[:n])
     offset += n
-  if count == 0:
+    if on_batch is not None:
+      on_batch(n)
+  if offset == 0:
     raise ValueError("dataset_bits_per_dim got no examples")
-  mean = total / count
-  var = jnp.maximum(total_sq / count - mean**2, 0.0)
-  return dict(bpd=mean, stderr=jnp.sqrt(var / max(count - 1, 1)), n=count,
-              bpd_per_example=np.concatenate(per_example))
+  bpd = np.concatenate(per_example)
+  ok = np.isfinite(bpd)
+  mean, stderr = mean_and_stderr(bpd[ok])
+  return dict(bpd=mean, stderr=stderr, n=int(ok.sum()), n_failed=int((~ok).sum()),
+              failed_indices=[int(i) for i in np.flatnonzero(~ok)], bpd_per_example=bpd)
 
 
 # ------------------------------------------------------------------------------------------------

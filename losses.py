@@ -50,6 +50,7 @@ LossFn = Callable[[Params, Array, Array], tuple[Array, dict]]
 
 WEIGHTINGS = ("default", "likelihood", "likelihood_is", "noise_driven", "data_driven")
 TARGETS = ("dsm", "stf")
+OPTIMIZERS = ("adam", "adamw")  # optim.optimizer (make_optimizer)
 PROBES = ("rademacher", "gaussian", "exact")
 DATA_AXIS = "data"
 
@@ -281,37 +282,19 @@ def v_stf(sde, x0: Array, ref: Array, t: Array, key: Array,
 
 
 # -- config-driven loss ---------------------------------------------------------------------------------
-def _cfg_get(cfg, name: str, default):
-  return cfg[name] if name in cfg else default
-
-
-def validate_training_config(config) -> None:
-  """Raises ValueError naming the offending ``training.*`` field."""
-  tr = config.training
-  if tr.weighting not in WEIGHTINGS:
-    raise ValueError(f"training.weighting must be one of {WEIGHTINGS}, got {tr.weighting!r}")
-  if tr.target not in TARGETS:
-    raise ValueError(f"training.target must be one of {TARGETS}, got {tr.target!r}")
-  if not int(tr.batch_size) >= 1:
-    raise ValueError(f"training.batch_size must be >= 1, got {tr.batch_size}")
-  if tr.target == "stf":
-    n = _cfg_get(tr, "ref_batch_size", None)
-    if n is None or int(n) < int(tr.batch_size):
-      raise ValueError(f"training.ref_batch_size (STF reference batch, {n}) must be >= "
-                       f"training.batch_size ({tr.batch_size})")
-
-
 def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> LossFn:
   """loss_fn(params, batch, key) -> (loss, metrics) from ``config.training`` (weighting, target,
   batch_size B, ref_batch_size n, reduce_mean). The batch is (N, *event): DSM trains on its first B
   rows; STF needs N = n, trains on the first B rows and uses all n as the reference batch (Xu et
-  al., Algorithm 1). ``train=False`` calls score_fn with rng=None (no dropout)."""
-  validate_training_config(config)
+  al., Algorithm 1). ``train=False`` calls score_fn with rng=None (no dropout). The training
+  section is checked by config_schema (ValueError naming the field)."""
+  import config_schema  # deferred: the schema imports this module's choice lists
+  config_schema.validate(config, sections=("training",))
   tr = config.training
   weighting, target = str(tr.weighting), str(tr.target)
   b = int(tr.batch_size)
-  n = int(_cfg_get(tr, "ref_batch_size", b))
-  reduce_mean = bool(_cfg_get(tr, "reduce_mean", False))
+  n = int(tr.ref_batch_size)
+  reduce_mean = bool(tr.reduce_mean)
 
   def loss_fn(params: Params, batch: Array, key: Array) -> tuple[Array, dict]:
     rows = batch.shape[0]
@@ -338,23 +321,12 @@ class TrainState:
 def make_optimizer(config) -> optax.GradientTransformation:
   """optax chain: clip_by_global_norm(optim.grad_clip) (skipped if 0), Adam(optim.beta1,
   optim.eps), decoupled weight decay if optim.weight_decay > 0, learning rate optim.lr with linear
-  warmup lr * min((step + 1) / optim.warmup, 1) (score_sde's schedule, first step nonzero)."""
+  warmup lr * min((step + 1) / optim.warmup, 1) (score_sde's schedule, first step nonzero). The
+  optim section is checked by config_schema ('adam' and 'adamw' build the same chain)."""
+  import config_schema  # deferred: the schema imports this module's choice lists
+  config_schema.validate(config, sections=("optim",))
   o = config.optim
-  name = str(_cfg_get(o, "optimizer", "adam")).lower()
-  if name not in ("adam", "adamw"):
-    raise ValueError(f"optim.optimizer must be 'adam' or 'adamw', got {name!r}")
-  lr = float(o.lr)
-  if not lr > 0:
-    raise ValueError(f"optim.lr must be > 0, got {lr}")
-  warmup = int(_cfg_get(o, "warmup", 0))
-  if warmup < 0:
-    raise ValueError(f"optim.warmup must be >= 0, got {warmup}")
-  clip = float(_cfg_get(o, "grad_clip", 0.0))
-  if clip < 0:
-    raise ValueError(f"optim.grad_clip must be >= 0, got {clip}")
-  wd = float(_cfg_get(o, "weight_decay", 0.0))
-  if wd < 0:
-    raise ValueError(f"optim.weight_decay must be >= 0, got {wd}")
+  lr, warmup, clip, wd = float(o.lr), int(o.warmup), float(o.grad_clip), float(o.weight_decay)
 
   def schedule(count):
     if warmup == 0:
@@ -362,9 +334,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return lr * jnp.minimum((count + 1) / warmup, 1.0)
 
   parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-  parts.append(optax.scale_by_adam(b1=float(_cfg_get(o, "beta1", 0.9)),
-                                   b2=float(_cfg_get(o, "beta2", 0.999)),
-                                   eps=float(_cfg_get(o, "eps", 1e-8))))
+  parts.append(optax.scale_by_adam(b1=float(o.beta1), b2=float(o.beta2), eps=float(o.eps)))
   if wd > 0:
     parts.append(optax.add_decayed_weights(wd))
   parts.append(optax.scale_by_learning_rate(schedule))

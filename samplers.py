@@ -79,8 +79,10 @@ SDE_SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "sra1": diffrax.SRA
 SDE_STAGE_COST = {"euler": 1, "heun": 2, "sra1": 2, "shark": 2}
 # Solvers that need space-time Levy area from the Brownian path (additive-noise SRK methods).
 _NEEDS_LEVY_AREA = ("sra1", "shark")
+# sampling.solver values: an ODE solver for method 'ode', an SDE solver for 'sde' (where an ODE
+# solver name, the shared default, means Euler-Maruyama).
+SOLVERS = tuple(ODE_SOLVERS) + tuple(SDE_SOLVERS)
 PC_PREDICTORS = ("reverse_diffusion", "euler_maruyama")
-METHODS = ("ode", "sde", "pc", "exponential")
 
 
 def perturbed_score(score_fn: ScoreFn, score_perturbation: Optional[ScoreFn],
@@ -185,6 +187,15 @@ def ode_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
 # Generative SDE family (any c >= 0)
 # ---------------------------------------------------------------------------------------------------
 
+def _check_sde_solver(solver: str, adaptive: bool) -> None:
+  """ValueError naming sampling.solver unless it is an SDE solver usable with ``adaptive``."""
+  if solver not in SDE_SOLVERS:
+    raise ValueError(f"sampling.solver must be one of {sorted(SDE_SOLVERS)} for the SDE, got {solver!r}")
+  if adaptive and solver == "euler":
+    raise ValueError("sampling.solver='euler' (Euler-Maruyama, also what an ODE solver name means "
+                     "for the SDE) has no error estimate; use heun/sra1/shark when adaptive")
+
+
 def sde_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
                 c: Array | float = 1.0, n_steps: int = 1000, solver: str = "euler",
                 adaptive: bool = False, rtol: float = 1e-3, atol: float = 1e-3,
@@ -203,10 +214,7 @@ def sde_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
   (tolerance ``brownian_tol``, default (T - eps) * 2^-14), ``n_steps`` then sets the first step and
   ``max_steps`` (default 16 n_steps) bounds the work; Euler has no error estimate and is refused.
   """
-  if solver not in SDE_SOLVERS:
-    raise ValueError(f"sampling.solver must be one of {sorted(SDE_SOLVERS)} for the SDE, got {solver!r}")
-  if adaptive and solver == "euler":
-    raise ValueError("sampling.solver='euler' has no error estimate; use heun/sra1/shark when adaptive")
+  _check_sde_solver(solver, adaptive)
   if isinstance(c, (int, float)) and c < 0:
     raise ValueError(f"sampling.c must be >= 0, got {c}")
   c = jnp.asarray(c)
@@ -376,64 +384,103 @@ def exponential_integrator_sampler(score_fn: ScoreFn, sde, key: Array, shape: Se
 # Config entry point
 # ---------------------------------------------------------------------------------------------------
 
+# A builder maps the ``config.sampling`` section (and the SDE) to (sampler, options); it refuses,
+# naming the field, a setting its sampler cannot honour. Per-field ranges are config_schema's.
+SamplerBuilder = Callable[[Any, Any], tuple[Callable[..., tuple[Array, Stats]], dict]]
+_SAMPLERS: dict[str, SamplerBuilder] = {}
+
+
+def register_sampler(name: str) -> Callable[[SamplerBuilder], SamplerBuilder]:
+  """Decorator registering ``builder(sampling_cfg, sde) -> (sampler, kwargs)`` as
+  ``sampling.method = name``."""
+
+  def decorator(builder: SamplerBuilder) -> SamplerBuilder:
+    if name in _SAMPLERS and _SAMPLERS[name] is not builder:
+      raise ValueError(f"sampling method {name!r} registered twice")
+    _SAMPLERS[name] = builder
+    return builder
+
+  return decorator
+
+
+def registered_samplers() -> tuple[str, ...]:
+  """Names accepted by ``config.sampling.method``."""
+  return tuple(_SAMPLERS)
+
+
+def _fixed_steps_only(cfg, method: str) -> None:
+  if cfg.adaptive:
+    raise ValueError(f"sampling.adaptive: method {method!r} has fixed steps only, got True")
+
+
+@register_sampler("ode")
+def _ode_options(cfg, sde):
+  """Probability-flow ODE (c = 0 by definition; sampling.c and n_steps are not used)."""
+  if cfg.solver not in ODE_SOLVERS:
+    raise ValueError(f"sampling.solver must be one of {sorted(ODE_SOLVERS)} for method 'ode', "
+                     f"got {cfg.solver!r}")
+  return ode_sampler, dict(solver=str(cfg.solver), rtol=float(cfg.rtol), atol=float(cfg.atol),
+                           max_steps=int(cfg.max_steps))
+
+
+@register_sampler("sde")
+def _sde_options(cfg, sde):
+  """Generative SDE family in c; adaptive steps use sampling.rtol, atol and max_steps."""
+  solver = "euler" if cfg.solver in ODE_SOLVERS else str(cfg.solver)
+  adaptive = bool(cfg.adaptive)
+  _check_sde_solver(solver, adaptive)
+  kwargs = dict(c=float(cfg.c), n_steps=int(cfg.n_steps), solver=solver, adaptive=adaptive)
+  if adaptive:
+    kwargs.update(rtol=float(cfg.rtol), atol=float(cfg.atol), max_steps=int(cfg.max_steps))
+  return sde_sampler, kwargs
+
+
+@register_sampler("pc")
+def _pc_options(cfg, sde):
+  """Predictor-corrector for the reverse SDE: only c = 1."""
+  if float(cfg.c) != 1.0:
+    raise ValueError(f"sampling.c must be 1 for method 'pc' (it samples the reverse SDE), "
+                     f"got {cfg.c!r}")
+  _fixed_steps_only(cfg, "pc")
+  return pc_sampler, dict(n_steps=int(cfg.n_steps), predictor=str(cfg.predictor),
+                          snr=float(cfg.snr), n_corrector_steps=int(cfg.n_corrector_steps))
+
+
+@register_sampler("exponential")
+def _exponential_options(cfg, sde):
+  """Exponential integrator of the VP generative family."""
+  if not isinstance(sde, sde_lib.VPSDE):
+    raise ValueError("sampling.method='exponential' needs sde.name='vpsde', got "
+                     f"{type(sde).__name__}")
+  _fixed_steps_only(cfg, "exponential")
+  return exponential_integrator_sampler, dict(c=float(cfg.c), n_steps=int(cfg.n_steps))
+
+
+SAMPLING_METHODS = registered_samplers()  # the built-in methods
+
+
+def sampler_kwargs(config, sde) -> tuple[Callable[..., tuple[Array, Stats]], dict]:
+  """(sampler, options) for ``config.sampling`` from the registry: the method's own options plus
+  ``denoise``. ValueError names a field the sampler cannot honour (call outside jit)."""
+  cfg = config.sampling
+  if cfg.method not in _SAMPLERS:
+    raise ValueError(f"sampling.method must be one of {registered_samplers()}, got {cfg.method!r}")
+  fn, kwargs = _SAMPLERS[cfg.method](cfg, sde)
+  return fn, dict(kwargs, denoise=bool(cfg.denoise))
+
+
 def get_sampler(config, sde, shape: Sequence[int], prior: Optional[Prior] = None,
                 score_perturbation: Optional[ScoreFn] = None,
                 epsilon: Array | float = 0.0) -> Callable[..., tuple[Array, Stats]]:
-  """``sample_fn(score_fn, key, sde=sde) -> (samples, stats)`` from ``config.sampling``
-  (method 'ode' | 'sde' | 'pc' | 'exponential'; c, n_steps, solver, rtol, atol, snr,
-  n_corrector_steps, denoise). Passing ``sde`` to a jitted ``sample_fn`` sweeps T without
-  recompiling. Invalid values raise ValueError naming the field (call outside jit).
+  """``sample_fn(score_fn, key, sde=sde) -> (samples, stats)`` from ``config.sampling`` (checked
+  by config_schema, then mapped to the sampler's options by the builder registered for
+  ``sampling.method``). Passing ``sde`` to a jitted ``sample_fn`` sweeps T without recompiling.
+  Invalid values raise ValueError naming the field (call outside jit).
   """
-  cfg = config.sampling
-  method = str(cfg.method).lower()
-  if method not in METHODS:
-    raise ValueError(f"sampling.method must be one of {METHODS}, got {cfg.method!r}")
-  c = float(cfg.get("c", 1.0))
-  if not c >= 0:
-    raise ValueError(f"sampling.c must be >= 0, got {c}")
-  n_steps = int(cfg.get("n_steps", 1000))
-  if n_steps < 1:
-    raise ValueError(f"sampling.n_steps must be >= 1, got {n_steps}")
-  denoise = bool(cfg.get("denoise", False))
-  common = dict(denoise=denoise, prior=prior, score_perturbation=score_perturbation,
-                epsilon=epsilon)
-  solver = str(cfg.get("solver", "")).lower()
-  if method == "ode":
-    solver = solver or "tsit5"
-    if solver not in ODE_SOLVERS:
-      raise ValueError(f"sampling.solver must be one of {sorted(ODE_SOLVERS)} for method 'ode', "
-                       f"got {cfg.solver!r}")
-    kwargs = dict(solver=solver, rtol=float(cfg.get("rtol", 1e-5)),
-                  atol=float(cfg.get("atol", 1e-5)),
-                  max_steps=int(cfg.get("max_steps", 100_000)), **common)
-    fn = ode_sampler
-  elif method == "sde":
-    # The shared config's default solver names the ODE solver; the SDE then uses Euler-Maruyama.
-    solver = "euler" if solver in ("", *ODE_SOLVERS) else solver
-    if solver not in SDE_SOLVERS:
-      raise ValueError(f"sampling.solver must be one of {sorted(SDE_SOLVERS)} for method 'sde', "
-                       f"got {cfg.solver!r}")
-    adaptive = bool(cfg.get("adaptive", False))
-    kwargs = dict(c=c, n_steps=n_steps, solver=solver, adaptive=adaptive, **common)
-    if adaptive:
-      kwargs.update(rtol=float(cfg.get("rtol", 1e-3)), atol=float(cfg.get("atol", 1e-3)))
-    fn = sde_sampler
-  elif method == "pc":
-    n_corr = int(cfg.get("n_corrector_steps", 1))
-    if n_corr < 0:
-      raise ValueError(f"sampling.n_corrector_steps must be >= 0, got {n_corr}")
-    predictor = str(cfg.get("predictor", "reverse_diffusion"))
-    if predictor not in PC_PREDICTORS:
-      raise ValueError(f"sampling.predictor must be one of {PC_PREDICTORS}, got {predictor!r}")
-    kwargs = dict(n_steps=n_steps, predictor=predictor, snr=float(cfg.get("snr", 0.16)),
-                  n_corrector_steps=n_corr, **common)
-    fn = pc_sampler
-  else:
-    if not isinstance(sde, sde_lib.VPSDE):
-      raise ValueError("sampling.method='exponential' needs sde.name='vpsde', got "
-                       f"{type(sde).__name__}")
-    kwargs = dict(c=c, n_steps=n_steps, **common)
-    fn = exponential_integrator_sampler
+  import config_schema  # deferred: the schema imports this module's choice lists
+  config_schema.validate(config, sections=("sampling",))
+  fn, kwargs = sampler_kwargs(config, sde)
+  kwargs.update(prior=prior, score_perturbation=score_perturbation, epsilon=epsilon)
   default_sde = sde
   shape = tuple(shape)
 

@@ -315,8 +315,9 @@ class VESDE(_SDE):
     return jnp.ones_like(t), self.sigma_min * jnp.sqrt(jnp.expm1(2.0 * t * self.log_ratio()))
 
   def prior_std(self):
-    """Std of the prior N(0, sigma(T)^2 I), the marginal scale at the diffusion time T."""
-    return self.sigma(self.T)
+    """Std of p_noise = N(0, (sigma(T)^2 - sigma(0)^2) I) (Franzese et al., Table 1): the forward
+    marginal's std at T, so p_noise is p(x, T) in the large-data limit (not score_sde's sigma(T))."""
+    return self.marginal_coeffs(self.T)[1]
 
   def noise_conditioning(self, t):
     return jnp.log(self.sigma(t))

@@ -1,24 +1,27 @@
 """Shared defaults of every scorelab experiment (ml_collections).
 
 Experiment files in this folder start from ``get_default_config()`` and override what differs.
-Command-line overrides: ``--config.sde.T=0.4``, ``--config.sampling.c=2.0`` and so on.
+Command-line overrides: ``--config.sde.T=0.4``, ``--config.sampling.c=2.0`` and so on. Every field
+is declared exactly once: here, or (network-specific ``model.*`` fields) in default_toy.py (MLP) and
+default_image.py (NCSN++ / DDPM++ / U-Net). Types, ranges, choices and cross-field rules are in
+``config_schema.py``; ``config_schema.validate(config)`` checks a config.
 """
 import ml_collections
 
 
 def get_default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.seed = 42
+  config.seed = 42  # root of every random stream
 
   # Training (score_sde CIFAR-10 defaults where they apply).
   config.training = training = ml_collections.ConfigDict()
-  training.batch_size = 128
-  training.n_iters = 1_300_001
+  training.batch_size = 128  # global training batch B
+  training.n_iters = 1_300_001  # training steps
   training.log_freq = 50  # steps between metric lines (stdout + TensorBoard)
   training.eval_freq = 1000  # steps between held-out loss evaluations
   training.snapshot_freq = 50_000  # steps between kept (periodic) checkpoints
   training.snapshot_freq_for_preemption = 5000  # steps between 'latest' checkpoints
-  training.max_to_keep = 3
+  training.max_to_keep = 3  # periodic checkpoints kept
   # Weighting of the score-matching loss over time: 'default' (sigma_t^2, as score_sde),
   # 'likelihood' (g^2, ScoreFlow), 'likelihood_is' (g^2 with importance-sampled t, ScoreFlow §5.1),
   # 'noise_driven' / 'data_driven' (ODE-vs-SDE paper, Appendix I).
@@ -27,79 +30,92 @@ def get_default_config() -> ml_collections.ConfigDict:
   training.target = "dsm"
   training.ref_batch_size = 128  # STF reference batch n (>= batch_size; the batch is part of it)
   training.reduce_mean = False  # mean (True) or sum (False) over data dimensions
+  # Held-out rows per loss evaluation, in whole training batches (at least one).
+  training.eval_batch_size = 128
 
   # Forward SDE. T is the diffusion time (a free variable); changing it never changes beta/sigma.
   config.sde = sde = ml_collections.ConfigDict()
   sde.name = "vpsde"  # 'vpsde' | 'subvpsde' | 'vesde'
-  sde.beta_min = 0.1
+  sde.beta_min = 0.1  # VP / sub-VP: beta(t) linear from beta_min (t = 0) to beta_max (t = 1)
   sde.beta_max = 20.0
-  sde.sigma_min = 0.01
+  sde.sigma_min = 0.01  # VE: sigma(t) = sigma_min (sigma_max / sigma_min)^t
   sde.sigma_max = 50.0
-  sde.T = 1.0
-  sde.eps = 1e-5
+  sde.T = 1.0  # diffusion time
+  sde.eps = 1e-5  # smallest time: everything runs on [eps, T]
 
-  # Score network.
+  # Score network: the fields every network has (its own fields: default_toy.py / default_image.py).
   config.model = model = ml_collections.ConfigDict()
-  model.name = "mlp"
+  model.name = "mlp"  # models.registered_models()
   model.parameterization = "noise"  # 'score' | 'noise' (score = -eps/sigma_t) | 'a' (a = g * s)
-  model.ema_rate = 0.9999
+  model.ema_rate = 0.9999  # EMA decay of the parameters
   model.dropout = 0.0
+  # Network input x * c_in(t), c_in = 1/sqrt(alpha_t^2 + sigma_t^2) (EDM); a no-op for VP, helps VE.
+  model.input_scaling = False
 
   # Optimizer (optax): clip global norm, Adam, linear warmup.
   config.optim = optim = ml_collections.ConfigDict()
-  optim.optimizer = "adam"
-  optim.lr = 2e-4
+  optim.optimizer = "adam"  # 'adam' | 'adamw' (the same chain: weight decay is decoupled)
+  optim.lr = 2e-4  # peak learning rate
   optim.beta1 = 0.9
+  optim.beta2 = 0.999
   optim.eps = 1e-8
-  optim.weight_decay = 0.0
-  optim.warmup = 5000
-  optim.grad_clip = 1.0
+  optim.weight_decay = 0.0  # decoupled; 0 = none
+  optim.warmup = 5000  # linear warmup steps; 0 = none
+  optim.grad_clip = 1.0  # global-norm clipping; 0 = none
 
   # Data.
   config.data = data = ml_collections.ConfigDict()
-  data.dataset = "digits"
+  data.dataset = "digits"  # a toy_data distribution or an image dataset (datasets.py)
   data.centered = False  # images scaled to [-1, 1] when True, else [0, 1]
-  data.random_flip = False
-  data.uniform_dequantization = False
+  data.random_flip = False  # random horizontal flips of training images
+  data.uniform_dequantization = False  # training images (k + u) / L
   data.num_grey_levels = 17  # digits; image configs set 256
-  data.image_size = 8
-  data.num_channels = 1
+  data.image_size = 8  # image height = width (0 for toy data)
+  data.num_channels = 1  # (0 for toy data)
   data.tfds_data_dir = ""  # where prepared TFDS datasets live ('' = TFDS default)
+  data.train_split = "train"  # image split trained on
 
   # Generation. c is the generative diffusion coefficient h^2 = c g^2 (Cao et al.):
   # c = 0 probability-flow ODE, c = 1 reverse SDE, c > 1 more noise.
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "ode"  # 'ode' | 'sde' | 'pc' | 'exponential'
+  # The ODE is c = 0 whatever c says; 'pc' samples the reverse SDE and needs c = 1.
+  sampling.method = "ode"  # 'ode' | 'sde' | 'pc' | 'exponential' (samplers.registered_samplers())
   sampling.c = 1.0
-  sampling.n_steps = 1000  # fixed-step solvers
-  sampling.solver = "tsit5"  # adaptive ODE solver: 'tsit5' | 'dopri5'
-  sampling.rtol = 1e-5
+  sampling.n_steps = 1000  # fixed-step samplers; the adaptive SDE's first step is (T - eps) / n_steps
+  # 'ode': 'tsit5' | 'dopri5'; 'sde': 'euler' | 'heun' | 'sra1' | 'shark' (an ODE name: 'euler').
+  sampling.solver = "tsit5"
+  sampling.rtol = 1e-5  # adaptive solves (the ODE; the SDE when adaptive): the only tolerances
   sampling.atol = 1e-5
-  sampling.snr = 0.16  # Langevin corrector signal-to-noise ratio
-  sampling.n_corrector_steps = 1
+  sampling.snr = 0.16  # pc: Langevin corrector signal-to-noise ratio
+  sampling.n_corrector_steps = 1  # pc: Langevin steps per predictor step
   sampling.predictor = "reverse_diffusion"  # pc: 'reverse_diffusion' | 'euler_maruyama'
   sampling.adaptive = False  # sde: adaptive step size (needs an SDE solver with error estimate)
-  sampling.max_steps = 100_000  # diffrax max_steps for adaptive solves
+  sampling.max_steps = 100_000  # diffrax max_steps of adaptive solves (the ODE; the adaptive SDE)
   sampling.denoise = True  # final Tweedie denoising step at eps
-  sampling.n_samples = 64
-  sampling.batch_size = 64
-  sampling.prior = "gaussian"  # 'gaussian' | 'auxiliary' (fitted nu_phi for small T)
+  sampling.n_samples = 64  # samples of --mode=sample
+  sampling.batch_size = 64  # samples per sampler call
 
   # Evaluation.
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.batch_size = 256
   evaluate.checkpoint = -1  # step to evaluate; -1 = latest
-  evaluate.use_ema = True
-  evaluate.split = "test"
+  evaluate.use_ema = True  # evaluate the EMA parameters
+  evaluate.split = "test"  # image split evaluated
   evaluate.bpd = True  # exact bits/dim with the probability-flow ODE
   evaluate.bound = True  # ScoreFlow per-datapoint bound
   evaluate.divergence = "hutchinson"  # 'exact' | 'hutchinson'
   evaluate.hutchinson_probe = "rademacher"  # 'rademacher' | 'gaussian'
-  evaluate.rtol = 1e-5
+  evaluate.rtol = 1e-5  # likelihood ODE tolerances
   evaluate.atol = 1e-5
-  evaluate.float64 = False
-  evaluate.num_samples = 1000  # samples for FID / sample-based metrics
-  evaluate.fid = False
+  evaluate.float64 = False  # likelihood in float64
+  evaluate.num_samples = 1000  # samples for FID / sample-based metrics; toy held-out set size
+  evaluate.fid = False  # FID / Inception Score of samples (images)
   evaluate.inception_weights = ""  # local .npz of converted Inception-v3 weights
   evaluate.fid_stats = ""  # reference statistics .npz (mu, sigma)
+  evaluate.bound_time_samples = 64  # time samples per example of the ScoreFlow bound
+  evaluate.num_likelihood_examples = 1000  # toy data: held-out points of the NLL
+  evaluate.max_steps = 4096  # likelihood ODE: an example needing more steps is a failed solve
+  # Failed likelihood solves (max_steps reached, non-finite) are counted, reported with their
+  # example indices and excluded from the mean; eval fails when more than this fraction fail.
+  evaluate.max_failed_fraction = 0.01
   return config

@@ -7,8 +7,8 @@ Adam lr 2e-4 (beta1 0.9, eps 1e-8), linear warmup 5000, gradient clipping at nor
 cont.). The model section holds every field of models/ncsnpp.py with the DDPM++ cont. (VP) values;
 VE / NCSN++ experiments override the differing fields with ``ncsnpp_cont_model``.
 
-Fields added to the shared schema here: ``data.train_split``, ``data.prefetch_size`` and the
-score-network fields of ``config.model`` (see models/ncsnpp.py).
+Fields declared here: the score-network fields of ``config.model`` (models/ncsnpp.py documents
+each; config_schema: model.name 'ncsnpp' | 'ddpmpp' | 'unet' only).
 """
 import ml_collections
 
@@ -20,26 +20,26 @@ def ddpmpp_cont_model(model: ml_collections.ConfigDict) -> None:
   model.name = "ddpmpp"
   model.parameterization = "noise"  # score = -eps_hat / sigma_t (score_sde's continuous VP)
   model.ema_rate = 0.9999
-  model.nf = 128
-  model.ch_mult = (1, 2, 2, 2)
-  model.num_res_blocks = 4
-  model.attn_resolutions = (16,)
+  model.nf = 128  # base channels
+  model.ch_mult = (1, 2, 2, 2)  # channel multiplier per resolution (len - 1 halvings)
+  model.num_res_blocks = 4  # residual blocks per resolution
+  model.attn_resolutions = (16,)  # feature-map sizes with self-attention (and the middle block)
   model.dropout = 0.1
-  model.resamp_with_conv = True
-  model.fir = False
+  model.resamp_with_conv = True  # conv in stand-alone up/down-sampling layers ('ddpm' blocks)
+  model.fir = False  # FIR up/down-sampling with fir_kernel
   model.fir_kernel = (1, 3, 3, 1)
-  model.skip_rescale = True
-  model.resblock_type = "biggan"
-  model.progressive = "none"
-  model.progressive_input = "none"
-  model.progressive_combine = "sum"
-  model.embedding_type = "positional"
-  model.fourier_scale = 16.0
+  model.skip_rescale = True  # residual sums / sqrt(2)
+  model.resblock_type = "biggan"  # 'biggan' | 'ddpm'
+  model.progressive = "none"  # output path: 'none' | 'output_skip' | 'residual'
+  model.progressive_input = "none"  # input path: 'none' | 'input_skip' | 'residual'
+  model.progressive_combine = "sum"  # 'sum' | 'cat'
+  model.embedding_type = "positional"  # 'positional' (sinusoidal) | 'fourier'
+  model.fourier_scale = 16.0  # std of the Fourier frequencies (embedding_type 'fourier')
   model.time_embedding_scale = 999.0  # score_sde's continuous VP labels 999 t
-  model.init_scale = 0.0
-  model.conditional = True
+  model.init_scale = 0.0  # init scale of each block's last conv (0 -> 1e-10)
+  model.conditional = True  # use the noise-level embedding
   model.center_input = False  # set to (not data.centered): score_sde maps [0, 1] inputs to 2x - 1
-  model.dtype = "float32"
+  model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' | 'float16'
 
 
 def ncsnpp_cont_model(model: ml_collections.ConfigDict) -> None:
@@ -72,8 +72,6 @@ def get_default_image_config() -> ml_collections.ConfigDict:
   data.centered = False
   data.uniform_dequantization = False
   config.model.center_input = True  # data in [0, 1]: the network sees 2x - 1 (score_sde)
-  data.train_split = "train"
-  data.prefetch_size = 2  # batches in flight to the devices
 
   sampling = config.sampling
   sampling.method = "sde"  # reverse SDE (c = 1), Euler-Maruyama, as score_sde's VP 'pc' sampler

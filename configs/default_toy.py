@@ -1,7 +1,8 @@
 """Shared defaults of the toy (low-dimensional) experiments: small MLP, small batches, minutes on CPU.
 
-Builds on ``configs/default.py``; toy-specific model fields (``widths``, ``activation``,
-``embedding``, ``embedding_dim``, ``fourier_scale``) are added here.
+Builds on ``configs/default.py``; the MLP's own model fields (``widths``, ``activation``,
+``embedding``, ``embedding_dim``, ``fourier_scale``) are declared here (config_schema: model.name
+'mlp' only).
 """
 import ml_collections
 
@@ -26,13 +27,11 @@ def get_default_toy_config() -> ml_collections.ConfigDict:
   model = config.model
   model.name = "mlp"
   model.parameterization = "noise"
-  model.widths = (128, 128, 128)
-  model.activation = "silu"
+  model.widths = (128, 128, 128)  # hidden layer widths
+  model.activation = "silu"  # 'gelu' | 'relu' | 'silu' | 'softplus' | 'swish' | 'tanh'
   model.embedding = "fourier"  # 'fourier' | 'sinusoidal' | 'concat' (raw t appended to x)
-  model.embedding_dim = 32
-  model.fourier_scale = 4.0
-  # Network input x * c_in(t), c_in = 1/sqrt(alpha_t^2 + sigma_t^2) (EDM); a no-op for VP, helps VE.
-  model.input_scaling = False
+  model.embedding_dim = 32  # time embedding size
+  model.fourier_scale = 4.0  # std of the Gaussian Fourier frequencies
   model.ema_rate = 0.999
   model.dropout = 0.0
 

@@ -92,18 +92,21 @@ def _skip(x: Array, h: Array, skip_rescale: bool) -> Array:
 
 
 class AttnBlock(nn.Module):
-  """Single-head spatial self-attention with a residual connection (DDPM, Ho et al. 2020)."""
+  """Single-head spatial self-attention with a residual connection (DDPM, Ho et al. 2020).
+
+  Init as score_sde's ``AttnBlockpp``: its NIN projections default to init_scale 0.1 (q, k, v);
+  the output projection uses ``init_scale`` (0 -> 1e-10)."""
   skip_rescale: bool = True
   init_scale: float = 0.0
+  qkv_init_scale: float = 0.1
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, hh, ww, c = x.shape
     h = group_norm(c, self.dtype)(x)
-    q = dense(c, dtype=self.dtype)(h).reshape(b, hh * ww, c)
-    k = dense(c, dtype=self.dtype)(h).reshape(b, hh * ww, c)
-    v = dense(c, dtype=self.dtype)(h).reshape(b, hh * ww, c)
+    q, k, v = (dense(c, init_scale=self.qkv_init_scale, dtype=self.dtype)(h).reshape(b, hh * ww, c)
+               for _ in range(3))  # Dense_0, Dense_1, Dense_2
     logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (c ** -0.5)
     w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     h = jnp.einsum("bqk,bkc->bqc", w, v).reshape(b, hh, ww, c)

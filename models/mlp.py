@@ -27,7 +27,8 @@ _ACTIVATIONS = {
     "tanh": jnp.tanh,
     "softplus": nn.softplus,
 }
-EMBEDDINGS = ("fourier", "sinusoidal", "concat")
+ACTIVATIONS = tuple(sorted(_ACTIVATIONS))  # model.activation
+EMBEDDINGS = ("fourier", "sinusoidal", "concat")  # model.embedding
 
 
 def get_activation(name: str):
@@ -54,17 +55,15 @@ class MLPScore(nn.Module):
   @classmethod
   def from_config(cls, config) -> "MLPScore":
     m = config.model
-    get_activation(m.get("activation", "silu"))  # fail early naming the field
-    emb = m.get("embedding", "fourier")
-    if emb not in EMBEDDINGS:
-      raise ValueError(f"model.embedding must be one of {EMBEDDINGS}, got {emb!r}")
-    widths = tuple(int(w) for w in m.get("widths", (128, 128, 128)))
+    get_activation(m.activation)  # fail early naming the field
+    if m.embedding not in EMBEDDINGS:
+      raise ValueError(f"model.embedding must be one of {EMBEDDINGS}, got {m.embedding!r}")
+    widths = tuple(int(w) for w in m.widths)
     if not widths or min(widths) < 1:
       raise ValueError(f"model.widths must be non-empty positive ints, got {widths}")
-    return cls(widths=widths, activation=m.get("activation", "silu"), embedding=emb,
-               embedding_dim=int(m.get("embedding_dim", 32)),
-               fourier_scale=float(m.get("fourier_scale", 16.0)),
-               dropout=float(m.get("dropout", 0.0)))
+    return cls(widths=widths, activation=m.activation, embedding=m.embedding,
+               embedding_dim=int(m.embedding_dim), fourier_scale=float(m.fourier_scale),
+               dropout=float(m.dropout))
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, train: bool = False) -> Array:

@@ -14,7 +14,8 @@ Inputs are not rescaled unless ``center_input`` (x -> 2x - 1, score_sde's behavi
 ``data.centered`` is False); models.utils' ``input_scaling`` (EDM c_in) is a departure from
 score_sde, off for a faithful reproduction.
 
-config.model fields (all optional; defaults below are the NCSN++ cont. CIFAR-10 VE config):
+config.model fields (config_schema declares them, configs/default_image.py sets them all; a plain
+dict given to ``from_config`` may omit some: defaults below are the NCSN++ cont. CIFAR-10 VE config):
   nf                  base width (128)
   ch_mult             width multiplier per resolution ((1, 2, 2, 2)); len(ch_mult) - 1 halvings
   num_res_blocks      residual blocks per resolution (4; 8 for the 'deep' variants)
@@ -50,11 +51,13 @@ from models import layers, register_model
 
 Array = jax.Array
 
-_PROGRESSIVE = ("none", "output_skip", "residual")
-_PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
-_EMBEDDINGS = ("fourier", "positional")
-_RESBLOCKS = ("biggan", "ddpm")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Choices of the config.model fields of the same names (config_schema reads them).
+PROGRESSIVE = ("none", "output_skip", "residual")
+PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
+PROGRESSIVE_COMBINE = ("sum", "cat")
+EMBEDDING_TYPES = ("fourier", "positional")
+RESBLOCK_TYPES = ("biggan", "ddpm")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def _check(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -103,19 +106,19 @@ class NCSNpp(nn.Module):
       if isinstance(v, list):
         v = tuple(v)
       if f.name == "dtype" and isinstance(v, str):
-        if v not in _DTYPES:
-          raise ValueError(f"model.dtype must be one of {list(_DTYPES)}, got {v!r}")
-        v = _DTYPES[v]
+        if v not in DTYPES:
+          raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {v!r}")
+        v = DTYPES[v]
       kwargs[f.name] = v
     return cls(**kwargs)
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, train: bool = False) -> Array:
-    progressive = _check("progressive", self.progressive, _PROGRESSIVE)
-    progressive_input = _check("progressive_input", self.progressive_input, _PROGRESSIVE_INPUT)
-    embedding_type = _check("embedding_type", self.embedding_type, _EMBEDDINGS)
-    resblock_type = _check("resblock_type", self.resblock_type, _RESBLOCKS)
-    combine = _check("progressive_combine", self.progressive_combine, ("sum", "cat"))
+    progressive = _check("progressive", self.progressive, PROGRESSIVE)
+    progressive_input = _check("progressive_input", self.progressive_input, PROGRESSIVE_INPUT)
+    embedding_type = _check("embedding_type", self.embedding_type, EMBEDDING_TYPES)
+    resblock_type = _check("resblock_type", self.resblock_type, RESBLOCK_TYPES)
+    combine = _check("progressive_combine", self.progressive_combine, PROGRESSIVE_COMBINE)
     n_res = len(self.ch_mult)
     if x.ndim != 4:
       raise ValueError(f"expected NHWC input, got shape {x.shape}")

@@ -6,6 +6,10 @@ Parameterizations (DESIGN.md, Contracts):
   Appendix C, continuous DDPM).
 * 'a': the network outputs a = g(t) s (Huang et al., "A variational perspective ...", Section 6,
   eq. 24 with a = g^T s_theta); s = a / g(t).
+* 'scale_by_sigma' (VE only): s = h / sigma(t) with the noise scale sigma(t) = sigma_min
+  (sigma_max / sigma_min)^t, score_sde's ``model.scale_by_sigma`` (Song et al. 2021, NCSN++ cont.):
+  note the + sign and sigma(t), not the marginal std sqrt(sigma(t)^2 - sigma_min^2) of 'noise'.
+  Chosen by score_sde_import for imported VE checkpoints, so their score is score_sde's exactly.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import jax.numpy as jnp
 from sde_lib import bcast
 
 Array = jax.Array
-PARAMETERIZATIONS = ("score", "noise", "a")
+PARAMETERIZATIONS = ("score", "noise", "a", "scale_by_sigma")
 TrainScoreFn = Callable[..., Array]  # (params, x, t, rng=None) -> score
 
 
@@ -47,6 +51,9 @@ def get_score_fn(sde, model: nn.Module, parameterization: str = "score",
   if parameterization not in PARAMETERIZATIONS:
     raise ValueError(f"model.parameterization must be one of {PARAMETERIZATIONS}, "
                      f"got {parameterization!r}")
+  if parameterization == "scale_by_sigma" and not hasattr(sde, "sigma"):
+    raise ValueError("model.parameterization 'scale_by_sigma' divides by the VE noise scale "
+                     f"sigma(t); sde {type(sde).__name__} has none (use 'noise')")
 
   def score_fn(params, x: Array, t: Array, rng: Optional[Array] = None) -> Array:
     t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
@@ -57,16 +64,17 @@ def get_score_fn(sde, model: nn.Module, parameterization: str = "score",
     if parameterization == "noise":
       _, sigma = sde.marginal_coeffs(t)
       return -out / bcast(sigma, x)
+    if parameterization == "scale_by_sigma":
+      return out / bcast(sde.sigma(t), x)
     return out / bcast(sde.diffusion(t), x)
 
   return score_fn
 
 
 def score_fn_from_config(config, sde, model: nn.Module) -> TrainScoreFn:
-  """get_score_fn with ``config.model.parameterization`` and ``config.model.input_scaling``
-  (default False): what training used, so evaluation and sampling must build it the same way."""
-  return get_score_fn(sde, model, config.model.parameterization,
-                      bool(config.model.get("input_scaling", False)))
+  """get_score_fn with ``config.model.parameterization`` and ``config.model.input_scaling``:
+  what training used, so evaluation and sampling must build it the same way."""
+  return get_score_fn(sde, model, config.model.parameterization, bool(config.model.input_scaling))
 
 
 def init_model(model: nn.Module, key: Array, sample_shape: Sequence[int]):

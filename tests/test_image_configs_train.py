@@ -1,4 +1,4 @@
-"""Every image experiment config runs one real training step (run_lib.train, checkpoint included)
+"""Every image experiment config runs one real training step (modes.train.train, checkpoint included)
 with tiny widths: cifar10 / mnist on mocked TFDS data (tests/conftest.py), digits on the real
 offline data. The configs' own SDE, weighting, target (STF reference batch), model family and data
 scaling are kept; only sizes shrink."""
@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import run_lib
+from modes.fid_stats import fid_stats
+from modes.train import train
 
 IMAGE_CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
     os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
@@ -41,7 +43,7 @@ def test_all_image_configs_are_covered():
 @pytest.mark.parametrize("name", IMAGE_CONFIGS)
 def test_one_train_step(name, mock_tfds, tmp_path):
   config = _tiny(name)
-  out = run_lib.train(config, str(tmp_path))
+  out = train(config, str(tmp_path))
   assert out["step"] == 1 and np.isfinite(out["losses"][1])
   assert os.path.isdir(tmp_path / "checkpoints" / "1")
 
@@ -58,7 +60,7 @@ def test_fid_stats_mode_writes_common_npz(mock_tfds, tmp_path):
   variables = evaluation.init_inception_params(jax.random.PRNGKey(0))
   evaluation.save_inception_params(variables, weights)
   config.eval.inception_weights = weights
-  path = run_lib.fid_stats(config, str(tmp_path / "wd"))
+  path = fid_stats(config, str(tmp_path / "wd"))
   mu, sigma = evaluation.load_stats(path)
   levels = np.concatenate([b.image[b.mask] for b in datasets.get_eval_dataset(config, as_levels=True)])
   assert len(levels) == 9
@@ -68,4 +70,4 @@ def test_fid_stats_mode_writes_common_npz(mock_tfds, tmp_path):
   np.testing.assert_allclose(sigma, sigma2, rtol=1e-4, atol=1e-6)
   config.eval.inception_weights = str(tmp_path / "missing.npz")
   with pytest.raises(Exception, match="missing.npz"):
-    run_lib.fid_stats(config, str(tmp_path / "wd2"))
+    fid_stats(config, str(tmp_path / "wd2"))

@@ -1,4 +1,5 @@
-"""Tests of run_lib.train / validate_config and main.py: exact resume, NaN stop, config errors.
+"""Tests of the train / eval / sample modes, run_lib.validate_config and main.py: exact resume,
+NaN stop, config errors.
 
 Tiny configs (MLP 16x16, batch 16, tens of steps) on the 4 simulated devices of conftest.py.
 """
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +15,11 @@ import jax
 import numpy as np
 import pytest
 
+import checkpoints
 import run_lib
+from modes.evaluate import evaluate
+from modes.sample import sample
+from modes.train import train
 from configs.default_toy import get_default_toy_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,16 +44,12 @@ def tiny_config(n_iters: int = 40, dataset: str = "gmm_2d"):
 
 
 def checkpoint_steps(workdir: str) -> set[int]:
-  steps = set()
-  for sub in (run_lib.LATEST_DIR, run_lib.PERIODIC_DIR):
-    d = os.path.join(workdir, sub)
-    if os.path.isdir(d):
-      steps |= {int(s) for s in os.listdir(d) if s.isdigit()}
-  return steps
+  d = os.path.join(workdir, checkpoints.DIR)
+  return {int(s) for s in os.listdir(d) if s.isdigit()} if os.path.isdir(d) else set()
 
 
 def loss_file(workdir: str) -> dict[int, float]:
-  return dict(run_lib._load_loss_history(workdir, 10**9))
+  return dict(run_lib._read_rows(os.path.join(workdir, run_lib.LOSS_FILE), 10**9))
 
 
 def snapshot(path: str) -> dict[str, float]:
@@ -64,7 +66,7 @@ def snapshot(path: str) -> dict[str, float]:
 def uninterrupted(tmp_path_factory):
   """One 40-step run: the reference for the resume tests."""
   wd = str(tmp_path_factory.mktemp("ref") / "wd")
-  out = run_lib.train(tiny_config(40), wd)
+  out = train(tiny_config(40), wd)
   return wd, out
 
 
@@ -75,9 +77,8 @@ def test_uninterrupted_run_outputs(uninterrupted):
   assert all(np.isfinite(v) for v in out["losses"].values())
   assert loss_file(wd) == out["losses"]
   assert sorted(out["eval"]) == [20, 40]
-  # periodic checkpoints kept: 20, 40 (max_to_keep=2); 'latest' keeps only 40.
-  assert sorted(os.listdir(os.path.join(wd, run_lib.PERIODIC_DIR))) == ["20", "40"]
-  assert [s for s in os.listdir(os.path.join(wd, run_lib.LATEST_DIR)) if s.isdigit()] == ["40"]
+  # kept: every 20 steps (max_to_keep=2) and the latest (40); the preemption one of 30 rotated out.
+  assert checkpoint_steps(wd) == {20, 40}
   assert os.path.getsize(os.path.join(wd, "loss_curve.png")) > 1000
   assert os.listdir(os.path.join(wd, "tensorboard"))
   with open(os.path.join(wd, run_lib.CONFIG_FILE)) as f:
@@ -87,10 +88,11 @@ def test_uninterrupted_run_outputs(uninterrupted):
   assert losses[-10:].mean() < losses[:10].mean()
   # The restored state equals the one the run ended with (params, EMA, optimizer state, RNG).
   before = snapshot(wd)
-  restored, step = run_lib.restore_checkpoint(wd, out["state"])  # read-only: workdir unchanged
+  with run_lib.open_checkpoints(tiny_config(40), wd, read_only=True) as store:
+    restored, step = store.restore(out["state"])  # read-only: workdir unchanged
   assert step == 40 and snapshot(wd) == before
-  for a, b in zip(jax.tree.leaves(run_lib._to_saveable(restored)),
-                  jax.tree.leaves(run_lib._to_saveable(out["state"]))):
+  for a, b in zip(jax.tree.leaves(checkpoints._to_saveable(restored)),
+                  jax.tree.leaves(checkpoints._to_saveable(out["state"]))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -99,10 +101,10 @@ def test_resume_continues_stream_exactly(uninterrupted, tmp_path):
   bit for bit, and the loss file holds the same 40 values."""
   ref_wd, ref = uninterrupted
   wd = str(tmp_path / "wd")
-  first = run_lib.train(tiny_config(25), wd)
+  first = train(tiny_config(25), wd)
   np.testing.assert_array_equal([first["losses"][s] for s in range(1, 26)],
                                 [ref["losses"][s] for s in range(1, 26)])
-  second = run_lib.train(tiny_config(40), wd)  # n_iters may change on resume
+  second = train(tiny_config(40), wd)  # n_iters may change on resume
   assert second["start_step"] == 25 and sorted(second["losses"]) == list(range(26, 41))
   np.testing.assert_array_equal([second["losses"][s] for s in range(26, 41)],
                                 [ref["losses"][s] for s in range(26, 41)])
@@ -124,12 +126,12 @@ def test_resume_after_crash(uninterrupted, tmp_path, monkeypatch):
 
   monkeypatch.setattr(run_lib, "data_stream_batch", crashing)
   with pytest.raises(KeyboardInterrupt):
-    run_lib.train(tiny_config(40), wd)
+    train(tiny_config(40), wd)
   assert max(checkpoint_steps(wd)) == 10
   with open(os.path.join(wd, run_lib.LOSS_FILE), "a") as f:
     f.write("12,0.5\n13,0.2")  # rows past the checkpoint, the last one cut by the kill
   monkeypatch.setattr(run_lib, "data_stream_batch", real)
-  out = run_lib.train(tiny_config(40), wd)
+  out = train(tiny_config(40), wd)
   assert out["start_step"] == 10
   np.testing.assert_array_equal([out["losses"][s] for s in range(11, 41)],
                                 [ref["losses"][s] for s in range(11, 41)])
@@ -142,11 +144,11 @@ def test_resume_refuses_incompatible_config(uninterrupted):
   c = tiny_config(40)
   c.optim.lr = 1e-3
   with pytest.raises(ValueError, match=r"optim\.lr"):
-    run_lib.train(c, wd)
+    train(c, wd)
   c = tiny_config(40)
   c.model.widths = (16, 32)
   with pytest.raises(ValueError, match=r"model\.widths"):
-    run_lib.train(c, wd)
+    train(c, wd)
   assert snapshot(wd) == before
 
 
@@ -162,7 +164,7 @@ def test_nan_loss_stops_without_checkpoint(tmp_path, monkeypatch):
 
   monkeypatch.setattr(run_lib, "data_stream_batch", poisoned)
   with pytest.raises(FloatingPointError, match=r"non-finite loss at step 20\b"):
-    run_lib.train(tiny_config(40), wd)
+    train(tiny_config(40), wd)
   assert checkpoint_steps(wd) == {10}
   assert max(loss_file(wd)) == 10
 
@@ -173,14 +175,16 @@ def test_absurd_lr_stops(tmp_path):
   c.optim.lr = 1e30
   c.optim.warmup = 0
   c.optim.grad_clip = 0.0
-  with pytest.raises(FloatingPointError, match=r"non-finite (loss|parameters) at step (\d+)") as e:
-    run_lib.train(c, wd)
-  bad = int(str(e.value).split("step ")[1])
+  with pytest.raises(FloatingPointError,
+                     match=r"non-finite loss at step (\d+)|refusing to save step (\d+)") as e:
+    train(c, wd)
+  bad = int(re.search(r"step (\d+)", str(e.value)).group(1))
   assert all(s < bad for s in checkpoint_steps(wd))
   # Every checkpoint that exists holds finite parameters.
   if checkpoint_steps(wd):
-    state, _ = run_lib.restore_checkpoint(wd, _fresh_state(c))
-    assert run_lib._all_finite(state.params)
+    with run_lib.open_checkpoints(c, wd, read_only=True) as store:
+      state, _ = store.restore(_fresh_state(c))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
 def _fresh_state(config):
@@ -216,7 +220,7 @@ def test_invalid_config_fails_before_workdir(tmp_path, field, value, match):
     run_lib.validate_config(c)
   wd = str(tmp_path / "new_wd")
   with pytest.raises(ValueError, match=match):
-    run_lib.train(c, wd)
+    train(c, wd)
   assert not os.path.exists(wd)
 
 
@@ -313,7 +317,7 @@ def test_eval_and_sample_modes_on_toy(uninterrupted, tmp_path):
   c.sampling.batch_size = 100
   c.sampling.n_samples = 100
   c.sampling.denoise = True
-  report = run_lib.evaluate(c, wd)
+  report = evaluate(c, wd)
   for k in ("nll", "nll_bound", "nll_exact_p_eps", "likelihood_nfe", "sampling_nfe", "hist_kl"):
     assert np.isfinite(report[k]), k
   assert report["sampling_nfe"] == 100 + 1  # Euler-Maruyama steps + the Tweedie denoising step
@@ -321,9 +325,9 @@ def test_eval_and_sample_modes_on_toy(uninterrupted, tmp_path):
   with open(os.path.join(wd, "eval", "report.json")) as f:
     assert json.load(f)["step"] == 40
   assert os.path.getsize(os.path.join(wd, "eval", "samples.png")) > 1000
-  s = run_lib.sample(c, wd)
+  s = sample(c, wd)
   assert s["n_samples"] == 100 and s["finite"] and s["nfe"] == 101
   assert np.load(os.path.join(wd, "samples", "samples.npz"))["samples"].shape == (100, 2)
   assert {k: v for k, v in snapshot(wd).items() if "checkpoints" in k} == before
   with pytest.raises(FileNotFoundError, match="run --mode=train first"):
-    run_lib.evaluate(c, str(tmp_path / "empty"))
+    evaluate(c, str(tmp_path / "empty"))

@@ -159,7 +159,7 @@ def test_closed_forms_of_song_et_al():
     np.testing.assert_allclose(sub.marginal_coeffs(1.0)[1], 1 - math.exp(-10.05), rtol=1e-13)
     ve = _f64(sde_lib.VESDE())
     np.testing.assert_allclose(ve.sigma(1.0), 50.0, rtol=1e-13)
-    np.testing.assert_allclose(ve.prior_std(), 50.0, rtol=1e-13)
+    np.testing.assert_allclose(ve.prior_std(), math.sqrt(50.0**2 - 0.01**2), rtol=1e-13)  # Table 1
     np.testing.assert_allclose(ve.marginal_coeffs(0.3)[1], 0.01 * math.sqrt(5000 ** 0.6 - 1), rtol=1e-12)
 
 
@@ -286,14 +286,16 @@ def test_prior_logp_and_sample(sde):
 
 # -- transformations ------------------------------------------------------------------------------------
 def test_jit_vmap_grad_pass_through():
-  """grad w.r.t. T of the VE prior log-density ((|z|^2/sigma_T^2 - D) log r) and of the marginal
+  """grad w.r.t. T of the VE prior log-density ((|z|^2/s^2 - D) log r sigma(T)^2/s^2 with
+  s^2 = sigma(T)^2 - sigma(0)^2, Franzese et al. Table 1) and of the marginal
   log-density log N(z; 0, alpha_T^2 s0^2 + sigma_T^2) (vs central differences), vmap over t, and a
   jitted function of the SDE is traced once for different T (T is an array leaf)."""
   with jax.enable_x64(True):
     z = jnp.asarray([[1.0, -2.0, 30.0]])
     ve = _f64(sde_lib.VESDE())
     g = jax.grad(lambda T: ve.replace(T=T).prior_logp(z)[0])(1.0)
-    ref = (jnp.sum(z**2) / ve.sigma(1.0) ** 2 - 3) * ve.log_ratio()
+    s2 = ve.sigma(1.0) ** 2 - ve.sigma(0.0) ** 2
+    ref = (jnp.sum(z**2) / s2 - 3) * ve.log_ratio() * ve.sigma(1.0) ** 2 / s2
     np.testing.assert_allclose(g, ref, rtol=1e-12)
     for sde in [_f64(sde_lib.VPSDE()), _f64(sde_lib.subVPSDE()), ve]:
       def logp_T(T, sde=sde):

@@ -1,0 +1,405 @@
+"""The config schema: every field of every section in one table, and the rules that tie fields.
+
+``SCHEMA`` maps each dotted field (``seed``, ``training.batch_size``, ...) to a ``Field``: its kind
+(int, float, bool, str, tuple of ints or numbers), range or choices, and a one-line doc. Choice
+lists come from the module that owns them (losses, samplers, likelihood, models, sde_lib, datasets,
+toy_data). ``model.*`` fields with ``models`` set belong to those networks only. ``RULES`` are the
+cross-field rules. ``validate(config)`` is the one config check of scorelab: it raises
+``ValueError`` whose message starts with the dotted field name, reads no file and builds no model.
+Defaults live in configs/default.py (shared), default_toy.py (MLP) and default_image.py (U-Nets).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+import datasets
+import likelihood
+import losses
+import models
+import samplers
+import sde_lib
+import toy_data
+from models import mlp, ncsnpp
+from models.utils import PARAMETERIZATIONS, get_score_fn
+
+SECTIONS = ("training", "sde", "model", "optim", "data", "sampling", "eval")
+TOP_LEVEL = ("seed",) + SECTIONS
+VECTOR_MODELS = ("mlp",)  # networks of (B, D) vectors (toy data)
+IMAGE_MODELS = ("ncsnpp", "ddpmpp", "unet")  # NCSN++-backbone U-Nets of (B, H, W, C) images
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config field. ``kind``: 'int' | 'float' | 'bool' | 'str' | 'ints' | 'floats' (tuples);
+  bounds ``ge``/``gt``/``le``/``lt`` apply to the value (to every element for tuples); ``choices``
+  is a tuple or a function returning one (a registry); ``models`` lists the ``model.name`` values
+  that use a model field (None: every model)."""
+  kind: str
+  doc: str
+  ge: Optional[float] = None
+  gt: Optional[float] = None
+  le: Optional[float] = None
+  lt: Optional[float] = None
+  choices: Optional[tuple | Callable[[], Sequence[str]]] = None
+  models: Optional[tuple[str, ...]] = None
+  nonempty: bool = False
+
+  def options(self) -> Optional[tuple]:
+    """The allowed values of a choice field (resolving registries), else None."""
+    if self.choices is None:
+      return None
+    return tuple(self.choices() if callable(self.choices) else self.choices)
+
+  def requirement(self) -> str:
+    """What a valid value is, in words (the middle of the error message)."""
+    if self.choices is not None:
+      return f"one of {self.options()}"
+    if self.kind == "bool":
+      return "a bool (True or False)"
+    if self.kind == "str":
+      return "a string"
+    noun = {"int": "int", "ints": "int", "float": "finite number", "floats": "finite number"}[self.kind]
+    if self.gt == 0 and self.ge is None and self.le is None and self.lt is None:
+      item = f"positive {noun}"
+    elif self.ge == 0 and self.gt is None and self.le is None and self.lt is None:
+      item = f"non-negative {noun}"
+    elif self.ge == 1 and noun == "int" and self.le is None and self.lt is None:
+      item = "positive int"
+    else:
+      lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+      hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+      if lo and hi:
+        item = f"{noun} in {lo}, {hi}"
+      elif lo:
+        item = f"{noun} {'>=' if self.ge is not None else '>'} {lo[1:]}"
+      elif hi:
+        item = f"{noun} {'<=' if self.le is not None else '<'} {hi[:-1]}"
+      else:
+        item = noun
+    if self.kind in ("ints", "floats"):
+      return f"a {'non-empty ' if self.nonempty else ''}tuple of {item}s"
+    return f"an {item}" if item[0] in "aeiou" else f"a {item}"
+
+  def _in_range(self, v) -> bool:
+    return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+            and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+  def check(self, name: str, value: Any) -> None:
+    """Raises ValueError "<name> must be <requirement>, got <value>" for an invalid value."""
+    if self.kind in ("ints", "floats"):
+      elem = _is_int if self.kind == "ints" else _is_number
+      ok = (isinstance(value, (tuple, list)) and (len(value) > 0 or not self.nonempty)
+            and all(elem(v) and self._in_range(v) for v in value))
+    elif self.choices is not None:
+      ok = isinstance(value, str) and value in self.options()
+    elif self.kind == "bool":
+      ok = isinstance(value, (bool, np.bool_))
+    elif self.kind == "str":
+      ok = isinstance(value, str)
+    elif self.kind == "int":
+      ok = _is_int(value) and self._in_range(value)
+    else:
+      ok = _is_number(value) and self._in_range(value)
+    if not ok:
+      raise ValueError(f"{name} must be {self.requirement()}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+  return (_is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(v)
+
+
+def _int(doc: str, **kw) -> Field:
+  return Field("int", doc, **kw)
+
+
+def _float(doc: str, **kw) -> Field:
+  return Field("float", doc, **kw)
+
+
+def _bool(doc: str, **kw) -> Field:
+  return Field("bool", doc, **kw)
+
+
+def _str(doc: str, **kw) -> Field:
+  return Field("str", doc, **kw)
+
+
+def _choice(choices, doc: str, **kw) -> Field:
+  return Field("str", doc, choices=choices, **kw)
+
+
+def _data_names() -> tuple[str, ...]:
+  return tuple(toy_data.TOY_DISTRIBUTIONS) + tuple(datasets.IMAGE_DATASETS)
+
+
+_MLP = dict(models=VECTOR_MODELS)
+_UNET = dict(models=IMAGE_MODELS)
+
+SCHEMA: dict[str, Field] = {
+    "seed": _int("root of every random stream (init, data, noise, sampling, evaluation)", ge=0),
+    # -- training ---------------------------------------------------------------------------------
+    "training.batch_size": _int("training batch B (global, over all devices)", ge=1),
+    "training.n_iters": _int("number of training steps", ge=1),
+    "training.log_freq": _int("steps between metric lines", ge=1),
+    "training.eval_freq": _int("steps between held-out loss evaluations", ge=1),
+    "training.snapshot_freq": _int("steps between kept (periodic) checkpoints", ge=1),
+    "training.snapshot_freq_for_preemption": _int("steps between 'latest' checkpoints", ge=1),
+    "training.max_to_keep": _int("periodic checkpoints kept", ge=1),
+    "training.weighting": _choice(losses.WEIGHTINGS, "time weighting lambda(t) of the loss"),
+    "training.target": _choice(losses.TARGETS, "regression target: DSM or Stable Target Field"),
+    "training.ref_batch_size": _int("STF reference batch n (contains the training batch)", ge=1),
+    "training.reduce_mean": _bool("mean (True) or sum (False) of the loss over data dimensions"),
+    "training.eval_batch_size": _int(
+        "held-out rows per loss evaluation (whole training batches, at least one)", ge=1),
+    # -- sde ----------------------------------------------------------------------------------------
+    "sde.name": _choice(tuple(sorted(sde_lib.SDES)), "forward SDE"),
+    "sde.beta_min": _float("VP / sub-VP beta(0)", gt=0),
+    "sde.beta_max": _float("VP / sub-VP beta(1) (beta linear in t)", gt=0),
+    "sde.sigma_min": _float("VE sigma(0)", gt=0),
+    "sde.sigma_max": _float("VE sigma(1) (sigma geometric in t)", gt=0),
+    "sde.T": _float("diffusion time T (free; beta / sigma do not change with it)", gt=0),
+    "sde.eps": _float("smallest time: train, sample and evaluate on [eps, T]", gt=0),
+    # -- model (every network) ------------------------------------------------------------------------
+    "model.name": _choice(models.registered_models, "score network (models registry)"),
+    "model.parameterization": _choice(PARAMETERIZATIONS, "what the network outputs"),
+    "model.ema_rate": _float("EMA decay of the parameters", ge=0, le=1),
+    "model.dropout": _float("dropout rate (train mode only)", ge=0, lt=1),
+    "model.input_scaling": _bool("feed x * c_in(t), c_in = 1/sqrt(alpha^2 + sigma^2) (EDM)"),
+    "model.fourier_scale": _float("std of the Gaussian Fourier frequencies", gt=0,
+                                  models=VECTOR_MODELS + IMAGE_MODELS),
+    # -- model: MLP ---------------------------------------------------------------------------------
+    "model.widths": Field("ints", "hidden layer widths", ge=1, nonempty=True, **_MLP),
+    "model.activation": _choice(mlp.ACTIVATIONS, "hidden activation", **_MLP),
+    "model.embedding": _choice(mlp.EMBEDDINGS, "how the noise level enters", **_MLP),
+    "model.embedding_dim": _int("time embedding size", ge=1, **_MLP),
+    # -- model: NCSN++ / DDPM++ / U-Net -------------------------------------------------------------
+    "model.nf": _int("base number of channels", ge=1, **_UNET),
+    "model.ch_mult": Field("ints", "channel multiplier per resolution", ge=1, nonempty=True, **_UNET),
+    "model.num_res_blocks": _int("residual blocks per resolution", ge=1, **_UNET),
+    "model.attn_resolutions": Field("ints", "feature-map sizes with self-attention", ge=1, **_UNET),
+    "model.resamp_with_conv": _bool("conv in stand-alone up/down-sampling layers", **_UNET),
+    "model.fir": _bool("FIR up/down-sampling", **_UNET),
+    "model.fir_kernel": Field("floats", "FIR kernel", nonempty=True, **_UNET),
+    "model.skip_rescale": _bool("divide residual sums by sqrt(2)", **_UNET),
+    "model.resblock_type": _choice(ncsnpp.RESBLOCK_TYPES, "residual block type", **_UNET),
+    "model.progressive": _choice(ncsnpp.PROGRESSIVE, "progressive output path", **_UNET),
+    "model.progressive_input": _choice(ncsnpp.PROGRESSIVE_INPUT, "progressive input path",
+                                       **_UNET),
+    "model.progressive_combine": _choice(ncsnpp.PROGRESSIVE_COMBINE, "how progressive paths join",
+                                         **_UNET),
+    "model.embedding_type": _choice(ncsnpp.EMBEDDING_TYPES, "noise-level embedding", **_UNET),
+    "model.time_embedding_scale": _float("factor on the conditioning before the embedding", gt=0,
+                                         **_UNET),
+    "model.init_scale": _float("init scale of each block's last conv (0 -> 1e-10)", ge=0, **_UNET),
+    "model.conditional": _bool("use the noise-level embedding", **_UNET),
+    "model.center_input": _bool("map inputs x -> 2x - 1 first (data in [0, 1])", **_UNET),
+    "model.dtype": _choice(tuple(ncsnpp.DTYPES), "compute dtype (params stay float32)", **_UNET),
+    # -- optim --------------------------------------------------------------------------------------
+    "optim.optimizer": _choice(losses.OPTIMIZERS, "optimizer (weight decay is decoupled)"),
+    "optim.lr": _float("peak learning rate", gt=0),
+    "optim.beta1": _float("Adam beta1", ge=0, lt=1),
+    "optim.beta2": _float("Adam beta2", ge=0, lt=1),
+    "optim.eps": _float("Adam eps", gt=0),
+    "optim.weight_decay": _float("decoupled weight decay (0: none)", ge=0),
+    "optim.warmup": _int("linear warmup steps (0: none)", ge=0),
+    "optim.grad_clip": _float("global gradient-norm clip (0: none)", ge=0),
+    # -- data ---------------------------------------------------------------------------------------
+    "data.dataset": _choice(_data_names, "toy distribution or image dataset"),
+    "data.centered": _bool("images in [-1, 1] (True) or [0, 1] (False)"),
+    "data.random_flip": _bool("random horizontal flips of training images"),
+    "data.uniform_dequantization": _bool("training images (k + u) / L, u ~ U[0, 1)"),
+    "data.num_grey_levels": _int("grey levels L (the dataset's own count is used)", ge=2),
+    "data.image_size": _int("image height = width (0 for toy data)", ge=0),
+    "data.num_channels": _int("image channels (0 for toy data)", ge=0),
+    "data.tfds_data_dir": _str("prepared TFDS datasets ('' = TFDS default)"),
+    "data.train_split": _str("image split trained on"),
+    # -- sampling -------------------------------------------------------------------------------------
+    "sampling.method": _choice(samplers.registered_samplers, "sampler (samplers registry)"),
+    "sampling.c": _float("generative diffusion h^2 = c g^2: 0 ODE, 1 reverse SDE", ge=0),
+    "sampling.n_steps": _int("steps of fixed-step samplers (first step of the adaptive SDE)",
+                             ge=1),
+    "sampling.solver": _choice(samplers.SOLVERS,
+                               "ODE solver for 'ode'; SDE solver for 'sde' (ODE name: Euler)"),
+    "sampling.rtol": _float("relative tolerance of adaptive solves (ODE, adaptive SDE)", gt=0),
+    "sampling.atol": _float("absolute tolerance of adaptive solves (ODE, adaptive SDE)", gt=0),
+    "sampling.snr": _float("'pc': Langevin corrector signal-to-noise ratio", ge=0),
+    "sampling.n_corrector_steps": _int("'pc': Langevin steps per predictor step", ge=0),
+    "sampling.predictor": _choice(samplers.PC_PREDICTORS, "'pc': predictor"),
+    "sampling.adaptive": _bool("'sde': adaptive steps (needs a solver with an error estimate)"),
+    "sampling.max_steps": _int("step bound of adaptive solves (ODE, adaptive SDE)", ge=1),
+    "sampling.denoise": _bool("final Tweedie denoising step at eps"),
+    "sampling.n_samples": _int("samples drawn by --mode=sample", ge=1),
+    "sampling.batch_size": _int("samples per sampler call", ge=1),
+    # -- eval ---------------------------------------------------------------------------------------
+    "eval.batch_size": _int("examples per likelihood batch", ge=1),
+    "eval.checkpoint": _int("checkpoint step to evaluate (-1: latest)", ge=-1),
+    "eval.use_ema": _bool("evaluate the EMA parameters"),
+    "eval.split": _str("image split evaluated"),
+    "eval.bpd": _bool("exact log-likelihood (bits/dim) with the probability-flow ODE"),
+    "eval.bound": _bool("ScoreFlow per-datapoint bound"),
+    "eval.divergence": _choice(likelihood.DIVERGENCES, "ODE divergence: exact or Hutchinson"),
+    "eval.hutchinson_probe": _choice(likelihood.PROBES, "Hutchinson probe distribution"),
+    "eval.rtol": _float("relative tolerance of the likelihood ODE", gt=0),
+    "eval.atol": _float("absolute tolerance of the likelihood ODE", gt=0),
+    "eval.float64": _bool("likelihood in float64"),
+    "eval.num_samples": _int("samples for FID / sample metrics; toy held-out set size", ge=1),
+    "eval.fid": _bool("FID / Inception Score of samples (images)"),
+    "eval.inception_weights": _str("local .npz of converted Inception-v3 weights"),
+    "eval.fid_stats": _str("reference statistics .npz (mu, sigma); '' = none"),
+    "eval.bound_time_samples": _int("time samples per example of the ScoreFlow bound", ge=1),
+    "eval.num_likelihood_examples": _int("toy data: held-out points of the NLL", ge=1),
+    "eval.max_steps": _int("likelihood ODE step limit; more is a failed solve", ge=1),
+    "eval.max_failed_fraction": _float("eval fails when more likelihood solves fail", ge=0, le=1),
+}
+
+
+# -- cross-field rules ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A check across fields; it reads only ``sections`` and raises ValueError naming a field."""
+  sections: tuple[str, ...]
+  doc: str
+  check: Callable[[Any], None]
+
+
+def _ref_batch(config) -> None:
+  tr = config["training"]
+  if tr["ref_batch_size"] < tr["batch_size"]:
+    raise ValueError(f"training.ref_batch_size must be >= training.batch_size="
+                     f"{tr['batch_size']}, got {tr['ref_batch_size']}")
+
+
+def _model_fields(config) -> None:
+  m = config["model"]
+  name = m["name"]
+  for dotted, field in SCHEMA.items():
+    key = dotted.split(".", 1)[1] if dotted.startswith("model.") else None
+    if key is None or field.models is None:
+      continue
+    if name in field.models and key not in m:
+      raise ValueError(f"{dotted}: missing config field (model.name={name!r} uses it)")
+    if name not in field.models and key in m:
+      raise ValueError(f"{dotted}: not a field of model.name={name!r} (only of {field.models}); "
+                       "remove it or change model.name")
+
+
+def _model_data(config) -> None:
+  m, info = config["model"], datasets.dataset_info(config)
+  if m["name"] in IMAGE_MODELS and not info.is_image:
+    raise ValueError(f"model.name={m['name']!r} needs image data, got data.dataset={info.name!r}")
+  if m["name"] in VECTOR_MODELS and info.is_image:
+    raise ValueError(f"model.name={m['name']!r} needs vector (toy) data, got "
+                     f"data.dataset={info.name!r}")
+  if m["name"] in IMAGE_MODELS:
+    factor = 2 ** (len(m["ch_mult"]) - 1)
+    if info.shape[0] % factor:
+      raise ValueError(f"model.ch_mult has {len(m['ch_mult'])} resolutions: data.image_size="
+                       f"{info.shape[0]} must be divisible by {factor}")
+    if m["center_input"] and info.centered:
+      raise ValueError("model.center_input maps x -> 2x - 1 and needs data in [0, 1], got "
+                       "data.centered=True")
+
+
+def _splits(config) -> None:
+  known = datasets.split_names(config)
+  for field, split in (("data.train_split", config["data"]["train_split"]),
+                       ("eval.split", config["eval"]["split"])):
+    if known and split not in known:
+      raise ValueError(f"{field} must be a split of {config['data']['dataset']!r} {known}, "
+                       f"got {split!r}")
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(("training",), "training.ref_batch_size >= training.batch_size", _ref_batch),
+    Rule(("sde",), "sde.T > sde.eps; beta_max >= beta_min (VP, sub-VP); sigma_max > sigma_min (VE)"
+         " (sde_lib.get_sde)", lambda c: sde_lib.get_sde(c)),
+    Rule(("model",), "model.* fields of a network family: required when model.name uses them, "
+         "refused otherwise", _model_fields),
+    Rule(("data",), "data.image_size / num_channels fit data.dataset (datasets.dataset_info)",
+         lambda c: datasets.dataset_info(c)),
+    Rule(("data", "eval"), "data.train_split and eval.split are splits of an image dataset",
+         _splits),
+    Rule(("model", "data"), "U-Nets need images whose size 2^(len(ch_mult) - 1) divides, MLPs "
+         "vectors; model.center_input needs data.centered=False", _model_data),
+    Rule(("model", "sde"), "the score wrapper takes model.parameterization for this SDE "
+         "(models.utils.get_score_fn; no network is built)",
+         lambda c: get_score_fn(sde_lib.get_sde(c), None, c.model.parameterization,
+                                bool(c.model.input_scaling))),
+    Rule(("sampling", "sde"), "the sampler of sampling.method honours every sampling.* setting "
+         "(samplers.sampler_kwargs)", lambda c: samplers.sampler_kwargs(c, sde_lib.get_sde(c))),
+)
+
+
+# -- validation ---------------------------------------------------------------------------------------
+def _is_section(v) -> bool:
+  return hasattr(v, "keys") and hasattr(v, "__getitem__")
+
+
+def _known(section: str) -> list[str]:
+  return [k.split(".", 1)[1] for k in SCHEMA if k.startswith(section + ".")]
+
+
+def _check_structure(config, selected: Sequence[str]) -> None:
+  """Unknown fields, missing sections and missing fields (model family fields: see RULES)."""
+  if set(selected) == set(TOP_LEVEL):
+    for key in config.keys():
+      if key not in TOP_LEVEL:
+        raise ValueError(f"{key}: unknown config field (known top-level fields: "
+                         f"{', '.join(TOP_LEVEL)})")
+  for section in selected:
+    if section not in config:
+      raise ValueError(f"{section}: missing config {'field' if section in SCHEMA else 'section'}")
+    if section in SCHEMA:
+      continue
+    if not _is_section(config[section]):
+      raise ValueError(f"{section} must be a config section, got {config[section]!r}")
+    known = _known(section)
+    for key in config[section].keys():
+      if key not in known:
+        raise ValueError(f"{section}.{key}: unknown config field (known fields of {section}: "
+                         f"{', '.join(known)})")
+    for key in known:
+      if key not in config[section] and SCHEMA[f"{section}.{key}"].models is None:
+        raise ValueError(f"{section}.{key}: missing config field "
+                         f"({SCHEMA[section + '.' + key].doc})")
+
+
+def validate(config, sections: Optional[Sequence[str]] = None) -> None:
+  """Checks ``config`` (a ConfigDict or a nested dict) against SCHEMA and RULES; raises ValueError
+  whose message starts with the dotted field name. ``sections`` (e.g. ``("training",)``) limits
+  the check to those sections and the rules that read only them. Reads no file, builds no model."""
+  if isinstance(config, dict):
+    config = ml_collections.ConfigDict(config)
+  selected = TOP_LEVEL if sections is None else tuple(sections)
+  for s in selected:
+    if s not in TOP_LEVEL:
+      raise ValueError(f"unknown config section {s!r}; sections: {TOP_LEVEL}")
+  _check_structure(config, selected)
+  for name, field in SCHEMA.items():
+    section, _, key = name.partition(".")
+    if section not in selected:
+      continue
+    if not key:
+      field.check(name, config[name])
+    elif key in config[section]:
+      field.check(name, config[section][key])
+  for rule in RULES:
+    if set(rule.sections) <= set(selected):
+      rule.check(config)
+
+
+def describe() -> str:
+  """The schema as text: one line per field (name, requirement, doc), then the rules."""
+  lines = [f"{name}: {f.requirement()}"
+           + (f" [model.name in {f.models}]" if f.models else "") + f" -- {f.doc}"
+           for name, f in SCHEMA.items()]
+  return "\n".join(lines + ["rules:"] + [f"  {r.doc}" for r in RULES])

@@ -1,0 +1,235 @@
+"""``--mode=eval``: evaluates a workdir's checkpoint into ``workdir/eval/report.json`` (+ samples).
+
+* image data: bits/dim of the probability-flow ODE over the whole ``eval.split`` (uniform
+  dequantization, padded last batch), the ScoreFlow bound in bits/dim, samples with NFE, digits
+  classifier metrics (digits) or FID / IS (``eval.fid``), and for digits a GaussianMixture baseline;
+* toy data: NLL (nats) of a held-out sample by the ODE, the bound, the exact NLL where the
+  distribution has a density, histogram divergences of generated vs true samples.
+
+Failed likelihood solves are counted per stage (``*_n_failed``, ``*_failed_indices``) and excluded
+from the means; more than ``eval.max_failed_fraction`` of them fails the eval after the report is
+written. Every stage logs its start and its progress (items, rate, ETA).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+import checkpoints
+import datasets
+import run_lib
+import toy_data
+from modes import register_mode
+from progress import Progress
+
+
+@register_mode("eval")
+def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str = "eval"):
+  """Evaluates the checkpoint; returns the report (also ``workdir/<eval_folder>/report.json``)."""
+  run_lib.validate_config(config)
+  run_lib.require_checkpoint(workdir)
+  out_dir = checkpoints.check_writable(os.path.join(workdir, eval_folder))
+  with checkpoints.workdir_lock(workdir, eval_folder):
+    model = run_lib.load_score_model(config, workdir)
+    k_ll, k_bound, k_sample = jax.random.split(
+        jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1), 3)
+    report: dict[str, Any] = _header(config, model)
+    with jax.enable_x64(bool(config.eval.float64)):
+      if datasets.dataset_info(config).is_image:
+        report.update(_image_likelihood(config, model, k_ll, k_bound))
+      else:
+        report.update(_toy_likelihood(config, model, k_ll, k_bound))
+    report.update(_samples_and_metrics(config, model, k_sample, out_dir))
+    run_lib.write_json(os.path.join(out_dir, "report.json"), report)
+    for k in sorted(report):
+      if not k.endswith("failed_indices"):
+        logging.info("eval %s = %s", k, report[k])
+    _check_failures(config, report)
+  return report
+
+
+def _header(config, model: run_lib.ScoreModel) -> dict[str, Any]:
+  ev = config.eval
+  return {"step": model.step, "dataset": config.data.dataset, "split": str(ev.split),
+          "sde": config.sde.name, "T": float(config.sde.T), "eps": float(config.sde.eps),
+          "likelihood_divergence": str(ev.divergence), "likelihood_dtype":
+          "float64" if ev.float64 else "float32", "dequantization": "uniform"}
+
+
+def _likelihood_fns(config, model: run_lib.ScoreModel):
+  """Jitted per-batch log p (probability-flow ODE) and -bound (ScoreFlow eq. 39), both in nats."""
+  import likelihood
+  ev = config.eval
+
+  @jax.jit
+  def logp_fn(y, k):
+    out = likelihood.log_likelihood(model.score_fn, model.sde, y, k, prior=model.prior,
+                                    divergence=str(ev.divergence), probe=str(ev.hutchinson_probe),
+                                    rtol=float(ev.rtol), atol=float(ev.atol),
+                                    max_steps=int(ev.max_steps))
+    return out["logp"], out["nfe"]
+
+  @jax.jit
+  def neg_bound_fn(y, k):
+    return -likelihood.scoreflow_bound(model.score_fn, model.sde, y, k, prior=model.prior,
+                                       n_time_samples=int(ev.bound_time_samples))["nll_bound"]
+
+  return logp_fn, neg_bound_fn
+
+
+def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound) -> dict[str, Any]:
+  """bits/dim of the ODE and of the bound over the whole split, with progress per batch."""
+  import likelihood
+  ev = config.eval
+  info = datasets.dataset_info(config)
+  batches = [b.image[b.mask] for b in datasets.get_eval_dataset(config, as_levels=True)]
+  n = sum(len(b) for b in batches)
+  logp_fn, neg_bound_fn = _likelihood_fns(config, model)
+  common = dict(batch_size=int(ev.batch_size), num_levels=info.num_grey_levels,
+                centered=info.centered, dtype=jnp.float64 if ev.float64 else jnp.float32)
+  out: dict[str, Any] = {}
+  if ev.bpd:
+    nfe: list[np.ndarray] = []
+
+    def logp_only(y, k):
+      logp, e = logp_fn(y, k)
+      nfe.append(np.asarray(e))
+      return logp
+
+    with Progress("bits/dim (probability-flow ODE)", n, "images") as p:
+      r = likelihood.dataset_bits_per_dim(logp_only, batches, k_ll, on_batch=p.update, **common)
+    out.update(_stage("bpd", r), likelihood_nfe=float(np.concatenate(nfe)[:n].mean()))
+  if ev.bound:
+    with Progress("bits/dim bound (ScoreFlow)", n, "images") as p:
+      r = likelihood.dataset_bits_per_dim(neg_bound_fn, batches, k_bound, on_batch=p.update,
+                                          **common)
+    out.update(_stage("bound_bpd", r))
+  if info.name == "digits":
+    with Progress("baseline (GaussianMixture)", None, "fits"):
+      out.update(gmm_baseline_bpd(config))
+  return out
+
+
+def _stage(name: str, r: dict) -> dict[str, Any]:
+  return {name: r["bpd"], f"{name}_stderr": r["stderr"], f"{name}_n_examples": r["n"],
+          f"{name}_n_failed": r["n_failed"], f"{name}_failed_indices": r["failed_indices"]}
+
+
+def _toy_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound) -> dict[str, Any]:
+  """NLL (nats) of held-out toy points by the ODE and the bound; the exact NLL where known."""
+  import likelihood
+  ev = config.eval
+  dtype = jnp.float64 if ev.float64 else jnp.float32
+  x = jnp.asarray(run_lib.toy_reference(config, int(ev.num_likelihood_examples)), dtype)
+  logp_fn, neg_bound_fn = _likelihood_fns(config, model)
+  out: dict[str, Any] = {}
+  if ev.bpd:
+    with Progress("NLL (probability-flow ODE)", len(x), "points") as p:
+      logp, nfe = logp_fn(x, k_ll)
+      p.update(len(x))
+    out.update(_toy_stage("nll", -np.asarray(logp, np.float64)),
+               likelihood_nfe=float(np.mean(nfe)))
+  if ev.bound:
+    with Progress("NLL bound (ScoreFlow)", len(x), "points") as p:
+      nll = -np.asarray(neg_bound_fn(x, k_bound), np.float64)
+      p.update(len(x))
+    out.update(_toy_stage("nll_bound", nll))
+  dist = toy_data.get_toy_distribution(config.data.dataset)
+  if dist.has_density:
+    out["nll_exact_data"] = float(-jnp.mean(dist.log_prob(x)))
+    out["nll_exact_p_eps"] = float(-jnp.mean(dist.marginal_log_prob(model.sde, x, model.sde.eps)))
+  return out
+
+
+def _toy_stage(name: str, nll: np.ndarray) -> dict[str, Any]:
+  import likelihood
+  ok = np.isfinite(nll)
+  mean, stderr = likelihood.mean_and_stderr(nll[ok])
+  return {name: mean, f"{name}_stderr": stderr, f"{name}_n_examples": int(ok.sum()),
+          f"{name}_n_failed": int((~ok).sum()),
+          f"{name}_failed_indices": [int(i) for i in np.flatnonzero(~ok)]}
+
+
+def _check_failures(config, report: dict[str, Any]) -> None:
+  """Raises when a likelihood stage lost more than ``eval.max_failed_fraction`` of its examples."""
+  limit = float(config.eval.max_failed_fraction)
+  for key in sorted(k for k in report if k.endswith("_n_failed")):
+    stage = key[:-len("_n_failed")]
+    failed, total = report[key], report[key] + report[f"{stage}_n_examples"]
+    if failed:
+      logging.warning("eval %s: %d of %d solves failed (examples %s); excluded from the mean",
+                      stage, failed, total, report[f"{stage}_failed_indices"][:20])
+    if failed > limit * total:
+      raise RuntimeError(
+          f"eval {stage}: {failed} of {total} likelihood solves failed (max_steps reached or "
+          f"non-finite), more than eval.max_failed_fraction={limit}; first failed examples "
+          f"{report[f'{stage}_failed_indices'][:20]}. Raise eval.max_steps, loosen eval.rtol / "
+          "eval.atol, or set eval.max_failed_fraction (the report is written).")
+
+
+def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str) -> dict[str, Any]:
+  """Samples (npz + PNG) with NFE, and what can be measured on them."""
+  import evaluation
+  ev = config.eval
+  info = datasets.dataset_info(config)
+  n = int(ev.num_samples)
+  samples, nfe = run_lib.generate(config, model, n, key)
+  out: dict[str, Any] = dict(sampling_method=config.sampling.method,
+                             sampling_c=float(config.sampling.c), sampling_nfe=nfe, n_samples=n)
+  np.savez(os.path.join(out_dir, "samples.npz"), samples=samples)
+  reference = run_lib.toy_reference(config, n)
+  run_lib.save_samples_png(os.path.join(out_dir, "samples.png"), samples, config, reference)
+  if reference is not None:
+    out.update({f"hist_{k}": v for k, v in
+                evaluation.histogram_divergences(reference, samples).items()})
+  elif info.name == "digits":
+    with Progress("digits classifier metrics", n, "samples"):
+      levels, _, _ = datasets.load_levels(config, str(ev.split))
+      out.update({f"digits_{k}": v for k, v in evaluation.digits_metrics(
+          evaluation.train_digits_classifier(), datasets.inverse_scale(samples, info.centered),
+          levels.astype(np.float32) / (info.num_grey_levels - 1)).items()})
+  if info.is_image and ev.fid:
+    with Progress("FID / Inception Score", n, "samples"):
+      variables = evaluation.load_inception_params(str(ev.inception_weights))
+      ref = evaluation.load_stats(str(ev.fid_stats)) if ev.fid_stats else None
+      out.update(evaluation.inception_metrics(
+          variables, np.clip(datasets.inverse_scale(samples, info.centered), 0, 1), ref))
+  return out
+
+
+def gmm_baseline_bpd(config, n_components=(1, 2, 4, 8, 16)) -> dict[str, Any]:
+  """Classical baseline on the same dequantized, scaled data: scikit-learn GaussianMixture (full
+  covariance), the component count chosen on the validation split, bits/dim on the eval split."""
+  import likelihood
+  from sklearn.mixture import GaussianMixture
+  info = datasets.dataset_info(config)
+  rng = np.random.default_rng(config.seed)
+
+  def split(name):
+    levels, _, _ = datasets.load_levels(config, name)
+    y = datasets.scale_images(levels, info.num_grey_levels, info.centered,
+                              noise=rng.uniform(size=levels.shape))
+    return np.asarray(y, np.float64).reshape(len(levels), -1)
+
+  def bpd(gmm, y):
+    return float(np.mean(likelihood.bits_per_dim(gmm.score_samples(y), info.shape,
+                                                 centered=info.centered,
+                                                 num_levels=info.num_grey_levels)))
+
+  def fit(k, y):
+    return GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=0).fit(y)
+
+  train, val, test = (split(s) for s in ("train_without_validation", "validation",
+                                         str(config.eval.split)))
+  scores = {k: bpd(fit(k, train), val) for k in n_components}
+  best = min(scores, key=scores.get)
+  return {"gmm_bpd": bpd(fit(best, np.concatenate([train, val])), test),
+          "gmm_components": int(best), "gmm_validation_bpd": {str(k): v for k, v in scores.items()},
+          "uniform_bpd": float(math.log2(info.num_grey_levels))}

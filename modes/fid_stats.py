@@ -1,0 +1,40 @@
+"""``--mode=fid_stats``: reference FID statistics of ``eval.split`` of an image dataset."""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+import checkpoints
+import datasets
+import run_lib
+from modes import register_mode
+from progress import Progress
+
+
+@register_mode("fid_stats")
+def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Inception pool3 features of every example (weights ``eval.inception_weights``), written as
+  ``workdir/fid_stats_<dataset>_<split>.npz`` with ``mu`` and ``sigma`` (the common format; set
+  ``eval.fid_stats`` to it)."""
+  import evaluation
+  run_lib.validate_config(config)
+  info = datasets.dataset_info(config)
+  if not info.is_image:
+    raise ValueError(f"data.dataset={info.name!r}: FID statistics need an image dataset")
+  checkpoints.check_writable(workdir)
+  with checkpoints.workdir_lock(workdir, "fid_stats"):
+    variables = evaluation.load_inception_params(str(config.eval.inception_weights))
+    images = np.concatenate([b.image[b.mask]
+                             for b in datasets.get_eval_dataset(config, as_levels=True)])
+    images = images.astype(np.float32) / (info.num_grey_levels - 1)
+    with Progress("Inception features", len(images), "images") as p:
+      feats = evaluation.inception_features(variables, images).pool3
+      p.update(len(images))
+    path = os.path.join(workdir, f"fid_stats_{info.name}_{config.eval.split}.npz")
+    evaluation.save_stats(path, *evaluation.compute_statistics(feats))
+  logging.info("FID statistics of %d %s/%s images written to %s", len(images), info.name,
+               config.eval.split, path)
+  return path

@@ -1,0 +1,38 @@
+"""``--mode=sample``: ``sampling.n_samples`` samples from a workdir's checkpoint, started from its
+prior, into ``workdir/samples/`` (``samples.npz``, ``samples.png``, ``report.json``: sampler, c, T,
+NFE, time)."""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+import checkpoints
+import run_lib
+from modes import register_mode
+
+
+@register_mode("sample")
+def sample(config: ml_collections.ConfigDict, workdir: str, sample_folder: str = "samples"):
+  run_lib.validate_config(config)
+  run_lib.require_checkpoint(workdir)
+  out_dir = checkpoints.check_writable(os.path.join(workdir, sample_folder))
+  with checkpoints.workdir_lock(workdir, sample_folder):
+    model = run_lib.load_score_model(config, workdir)
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A)
+    t0 = time.time()
+    x, nfe = run_lib.generate(config, model, int(config.sampling.n_samples), key)
+    report = {"step": model.step, "n_samples": len(x), "method": config.sampling.method,
+              "c": float(config.sampling.c), "T": float(config.sde.T),
+              "eps": float(config.sde.eps), "nfe": nfe, "seconds": time.time() - t0,
+              "finite": bool(np.all(np.isfinite(x)))}
+    np.savez(os.path.join(out_dir, "samples.npz"), samples=x)
+    run_lib.save_samples_png(os.path.join(out_dir, "samples.png"), x, config,
+                             run_lib.toy_reference(config, len(x)))
+    run_lib.write_json(os.path.join(out_dir, "report.json"), report)
+  logging.info("samples: %s", report)
+  return report

@@ -1,0 +1,248 @@
+"""``--mode=train``: trains (or resumes) the run of a workdir.
+
+Step N (1-based) is the N-th optimizer update; its batch is ``run_lib.data_stream_batch(..., N - 1)``,
+so a run killed at any point (even mid-checkpoint) and resumed is bit-identical to an uninterrupted
+one. Checkpoints (``checkpoints.CheckpointStore``): the latest every
+``training.snapshot_freq_for_preemption`` steps, ``max_to_keep`` kept every ``snapshot_freq``, never a
+non-finite state; SIGTERM checkpoints and stops. Losses: ``train_loss.csv``, ``eval_loss.csv``,
+TensorBoard, and ``loss_curve.png`` at the end. One writer: the workdir's 'train' lock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+import checkpoints
+import datasets
+import run_lib
+from modes import register_mode
+from progress import Progress
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything a training run builds from its config before touching the workdir."""
+  state: Any
+  train_step: Callable
+  eval_step: Callable
+  shard: Callable
+  sample: Any
+  heldout: Any
+  n_rows: int
+  data_key: jax.Array
+  eval_data_key: jax.Array
+  eval_key: jax.Array
+
+
+@register_mode("train")
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in ``workdir``; returns ``{'losses': {step: loss}, 'eval':
+  {step: loss}, 'step': final step, 'start_step': restored step, 'state': final state}``."""
+  sde = run_lib.validate_config(config)
+  _check_divisible(config)
+  run_lib.check_resumable(config, workdir)
+  run = _build(config, sde)
+  checkpoints.check_writable(workdir)
+  with checkpoints.workdir_lock(workdir, "train"):
+    run_lib.write_config(config, workdir)
+    with run_lib.open_checkpoints(config, workdir) as store:
+      state, start_step = _restore(store, run.state, workdir)
+      log = run_lib.LossLog(workdir, start_step)
+      try:
+        state, step = _loop(config, run, state, start_step, store, log)
+        store.wait_until_finished()
+      finally:
+        log.close()
+  if step >= config.training.n_iters and run_lib.is_main():
+    path = _plot_loss_curve(workdir, log.train, log.eval)
+    logging.info("Finished at step %d; loss curve: %s", step, path)
+  return {"losses": log.new, "eval": log.new_eval, "step": step, "start_step": start_step,
+          "state": state}
+
+
+def _check_divisible(config) -> None:
+  import losses
+  n_dev = losses.make_mesh().size
+  for name, n in (("training.batch_size", config.training.batch_size),
+                  ("training.ref_batch_size", run_lib.train_batch_rows(config))):
+    if n % n_dev:
+      raise ValueError(f"{name}={n} must be divisible by the number of devices ({n_dev})")
+
+
+def _build(config, sde) -> _Run:
+  """Model, optimizer, jitted (sharded) train / eval steps and data sources; all from config.seed."""
+  import losses
+  from models import get_model
+  from models.utils import init_model, score_fn_from_config
+  init_key, state_key, data_key, eval_data_key, eval_key = jax.random.split(
+      jax.random.PRNGKey(config.seed), 5)
+  model = get_model(config)
+  score_fn = score_fn_from_config(config, sde, model)
+  event_shape = tuple(datasets.dataset_info(config).shape)
+  optimizer = losses.make_optimizer(config)
+  mesh = losses.make_mesh()
+  state = losses.init_train_state(init_model(model, init_key, (1,) + event_shape), optimizer,
+                                  state_key)
+  sample = run_lib.get_data_sampler(config)
+  # Held-out batches: a separate toy stream, or the evaluation split of an image dataset.
+  heldout = sample if not hasattr(sample, "batch_at") else run_lib.get_data_sampler(
+      config, split=str(config.eval.split))
+  return _Run(
+      state=losses.replicate(state, mesh),
+      train_step=losses.make_train_step(losses.get_loss_fn(config, sde, score_fn), optimizer,
+                                        config.model.ema_rate, mesh=mesh),
+      eval_step=losses.make_eval_step(losses.get_loss_fn(config, sde, score_fn, train=False),
+                                      mesh=mesh),
+      shard=lambda b: losses.shard_batch(b, mesh), sample=sample, heldout=heldout,
+      n_rows=run_lib.train_batch_rows(config), data_key=data_key, eval_data_key=eval_data_key,
+      eval_key=eval_key)
+
+
+def _restore(store, state, workdir: str):
+  state, start_step = store.restore(state)
+  if start_step:
+    logging.info("Resumed from step %d in %s", start_step, workdir)
+  if int(jax.device_get(state.step)) != start_step:
+    raise ValueError(f"restored state.step={int(state.step)} != checkpoint step {start_step}")
+  return state, start_step
+
+
+def _loop(config, run: _Run, state, start_step: int, store, log: run_lib.LossLog):
+  """The training steps from ``start_step`` to ``training.n_iters`` (or SIGTERM)."""
+  tr = config.training
+  heldout = _HeldOut(run, config)
+  step, window = start_step, _RateWindow(start_step)
+  with _Preemption() as preempt, Progress("train", tr.n_iters - start_step, "steps") as progress:
+    while step < tr.n_iters:
+      batch = run.shard(run_lib.data_stream_batch(run.sample, run.data_key, step, run.n_rows))
+      state, metrics = run.train_step(state, batch)
+      step += 1
+      log.add(step, metrics["loss"])
+      if step == start_step + 1:  # exclude compilation from the steps/s of the first window
+        log.drain()
+        window.reset(step)
+      if step % tr.log_freq == 0 or step == tr.n_iters:
+        _log_metrics(config, log, metrics, step, window)
+      if step % tr.eval_freq == 0 or step == tr.n_iters:
+        heldout.evaluate(state, step, log)
+      kept = step % tr.snapshot_freq == 0 or step == tr.n_iters
+      if kept or step % tr.snapshot_freq_for_preemption == 0 or preempt.requested:
+        log.flush()
+        store.save(step, state, {"data_position": step})
+      progress.update(1)
+      if preempt.requested:
+        logging.warning("SIGTERM: checkpointed step %d and stopped", step)
+        break
+  log.drain()
+  return state, step
+
+
+class _RateWindow:
+  """Steps/s since the last metrics line."""
+
+  def __init__(self, step: int):
+    self.reset(step)
+
+  def reset(self, step: int) -> None:
+    self.step, self.t = step, time.time()
+
+  def rate(self, step: int) -> float:
+    now = time.time()
+    r = (step - self.step) / max(now - self.t, 1e-9)
+    self.step, self.t = step, now
+    return r
+
+
+def _log_metrics(config, log: run_lib.LossLog, metrics, step: int, window: _RateWindow) -> None:
+  log.drain()
+  n = step - window.step
+  rate = window.rate(step)
+  n_iters = config.training.n_iters
+  logging.info("step %d/%d: loss %.6g (mean of last %d %.6g), %.1f steps/s, ETA %.0f s",
+               step, n_iters, log.train[-1][1], max(n, 1), log.window_mean(n), rate,
+               (n_iters - step) / max(rate, 1e-9))
+  log.scalar("train/steps_per_sec", rate, step)
+  for k, v in jax.device_get(metrics).items():  # this step's other scalar metrics
+    if k != "loss" and np.ndim(v) == 0:
+      log.scalar(f"train/{k}", float(v), step)
+
+
+class _HeldOut:
+  """A fixed held-out set (its own key, never in the training stream) in training-size batches;
+  the same t / noise keys at every evaluation, so the curve shows the model, not resampling."""
+
+  def __init__(self, run: _Run, config):
+    n_batches = max(1, config.training.eval_batch_size // run.n_rows)
+    self.run = run
+    self.batches = [run.shard(run_lib.data_stream_batch(run.heldout, run.eval_data_key, i,
+                                                         run.n_rows)) for i in range(n_batches)]
+
+  def loss(self, params) -> float:
+    return float(np.mean([float(self.run.eval_step(params, b, jax.random.fold_in(self.run.eval_key, i))["loss"])
+                          for i, b in enumerate(self.batches)]))
+
+  def evaluate(self, state, step: int, log: run_lib.LossLog) -> float:
+    log.drain()
+    v, v_ema = self.loss(state.params), self.loss(state.ema_params)
+    if not math.isfinite(v):
+      raise FloatingPointError(f"non-finite held-out loss at step {step}")
+    log.add_eval(step, v)
+    log.scalar("eval/loss_ema", v_ema, step)
+    logging.info("step %d: held-out loss %.6g (EMA params %.6g)", step, v, v_ema)
+    return v
+
+
+class _Preemption:
+  """Sets a flag on SIGTERM (main thread only) so the loop can checkpoint and stop cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _plot_loss_curve(workdir: str, rows, evals) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  path = os.path.join(workdir, "loss_curve.png")
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if rows:
+    steps, vals = np.array(rows).T
+    ax.plot(steps, vals, lw=0.5, alpha=0.4, label="train loss (per step)")
+    w = max(1, len(vals) // 100)
+    smooth = np.convolve(vals, np.ones(w) / w, mode="valid")
+    ax.plot(steps[w - 1:], smooth, lw=1.5, label=f"train loss (mean of {w})")
+  if evals:
+    es, ev = np.array(evals).T
+    ax.plot(es, ev, "o-", ms=3, label="held-out loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  if rows and np.all(np.array(rows)[:, 1] > 0):
+    ax.set_yscale("log")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
