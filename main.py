@@ -33,16 +33,30 @@ class _QuietLibraries:
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-def _check_config_file(argv: list[str]) -> None:
-  """A missing or unreadable --config file is named before absl's flag parsing obscures it."""
-  for i, arg in enumerate(argv):
-    path = None
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
-    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
-      sys.exit(f"error: --config={path}: no such config file")
+def _check_config_args(argv: list[str]) -> None:
+  """Names a missing --config file, or an override of a field the config does not have, before
+  absl's flag parsing turns them into 'config_config' / a bare AttributeError."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None:
+    return
+  if not os.path.isfile(path.split(":", 1)[0]):
+    sys.exit(f"error: --config={path}: no such config file")
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("_scorelab_config", path.split(":", 1)[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(*path.split(":", 1)[1:])
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      dotted = arg[len("--config."):].split("=", 1)[0]
+      node, parts = config, dotted.split(".")
+      for i, part in enumerate(parts):
+        if not hasattr(node, "keys") or part not in node:
+          known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+          where = ".".join(parts[:i]) or "the config"
+          sys.exit(f"error: --config.{dotted}: {dotted}: unknown config field "
+                   f"(known fields of {where}: {known})")
+        node = node[part]
 
 
 def main(argv) -> None:
@@ -55,5 +69,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  _check_config_file(sys.argv[1:])
+  _check_config_args(sys.argv[1:])
   app.run(main)

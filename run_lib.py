@@ -84,7 +84,10 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   for key in sorted(set(saved) | set(given)):
     if key in RESUMABLE_FIELDS or key.startswith(RESUMABLE_SECTIONS):
       continue
-    a, b = saved.get(key, "<absent>"), given.get(key, "<absent>")
+    if key not in saved:  # a field added to scorelab after this run started
+      logging.warning("config field %s is not in %s: resuming with %r", key, path, given[key])
+      continue
+    a, b = saved[key], given.get(key, "<absent>")
     if a != b:
       raise ValueError(f"config field {key} differs from the run in {workdir} (saved {a!r}, "
                        f"given {b!r}); resume with the same value or use a new workdir")

@@ -1,6 +1,7 @@
-"""Import published score_sde checkpoints (Song et al. 2021, "Score-Based Generative Modeling through
-SDEs"; Song et al. 2021b, "Maximum Likelihood Training of Score-Based Diffusion Models") into the
-Flax params of models/ncsnpp.py (NCSN++, DDPM++ and score_sde's DDPM as ``resblock_type='ddpm'``).
+"""Import published score_sde checkpoints (Song et al. 2021, "Score-Based Generative Modeling
+through SDEs"; Song et al. 2021b, "Maximum Likelihood Training of Score-Based Diffusion Models")
+into the Flax params of models/ncsnpp.py (NCSN++, DDPM++; score_sde's DDPM is
+``resblock_type='ddpm'``).
 
 * ``import_pytorch_checkpoint(config, path)``: a score_sde_pytorch ``checkpoint_*.pth``, read
   without torch (``read_torch_checkpoint``: zip archive + a restricted unpickler).
@@ -16,6 +17,8 @@ config field that most likely differs. ``config_overrides`` are the score conven
 workdir needs (``apply_overrides``): labels 999 t and s = -h / sigma_t for VP / sub-VP
 (parameterization 'noise'), Fourier features of log sigma(t) and s = h / sigma(t) for VE
 ('scale_by_sigma', models/utils.py), x -> 2x - 1 inside the network when data are not centered.
+Fields that leave no trace in the tensors must still match the published config: skip_rescale,
+fir_kernel, and fir where no FIR conv exists (DDPM++'s BigGAN blocks resample without params).
 
 This module only reads the checkpoint file it is given (run_lib writes the workdir).
 """
@@ -47,7 +50,7 @@ _ARCH_FIELDS = ("model.nf", "model.ch_mult", "model.num_res_blocks", "model.attn
                 "model.conditional", "data.num_channels")
 
 
-# -- torch-free reader of torch.save zip archives ---------------------------------------------------
+# -- torch-free reader of torch.save zip archives --------------------------------------------------
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
   """A checkpoint pickle asked for a global outside the tensor / OrderedDict allow-list."""
 
@@ -187,7 +190,7 @@ def read_torch_checkpoint(path: str, keys: Optional[tuple[str, ...]] = None) -> 
     return type(obj)((k, _materialize(v, read) if k in keys else v) for k, v in obj.items())
 
 
-# -- our parameter tree ------------------------------------------------------------------------------
+# -- our parameter tree ----------------------------------------------------------------------------
 def target_params(config: ml_collections.ConfigDict) -> tuple[Tree, list[str]]:
   """Shapes of ``init_model(get_model(config), key, (1, H, W, C))`` (evaluated abstractly) and the
   names of its top-level submodules in the order the network calls them (param-bearing only)."""
@@ -243,7 +246,7 @@ def _summary(children: list[tuple[str, set]], nf: Optional[int], channels: Optio
   return {"model.nf": nf, "data.num_channels": channels,
           "model.embedding_type": "fourier" if "fourier" in kinds else "positional",
           "model.num_res_blocks (or model.ch_mult)": kinds.count("res"),
-          "model.attn_resolutions": kinds.count("attn"), "model.fir": fir,
+          "model.attn_resolutions (or data.image_size)": kinds.count("attn"), "model.fir": fir,
           "_modules": len(kinds)}
 
 
@@ -253,7 +256,7 @@ def _hint(ckpt: dict, ours: dict) -> str:
       what = {"model.embedding_type": " (score_sde: 'fourier' for VE / NCSN++ cont., 'positional'"
               " for VP and sub-VP / DDPM++ cont.; check sde.name and model.name)",
               "model.num_res_blocks (or model.ch_mult)": " residual blocks",
-              "model.attn_resolutions": " attention blocks"}.get(field, "")
+              "model.attn_resolutions (or data.image_size)": " attention blocks"}.get(field, "")
       return (f"likely config field: {field} (checkpoint {ckpt[field]}, config {ours[field]}"
               f"{what})")
   return ("likely config field: one of model.fir, model.resamp_with_conv, model.resblock_type, "
@@ -282,10 +285,10 @@ class _Assigner:
   def put(self, name: str, raw_shape: tuple, path: tuple, value: np.ndarray) -> None:
     want = self._get(path)
     if want is None:
+      has = (f" ({path[0]} has {sorted('/'.join(p) for p, _ in _leaves(self.target[path[0]]))})"
+             if path[0] in self.target else "")
       self.fail(f"tensor {name} {raw_shape} has no counterpart: the model of this config has no "
-                f"param {'/'.join(path)}"
-                + (f" ({path[0]} has {sorted('/'.join(p) for p, _ in _leaves(self.target[path[0]]))})"
-                   if path[0] in self.target else ""))
+                f"param {'/'.join(path)}{has}")
     if tuple(value.shape) != tuple(want):
       self.fail(f"tensor {name} {raw_shape} (as our layout {tuple(value.shape)}) does not fit "
                 f"{'/'.join(path)} {tuple(want)}")
@@ -369,9 +372,9 @@ def _conventions(config, fourier: bool, conditional: bool = True) -> dict[str, A
                      "log sigma(t) of a VE SDE (NCSN++ cont.); import them with sde.name='vesde'")
   if conditional and not fourier and sde == "vesde":
     raise ValueError("sde.name='vesde' with a positional-embedding checkpoint: score_sde's "
-                     "continuous VE models use Fourier features (its discrete SMLD models, labelled "
-                     "by noise index, are not supported); import VP / sub-VP checkpoints with "
-                     "sde.name='vpsde' / 'subvpsde'")
+                     "continuous VE models use Fourier features (its discrete SMLD models, "
+                     "labelled by noise index, are not supported); import VP / sub-VP checkpoints "
+                     "with sde.name='vpsde' / 'subvpsde'")
   ve = sde == "vesde"
   return {"model.parameterization": "scale_by_sigma" if ve else "noise",
           "model.time_embedding_scale": 1.0 if ve else 999.0,
@@ -452,8 +455,8 @@ def _map_torch_state(config, sd: dict, target, order, summary, source) -> Tree:
 
 
 def import_pytorch_checkpoint(config: ml_collections.ConfigDict, path: str) -> dict[str, Any]:
-  """Params of a score_sde_pytorch checkpoint (``torch.save({'model', 'ema', 'optimizer', 'step'})``)
-  for the network of ``config``.
+  """Params of a score_sde_pytorch checkpoint (``torch.save`` of a dict with 'model', 'ema',
+  'optimizer', 'step') for the network of ``config``.
 
   Returns dict(params, ema_params (from ``ema.shadow_params``, in ``model.parameters()`` order of
   the trainable tensors; frozen ones such as the Fourier ``W`` come from ``model``), step,
@@ -565,6 +568,8 @@ def import_flax_checkpoint(config: ml_collections.ConfigDict, path: str) -> dict
   if "step" not in state:
     raise ValueError(f"{source}: no step entry")
   ema = state.get("params_ema") or params
+  if set(params) == {"params"}:  # a variables dict rather than the 'params' collection
+    params, ema = params["params"], ema.get("params", ema)
   target, order = target_params(config)
   out = _map_flax_params(config, params, target, order, source)
   out_ema = _map_flax_params(config, ema, target, order, source + " (params_ema)")
@@ -596,9 +601,9 @@ def to_score_sde_flax(config: ml_collections.ConfigDict, params: Tree) -> Tree:
           (f"NIN_{k.split('_')[1]}" if k.startswith("Dense_") else k):
           ({"W": v["kernel"], "b": v["bias"]} if k.startswith("Dense_") else v)
           for k, v in sub.items()}
-    elif cls in ("Upsample", "Downsample") and fir:
-      out[name] = {"Conv2d_0": {"weight": c["kernel"], "bias": c["bias"]}
-                   for c in sub.values()}
+    elif cls in ("Upsample", "Downsample") and fir:  # the fused FIR conv (sole submodule)
+      (conv,) = sub.values()
+      out[name] = {"Conv2d_0": {"weight": conv["kernel"], "bias": conv["bias"]}}
     else:
       out[name] = sub
   return out

@@ -454,3 +454,28 @@ def test_elbo_decomposition_gmm_and_gaussian():
 
   k_ref = scipy.integrate.quad(integrand, sde.eps, sde.T, points=[1e-4, 1e-3, 1e-2], limit=200)[0]
   assert abs(float(dg["K"]) - k_ref) < 3 * float(dg["K_stderr"]) + 1e-3, (float(dg["K"]), k_ref)
+
+
+def test_dataset_bits_per_dim_excludes_failed_solves():
+  """NaN log p (a failed adaptive solve) of some examples: counted with their split indices,
+  excluded from the mean and its standard error, never turning the dataset bits/dim into NaN."""
+  n, d = 21, 4
+  data = np.random.default_rng(2).integers(0, 256, size=(n, d))
+  prior = sde_lib.GaussianPrior(jnp.asarray(0.3))
+  bad = np.zeros(n, bool)
+  bad[[3, 17]] = True
+  offsets = iter(range(0, n, 8))
+
+  def logp_fn(y, key):
+    del key
+    start = next(offsets)
+    mask = jnp.asarray(np.concatenate([bad, np.zeros(8, bool)])[start:start + 8])
+    return jnp.where(mask, jnp.nan, prior.log_prob(y - 0.5))
+
+  res = L.dataset_bits_per_dim(logp_fn, [data[i:i + 8] for i in range(0, n, 8)],
+                               jax.random.PRNGKey(0), batch_size=8)
+  assert res["n_failed"] == 2 and res["failed_indices"] == [3, 17] and res["n"] == n - 2
+  good = res["bpd_per_example"][~bad]
+  assert np.all(np.isnan(res["bpd_per_example"][bad])) and np.all(np.isfinite(good))
+  np.testing.assert_allclose(res["bpd"], good.mean(), rtol=1e-6)
+  np.testing.assert_allclose(res["stderr"], good.std() / np.sqrt(n - 3), rtol=1e-6)

@@ -331,3 +331,45 @@ def test_eval_and_sample_modes_on_toy(uninterrupted, tmp_path):
   assert {k: v for k, v in snapshot(wd).items() if "checkpoints" in k} == before
   with pytest.raises(FileNotFoundError, match="run --mode=train first"):
     evaluate(c, str(tmp_path / "empty"))
+
+
+def test_one_writer_per_workdir(uninterrupted, tmp_path):
+  """A second training on a workdir whose 'train' lock is held is refused at start, naming the
+  holder's PID and host; the workdir is left as it was."""
+  import shutil
+  import socket
+  wd = str(tmp_path / "wd")
+  shutil.copytree(uninterrupted[0], wd)
+  before = snapshot(wd)
+  with checkpoints.workdir_lock(wd, "train"):
+    with pytest.raises(RuntimeError, match=rf"{os.getpid()}.*{socket.gethostname()}|"
+                                           rf"{socket.gethostname()}.*{os.getpid()}"):
+      train(tiny_config(60), wd)
+  after = snapshot(wd)
+  assert {k: v for k, v in after.items() if ".lock" not in k} == \
+      {k: v for k, v in before.items() if ".lock" not in k}
+
+
+def test_eval_counts_failed_solves(uninterrupted, tmp_path):
+  """A likelihood solve that reaches eval.max_steps is counted (with its example index), never
+  averaged into NaN; more failures than eval.max_failed_fraction fail the eval after the report
+  is written."""
+  import shutil
+  wd = str(tmp_path / "wd")
+  shutil.copytree(uninterrupted[0], wd)
+  c = tiny_config(40)
+  c.eval.num_samples = c.sampling.n_samples = c.sampling.batch_size = 16
+  c.eval.num_likelihood_examples = 32
+  c.eval.bound = False
+  c.eval.divergence = "exact"
+  c.sampling.method = "sde"
+  c.sampling.n_steps = 10
+  c.eval.max_steps = 3  # far too few for rtol 1e-5: every solve fails
+  with pytest.raises(RuntimeError, match=r"32 of 32 likelihood solves failed.*max_failed_fraction"):
+    evaluate(c, wd)
+  with open(os.path.join(wd, "eval", "report.json")) as f:
+    report = json.load(f)
+  assert report["nll_n_failed"] == 32 and report["nll_failed_indices"] == list(range(32))
+  c.eval.max_steps = 4096
+  report = evaluate(c, wd)
+  assert report["nll_n_failed"] == 0 and np.isfinite(report["nll"])

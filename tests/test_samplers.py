@@ -445,7 +445,8 @@ def test_get_sampler_methods_and_validation():
   }
   for method, nfe in expected.items():
     sample_fn = samplers.get_sampler(_cfg(method=method, n_steps=50, n_corrector_steps=2,
-                                          denoise=True, c=2.0), sde, (8, 2))
+                                          denoise=True, c=1.0 if method == "pc" else 2.0),
+                                     sde, (8, 2))
     x, stats = jax.jit(sample_fn, static_argnums=0)(score, key)
     assert x.shape == (8, 2) and bool(jnp.all(jnp.isfinite(x)))
     if nfe is not None:
