@@ -27,6 +27,7 @@ JSON-able dict of the static config; :func:`from_pytree` (spec, tree) rebuilds t
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -43,6 +44,16 @@ from sde_lib import GaussianPrior
 Array = jax.Array
 KINDS = ("gaussian", "dpgmm", "flow")
 COVARIANCE_TYPES = ("full", "diag")
+# How p(x, T) is sampled for fitting (Franzese et al.): forward marginal samples x_T = a_T x_0 +
+# s_T eps (Sec. 3.1, no score model), or the probability-flow ODE push-forward of data (Sec. 3.2).
+FIT_METHODS = ("concurrent", "sequential")
+
+
+def _numpy_rng(key: Array) -> np.random.Generator:
+  """A NumPy generator seeded from a JAX key (host-side draws for the scikit-learn fit and the
+  fit / held-out split, with no device computation)."""
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  return np.random.default_rng(np.asarray(data).astype(np.uint32).ravel().tolist())
 
 
 def _event_split(shape: Sequence[int], event_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -153,6 +164,7 @@ def fit_dpgmm(samples: Array, key: Array, *, n_components: int = 20,
   Returns ``(prior, info)`` with info ``effective_components`` (weights > ``threshold``),
   ``weights``, ``converged``, ``n_iter``, ``lower_bound``. The seed comes from ``key``.
   """
+  from sklearn.exceptions import ConvergenceWarning
   from sklearn.mixture import BayesianGaussianMixture
   x = np.asarray(samples, np.float64)
   n = x.shape[0]
@@ -165,13 +177,15 @@ def fit_dpgmm(samples: Array, key: Array, *, n_components: int = 20,
   if covariance_type not in COVARIANCE_TYPES:
     raise ValueError(f"prior.covariance_type must be one of {COVARIANCE_TYPES}, "
                      f"got {covariance_type!r}")
-  seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+  seed = int(_numpy_rng(key).integers(0, 2**31 - 1))
   model = BayesianGaussianMixture(
       n_components=int(n_components), covariance_type=covariance_type,
       weight_concentration_prior_type="dirichlet_process",
       weight_concentration_prior=weight_concentration_prior, max_iter=int(max_iter),
       n_init=int(n_init), tol=tol, reg_covar=reg_covar, init_params=init_params, random_state=seed)
-  model.fit(flat)
+  with warnings.catch_warnings():  # non-convergence is reported in info['converged']
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    model.fit(flat)
   prior = mixture_from_sklearn(model, x.shape[1:])
   weights = np.asarray(prior.weights, np.float64)
   info = dict(effective_components=int(np.sum(weights > threshold)), threshold=float(threshold),
@@ -230,7 +244,8 @@ def fit_flow(spec: dict, samples: Array, key: Array, *, steps: int = 2000, lr: f
     raise ValueError(f"fit_flow needs steps, batch_size, log_every >= 1, got {steps}, "
                      f"{batch_size}, {log_every}")
   k_init, k_train = jax.random.split(key)
-  variables = flows.init_variables(model, k_init, x[:min(n, init_batch)])
+  init = jax.jit(flows.init_variables, static_argnums=0)
+  variables = init(model, k_init, x[:min(n, init_batch)])
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2 or 1),
@@ -290,14 +305,16 @@ def forward_samples(sde, x0: Array, key: Array, t: Optional[Array | float] = Non
   return sde.perturb(x0, jnp.asarray(t, x0.dtype), noise)
 
 
+_log_prob = jax.jit(lambda prior, x: prior.log_prob(x))  # priors are pytrees: one trace per kind
+
+
 def cross_entropy(prior, x: Array, batch_size: int = 1024) -> float:
   """E[-log nu(x)] / D over the rows of ``x`` (nats/dim), evaluated in batches."""
   x = jnp.asarray(x)
   d = math.prod(x.shape[1:])
-  logp = jax.jit(lambda p, y: p.log_prob(y))
   total = 0.0
   for i in range(0, x.shape[0], batch_size):
-    total += float(np.sum(np.asarray(logp(prior, x[i:i + batch_size]), np.float64)))
+    total += float(np.sum(np.asarray(_log_prob(prior, x[i:i + batch_size]), np.float64)))
   return -total / (x.shape[0] * d)
 
 
@@ -319,14 +336,14 @@ def fit_prior(kind: str, samples: Array, key: Array, *, sde=None, heldout_fracti
     raise ValueError(f"prior.kind must be one of {KINDS}, got {kind!r}")
   if not 0.0 < heldout_fraction < 1.0:
     raise ValueError(f"prior.heldout_fraction must be in (0, 1), got {heldout_fraction}")
-  x = jnp.asarray(samples)
+  x = np.asarray(samples)  # host copy: the split keeps float64 data exact for the DPGMM fit
   n = x.shape[0]
   n_held = max(1, int(round(heldout_fraction * n)))
   if n - n_held < 1:
     raise ValueError(f"fit_prior needs at least 2 samples, got {n}")
-  k_split, k_fit = jax.random.split(key)
-  perm = jax.random.permutation(k_split, n)
+  perm = _numpy_rng(key).permutation(n)
   fit_x, held_x = x[perm[n_held:]], x[perm[:n_held]]
+  k_fit = jax.random.fold_in(key, 1)
   info: dict[str, Any] = dict(kind=kind, n_fit=int(n - n_held), n_heldout=n_held,
                               dim=int(math.prod(x.shape[1:])))
   if kind == "gaussian":

@@ -282,3 +282,58 @@ def check_writable(path: str) -> str:
     raise PermissionError(f"output folder {os.path.abspath(path)} is not writable: "
                           f"{e.strerror or e}") from e
   return path
+
+
+# -- verified single pytrees (fitted priors, dequantizers) -----------------------------------------
+TREE_DIR, TREE_META = "arrays", "meta.json"
+
+
+def save_tree(directory: str, tree, meta: dict) -> None:
+  """Saves a pytree of arrays (orbax, ``directory/arrays``) and ``meta`` plus per-leaf checksums
+  (``directory/meta.json``, written last and atomically: a directory without it is incomplete).
+  Refuses non-finite leaves; replaces an earlier save in ``directory``."""
+  import orbax.checkpoint as ocp
+  sums, bad = _scan(tree)
+  if bad:
+    raise FloatingPointError(f"refusing to save {directory}: non-finite values in "
+                             f"{[jax.tree_util.keystr(p) for p in bad]}")
+  os.makedirs(directory, exist_ok=True)
+  meta_path = os.path.join(directory, TREE_META)
+  if os.path.exists(meta_path):
+    os.remove(meta_path)
+  arrays = os.path.abspath(os.path.join(directory, TREE_DIR))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(arrays, tree, force=True)
+    ckptr.wait_until_finished()
+  tmp = meta_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({**meta, "checksums": sums}, f, indent=2, sort_keys=True, default=float)
+  os.replace(tmp, meta_path)
+
+
+def read_tree_meta(directory: str) -> dict:
+  """``meta.json`` of a ``save_tree`` directory; FileNotFoundError naming it when absent."""
+  path = os.path.join(directory, TREE_META)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found (nothing saved there, or the save was cut)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def restore_tree(directory: str, abstract) -> tuple[Any, dict]:
+  """(tree, meta) of a ``save_tree`` directory into the shapes / dtypes of ``abstract``; the
+  checksums and finiteness are verified (CheckpointError naming the directory and leaf)."""
+  import orbax.checkpoint as ocp
+  meta = read_tree_meta(directory)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(os.path.abspath(os.path.join(directory, TREE_DIR)), abstract)
+  except Exception as e:  # noqa: BLE001  (any orbax / tensorstore failure is damage)
+    raise CheckpointError(f"{directory}: cannot restore its arrays ({type(e).__name__}: {e})") from e
+  sums, bad = _scan(tree)
+  wrong = sorted(k for k in set(sums) | set(meta["checksums"])
+                 if sums.get(k) != meta["checksums"].get(k))
+  if wrong or bad:
+    raise CheckpointError(f"{directory}: damaged (checksum mismatch in {wrong[:5]}, non-finite "
+                          f"{[jax.tree_util.keystr(p) for p in bad][:5]})")
+  return tree, {k: v for k, v in meta.items() if k != "checksums"}

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import ml_collections
 import numpy as np
 
+import auxiliary
 import datasets
 import likelihood
 import losses
@@ -27,7 +28,7 @@ import toy_data
 from models import mlp, ncsnpp
 from models.utils import PARAMETERIZATIONS, get_score_fn
 
-SECTIONS = ("training", "sde", "model", "optim", "data", "sampling", "eval")
+SECTIONS = ("training", "sde", "model", "optim", "data", "sampling", "eval", "prior")
 TOP_LEVEL = ("seed",) + SECTIONS
 VECTOR_MODELS = ("mlp",)  # networks of (B, D) vectors (toy data)
 IMAGE_MODELS = ("ncsnpp", "ddpmpp", "unet")  # NCSN++-backbone U-Nets of (B, H, W, C) images
@@ -164,10 +165,14 @@ SCHEMA: dict[str, Field] = {
     "sde.name": _choice(tuple(sorted(sde_lib.SDES)), "forward SDE"),
     "sde.beta_min": _float("VP / sub-VP beta(0)", gt=0),
     "sde.beta_max": _float("VP / sub-VP beta(1) (beta linear in t)", gt=0),
-    "sde.sigma_min": _float("VE sigma(0)", gt=0),
-    "sde.sigma_max": _float("VE sigma(1) (sigma geometric in t)", gt=0),
+    "sde.sigma_min": _float("VE sigma(0); EDM smallest noise level (= sde.eps)", gt=0),
+    "sde.sigma_max": _float("VE sigma(1) (sigma geometric in t); EDM largest (= sde.T)", gt=0),
     "sde.T": _float("diffusion time T (free; beta / sigma do not change with it)", gt=0),
     "sde.eps": _float("smallest time: train, sample and evaluate on [eps, T]", gt=0),
+    "sde.rho": _float("EDM: exponent of the Heun time steps (Karras et al. 2022, eq. 5)", gt=0),
+    "sde.sigma_data": _float("EDM: data std of the preconditioning and loss weight", gt=0),
+    "sde.P_mean": _float("EDM: mean of ln sigma of the training noise levels"),
+    "sde.P_std": _float("EDM: std of ln sigma of the training noise levels", gt=0),
     # -- model (every network) ------------------------------------------------------------------------
     "model.name": _choice(models.registered_models, "score network (models registry)"),
     "model.parameterization": _choice(PARAMETERIZATIONS, "what the network outputs"),
@@ -237,6 +242,10 @@ SCHEMA: dict[str, Field] = {
     "sampling.adaptive": _bool("'sde': adaptive steps (needs a solver with an error estimate)"),
     "sampling.max_steps": _int("step bound of adaptive solves (ODE, adaptive SDE)", ge=1),
     "sampling.denoise": _bool("final Tweedie denoising step at eps"),
+    "sampling.S_churn": _float("'heun': stochasticity S_churn (0: deterministic)", ge=0),
+    "sampling.S_min": _float("'heun': churn only for noise levels >= S_min", ge=0),
+    "sampling.S_max": _float("'heun': churn only for noise levels <= S_max", gt=0),
+    "sampling.S_noise": _float("'heun': std factor of the churn noise", gt=0),
     "sampling.n_samples": _int("samples drawn by --mode=sample", ge=1),
     "sampling.batch_size": _int("samples per sampler call", ge=1),
     # -- eval ---------------------------------------------------------------------------------------
@@ -259,6 +268,22 @@ SCHEMA: dict[str, Field] = {
     "eval.num_likelihood_examples": _int("toy data: held-out points of the NLL", ge=1),
     "eval.max_steps": _int("likelihood ODE step limit; more is a failed solve", ge=1),
     "eval.max_failed_fraction": _float("eval fails when more likelihood solves fail", ge=0, le=1),
+    # Prior of the generative process (Franzese et al.): p_noise or a fitted auxiliary nu_phi.
+    "prior.kind": _choice(auxiliary.KINDS, "'gaussian' (p_noise) or a fitted 'dpgmm' / 'flow'"),
+    "prior.fit": _choice(auxiliary.FIT_METHODS, "samples of p(x, T): forward marginal or ODE"),
+    "prior.n_fit_samples": _int("samples of p(x, T) drawn for fitting (held-out part included)",
+                                ge=2),
+    "prior.heldout_fraction": _float("fraction held out for the cross-entropy", gt=0, lt=1),
+    "prior.n_components": _int("DPGMM truncation level", ge=1),
+    "prior.covariance_type": _choice(auxiliary.COVARIANCE_TYPES, "DPGMM covariance"),
+    "prior.weight_threshold": _float("DPGMM: a component is effective above this weight",
+                                     gt=0, lt=1),
+    "prior.flow_layers": _int("flow: coupling layers (vectors) / steps per level (Glow)", ge=1),
+    "prior.flow_hidden": _int("flow: conditioner width", ge=1),
+    "prior.flow_levels": _int("flow: Glow levels (images)", ge=1),
+    "prior.flow_steps": _int("flow: optimizer steps", ge=1),
+    "prior.flow_lr": _float("flow: peak learning rate", gt=0),
+    "prior.flow_batch_size": _int("flow: minibatch size", ge=1),
 }
 
 
@@ -309,6 +334,13 @@ def _model_data(config) -> None:
                        "data.centered=True")
 
 
+def _edm_weighting(config) -> None:
+  weighting, sde = config["training"]["weighting"], config["sde"]["name"]
+  if weighting == "edm" and sde != "edm":
+    raise ValueError(f"training.weighting='edm' (log-normal sigma, Karras et al. 2022) needs "
+                     f"sde.name='edm', got sde.name={sde!r}")
+
+
 def _splits(config) -> None:
   known = datasets.split_names(config)
   for field, split in (("data.train_split", config["data"]["train_split"]),
@@ -318,12 +350,22 @@ def _splits(config) -> None:
                        f"got {split!r}")
 
 
+def _prior_fit(config) -> None:
+  p = config.prior
+  n_fit = p.n_fit_samples - max(1, int(round(p.heldout_fraction * p.n_fit_samples)))
+  if p.kind == "dpgmm" and p.n_components > n_fit:
+    raise ValueError(f"prior.n_components must be <= the {n_fit} fitting samples "
+                     f"(prior.n_fit_samples minus the held-out part), got {p.n_components}")
+
+
 RULES: tuple[Rule, ...] = (
+    Rule(("prior",), "prior.n_components <= the DPGMM's fitting samples", _prior_fit),
     Rule(("training",), "training.ref_batch_size >= training.batch_size", _ref_batch),
     Rule(("sde",), "sde.T > sde.eps; beta_max >= beta_min (VP, sub-VP); sigma_max > sigma_min (VE)"
          " (sde_lib.get_sde)", lambda c: sde_lib.get_sde(c)),
     Rule(("model",), "model.* fields of a network family: required when model.name uses them, "
          "refused otherwise", _model_fields),
+    Rule(("training", "sde"), "training.weighting='edm' only with sde.name='edm'", _edm_weighting),
     Rule(("data",), "data.image_size / num_channels fit data.dataset (datasets.dataset_info)",
          lambda c: datasets.dataset_info(c)),
     Rule(("data", "eval"), "data.train_split and eval.split are splits of an image dataset",

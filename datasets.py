@@ -447,8 +447,12 @@ class ToyIterator:
   def __iter__(self) -> "ToyIterator":
     return self
 
+  def batch_at(self, step: int) -> jax.Array:
+    """Batch ``step`` (0-based) of the stream, on device: a pure function of (seed, process, step)."""
+    return self._sample(jax.random.fold_in(self._key, step))
+
   def __next__(self) -> np.ndarray:
-    x = self._sample(jax.random.fold_in(self._key, self._step))
+    x = self.batch_at(self._step)
     self._step += 1
     return np.asarray(x, np.float32)
 

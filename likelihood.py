@@ -357,12 +357,17 @@ def _dequantize_examples(key: Array, batch: Array, offset: Array, num_levels: in
       keys, batch)
 
 
-def mean_and_stderr(values) -> tuple[float, float]:
-  """Mean and its standard error sqrt(var / (n - 1)) of a 1-D sample (float64 on the host)."""
-  v = np.asarray(values, np.float64)
-  if v.size == 0:
-    return float("nan"), float("nan")
-  return float(v.mean()), float(np.sqrt(v.var() / max(v.size - 1, 1)))
+def mean_and_stderr(values, axis: int = 0) -> tuple[Array, Array]:
+  """Mean and its Monte Carlo standard error std(ddof=1) / sqrt(n) along ``axis`` (the one
+  estimator of every reported ± in scorelab); NaN for an empty sample, inf for n = 1."""
+  v = jnp.asarray(values)
+  n = v.shape[axis]
+  if n == 0:
+    nan = jnp.full(v.shape[:axis] + v.shape[axis + 1:], jnp.nan)
+    return nan, nan
+  se = jnp.std(v, axis=axis, ddof=1) / math.sqrt(n) if n > 1 else jnp.full(
+      v.shape[:axis] + v.shape[axis + 1:], jnp.inf)
+  return jnp.mean(v, axis=axis), se
 
 
 def dataset_bits_per_dim(logp_fn: Callable[[Array, Array], Array], batches: Iterable[Array],
@@ -407,25 +412,13 @@ def dataset_bits_per_dim(logp_fn: Callable[[Array, Array], Array], batches: Iter
   bpd = np.concatenate(per_example)
   ok = np.isfinite(bpd)
   mean, stderr = mean_and_stderr(bpd[ok])
-  return dict(bpd=mean, stderr=stderr, n=int(ok.sum()), n_failed=int((~ok).sum()),
+  return dict(bpd=float(mean), stderr=float(stderr), n=int(ok.sum()), n_failed=int((~ok).sum()),
               failed_indices=[int(i) for i in np.flatnonzero(~ok)], bpd_per_example=bpd)
 
 
 # ------------------------------------------------------------------------------------------------
 # Variational bounds: ScoreFlow (DSM form + eps correction) and the CT-ELBO (ISM / DSM forms)
 # ------------------------------------------------------------------------------------------------
-def _sample_time(sde, key: Array, batch: int, importance_sampling: bool, dtype):
-  """t ~ p(t) on [eps, T] and the weight 1/p(t) that turns an integral over t into E_p[.]:
-  importance sampling p(t) = g^2 / (sigma_t^2 Z) ([SF] Sec. 5.1, eq. 12) or uniform."""
-  if importance_sampling:
-    t = sde.is_sample_t(key, (batch,)).astype(dtype)
-    inv_p = sde.is_normalizer() / sde.is_weight(t)
-  else:
-    t = sde.uniform_sample_t(key, (batch,)).astype(dtype)
-    inv_p = jnp.broadcast_to(jnp.asarray(sde.T - sde.eps, dtype), (batch,))
-  return t, inv_p.astype(dtype)
-
-
 def _integrand_draw(score_fn: ScoreFn, sde, x: Array, key: Array, form: str, probe: str,
                     importance_sampling: bool) -> tuple[Array, Array]:
   """One (t, x_t) draw per example of the time integral of the bound, already divided by p(t).
@@ -438,7 +431,8 @@ def _integrand_draw(score_fn: ScoreFn, sde, x: Array, key: Array, form: str, pro
   """
   b = x.shape[0]
   k_t, k_z, k_v = jax.random.split(key, 3)
-  t, inv_p = _sample_time(sde, k_t, b, importance_sampling, x.dtype)
+  t, inv_p = sde.sample_time(k_t, b, importance_sampling)
+  t, inv_p = t.astype(x.dtype), inv_p.astype(x.dtype)
   z = jax.random.normal(k_z, x.shape, dtype=x.dtype)
   alpha, sigma = sde.marginal_coeffs(t)
   xt = bcast(alpha, x) * x + bcast(sigma, x) * z
@@ -502,11 +496,8 @@ def _time_integral(score_fn: ScoreFn, sde, x: Array, key: Array, n_time_samples:
   keys = jax.random.split(key, n_time_samples)
   main, const = jax.lax.map(
       lambda k: _integrand_draw(score_fn, sde, x, k, form, probe, importance_sampling), keys)
-  total = main + const
-  n = n_time_samples
-  stderr = jnp.std(total, axis=0, ddof=1) / math.sqrt(n) if n > 1 else jnp.full(x.shape[:1], jnp.inf)
-  return dict(main=jnp.mean(main, 0), const=jnp.mean(const, 0), total=jnp.mean(total, 0),
-              stderr=stderr)
+  total, stderr = mean_and_stderr(main + const)
+  return dict(main=jnp.mean(main, 0), const=jnp.mean(const, 0), total=total, stderr=stderr)
 
 
 def ct_elbo(score_fn: ScoreFn, sde, x: Array, key: Array, *, form: str = "ism",
@@ -648,9 +639,6 @@ def elbo_decomposition(sde, dist, key: Array, *, score_fn: Optional[ScoreFn] = N
   g_x_vals = jnp.einsum("t,tn->n", ws, g_n)
   r_val = jnp.sum(ws * r_n)
 
-  def mean_se(v):
-    return jnp.mean(v), jnp.std(v, ddof=1) / math.sqrt(v.shape[0])
-
   kl_vals = log_pT - log_prior
   elbo_vals = log_prior - k_x_vals - g_x_vals + r_val
   resid_vals = log_pT - k_x_vals + r_val - log_data
@@ -658,6 +646,6 @@ def elbo_decomposition(sde, dist, key: Array, *, score_fn: Optional[ScoreFn] = N
   for name, v in [("kl_prior", kl_vals), ("K", k_x_vals), ("G", g_x_vals), ("log_pT", log_pT),
                   ("log_prior", log_prior), ("log_data", log_data), ("elbo", elbo_vals),
                   ("prop1_residual", resid_vals)]:
-    out[name], out[name + "_stderr"] = mean_se(v)
+    out[name], out[name + "_stderr"] = mean_and_stderr(v)
   out["R"] = r_val
   return out

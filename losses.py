@@ -10,7 +10,9 @@ Every loss estimates a time-weighted score-matching objective
   "Maximum likelihood training of score-based diffusion models" (ScoreFlow), Theorem 1),
   ``likelihood_is`` g^2 with t drawn from p(t) ∝ g^2 / sigma_t^2 (ScoreFlow §5.1, eq. 12),
   ``noise_driven`` sigma_t^3 and ``data_driven`` sigma_t^2 / (0.25 + sigma_t) (Cao et al., "ODE vs
-  SDE", Appendix I, eq. 45, with varpi_t = sigma_t the std of p_{0t});
+  SDE", Appendix I, eq. 45, with varpi_t = sigma_t the std of p_{0t}); ``edm`` (sde 'edm' only)
+  EDM's log-normal sigma and lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the
+  denoiser error (Karras et al. 2022, Table 1), i.e. lambda sigma^4 on the score error;
 * target: ``dsm`` the transition score grad log p_{0t}(x_t | x_0) (Vincent 2011) or ``stf`` the
   Stable Target Field of Xu et al. ("Stable target field for reduced variance score estimation",
   eq. 5 and Algorithm 1), a self-normalized average of transition scores over a reference batch.
@@ -48,7 +50,7 @@ Params = Any
 TrainScoreFn = Callable[..., Array]
 LossFn = Callable[[Params, Array, Array], tuple[Array, dict]]
 
-WEIGHTINGS = ("default", "likelihood", "likelihood_is", "noise_driven", "data_driven")
+WEIGHTINGS = ("default", "likelihood", "likelihood_is", "noise_driven", "data_driven", "edm")
 TARGETS = ("dsm", "stf")
 OPTIMIZERS = ("adam", "adamw")  # optim.optimizer (make_optimizer)
 PROBES = ("rademacher", "gaussian", "exact")
@@ -60,7 +62,9 @@ def loss_weight(sde, t: Array, weighting: str) -> Array:
   """lambda(t) of the objective J (shape of t). ``likelihood_is`` has the likelihood weighting g^2.
 
   default sigma_t^2 (Song et al. 2021, §3.3); likelihood g^2 (ScoreFlow, Theorem 1); noise_driven
-  sigma_t^3 and data_driven sigma_t^2 / (0.25 + sigma_t) (Cao et al., Appendix I, eq. 45)."""
+  sigma_t^3 and data_driven sigma_t^2 / (0.25 + sigma_t) (Cao et al., Appendix I, eq. 45); edm
+  lambda(sigma) sigma^4 = sigma^2 (sigma^2 + sigma_data^2) / sigma_data^2, because
+  D - x_0 = sigma^2 (s - dsm_target) (Karras et al. 2022, Table 1)."""
   _, sigma = sde.marginal_coeffs(t)
   if weighting == "default":
     return sigma**2
@@ -70,7 +74,16 @@ def loss_weight(sde, t: Array, weighting: str) -> Array:
     return sigma**3
   if weighting == "data_driven":
     return sigma**2 / (0.25 + sigma)
+  if weighting == "edm":
+    return _edm_sde(sde).denoiser_weight(sigma) * sigma**4
   raise ValueError(f"training.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def _edm_sde(sde):
+  """``sde`` if it is the EDM formulation, else ValueError naming training.weighting."""
+  if not hasattr(sde, "lognormal_sample_t"):
+    raise ValueError(f"training.weighting='edm' needs sde.name='edm', got {type(sde).__name__}")
+  return sde
 
 
 def sample_time(sde, key: Array, n: int, weighting: str) -> tuple[Array, Array]:
@@ -79,12 +92,16 @@ def sample_time(sde, key: Array, n: int, weighting: str) -> tuple[Array, Array]:
   Uniform t: w = lambda(t). ``likelihood_is`` (ScoreFlow §5.1, eq. 12): t ~ p(t) = g^2 / (sigma^2 Z),
   w = lambda(t) / (p(t) (T - eps)) = sigma_t^2 Z / (T - eps), so every weighting estimates the same
   kind of quantity (a time average over [eps, T]) and the IS loss is unbiased for the uniform-t
-  likelihood-weighted loss; the total integral int g^2 h dt is (T - eps) times it."""
+  likelihood-weighted loss; the total integral int g^2 h dt is (T - eps) times it. ``edm``: t = sigma
+  log-normal (not restricted to [eps, T]), w = lambda(t): the loss is EDM's E_sigma[lambda ||D - x_0||^2]
+  (Karras et al. 2022, eq. 2 and Table 1)."""
+  if weighting == "edm":
+    t = _edm_sde(sde).lognormal_sample_t(key, (n,))
+    return t, loss_weight(sde, t, weighting)
   if weighting == "likelihood_is":
-    t = sde.is_sample_t(key, (n,))
-    _, sigma = sde.marginal_coeffs(t)
-    return t, sigma**2 * sde.is_normalizer() / (sde.T - sde.eps)
-  t = sde.uniform_sample_t(key, (n,))
+    t, inv_p = sde.sample_time(key, n, importance_sampling=True)
+    return t, sde.diffusion(t) ** 2 * inv_p / (sde.T - sde.eps)
+  t, _ = sde.sample_time(key, n, importance_sampling=False)
   return t, loss_weight(sde, t, weighting)
 
 

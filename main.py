@@ -23,6 +23,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 flags.DEFINE_enum("mode", "train", list(modes.registered_modes()), "What to run.")
+flags.DEFINE_string("checkpoint", None, "--mode=import: the score_sde_pytorch .pth or score_sde / "
+                    "score_flow Flax checkpoint to import into --workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -65,7 +67,10 @@ def main(argv) -> None:
   config = FLAGS.config
   run_lib.validate_config(config)  # fail at start, naming the field, before touching the workdir
   logging.info("mode=%s workdir=%s\n%s", FLAGS.mode, FLAGS.workdir, config)
-  modes.get_mode(FLAGS.mode)(config, FLAGS.workdir)
+  if FLAGS.checkpoint and FLAGS.mode != "import":
+    raise app.UsageError("--checkpoint is only used by --mode=import")
+  extra = {"checkpoint": FLAGS.checkpoint or ""} if FLAGS.mode == "import" else {}
+  modes.get_mode(FLAGS.mode)(config, FLAGS.workdir, **extra)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,14 @@ RESUMABLE_FIELDS = ("training.n_iters", "training.log_freq", "training.eval_freq
                     "training.snapshot_freq", "training.snapshot_freq_for_preemption",
                     "training.max_to_keep")
 RESUMABLE_SECTIONS = ("sampling.", "eval.", "prior.")
+# What eval / sample rebuild from a workdir: these fields must match its config.json (sde.T and
+# sde.eps may differ: one trained model is evaluated over diffusion times, Franzese et al.).
+MODEL_FIELDS = ("model.", "sde.", "data.dataset", "data.image_size", "data.num_channels",
+                "data.centered", "data.num_grey_levels")
+FREE_AT_EVAL = ("model.ema_rate", "model.dropout", "sde.T", "sde.eps")
 
 CONFIG_FILE = "config.json"
+PRIOR_DIR = "prior"
 LOSS_FILE = "train_loss.csv"
 EVAL_FILE = "eval_loss.csv"
 
@@ -72,9 +78,11 @@ def _flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   return out
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_resumable(config: ml_collections.ConfigDict, workdir: str,
+                    action: str = "resume") -> None:
   """Refuses (ValueError naming the field) a config that differs from ``workdir/config.json`` in a
-  field that changes the run. A workdir without config.json is accepted."""
+  field that changes the run (or the model that eval / sample rebuild). A workdir without
+  config.json is accepted."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
@@ -84,13 +92,16 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   for key in sorted(set(saved) | set(given)):
     if key in RESUMABLE_FIELDS or key.startswith(RESUMABLE_SECTIONS):
       continue
+    if action != "resume" and (not key.startswith(MODEL_FIELDS) or key in FREE_AT_EVAL):
+      continue
     if key not in saved:  # a field added to scorelab after this run started
       logging.warning("config field %s is not in %s: resuming with %r", key, path, given[key])
       continue
     a, b = saved[key], given.get(key, "<absent>")
     if a != b:
       raise ValueError(f"config field {key} differs from the run in {workdir} (saved {a!r}, "
-                       f"given {b!r}); resume with the same value or use a new workdir")
+                       f"given {b!r}); {action} with the same value"
+                       + (" or use a new workdir" if action == "resume" else ""))
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -121,23 +132,23 @@ def train_batch_rows(config) -> int:
   return config.training.ref_batch_size if config.training.target == "stf" else config.training.batch_size
 
 
-def get_data_sampler(config, split: str | None = None) -> Callable[[Array, int], Array] | Any:
-  """The training data source: ``sample(key, n)`` (jitted) for a toy distribution, or a
-  ``datasets.ArrayIterator`` over ``split`` (default ``data.train_split``) for image data."""
-  name = config.data.dataset
-  if name in toy_data.TOY_DISTRIBUTIONS:
-    return jax.jit(toy_data.get_toy_distribution(name).sample, static_argnums=1)
+def get_data_sampler(config, split: str | None = None):
+  """The training data stream (``split=None``) or a held-out one, with ``batch_at(step)``: the
+  ``datasets.ToyIterator`` of a toy distribution (held out: its own seed, ``config.seed + 1``), or
+  a ``datasets.ArrayIterator`` over ``split`` (default ``data.train_split``) for image data."""
+  rows = train_batch_rows(config)
+  if config.data.dataset in toy_data.TOY_DISTRIBUTIONS:
+    return datasets.get_dataset(config, batch_size=rows,
+                                seed=int(config.seed) + (0 if split is None else 1))
   split = str(config.data.train_split) if split is None else split
-  return datasets.get_dataset(config, split=split, shuffle=True, batch_size=train_batch_rows(config))
+  return datasets.get_dataset(config, split=split, shuffle=True, batch_size=rows)
 
 
-def data_stream_batch(source, data_key: Array, step: int | Array, n: int) -> Array:
-  """The batch of training step ``step`` (0-based): a pure function of (data_key, step) for toy
-  data and an exact seek into the shuffled epoch stream for images, so a resumed run draws exactly
-  the batches an uninterrupted run would."""
-  if hasattr(source, "batch_at"):
-    return source.batch_at(int(step))
-  return source(jax.random.fold_in(data_key, step), n)
+def data_stream_batch(source, step: int | Array) -> Array:
+  """The batch of training step ``step`` (0-based): ``source.batch_at(step)``, a pure function of
+  (seed, step) for toy data and an exact seek into the shuffled epoch stream for images, so a
+  resumed run draws exactly the batches an uninterrupted run would."""
+  return source.batch_at(int(step))
 
 
 # -- the loss log ----------------------------------------------------------------------------------
@@ -254,9 +265,27 @@ def init_state(config, sde, key: Array):
 
 
 def load_prior(config, sde, workdir: str):
-  """The prior of the generative process: the SDE's Gaussian p_noise."""
-  del config, workdir
-  return sde.prior()
+  """The prior of the generative process: the SDE's Gaussian p_noise (``prior.kind='gaussian'``)
+  or the nu_phi fitted by ``--mode=fit_prior`` in ``workdir/prior`` (verified), which must be of
+  ``prior.kind`` and fitted for this SDE and T; a clear error names what to run otherwise."""
+  import auxiliary
+  kind = str(config.prior.kind)
+  if kind == "gaussian":
+    return sde.prior()
+  where = os.path.join(workdir, PRIOR_DIR)
+  try:
+    meta = checkpoints.read_tree_meta(where)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"prior.kind={kind!r}: no fitted prior in {where}; run --mode=fit_prior "
+                            "with this config first") from e
+  fitted = (meta["spec"]["kind"], meta["sde"], float(meta["T"]))
+  wanted = (kind, str(config.sde.name), float(sde.T))
+  if fitted[:2] != wanted[:2] or not math.isclose(fitted[2], wanted[2], rel_tol=1e-9):
+    raise ValueError(f"prior.kind={kind!r}: the prior in {where} was fitted as kind={fitted[0]!r} "
+                     f"for sde.name={fitted[1]!r}, sde.T={fitted[2]:g}, not for {wanted}; run "
+                     "--mode=fit_prior again with this config")
+  tree, _ = checkpoints.restore_tree(where, auxiliary.abstract_pytree(meta["spec"]))
+  return auxiliary.from_pytree(meta["spec"], tree)
 
 
 def require_checkpoint(workdir: str) -> None:
@@ -270,6 +299,8 @@ def load_score_model(config: ml_collections.ConfigDict, workdir: str) -> ScoreMo
   """The workdir's checkpoint (the newest intact one, or step ``eval.checkpoint`` when >= 0; EMA
   parameters when ``eval.use_ema``) as a ``ScoreModel``. Read-only."""
   sde = validate_config(config)
+  check_resumable(config, workdir, action="evaluate or sample")
+  prior = load_prior(config, sde, workdir)  # before the (slower) checkpoint: fail fast
   _, score_fn, state = init_state(config, sde, jax.random.PRNGKey(config.seed))
   want = int(config.eval.checkpoint)
   with open_checkpoints(config, workdir, read_only=True) as store:
@@ -280,7 +311,7 @@ def load_score_model(config: ml_collections.ConfigDict, workdir: str) -> ScoreMo
   params = state.ema_params if config.eval.use_ema else state.params
   bound = lambda x, t: score_fn(params, x, t)  # noqa: E731  (eval mode: no dropout)
   return ScoreModel(sde=sde, score_fn=bound, event_shape=tuple(datasets.dataset_info(config).shape),
-                    step=step, prior=load_prior(config, sde, workdir))
+                    step=step, prior=prior)
 
 
 def generate(config: ml_collections.ConfigDict, model: ScoreModel, n: int, key: Array):

@@ -1,5 +1,5 @@
 """Generative samplers on device: probability-flow ODE, the generative SDE family in c,
-predictor-corrector and the exponential integrator.
+predictor-corrector, the exponential integrator, EDM's Heun sampler and DDIM.
 
 Every sampler is a pure function ``sampler(score_fn, sde, key, shape, **options) -> (samples, stats)``
 that runs entirely under ``jax.jit`` (no host round trip per step). ``score_fn(x, t)`` is a plain
@@ -381,6 +381,117 @@ def exponential_integrator_sampler(score_fn: ScoreFn, sde, key: Array, shape: Se
 
 
 # ---------------------------------------------------------------------------------------------------
+# EDM's Heun sampler (Karras et al. 2022, Algorithms 1-2) and DDIM (Song et al. 2021a)
+# ---------------------------------------------------------------------------------------------------
+
+def edm_sigma_steps(sigma_max: Array | float, sigma_min: Array | float, n_steps: int,
+                    rho: Array | float = 7.0) -> Array:
+  """EDM time steps sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) -
+  sigma_max^(1/rho)))^rho for i < N, and sigma_N = 0 (Karras et al. 2022, eq. 5); shape (N + 1,)."""
+  if n_steps < 2:
+    raise ValueError(f"sampling.n_steps must be >= 2 for the EDM time steps, got {n_steps}")
+  rho = jnp.asarray(rho)
+  hi, lo = jnp.asarray(sigma_max) ** (1.0 / rho), jnp.asarray(sigma_min) ** (1.0 / rho)
+  frac = jnp.arange(n_steps) / (n_steps - 1)
+  return jnp.append((hi + frac * (lo - hi)) ** rho, 0.0)
+
+
+def _sigma_derivative(sde, score: ScoreFn) -> Callable[[Array, Array], Array]:
+  """dy/dsigma = (y - D(y; sigma)) / sigma = -sigma alpha_t s(alpha_t y, t) with t = t(sigma): the
+  probability-flow ODE of any SDE in EDM's variables y = x / alpha_t, sigma = sigma_t / alpha_t
+  (Karras et al. 2022, eq. 4 with s(t) = alpha_t; ``sde.inverse_noise_level`` gives t)."""
+
+  def d(y: Array, sigma: Array) -> Array:
+    t = sde.inverse_noise_level(sigma)
+    alpha = sde.marginal_coeffs(t)[0]
+    return -sigma * alpha * score(alpha * y, jnp.broadcast_to(t, y.shape[:1]).astype(y.dtype))
+
+  return d
+
+
+def heun_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *, n_steps: int = 18,
+                 rho: Optional[Array | float] = None, s_churn: float = 0.0,
+                 s_min: Array | float = 0.0, s_max: Array | float = math.inf,
+                 s_noise: Array | float = 1.0, denoise: bool = True,
+                 prior: Optional[Prior] = None, score_perturbation: Optional[ScoreFn] = None,
+                 epsilon: Array | float = 0.0,
+                 x_init: Optional[Array] = None) -> tuple[Array, Stats]:
+  """EDM's 2nd-order Heun sampler (Karras et al. 2022, Algorithm 1; Algorithm 2 when s_churn > 0)
+  for any SDE, in y = x / alpha_t and sigma = noise_level(t) (``_sigma_derivative``; EDM and VE
+  have alpha = 1, EDM sigma = t), on the steps ``edm_sigma_steps(noise_level(T),
+  noise_level(eps), n_steps, rho)`` (rho: ``sde.rho`` if the SDE has one, else EDM's 7).
+
+  Each step from sigma_i: churn (gamma = min(s_churn / N, sqrt 2 - 1) where s_min <= sigma_i <=
+  s_max, else 0; sigma^ = (1 + gamma) sigma_i, y += sqrt(sigma^2 - sigma_i^2) s_noise z), an Euler
+  step to sigma_{i+1} and the trapezoidal correction. ``denoise=True`` (EDM): the last step goes
+  to sigma_N = 0 with Euler only, which is Tweedie's E[x_0 | x_eps] (``tweedie_denoise``): NFE =
+  2 n_steps - 1 (18 steps: 35). ``denoise=False`` stops at sigma_{N-1} = noise_level(eps) and
+  returns x_eps: NFE = 2 (n_steps - 1). ``s_churn`` is a static float (0: deterministic).
+  """
+  score = perturbed_score(score_fn, score_perturbation, epsilon)
+  k_prior, k_loop = jax.random.split(key)
+  x = _initial_state(sde, k_prior, shape, prior, x_init)
+  rho = getattr(sde, "rho", 7.0) if rho is None else rho
+  T, eps = jnp.asarray(sde.T, x.dtype), jnp.asarray(sde.eps, x.dtype)
+  sigmas = edm_sigma_steps(sde.noise_level(T), sde.noise_level(eps), n_steps, rho).astype(x.dtype)
+  d = _sigma_derivative(sde, score)
+  gamma = min(float(s_churn) / n_steps, math.sqrt(2.0) - 1.0)
+
+  def step(y: Array, i: Array, second_order: bool) -> Array:
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    if gamma > 0:
+      g = jnp.where((sigma >= s_min) & (sigma <= s_max), gamma, 0.0)
+      sigma_hat = sigma * (1.0 + g)
+      z = jax.random.normal(jax.random.fold_in(k_loop, i), y.shape, y.dtype)
+      y = y + sigma * jnp.sqrt(g * (2.0 + g)) * s_noise * z  # sqrt(sigma^2 - sigma_i^2), >= 0
+    else:
+      sigma_hat = sigma
+    d_cur = d(y, sigma_hat)
+    y_next = y + (sigma_next - sigma_hat) * d_cur
+    if second_order:
+      y_next = y + 0.5 * (sigma_next - sigma_hat) * (d_cur + d(y_next, sigma_next))
+    return y_next
+
+  y = x / sde.marginal_coeffs(T)[0]
+  y, _ = jax.lax.scan(lambda y, i: (step(y, i, True), None), y, jnp.arange(n_steps - 1))
+  if denoise:
+    y = step(y, jnp.asarray(n_steps - 1), False)
+    return y, {"nfe": jnp.asarray(2 * n_steps - 1), "num_steps": jnp.asarray(n_steps)}
+  x = sde.marginal_coeffs(eps)[0] * y
+  return x, {"nfe": jnp.asarray(2 * (n_steps - 1)), "num_steps": jnp.asarray(n_steps - 1)}
+
+
+def ddim_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *, n_steps: int = 100,
+                 denoise: bool = False, prior: Optional[Prior] = None,
+                 score_perturbation: Optional[ScoreFn] = None, epsilon: Array | float = 0.0,
+                 x_init: Optional[Array] = None) -> tuple[Array, Stats]:
+  """Deterministic DDIM (Song et al. 2021a, "Denoising diffusion implicit models", eq. 12 with
+  eta = 0) on t_i = T - i (T - eps) / N, i = 0..N: with eps^ = -sigma_t s(x_t, t) and
+  x0^ = (x_t + sigma_t^2 s) / alpha_t, x_{t'} = alpha_{t'} x0^ + sigma_{t'} eps^. It is Euler's
+  method for the probability-flow ODE in (x / alpha, sigma / alpha) (DDIM eq. 14; Karras et al.
+  2022, §3), so it converges to the ODE solution at first order; written for VP, it applies to
+  every SDE of sde_lib. NFE = n_steps (+1 with denoise, Tweedie at eps).
+  """
+  score = perturbed_score(score_fn, score_perturbation, epsilon)
+  x = _initial_state(sde, key, shape, prior, x_init)
+  ts, _ = _time_grid(sde, n_steps)
+  ts = ts.astype(x.dtype)
+  t_next = jnp.append(ts[1:], jnp.asarray(sde.eps, x.dtype))
+
+  def one_step(x: Array, times: tuple[Array, Array]) -> tuple[Array, None]:
+    t, s = times
+    alpha_t, sigma_t = sde.marginal_coeffs(t)
+    alpha_s, sigma_s = sde.marginal_coeffs(s)
+    score_t = score(x, t)
+    x0_hat = (x + sigma_t**2 * score_t) / alpha_t
+    return alpha_s * x0_hat - sigma_s * sigma_t * score_t, None
+
+  x, _ = jax.lax.scan(one_step, x, (ts, t_next))
+  x, nfe = _finish(sde, score, x, jnp.asarray(n_steps), denoise)
+  return x, {"nfe": nfe, "num_steps": jnp.asarray(n_steps)}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Config entry point
 # ---------------------------------------------------------------------------------------------------
 
@@ -454,6 +565,27 @@ def _exponential_options(cfg, sde):
                      f"{type(sde).__name__}")
   _fixed_steps_only(cfg, "exponential")
   return exponential_integrator_sampler, dict(c=float(cfg.c), n_steps=int(cfg.n_steps))
+
+
+@register_sampler("heun")
+def _heun_options(cfg, sde):
+  """EDM's Heun sampler: sampling.n_steps noise levels (>= 2), churn S_churn / S_min / S_max /
+  S_noise; deterministic (sampling.c and solver are not used) unless S_churn > 0."""
+  _fixed_steps_only(cfg, "heun")
+  if int(cfg.n_steps) < 2:
+    raise ValueError(f"sampling.n_steps must be >= 2 for method 'heun', got {cfg.n_steps!r}")
+  if float(cfg.S_min) > float(cfg.S_max):
+    raise ValueError(f"sampling.S_max must be >= sampling.S_min={cfg.S_min!r}, got {cfg.S_max!r}")
+  return heun_sampler, dict(n_steps=int(cfg.n_steps), s_churn=float(cfg.S_churn),
+                            s_min=float(cfg.S_min), s_max=float(cfg.S_max),
+                            s_noise=float(cfg.S_noise))
+
+
+@register_sampler("ddim")
+def _ddim_options(cfg, sde):
+  """Deterministic DDIM (eta = 0) with sampling.n_steps steps (sampling.c is not used)."""
+  _fixed_steps_only(cfg, "ddim")
+  return ddim_sampler, dict(n_steps=int(cfg.n_steps))
 
 
 SAMPLING_METHODS = registered_samplers()  # the built-in methods

@@ -227,27 +227,32 @@ def _set(tree: Tree, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
+_RES, _ATTN, _FOURIER = "a residual block", "an attention block", "the Fourier embedding"
+_N_RES = "model.num_res_blocks (or model.ch_mult)"
+_N_ATTN = "model.attn_resolutions (or data.image_size)"
+
+
+def _kind(name: str, subs: set) -> str:
+  """What a top-level module is, from its name and the names of its params / submodules."""
+  if any(s.startswith("GroupNorm_1") for s in subs):
+    return _RES
+  if any(s.startswith(("NIN_", "Dense_")) for s in subs) and "GroupNorm_0" in {
+      s.split("/")[0] for s in subs}:
+    return _ATTN
+  if subs == {"W"} or name.startswith("GaussianFourierProjection"):
+    return _FOURIER
+  return "another module"
+
+
 def _summary(children: list[tuple[str, set]], nf: Optional[int], channels: Optional[int],
              fir: Optional[bool]) -> dict:
   """Architecture facts of a list of (module name, param sub-names) used to guess which config
   field differs: nf, input channels, embedding, numbers of residual / attention blocks, FIR
-  resampling convs (None: not visible)."""
-  def kind(name, subs):
-    if any(s.startswith("GroupNorm_1") for s in subs):
-      return "res"
-    if any(s.startswith(("NIN_", "Dense_")) for s in subs) and "GroupNorm_0" in {
-        s.split("/")[0] for s in subs}:
-      return "attn"
-    if subs == {"W"} or name.startswith("GaussianFourierProjection"):
-      return "fourier"
-    return "other"
-
-  kinds = [kind(n, s) for n, s in children]
+  resampling convs (None: not visible), and the kind of every module."""
+  kinds = [_kind(n, s) for n, s in children]
   return {"model.nf": nf, "data.num_channels": channels,
-          "model.embedding_type": "fourier" if "fourier" in kinds else "positional",
-          "model.num_res_blocks (or model.ch_mult)": kinds.count("res"),
-          "model.attn_resolutions (or data.image_size)": kinds.count("attn"), "model.fir": fir,
-          "_modules": len(kinds)}
+          "model.embedding_type": "fourier" if _FOURIER in kinds else "positional",
+          _N_RES: kinds.count(_RES), _N_ATTN: kinds.count(_ATTN), "model.fir": fir, "_kinds": kinds}
 
 
 def _hint(ckpt: dict, ours: dict) -> str:
@@ -255,13 +260,16 @@ def _hint(ckpt: dict, ours: dict) -> str:
     if not field.startswith("_") and ckpt[field] is not None and ckpt[field] != ours[field]:
       what = {"model.embedding_type": " (score_sde: 'fourier' for VE / NCSN++ cont., 'positional'"
               " for VP and sub-VP / DDPM++ cont.; check sde.name and model.name)",
-              "model.num_res_blocks (or model.ch_mult)": " residual blocks",
-              "model.attn_resolutions (or data.image_size)": " attention blocks"}.get(field, "")
+              _N_RES: " residual blocks", _N_ATTN: " attention blocks"}.get(field, "")
       return (f"likely config field: {field} (checkpoint {ckpt[field]}, config {ours[field]}"
               f"{what})")
+  i = next((i for i, (a, b) in enumerate(zip(ckpt["_kinds"], ours["_kinds"])) if a != b), None)
+  if i is not None and _ATTN in (ckpt["_kinds"][i], ours["_kinds"][i]):
+    return (f"likely config field: {_N_ATTN}: param-bearing module {i} is {ckpt['_kinds'][i]} in "
+            f"the checkpoint, {ours['_kinds'][i]} in the config's model")
   return ("likely config field: one of model.fir, model.resamp_with_conv, model.resblock_type, "
           "model.progressive, model.progressive_input, model.progressive_combine (checkpoint has "
-          f"{ckpt['_modules']} param-bearing modules, config {ours['_modules']})")
+          f"{len(ckpt['_kinds'])} param-bearing modules, config {len(ours['_kinds'])})")
 
 
 class _Assigner:
@@ -296,6 +304,14 @@ class _Assigner:
       self.fail(f"tensor {name} maps onto {'/'.join(path)}, which another tensor already filled")
     self.filled.add(path)
     _set(self.out, path, np.asarray(value, np.float32))
+
+  def check_kind(self, child: str, ckpt_module: str, subs: set, first: str, shape: tuple) -> None:
+    """A checkpoint module and our module it maps onto must be of the same kind."""
+    ours = _kind(child, {"/".join(p) for p, _ in _leaves(self.target[child])})
+    theirs = _kind(ckpt_module, subs)
+    if ours != theirs:
+      self.fail(f"tensor {first} {shape} belongs to {ckpt_module}, {theirs}, but the model of this "
+                f"config has {ours} there ({child})")
 
   def _get(self, path):
     node = self.target
@@ -446,6 +462,8 @@ def _map_torch_state(config, sd: dict, target, order, summary, source) -> Tree:
       asg.fail(f"tensor {key} {tuple(v.shape)} has no counterpart: the model of this config has "
                f"only {len(order)} param-bearing modules, the checkpoint more ({len(groups)})")
     child = order[i]
+    asg.check_kind(child, gname, {r.split(".")[0] for r, _, _ in items}, items[0][1],
+                   tuple(items[0][2].shape))
     for rel, key, value in items:
       path, val = _leaf(target[child], child, asg.fir, tuple(rel.split(".")), value,
                         torch_layout=True)
@@ -529,7 +547,10 @@ def _map_flax_params(config, tree: Tree, target, order, source) -> Tree:
       p, v = leaves[0]
       asg.fail(f"tensor {'/'.join(p)} {tuple(np.shape(v))} has no counterpart: the model of this "
                f"config has no module {child}")
-    for rel, value in _leaves(sub):
+    leaves = _leaves(sub)
+    asg.check_kind(child, name, {"/".join(r) for r, _ in leaves}, "/".join((name,) + leaves[0][0]),
+                   tuple(np.shape(leaves[0][1])))
+    for rel, value in leaves:
       value = np.asarray(value)
       path, val = _leaf(target[child], child, asg.fir, rel, value, torch_layout=False)
       asg.put("/".join((name,) + rel), tuple(value.shape), (child,) + path, val)

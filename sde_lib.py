@@ -13,6 +13,9 @@ Conventions
   the SDE started at ``t = 0`` (Song et al. 2021, "Score-Based Generative Modeling through SDEs",
   eqs. 29, 33 and Appendix B).  For VE we use the exact variance ``sigma_min^2 (r^{2t} - 1)``,
   ``r = sigma_max / sigma_min``, rather than score_sde's approximation ``sigma(t)^2``.
+* ``EDM`` (Karras et al. 2022) uses the noise level as time, t = sigma: x_t = x_0 + t z on
+  [eps, T] = [sigma_min, sigma_max]. ``noise_level(t) = sigma_t / alpha_t`` and its closed-form
+  inverse ``inverse_noise_level`` map every SDE to EDM's sigma (samplers.heun_sampler).
 * Changing ``T`` never changes beta(t) or sigma(t) (Franzese et al., "How much is enough? A study on
   diffusion times in score-based generative models", Appendix H.3).
 * The generative family (Cao et al., "Exploring the optimal choice for generative processes in
@@ -97,7 +100,17 @@ class _SDE:
     """The scalar a score network is conditioned on (t for VP/subVP, log sigma(t) for VE)."""
     return jnp.asarray(t)
 
+  def inverse_noise_level(self, sigma: Array) -> Array:
+    """The time t with ``noise_level(t) = sigma`` (closed form per SDE)."""
+    raise NotImplementedError
+
   # -- shared ------------------------------------------------------------------------------------
+  def noise_level(self, t: Array) -> Array:
+    """EDM noise level sigma~(t) = sigma_t / alpha_t: x_t / alpha_t = x_0 + sigma~ z (Karras et al.
+    2022, "Elucidating the design space", eq. 4 and Table 1: s(t) = alpha_t, sigma(t) = sigma~)."""
+    alpha, sigma = self.marginal_coeffs(t)
+    return sigma / alpha
+
   def marginal(self, x0: Array, t: Array) -> tuple[Array, Array]:
     """Mean (shape of x0) and std (shape of t) of p_{0t}(x_t | x0)."""
     alpha, sigma = self.marginal_coeffs(t)
@@ -171,6 +184,16 @@ class _SDE:
   def uniform_sample_t(self, key: Array, shape) -> Array:
     return jax.random.uniform(key, shape, minval=self.eps, maxval=self.T)
 
+  def sample_time(self, key: Array, n: int, importance_sampling: bool) -> tuple[Array, Array]:
+    """The one time sampler of losses and bounds: n times t on [eps, T] and 1 / p(t), which turns
+    an integral over t into E_p[.]. Importance sampling p(t) = g^2 / (sigma_t^2 Z) (ScoreFlow
+    §5.1, eq. 12; 1/p = Z sigma_t^2 / g^2) or uniform (1/p = T - eps)."""
+    if importance_sampling:
+      t = self.is_sample_t(key, (n,))
+      return t, self.is_normalizer() / self.is_weight(t)
+    t = self.uniform_sample_t(key, (n,))
+    return t, jnp.broadcast_to(jnp.asarray(self.T - self.eps, t.dtype), (n,))
+
   def validate(self) -> None:
     """Raises ValueError naming the offending field (call outside jit)."""
     if not float(self.eps) > 0:
@@ -239,6 +262,10 @@ class VPSDE(_LinearBeta):
   def is_inverse_antiderivative(self, y):
     return _t_from_int_beta(self, _inv_log_expm1(y))
 
+  def inverse_noise_level(self, sigma):
+    # sigma~^2 = e^{B(t)} - 1, so B = log(1 + sigma~^2).
+    return _t_from_int_beta(self, jnp.log1p(jnp.asarray(sigma) ** 2))
+
 
 def _t_from_int_beta(sde, b):
   """Solves beta_min t + 1/2 (beta_max - beta_min) t^2 = b for t >= 0 (stable quadratic root)."""
@@ -286,6 +313,10 @@ class subVPSDE(_LinearBeta):
     lo, hi = jax.lax.fori_loop(0, 100, body, (lo, hi))
     return _t_from_int_beta(self, 0.5 * (lo + hi))
 
+  def inverse_noise_level(self, sigma):
+    # sigma~ = (1 - e^{-B}) e^{B/2} = 2 sinh(B/2), so B = 2 asinh(sigma~ / 2).
+    return _t_from_int_beta(self, 2.0 * jnp.arcsinh(0.5 * jnp.asarray(sigma)))
+
 
 @struct.dataclass
 class VESDE(_SDE):
@@ -300,8 +331,10 @@ class VESDE(_SDE):
     return jnp.log(self.sigma_max / self.sigma_min)
 
   def sigma(self, t):
-    """The noise scale sigma(t) = sigma_min r^t (score_sde's marginal-std approximation)."""
-    return self.sigma_min * jnp.exp(t * self.log_ratio())
+    """The noise scale sigma(t) = sigma_min r^t (score_sde's marginal-std approximation), computed
+    as score_sde does (a power, not exp(t log r)): in float32 it is bit-identical to score_sde's
+    network labels, whose log the NCSN++ Fourier features amplify."""
+    return self.sigma_min * (self.sigma_max / self.sigma_min) ** jnp.asarray(t)
 
   def drift(self, x, t):
     return jnp.zeros_like(x)
@@ -329,6 +362,10 @@ class VESDE(_SDE):
   def is_inverse_antiderivative(self, y):
     return _inv_log_expm1(y) / (2.0 * self.log_ratio())
 
+  def inverse_noise_level(self, sigma):
+    # sigma~^2 = sigma_min^2 (r^{2t} - 1) (the exact marginal std, alpha = 1).
+    return jnp.log1p((jnp.asarray(sigma) / self.sigma_min) ** 2) / (2.0 * self.log_ratio())
+
   def validate(self):
     super().validate()
     if not float(self.sigma_min) > 0:
@@ -337,7 +374,88 @@ class VESDE(_SDE):
       raise ValueError(f"sde.sigma_max must exceed sde.sigma_min, got {float(self.sigma_max)}")
 
 
-SDES = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE}
+@struct.dataclass
+class EDM(_SDE):
+  """The EDM formulation (Karras et al. 2022, "Elucidating the design space of diffusion-based
+  generative models", Table 1; Xu et al., "Stable target field", Appendix A "VE and EDM").
+
+  Time convention: the time variable IS the noise level, t = sigma (EDM's sigma(t) = t, s(t) = 1),
+  so x_t = x_0 + t z, drift 0 and g(t) = sqrt(2 t) (int_0^t g^2 = t^2): ``marginal_coeffs`` is
+  (1, t), the probability-flow ODE dx/dt = -t s(x, t) is EDM's eq. 4, and likelihood, toy oracles
+  and the generic samplers use it as any other SDE on [eps, T]. Hence T is sigma_max and eps is
+  sigma_min (``validate`` requires both equalities; a truncated diffusion time is a smaller
+  sigma_max). The prior is N(0, T^2 I). ``rho`` shapes the Heun time steps (samplers.heun_sampler);
+  ``sigma_data``, ``P_mean``, ``P_std`` give the preconditioning, training noise and weighting."""
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  rho: float = 7.0
+  sigma_data: float = 0.5
+  P_mean: float = -1.2
+  P_std: float = 1.2
+  T: float = 80.0
+  eps: float = 0.002
+
+  def drift(self, x, t):
+    return jnp.zeros_like(x)
+
+  def diffusion(self, t):
+    return jnp.sqrt(2.0 * jnp.asarray(t))
+
+  def marginal_coeffs(self, t):
+    t = jnp.asarray(t)
+    return jnp.ones_like(t), t
+
+  def prior_std(self):
+    return jnp.asarray(self.T)
+
+  def noise_conditioning(self, t):
+    """c_noise(sigma) = ln(sigma) / 4 (Karras et al. 2022, Table 1)."""
+    return 0.25 * jnp.log(jnp.asarray(t))
+
+  def inverse_noise_level(self, sigma):
+    return jnp.asarray(sigma)
+
+  def preconditioning(self, sigma: Array) -> tuple[Array, Array, Array, Array]:
+    """(c_skip, c_out, c_in, c_noise) of D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)
+    (Karras et al. 2022, Table 1 and eq. 7)."""
+    sigma = jnp.asarray(sigma)
+    sd2 = self.sigma_data**2
+    total = sigma**2 + sd2
+    return (sd2 / total, sigma * self.sigma_data * jax.lax.rsqrt(total), jax.lax.rsqrt(total),
+            self.noise_conditioning(sigma))
+
+  def denoiser_weight(self, sigma: Array) -> Array:
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 of the loss
+    E ||D(x_0 + sigma n; sigma) - x_0||^2 (Karras et al. 2022, Table 1)."""
+    sigma = jnp.asarray(sigma)
+    return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+  def lognormal_sample_t(self, key: Array, shape) -> Array:
+    """Training noise levels ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1)."""
+    return jnp.exp(self.P_mean + self.P_std * jax.random.normal(key, shape))
+
+  def is_antiderivative(self, t):
+    # g^2 / sigma_t^2 = 2 t / t^2 = 2 / t.
+    return 2.0 * jnp.log(t)
+
+  def is_inverse_antiderivative(self, y):
+    return jnp.exp(0.5 * y)
+
+  def validate(self):
+    super().validate()
+    for name in ("sigma_min", "rho", "sigma_data", "P_std"):
+      if not float(getattr(self, name)) > 0:
+        raise ValueError(f"sde.{name} must be > 0, got {float(getattr(self, name))}")
+    if not float(self.sigma_max) > float(self.sigma_min):
+      raise ValueError(f"sde.sigma_max must exceed sde.sigma_min, got {float(self.sigma_max)}")
+    for name, ref in (("T", "sigma_max"), ("eps", "sigma_min")):
+      if not math.isclose(float(getattr(self, name)), float(getattr(self, ref)), rel_tol=1e-6):
+        raise ValueError(f"sde.{name} must equal sde.{ref} for sde.name='edm' (time is the noise "
+                         f"level), got {name}={float(getattr(self, name))} "
+                         f"{ref}={float(getattr(self, ref))}")
+
+
+SDES = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE, "edm": EDM}
 
 
 def get_sde(config) -> _SDE:

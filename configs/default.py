@@ -24,7 +24,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   training.max_to_keep = 3  # periodic checkpoints kept
   # Weighting of the score-matching loss over time: 'default' (sigma_t^2, as score_sde),
   # 'likelihood' (g^2, ScoreFlow), 'likelihood_is' (g^2 with importance-sampled t, ScoreFlow §5.1),
-  # 'noise_driven' / 'data_driven' (ODE-vs-SDE paper, Appendix I).
+  # 'noise_driven' / 'data_driven' (ODE-vs-SDE paper, Appendix I), 'edm' (log-normal sigma and
+  # EDM's lambda(sigma), Karras et al. 2022; sde.name 'edm' only).
   training.weighting = "default"
   # Regression target: 'dsm' (denoising score matching) or 'stf' (Stable Target Field, Xu et al.).
   training.target = "dsm"
@@ -35,18 +36,25 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # Forward SDE. T is the diffusion time (a free variable); changing it never changes beta/sigma.
   config.sde = sde = ml_collections.ConfigDict()
-  sde.name = "vpsde"  # 'vpsde' | 'subvpsde' | 'vesde'
+  sde.name = "vpsde"  # 'vpsde' | 'subvpsde' | 'vesde' | 'edm'
   sde.beta_min = 0.1  # VP / sub-VP: beta(t) linear from beta_min (t = 0) to beta_max (t = 1)
   sde.beta_max = 20.0
   sde.sigma_min = 0.01  # VE: sigma(t) = sigma_min (sigma_max / sigma_min)^t
   sde.sigma_max = 50.0
   sde.T = 1.0  # diffusion time
   sde.eps = 1e-5  # smallest time: everything runs on [eps, T]
+  # EDM (Karras et al. 2022, Table 1; sde.name 'edm'): time is the noise level (t = sigma), so an
+  # EDM config sets T = sigma_max = 80 and eps = sigma_min = 0.002 (sde_lib.EDM).
+  sde.rho = 7.0  # Heun time-step exponent (eq. 5)
+  sde.sigma_data = 0.5  # preconditioning c_skip / c_out / c_in and loss weight
+  sde.P_mean = -1.2  # training noise: ln sigma ~ N(P_mean, P_std^2)
+  sde.P_std = 1.2
 
   # Score network: the fields every network has (its own fields: default_toy.py / default_image.py).
   config.model = model = ml_collections.ConfigDict()
   model.name = "mlp"  # models.registered_models()
   model.parameterization = "noise"  # 'score' | 'noise' (score = -eps/sigma_t) | 'a' (a = g * s)
+  # | 'edm' (EDM preconditioning c_skip, c_out, c_in, c_noise; sde.name 'edm' only)
   model.ema_rate = 0.9999  # EMA decay of the parameters
   model.dropout = 0.0
   # Network input x * c_in(t), c_in = 1/sqrt(alpha_t^2 + sigma_t^2) (EDM); a no-op for VP, helps VE.
@@ -79,7 +87,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   # c = 0 probability-flow ODE, c = 1 reverse SDE, c > 1 more noise.
   config.sampling = sampling = ml_collections.ConfigDict()
   # The ODE is c = 0 whatever c says; 'pc' samples the reverse SDE and needs c = 1.
-  sampling.method = "ode"  # 'ode' | 'sde' | 'pc' | 'exponential' (samplers.registered_samplers())
+  # 'ode' | 'sde' | 'pc' | 'exponential' | 'heun' | 'ddim' (samplers.registered_samplers())
+  sampling.method = "ode"
   sampling.c = 1.0
   sampling.n_steps = 1000  # fixed-step samplers; the adaptive SDE's first step is (T - eps) / n_steps
   # 'ode': 'tsit5' | 'dopri5'; 'sde': 'euler' | 'heun' | 'sra1' | 'shark' (an ODE name: 'euler').
@@ -92,10 +101,36 @@ def get_default_config() -> ml_collections.ConfigDict:
   sampling.adaptive = False  # sde: adaptive step size (needs an SDE solver with error estimate)
   sampling.max_steps = 100_000  # diffrax max_steps of adaptive solves (the ODE; the adaptive SDE)
   sampling.denoise = True  # final Tweedie denoising step at eps
+  # heun (EDM Algorithm 2): churn gamma = min(S_churn / n_steps, sqrt 2 - 1) for noise levels in
+  # [S_min, S_max], noise std factor S_noise. S_churn = 0 is the deterministic Algorithm 1.
+  sampling.S_churn = 0.0
+  sampling.S_min = 0.0
+  sampling.S_max = 1e6  # EDM's inf (no upper limit): any value above the largest noise level
+  sampling.S_noise = 1.0
   sampling.n_samples = 64  # samples of --mode=sample
   sampling.batch_size = 64  # samples per sampler call
 
   # Evaluation.
+  # Prior of the generative process (Franzese et al., "How much is enough?", Sec. 3): the SDE's
+  # Gaussian p_noise, or an auxiliary nu_phi fitted to p(x, T) by --mode=fit_prior (DIR/prior/),
+  # which every sampler starts from and the likelihood / bound use in place of p_noise.
+  config.prior = prior = ml_collections.ConfigDict()
+  prior.kind = "gaussian"  # 'gaussian' | 'dpgmm' | 'flow'
+  # 'concurrent': x_T = alpha_T x_0 + sigma_T z from data (Sec. 3.1; needs no score model, can run
+  # beside training); 'sequential': the probability-flow ODE push-forward of data (Sec. 3.2).
+  prior.fit = "concurrent"
+  prior.n_fit_samples = 20_000  # samples of p(x, T) (data cycled with fresh noise)
+  prior.heldout_fraction = 0.1  # held out for the reported cross-entropy (nats/dim)
+  prior.n_components = 20  # DPGMM truncation level
+  prior.covariance_type = "full"  # DPGMM: 'full' | 'diag'
+  prior.weight_threshold = 1e-2  # DPGMM effective components: weight above this
+  prior.flow_layers = 6  # coupling layers (vectors) / steps per level (Glow, images)
+  prior.flow_hidden = 64  # conditioner width
+  prior.flow_levels = 2  # Glow levels (images)
+  prior.flow_steps = 2000  # Adam steps
+  prior.flow_lr = 1e-3
+  prior.flow_batch_size = 256
+
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.batch_size = 256
   evaluate.checkpoint = -1  # step to evaluate; -1 = latest

@@ -10,6 +10,10 @@ Parameterizations (DESIGN.md, Contracts):
   (sigma_max / sigma_min)^t, score_sde's ``model.scale_by_sigma`` (Song et al. 2021, NCSN++ cont.):
   note the + sign and sigma(t), not the marginal std sqrt(sigma(t)^2 - sigma_min^2) of 'noise'.
   Chosen by score_sde_import for imported VE checkpoints, so their score is score_sde's exactly.
+* 'edm' (sde 'edm' only): EDM preconditioning (Karras et al. 2022, Table 1, eq. 7), the network is
+  F in D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), fed c_in x and c_noise = ln(sigma) / 4;
+  s = (D - x) / sigma^2 = c_out F / sigma^2 - x / (sigma^2 + sigma_data^2) (Tweedie), computed in
+  this form to avoid the cancellation in D - x at small sigma. c_in is built in (no input_scaling).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 from sde_lib import bcast
 
 Array = jax.Array
-PARAMETERIZATIONS = ("score", "noise", "a", "scale_by_sigma")
+PARAMETERIZATIONS = ("score", "noise", "a", "scale_by_sigma", "edm")
 TrainScoreFn = Callable[..., Array]  # (params, x, t, rng=None) -> score
 
 
@@ -54,6 +58,8 @@ def get_score_fn(sde, model: nn.Module, parameterization: str = "score",
   if parameterization == "scale_by_sigma" and not hasattr(sde, "sigma"):
     raise ValueError("model.parameterization 'scale_by_sigma' divides by the VE noise scale "
                      f"sigma(t); sde {type(sde).__name__} has none (use 'noise')")
+  if parameterization == "edm":
+    return _edm_score_fn(sde, model, input_scaling)
 
   def score_fn(params, x: Array, t: Array, rng: Optional[Array] = None) -> Array:
     t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
@@ -67,6 +73,25 @@ def get_score_fn(sde, model: nn.Module, parameterization: str = "score",
     if parameterization == "scale_by_sigma":
       return out / bcast(sde.sigma(t), x)
     return out / bcast(sde.diffusion(t), x)
+
+  return score_fn
+
+
+def _edm_score_fn(sde, model: nn.Module, input_scaling: bool) -> TrainScoreFn:
+  """score_fn of the 'edm' parameterization (Karras et al. 2022, Table 1 preconditioning)."""
+  if not hasattr(sde, "preconditioning"):
+    raise ValueError("model.parameterization 'edm' needs sde.name='edm' (sigma_data and the EDM "
+                     f"preconditioning), got sde {type(sde).__name__}")
+  if input_scaling:
+    raise ValueError("model.input_scaling must be False with model.parameterization='edm' "
+                     "(c_in is part of the EDM preconditioning)")
+
+  def score_fn(params, x: Array, t: Array, rng: Optional[Array] = None) -> Array:
+    sigma = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+    _, c_out, c_in, c_noise = sde.preconditioning(sigma)
+    out = apply_model(model, params, bcast(c_in, x) * x, c_noise, rng)
+    return (bcast(c_out / sigma**2, x) * out
+            - x / bcast(sigma**2 + sde.sigma_data**2, x))
 
   return score_fn
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 Mode = Callable[[Any, str], Any]
 _MODES: dict[str, Mode] = {}
-_MODULES = ("train", "evaluate", "sample", "fid_stats")
+_MODULES = ("train", "evaluate", "sample", "fid_stats", "import_checkpoint", "fit_prior")
 
 
 def register_mode(name: str) -> Callable[[Mode], Mode]:

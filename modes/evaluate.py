@@ -46,6 +46,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str =
         report.update(_image_likelihood(config, model, k_ll, k_bound))
       else:
         report.update(_toy_likelihood(config, model, k_ll, k_bound))
+      report.update(_prior_terms(config, model, jax.random.fold_in(k_bound, 1)))
     report.update(_samples_and_metrics(config, model, k_sample, out_dir))
     run_lib.write_json(os.path.join(out_dir, "report.json"), report)
     for k in sorted(report):
@@ -117,6 +118,32 @@ def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound) -> dict[
   return out
 
 
+def _prior_terms(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
+  """The prior's share of the ELBO (Franzese et al., eqs. 5-6, 11): on the same held-out x_T ~
+  p(x, T), the cross-entropy E[-log prior(x_T)] of the prior in use and of the Gaussian p_noise
+  (nats/dim; their difference is the KL reduction the prior buys, the entropy of p(x, T)
+  cancelling); for toy data the full decomposition (K, G, R, KL, ELBO) against the closed forms."""
+  import auxiliary
+  import likelihood
+  from modes.fit_prior import data_samples
+  k_x, k_t, k_elbo = jax.random.split(key, 3)
+  with Progress("prior cross-entropy at T", None, "terms"):
+    n = int(config.eval.num_likelihood_examples)
+    x_t = auxiliary.forward_samples(model.sde, data_samples(config, k_x, n), k_t)
+    ce = auxiliary.cross_entropy(model.prior, x_t)
+    ce_gauss = auxiliary.cross_entropy(model.sde.prior(), x_t)
+  out = {"prior_kind": str(config.prior.kind), "prior_cross_entropy": ce,
+         "gaussian_cross_entropy": ce_gauss, "prior_kl_reduction": ce_gauss - ce,
+         "prior_terms_unit": "nats/dim"}
+  if config.data.dataset in toy_data.TOY_DISTRIBUTIONS:
+    with Progress("ELBO decomposition (toy, closed forms)", None, "terms"):
+      dist = toy_data.get_toy_distribution(config.data.dataset)
+      terms = likelihood.elbo_decomposition(model.sde, dist, k_elbo, score_fn=model.score_fn,
+                                            prior=model.prior, n_x=n)
+    out.update({f"elbo_{k}": float(v) for k, v in terms.items()})
+  return out
+
+
 def _stage(name: str, r: dict) -> dict[str, Any]:
   return {name: r["bpd"], f"{name}_stderr": r["stderr"], f"{name}_n_examples": r["n"],
           f"{name}_n_failed": r["n_failed"], f"{name}_failed_indices": r["failed_indices"]}
@@ -152,7 +179,7 @@ def _toy_stage(name: str, nll: np.ndarray) -> dict[str, Any]:
   import likelihood
   ok = np.isfinite(nll)
   mean, stderr = likelihood.mean_and_stderr(nll[ok])
-  return {name: mean, f"{name}_stderr": stderr, f"{name}_n_examples": int(ok.sum()),
+  return {name: float(mean), f"{name}_stderr": float(stderr), f"{name}_n_examples": int(ok.sum()),
           f"{name}_n_failed": int((~ok).sum()),
           f"{name}_failed_indices": [int(i) for i in np.flatnonzero(~ok)]}
 

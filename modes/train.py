@@ -39,8 +39,6 @@ class _Run:
   sample: Any
   heldout: Any
   n_rows: int
-  data_key: jax.Array
-  eval_data_key: jax.Array
   eval_key: jax.Array
 
 
@@ -84,7 +82,7 @@ def _build(config, sde) -> _Run:
   import losses
   from models import get_model
   from models.utils import init_model, score_fn_from_config
-  init_key, state_key, data_key, eval_data_key, eval_key = jax.random.split(
+  init_key, state_key, _, _, eval_key = jax.random.split(
       jax.random.PRNGKey(config.seed), 5)
   model = get_model(config)
   score_fn = score_fn_from_config(config, sde, model)
@@ -95,8 +93,7 @@ def _build(config, sde) -> _Run:
                                   state_key)
   sample = run_lib.get_data_sampler(config)
   # Held-out batches: a separate toy stream, or the evaluation split of an image dataset.
-  heldout = sample if not hasattr(sample, "batch_at") else run_lib.get_data_sampler(
-      config, split=str(config.eval.split))
+  heldout = run_lib.get_data_sampler(config, split=str(config.eval.split))
   return _Run(
       state=losses.replicate(state, mesh),
       train_step=losses.make_train_step(losses.get_loss_fn(config, sde, score_fn), optimizer,
@@ -104,8 +101,7 @@ def _build(config, sde) -> _Run:
       eval_step=losses.make_eval_step(losses.get_loss_fn(config, sde, score_fn, train=False),
                                       mesh=mesh),
       shard=lambda b: losses.shard_batch(b, mesh), sample=sample, heldout=heldout,
-      n_rows=run_lib.train_batch_rows(config), data_key=data_key, eval_data_key=eval_data_key,
-      eval_key=eval_key)
+      n_rows=run_lib.train_batch_rows(config), eval_key=eval_key)
 
 
 def _restore(store, state, workdir: str):
@@ -124,7 +120,7 @@ def _loop(config, run: _Run, state, start_step: int, store, log: run_lib.LossLog
   step, window = start_step, _RateWindow(start_step)
   with _Preemption() as preempt, Progress("train", tr.n_iters - start_step, "steps") as progress:
     while step < tr.n_iters:
-      batch = run.shard(run_lib.data_stream_batch(run.sample, run.data_key, step, run.n_rows))
+      batch = run.shard(run_lib.data_stream_batch(run.sample, step))
       state, metrics = run.train_step(state, batch)
       step += 1
       log.add(step, metrics["loss"])
@@ -184,12 +180,12 @@ class _HeldOut:
   def __init__(self, run: _Run, config):
     n_batches = max(1, config.training.eval_batch_size // run.n_rows)
     self.run = run
-    self.batches = [run.shard(run_lib.data_stream_batch(run.heldout, run.eval_data_key, i,
-                                                         run.n_rows)) for i in range(n_batches)]
+    self.batches = [run.shard(run_lib.data_stream_batch(run.heldout, i)) for i in range(n_batches)]
 
   def loss(self, params) -> float:
-    return float(np.mean([float(self.run.eval_step(params, b, jax.random.fold_in(self.run.eval_key, i))["loss"])
-                          for i, b in enumerate(self.batches)]))
+    keys = [jax.random.fold_in(self.run.eval_key, i) for i in range(len(self.batches))]
+    return float(np.mean([float(self.run.eval_step(params, b, k)["loss"])
+                          for b, k in zip(self.batches, keys)]))
 
   def evaluate(self, state, step: int, log: run_lib.LossLog) -> float:
     log.drain()

@@ -7,36 +7,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 from scipy import stats
 
 import flows
 
 KEY = jax.random.PRNGKey(0)
+init = jax.jit(flows.init_variables, static_argnums=0)  # eager flax/distrax init is slow on CPU
 
 
+@jax.jit
 def _perturbed(variables, key, scale):
-  """Variables with every trainable leaf moved by scale * N(0, 1): the zero-initialised last
-  layers would otherwise make every coupling the identity and the checks vacuous."""
-  leaves, tdef = jax.tree.flatten(variables["params"])
-  keys = jax.random.split(key, len(leaves))
-  params = jax.tree.unflatten(tdef, [l + scale * jax.random.normal(k, l.shape, l.dtype)
-                                     for l, k in zip(leaves, keys)])
-  return {**variables, "params": params}
+  """Variables with every trainable leaf moved by scale * N(0, 1) (in the default float dtype): the
+  zero-initialised last layers would otherwise make every coupling the identity (vacuous checks)."""
+  flat, unravel = ravel_pytree(jax.tree.map(lambda a: a.astype(jnp.result_type(float)),
+                                            variables["params"]))
+  params = unravel(flat + scale * jax.random.normal(key, flat.shape, flat.dtype))
+  rest = {c: jax.tree.map(lambda a: a.astype(jnp.result_type(float)), t)
+          for c, t in variables.items() if c != "params"}
+  return {**rest, "params": params}
 
 
 CASES = {
-    # name: (model, batch shape, context shape or None, perturbation scale)
+    # name: (model, batch shape, context shape or None, perturbation scale, property at init)
     "coupling_affine_tanh_ctx": (flows.CouplingFlow(3, num_layers=4, hidden=(16,)), (6, 3),
-                                 (6, 2), 0.3),
-    "coupling_affine_softplus": (flows.CouplingFlow(3, num_layers=3, hidden=(16,),
-                                                    scale="softplus"), (6, 3), None, 0.3),
+                                 (6, 2), 0.3, None),
+    "coupling_affine_softplus": (flows.CouplingFlow(2, num_layers=3, hidden=(16,), actnorm=False,
+                                                    scale="softplus"), (6, 2), None, 0.3,
+                                 "identity"),
     "coupling_spline_1d": (flows.CouplingFlow(1, num_layers=2, hidden=(8,), transformer="spline"),
-                           (6, 1), None, 0.1),
-    "glow_lu_4x4x2_ctx": (flows.Glow((4, 4, 2), num_levels=2, num_steps=2, hidden=8), (4, 4, 4, 2),
-                          (4, 4, 4, 1), 0.1),
-    "glow_plain_4x4x1_learned_base": (flows.Glow((4, 4, 1), num_levels=1, num_steps=2, hidden=8,
-                                                 lu=False, base="learned"), (4, 4, 4, 1), None,
-                                      0.1),
+                           (6, 1), None, 0.1, None),
+    "glow_lu_4x4x2_ctx": (flows.Glow((4, 4, 2), num_levels=2, num_steps=1, hidden=8,
+                                     data_init=False), (3, 4, 4, 2), (3, 4, 4, 1), 0.1,
+                          "orthogonal"),
+    "glow_plain_4x4x1_learned_base": (flows.Glow((4, 4, 1), num_levels=1, num_steps=1, hidden=8,
+                                                 lu=False, base="learned"), (3, 4, 4, 1), None,
+                                      0.1, None),
 }
 
 
@@ -45,17 +51,20 @@ def test_change_of_variables(name):
   """For perturbed (non-identity) parameters, in float64: inverse(forward(x)) = x within 1e-9 (the
   requirement is 1e-5) and the two log-dets cancel (1e-9); log|det df/dx| equals slogdet of the
   jax.jacfwd Jacobian within 1e-8 (D <= 32); log_prob(x) = sum log N(f(x); 0, 1) + log|det J|
-  (scipy) within 1e-8 (base N(0, I)); sample_and_log_prob agrees with log_prob on its draws (1e-8)."""
+  (scipy) within 1e-8 (base N(0, I)); sample_and_log_prob agrees with log_prob on its draws (1e-8).
+  At initialisation (zero-initialised conditioners): a coupling flow without actnorm is the identity
+  (to rounding, 1e-12); a Glow without data-dependent init is orthogonal (|z| = |x|, log-det 0
+  within 1e-9: rotations as 1x1 convolutions, identity couplings and actnorms)."""
   with jax.enable_x64(True):
     _check_change_of_variables(*CASES[name])
 
 
-def _check_change_of_variables(model, shape, ctx_shape, scale):
+def _check_change_of_variables(model, shape, ctx_shape, scale, at_init):
   k_x, k_c, k_p, k_s = jax.random.split(KEY, 4)
   x = jax.random.normal(k_x, shape, jnp.float64)
   ctx = None if ctx_shape is None else jax.random.normal(k_c, ctx_shape, jnp.float64)
-  v = _perturbed(flows.init_variables(model, KEY, x, ctx), k_p, scale)
-  v = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, v)
+  v_init = init(model, KEY, x, ctx)
+  v0, v = _perturbed(v_init, k_p, 0.0), _perturbed(v_init, k_p, scale)
   d = math.prod(shape[1:])
 
   @jax.jit
@@ -71,6 +80,14 @@ def _check_change_of_variables(model, shape, ctx_shape, scale):
         x.reshape(shape[0], d), ctx)
     return z, ld, xr, ild, jnp.linalg.slogdet(jac)[1], flows.log_prob(model, v, x, ctx)
 
+  z0, ld0 = check(v0, x, ctx)[:2]  # same compiled function, initial parameters
+  if at_init == "identity":
+    np.testing.assert_allclose(z0, x, rtol=1e-12)  # softplus(c) = 1 - min_scale to rounding
+    np.testing.assert_allclose(ld0, 0.0, atol=1e-12)
+  elif at_init == "orthogonal":
+    np.testing.assert_allclose(jnp.sum(z0**2, axis=(1, 2, 3)), jnp.sum(x**2, axis=(1, 2, 3)),
+                               rtol=1e-9)
+    np.testing.assert_allclose(ld0, 0.0, atol=1e-9)
   z, ld, xr, ild, brute, logp = check(v, x, ctx)
   assert z.dtype == jnp.float64
   assert float(jnp.max(jnp.abs(xr - x))) <= 1e-9
@@ -82,27 +99,15 @@ def _check_change_of_variables(model, shape, ctx_shape, scale):
     ref = stats.norm.logpdf(np.asarray(z)).reshape(shape[0], -1).sum(1) + np.asarray(ld)
     np.testing.assert_allclose(logp, ref, atol=1e-8)
   n = shape[0]
-  xs, lps = jax.jit(lambda v, k: model.apply(v, k, n, ctx, method="sample_and_log_prob"))(v, k_s)
+
+  @jax.jit
+  def draw(v, k):
+    xs, lps = model.apply(v, k, n, ctx, method="sample_and_log_prob")
+    return xs, lps, flows.log_prob(model, v, xs, ctx)
+
+  xs, lps, lps_ref = draw(v, k_s)
   assert xs.shape == shape
-  np.testing.assert_allclose(lps, flows.log_prob(model, v, xs, ctx), atol=1e-8)
-
-
-def test_identity_at_initialisation():
-  """Zero-initialised conditioners: a coupling flow without actnorm is exactly the identity; a Glow
-  without data-dependent init is an orthogonal map (|z| = |x|, log-det 0 within 1e-5: rotations
-  as 1x1 convolutions, identity couplings and actnorms)."""
-  x = jax.random.normal(KEY, (5, 3))
-  m = flows.CouplingFlow(3, num_layers=3, actnorm=False)
-  v = flows.init_variables(m, KEY, x)
-  z, ld = flows.forward(m, v, x)
-  np.testing.assert_array_equal(z, x)
-  np.testing.assert_array_equal(ld, 0.0)
-  img = jax.random.normal(KEY, (3, 4, 4, 2))
-  g = flows.Glow((4, 4, 2), num_levels=2, num_steps=1, hidden=8, data_init=False)
-  z, ld = flows.forward(g, flows.init_variables(g, KEY, img), img)
-  np.testing.assert_allclose(jnp.sum(z**2, axis=(1, 2, 3)), jnp.sum(img**2, axis=(1, 2, 3)),
-                             rtol=1e-5)
-  np.testing.assert_allclose(ld, 0.0, atol=1e-5)
+  np.testing.assert_allclose(lps, lps_ref, atol=1e-8)
 
 
 def test_actnorm_data_init_standardises():
@@ -110,7 +115,7 @@ def test_actnorm_data_init_standardises():
   mean 0 and std 1 (within 1e-4; couplings are the identity at init) for data with mean 5, std 3."""
   x = 5.0 + 3.0 * jax.random.normal(KEY, (512, 3)) * jnp.asarray([1.0, 0.5, 2.0])
   m = flows.CouplingFlow(3, num_layers=2, hidden=(8,))
-  z, _ = flows.forward(m, flows.init_variables(m, KEY, x), x)
+  z, _ = jax.jit(flows.forward, static_argnums=0)(m, init(m, KEY, x), x)
   np.testing.assert_allclose(jnp.mean(z, 0), 0.0, atol=1e-4)
   np.testing.assert_allclose(jnp.std(z, 0), 1.0, atol=1e-4)
 

@@ -17,7 +17,7 @@ from modes.train import train
 
 IMAGE_CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
     os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
-    if os.path.basename(p).startswith(("cifar_", "mnist_", "digits_")))
+    if os.path.basename(p).startswith(("cifar_", "mnist_", "digits_", "celeba64_")))
 
 
 def _tiny(name: str):
@@ -37,7 +37,8 @@ def _tiny(name: str):
 
 def test_all_image_configs_are_covered():
   assert {"cifar_vp_stf", "cifar_vp_dsm", "cifar_vp_lw_is", "cifar_subvp_lw_is", "cifar_ve_dsm",
-          "cifar_ve_stf", "mnist_vp", "digits_vp"} <= set(IMAGE_CONFIGS)
+          "cifar_ve_stf", "mnist_vp", "digits_vp", "cifar_edm_dsm", "cifar_edm_stf",
+          "celeba64_ve_dsm", "celeba64_ve_stf", "cifar_vp_stf_ddim"} <= set(IMAGE_CONFIGS)
 
 
 @pytest.mark.parametrize("name", IMAGE_CONFIGS)

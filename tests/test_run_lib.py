@@ -119,10 +119,10 @@ def test_resume_after_crash(uninterrupted, tmp_path, monkeypatch):
   wd = str(tmp_path / "wd")
   real = run_lib.data_stream_batch
 
-  def crashing(sample, key, step, n):
+  def crashing(sample, step):
     if step == 17:  # the batch of step 18
       raise KeyboardInterrupt("simulated kill")
-    return real(sample, key, step, n)
+    return real(sample, step)
 
   monkeypatch.setattr(run_lib, "data_stream_batch", crashing)
   with pytest.raises(KeyboardInterrupt):
@@ -158,8 +158,8 @@ def test_nan_loss_stops_without_checkpoint(tmp_path, monkeypatch):
   wd = str(tmp_path / "wd")
   real = run_lib.data_stream_batch
 
-  def poisoned(sample, key, step, n):
-    x = real(sample, key, step, n)
+  def poisoned(sample, step):
+    x = real(sample, step)
     return x.at[3, 0].set(np.nan) if step == 19 else x
 
   monkeypatch.setattr(run_lib, "data_stream_batch", poisoned)
@@ -283,18 +283,18 @@ def test_data_stream_is_pure_function_of_step():
   c = tiny_config(10)
   sample = run_lib.get_data_sampler(c)
   key = jax.random.PRNGKey(3)
-  a = run_lib.data_stream_batch(sample, key, 7, 16)
-  np.testing.assert_array_equal(a, run_lib.data_stream_batch(sample, key, 7, 16))
-  assert not np.array_equal(a, run_lib.data_stream_batch(sample, key, 8, 16))
+  a = run_lib.data_stream_batch(sample, 7)
+  np.testing.assert_array_equal(a, run_lib.data_stream_batch(sample, 7))
+  assert not np.array_equal(a, run_lib.data_stream_batch(sample, 8))
   # Image data: batch `step` is an exact seek into the shuffled epoch stream (any call order).
   d = _load_config("digits_vp.py")
   d.training.batch_size = d.training.ref_batch_size = 100  # 1,293 train rows: batches straddle epochs
   stream = run_lib.get_data_sampler(d)
-  b7, b8, b20 = (run_lib.data_stream_batch(stream, key, s, 100) for s in (7, 8, 20))
+  b7, b8, b20 = (run_lib.data_stream_batch(stream, s) for s in (7, 8, 20))
   fresh = run_lib.get_data_sampler(d)
-  np.testing.assert_array_equal(run_lib.data_stream_batch(fresh, key, 20, 100), b20)
-  np.testing.assert_array_equal(run_lib.data_stream_batch(fresh, key, 7, 100), b7)
-  np.testing.assert_array_equal(run_lib.data_stream_batch(fresh, key, 8, 100), b8)
+  np.testing.assert_array_equal(run_lib.data_stream_batch(fresh, 20), b20)
+  np.testing.assert_array_equal(run_lib.data_stream_batch(fresh, 7), b7)
+  np.testing.assert_array_equal(run_lib.data_stream_batch(fresh, 8), b8)
   assert b7.shape == (100, 8, 8, 1) and not np.array_equal(b7, b8)
 
 

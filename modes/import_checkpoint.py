@@ -1,0 +1,68 @@
+"""``--mode=import --checkpoint=FILE``: a published score_sde model as a scorelab workdir.
+
+Reads a score_sde_pytorch ``.pth`` or a score_sde / score_flow Flax checkpoint (``score_sde_import``),
+maps every tensor onto the network of ``--config`` (an error names the first tensor that does not
+fit), applies the config overrides that reproduce score_sde's score conventions, and writes
+``config.json`` and a verified checkpoint holding params, EMA params, the step and a fresh optimizer
+state. ``--mode=eval`` / ``--mode=sample`` then run on the workdir with the same config and
+overrides (logged, and saved in ``import.json``).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+import checkpoints
+import run_lib
+from modes import register_mode
+
+
+@register_mode("import")
+def import_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = ""):
+  """Imports ``checkpoint`` into a new workdir; returns {'step', 'config_overrides', 'source'}."""
+  import score_sde_import
+  run_lib.validate_config(config)
+  if not checkpoint:
+    raise ValueError("--mode=import needs --checkpoint=FILE (a score_sde_pytorch .pth or a "
+                     "score_sde / score_flow Flax checkpoint)")
+  if not os.path.exists(checkpoint):
+    raise FileNotFoundError(f"--checkpoint={checkpoint}: no such file")
+  existing = os.path.join(workdir, checkpoints.DIR)
+  if os.path.isdir(existing) and any(s.isdigit() for s in os.listdir(existing)):
+    raise FileExistsError(f"{existing} already holds checkpoints: import into a new workdir")
+  load = (score_sde_import.import_pytorch_checkpoint if checkpoint.endswith((".pth", ".pt"))
+          else score_sde_import.import_flax_checkpoint)
+  imported = load(config, checkpoint)  # every tensor mapped, or an error naming it
+  config = score_sde_import.apply_overrides(config, imported["config_overrides"])
+  sde = run_lib.validate_config(config)
+  _, _, state = run_lib.init_state(config, sde, jax.random.PRNGKey(config.seed))
+  state = _with_params(config, state, imported)
+  checkpoints.check_writable(workdir)
+  with checkpoints.workdir_lock(workdir, "train"):
+    run_lib.write_config(config, workdir)
+    with run_lib.open_checkpoints(config, workdir) as store:
+      store.save(imported["step"], state, {"data_position": imported["step"],
+                                           "imported_from": imported["source"]})
+      store.wait_until_finished()
+    report = {"step": imported["step"], "config_overrides": imported["config_overrides"],
+              "source": imported["source"]}
+    run_lib.write_json(os.path.join(workdir, "import.json"), report)
+  flags = " ".join(f"--config.{k}={v}" for k, v in imported["config_overrides"].items())
+  logging.info("imported %s (step %d) into %s; evaluate / sample with the same --config and %s",
+               imported["source"], imported["step"], workdir, flags)
+  return report
+
+
+def _with_params(config, state, imported):
+  """The fresh TrainState with the imported params, EMA params and step (optimizer state fresh,
+  initialised on the imported params)."""
+  import losses
+  params = jax.tree.map(jnp.asarray, imported["params"])
+  ema = jax.tree.map(jnp.asarray, imported["ema_params"])
+  jax.tree.map(lambda a, b: None, params, state.params)  # same tree, or an error
+  fresh = losses.init_train_state(params, losses.make_optimizer(config), state.rng)
+  return fresh.replace(ema_params=ema, step=jnp.asarray(imported["step"], fresh.step.dtype))
