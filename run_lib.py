@@ -15,6 +15,7 @@ Only ``run_lib``, ``modes/``, ``checkpoints`` and ``main.py`` touch files.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -312,6 +313,17 @@ def load_score_model(config: ml_collections.ConfigDict, workdir: str) -> ScoreMo
   bound = lambda x, t: score_fn(params, x, t)  # noqa: E731  (eval mode: no dropout)
   return ScoreModel(sde=sde, score_fn=bound, event_shape=tuple(datasets.dataset_info(config).shape),
                     step=step, prior=prior)
+
+
+@contextlib.contextmanager
+def model_outputs(config: ml_collections.ConfigDict, workdir: str, folder: str):
+  """What eval and sample do first: validate the config, require a checkpoint, check
+  ``workdir/folder`` writable, take its lock, load the model. Yields (model, output folder)."""
+  validate_config(config)
+  require_checkpoint(workdir)
+  out_dir = checkpoints.check_writable(os.path.join(workdir, folder))
+  with checkpoints.workdir_lock(workdir, folder):
+    yield load_score_model(config, workdir), out_dir
 
 
 def generate(config: ml_collections.ConfigDict, model: ScoreModel, n: int, key: Array):

@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-import checkpoints
 import datasets
 import run_lib
 import toy_data
@@ -33,11 +32,7 @@ from progress import Progress
 @register_mode("eval")
 def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str = "eval"):
   """Evaluates the checkpoint; returns the report (also ``workdir/<eval_folder>/report.json``)."""
-  run_lib.validate_config(config)
-  run_lib.require_checkpoint(workdir)
-  out_dir = checkpoints.check_writable(os.path.join(workdir, eval_folder))
-  with checkpoints.workdir_lock(workdir, eval_folder):
-    model = run_lib.load_score_model(config, workdir)
+  with run_lib.model_outputs(config, workdir, eval_folder) as (model, out_dir):
     k_ll, k_bound, k_sample = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1), 3)
     report: dict[str, Any] = _header(config, model)

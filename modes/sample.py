@@ -11,18 +11,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-import checkpoints
 import run_lib
 from modes import register_mode
 
 
 @register_mode("sample")
 def sample(config: ml_collections.ConfigDict, workdir: str, sample_folder: str = "samples"):
-  run_lib.validate_config(config)
-  run_lib.require_checkpoint(workdir)
-  out_dir = checkpoints.check_writable(os.path.join(workdir, sample_folder))
-  with checkpoints.workdir_lock(workdir, sample_folder):
-    model = run_lib.load_score_model(config, workdir)
+  with run_lib.model_outputs(config, workdir, sample_folder) as (model, out_dir):
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A)
     t0 = time.time()
     x, nfe = run_lib.generate(config, model, int(config.sampling.n_samples), key)

@@ -149,12 +149,12 @@ def test_edm_denoiser_is_posterior_mean():
     sig = jnp.asarray(np.geomspace(0.002, 80.0, 16))
     x = dist.sample(jax.random.PRNGKey(0), 16) + sig[:, None] * jax.random.normal(
         jax.random.PRNGKey(1), (16, 3), jnp.float64)
-    score = dist.marginal_score(sde, x, sig)
+    score = jax.jit(lambda y, s: dist.marginal_score(sde, y, s))(x, sig)
     d = x + sig[:, None] ** 2 * score
     np.testing.assert_allclose(d, MU + VAR / (VAR + sig[:, None] ** 2) * (x - MU), rtol=1e-9,
                                atol=1e-9)
     score_fn = get_score_fn(sde, OracleF(), "edm")
-    np.testing.assert_allclose(score_fn({}, x, sig), score, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(jax.jit(score_fn)({}, x, sig), score, rtol=1e-8, atol=1e-10)
   with pytest.raises(ValueError, match="model.input_scaling must be False"):
     get_score_fn(sde, OracleF(), "edm", input_scaling=True)
   with pytest.raises(ValueError, match="model.parameterization 'edm' needs sde.name='edm'"):
@@ -199,8 +199,8 @@ def test_edm_stf_config_trains_and_samples():
   score_fn = score_fn_from_config(config, sde, model)
   batch = toy_data.ode_sde_gmm_2d().sample(jax.random.PRNGKey(1), 32)
   loss_fn = losses.get_loss_fn(config, sde, score_fn)
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch,
-                                                                     jax.random.PRNGKey(2))
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      params, batch, jax.random.PRNGKey(2))
   assert np.isfinite(float(loss)) and float(metrics["stf_ess_mean"]) >= 1.0
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
   sample_fn = samplers.get_sampler(config, sde, (16, 2))
@@ -310,13 +310,12 @@ def test_ddim_deterministic_and_converges_to_flow_map():
 
 def test_edm_likelihood_matches_exact_density():
   """An EDM model gets log-likelihoods (hence bits/dim) from the probability-flow ODE like any SDE:
-  exact GMM score and exact p_T prior give log p_eps(x) within 2e-3 nats (float32, dopri5 1e-5;
-  measured <= 3e-4); the Gaussian N(0, 80^2 I) prior adds only its small mismatch."""
+  with the exact GMM score and EDM's prior N(0, 80^2 I), log p_eps(x) within 3e-3 nats (float32,
+  dopri5 rtol = atol = 1e-5; measured <= 7e-4, the prior mismatch included; <= 3e-4 with the exact
+  p_T as prior)."""
   sde = sde_lib.EDM()
   dist = toy_data.ode_sde_gmm_2d()
   x = dist.sample(jax.random.PRNGKey(0), 8)
-  want = dist.marginal_log_prob(sde, x, sde.eps)
-  for prior, tol in ((dist.marginal(sde, sde.T), 2e-3), (None, 5e-3)):
-    out = jax.jit(lambda y: likelihood.log_likelihood(dist.score_fn(sde), sde, y, prior=prior))(x)
-    assert np.all(np.asarray(out["ok"]))
-    np.testing.assert_allclose(out["logp"], want, atol=tol)
+  out = jax.jit(lambda y: likelihood.log_likelihood(dist.score_fn(sde), sde, y))(x)
+  assert np.all(np.asarray(out["ok"]))
+  np.testing.assert_allclose(out["logp"], dist.marginal_log_prob(sde, x, sde.eps), atol=3e-3)
