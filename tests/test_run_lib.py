@@ -238,6 +238,9 @@ def test_main_subprocess(tmp_path):
   bad = subprocess.run(base + small + ["--config.sde.eps=5.0"], capture_output=True, text=True,
                        env=env, cwd=str(tmp_path), timeout=300)
   assert bad.returncode != 0 and "sde.eps" in bad.stderr
+  unknown = subprocess.run(base + small + ["--config.training.nonexistent=1"], capture_output=True,
+                           text=True, env=env, cwd=str(tmp_path), timeout=300)
+  assert unknown.returncode != 0 and "training.nonexistent: unknown config field" in unknown.stderr
   assert not os.path.exists(wd)
   ok = subprocess.run(base + small + ["--mode=train"], capture_output=True, text=True, env=env,
                       cwd=str(tmp_path), timeout=300)
