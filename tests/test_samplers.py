@@ -454,7 +454,7 @@ def test_get_sampler_methods_and_validation():
     else:
       assert int(stats["nfe"]) == 1 + 6 * int(stats["num_steps"]) + 1
   with pytest.raises(ValueError, match="sampling.method"):
-    samplers.get_sampler(_cfg(method="ddim"), sde, (8, 2))
+    samplers.get_sampler(_cfg(method="dpm_solver"), sde, (8, 2))  # not registered
   with pytest.raises(ValueError, match="sampling.c"):
     samplers.get_sampler(_cfg(method="sde", c=-1.0), sde, (8, 2))
   with pytest.raises(ValueError, match="sampling.solver"):
