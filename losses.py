@@ -93,8 +93,8 @@ def sample_time(sde, key: Array, n: int, weighting: str) -> tuple[Array, Array]:
   w = lambda(t) / (p(t) (T - eps)) = sigma_t^2 Z / (T - eps), so every weighting estimates the same
   kind of quantity (a time average over [eps, T]) and the IS loss is unbiased for the uniform-t
   likelihood-weighted loss; the total integral int g^2 h dt is (T - eps) times it. ``edm``: t = sigma
-  log-normal (not restricted to [eps, T]), w = lambda(t): the loss is EDM's E_sigma[lambda ||D - x_0||^2]
-  (Karras et al. 2022, eq. 2 and Table 1)."""
+  log-normal (not restricted to [eps, T]), w = lambda(t): the loss is EDM's
+  E_sigma[lambda ||D - x_0||^2] (Karras et al. 2022, eq. 2 and Table 1)."""
   if weighting == "edm":
     t = _edm_sde(sde).lognormal_sample_t(key, (n,))
     return t, loss_weight(sde, t, weighting)

@@ -2,13 +2,13 @@
 and DDIM against closed forms.
 
 Oracles: Gaussian data N(m, C) has p_sigma = N(m, C + sigma^2 I) and posterior mean
-E[x_0 | x_sigma] = m + C (C + sigma^2 I)^{-1} (x_sigma - m); the probability-flow ODE of Gaussian data
-is linear, y(sigma) - m = (C + sigma^2)^{1/2} (C + sigma_0^2)^{-1/2} (y(sigma_0) - m) in EDM's
+E[x_0 | x_sigma] = m + C (C + sigma^2 I)^{-1} (x_sigma - m); the probability-flow ODE of Gaussian
+data is linear, y(sigma) - m = (C + sigma^2)^{1/2} (C + sigma_0^2)^{-1/2} (y(sigma_0) - m) in EDM's
 variables y = x / alpha_t, sigma = sigma_t / alpha_t (diagonal C here); toy_data gives exact GMM
 scores and densities. Tolerances: float64 identities to 1e-9 relative; convergence orders from
-error ratios when the step count doubles (Heun: ratio 4 +- 0.6, measured 4.13-4.28 at 32 -> 64
-steps; DDIM: ratio 2 +- 0.2, measured 1.99 at 100 -> 200); sample moments within
-``test_samplers.Z`` standard errors plus a stated discretization allowance.
+error ratios when the step count doubles (Heun: ratio in (3.4, 4.6) at 32 -> 64 steps, measured
+4.26-4.28, 4.13-4.15 at 64 -> 128; DDIM: ratio 2 +- 0.2, measured 1.99 at 100 -> 200); moments
+within ``test_samplers.Z`` standard errors plus a stated discretization allowance.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _exact_flow(sde, x_T, t_end):
   return a_e * (MU + (x_T / a_T - MU) * np.sqrt((VAR + s_e**2) / (VAR + s_T**2)))
 
 
-# -- the EDM formulation ----------------------------------------------------------------------------
+# -- the EDM formulation ---------------------------------------------------------------------------
 def test_edm_sde_closed_forms_and_validation():
   """sigma(t) = t, s(t) = 1: x_t = x_0 + t z, int_0^t g^2 = t^2, prior N(0, T^2); every SDE's noise
   level sigma_t / alpha_t inverts in closed form; the schema names the offending field."""
@@ -161,7 +161,7 @@ def test_edm_denoiser_is_posterior_mean():
     get_score_fn(sde_lib.VESDE(), OracleF(), "edm")
 
 
-# -- STF on EDM -----------------------------------------------------------------------------------------
+# -- STF on EDM ------------------------------------------------------------------------------------
 def test_stf_target_on_edm_is_appendix_a():
   """stf_target on EDM equals App. A's (1/sigma^2) sum_k w_k (x_k - x_sigma), w_k ∝
   exp(-|x_sigma - x_k|^2 / (2 sigma^2)), evaluated by brute force in NumPy (float64)."""
@@ -209,7 +209,7 @@ def test_edm_stf_config_trains_and_samples():
   assert int(stats["nfe"]) == 35 and np.all(np.isfinite(np.asarray(x)))
 
 
-# -- samplers -------------------------------------------------------------------------------------------
+# -- samplers --------------------------------------------------------------------------------------
 def test_edm_sigma_steps():
   """Karras et al. eq. 5: endpoints sigma_max, sigma_min, a final 0, rho-spaced in between."""
   s = np.asarray(samplers.edm_sigma_steps(80.0, 0.002, 18, 7.0), np.float64)
@@ -224,7 +224,7 @@ def test_edm_sigma_steps():
 @pytest.mark.parametrize("name", ["edm", "ve", "vp"])
 def test_heun_second_order_on_gaussian_flow_map(name):
   """Heun on EDM's steps converges to the exact flow map at second order: the max error ratio
-  when the steps double (32 -> 64) is 4 +- 0.6 (measured 4.26 EDM, 4.27 VE, 4.28 VP; 16 -> 32:
+  when the steps double (32 -> 64) is in (3.4, 4.6) (measured 4.26 EDM, 4.27 VE, 4.28 VP; 16 -> 32:
   4.57-4.61), float64, denoise=False so that every step is a Heun step (error at t = eps)."""
   sde = SDES[name]
   with jax.enable_x64(True):
@@ -272,7 +272,8 @@ GMM_CASES = {  # (sde, sampler, options, within-mode std allowance)
 def test_samples_match_gmm_moments(case):
   """2-D four-mode GMM (modes (+-1, +-1), std 0.05), exact score, started from the exact p_T:
   mean / covariance within Z SE + 0.02, mode weights within Z binomial SE, within-mode std of
-  0.05 within the stated relative allowance (first-order DDIM at 100 steps: 0.041, Heun 18: 0.053)."""
+  0.05 within the stated relative allowance (first-order DDIM at 100 steps: 0.041, Heun 18:
+  0.053)."""
   sde, fn, kw, std_allow = GMM_CASES[case]
   dist = toy_data.ode_sde_gmm_2d()
   n = 4000

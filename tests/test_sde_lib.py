@@ -345,6 +345,6 @@ def test_get_sde_builds_and_validates():
                     (dict(beta_min=-0.1), "sde.beta_min"), (dict(beta_max=0.05), "sde.beta_max"),
                     (dict(name="vesde", sigma_min=-1.0), "sde.sigma_min"),
                     (dict(name="vesde", sigma_max=0.001), "sde.sigma_max"),
-                    (dict(name="edm"), "sde.name")]:
+                    (dict(name="cld"), "sde.name")]:  # not an SDE of sde_lib
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
       sde_lib.get_sde(_config(**kw))
