@@ -296,12 +296,15 @@ def require_checkpoint(workdir: str) -> None:
     raise FileNotFoundError(f"no checkpoint in {dirs[0]}: run --mode=train first")
 
 
-def load_score_model(config: ml_collections.ConfigDict, workdir: str) -> ScoreModel:
+def load_score_model(config: ml_collections.ConfigDict, workdir: str,
+                     fitted_prior: bool = True) -> ScoreModel:
   """The workdir's checkpoint (the newest intact one, or step ``eval.checkpoint`` when >= 0; EMA
   parameters when ``eval.use_ema``) as a ``ScoreModel``. Read-only."""
   sde = validate_config(config)
   check_resumable(config, workdir, action="evaluate or sample")
-  prior = load_prior(config, sde, workdir)  # before the (slower) checkpoint: fail fast
+  # Before the (slower) checkpoint: fail fast. Without ``fitted_prior``, p_noise (what
+  # --mode=fit_prior uses while it fits the prior).
+  prior = load_prior(config, sde, workdir) if fitted_prior else sde.prior()
   _, score_fn, state = init_state(config, sde, jax.random.PRNGKey(config.seed))
   want = int(config.eval.checkpoint)
   with open_checkpoints(config, workdir, read_only=True) as store:

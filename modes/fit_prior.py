@@ -117,7 +117,7 @@ def prior_samples(config, sde, workdir: str, key) -> jax.Array:
   x0 = data_samples(config, k_x, n)
   if config.prior.fit == "concurrent":
     return auxiliary.forward_samples(sde, x0, k_t)
-  model = run_lib.load_score_model(config, workdir)
+  model = run_lib.load_score_model(config, workdir, fitted_prior=False)
   ev = config.eval
   push = jax.jit(lambda x, k: likelihood.solve_flow(
       model.score_fn, sde, x, k, t0=sde.eps, t1=sde.T, divergence="hutchinson",
