@@ -30,6 +30,7 @@ def _tiny(name: str):
   tr = config.training
   tr.batch_size = 4
   tr.ref_batch_size = 8 if tr.target == "stf" else 4
+  tr.eval_batch_size = tr.ref_batch_size  # one held-out batch
   tr.n_iters = 1
   tr.log_freq = tr.eval_freq = tr.snapshot_freq = tr.snapshot_freq_for_preemption = 1
   return config
