@@ -365,14 +365,9 @@ def test_attention_init_matches_score_sde_variance_scaling():
     np.testing.assert_array_equal(params[name]["bias"], 0.0)
 
 
-def test_import_mode_then_sample_and_eval(mock_tfds, tmp_path):
-  """--mode=import of the DDPM++ fixture writes a workdir on which --mode=sample gives finite
-  samples and --mode=eval runs bits/dim on mocked CIFAR-shaped data, reporting step 123456; the
-  same config without the import's overrides is refused naming the field."""
+def _import_fixture(tmp_path):
   import score_sde_import as si
-  from modes.evaluate import evaluate
   from modes.import_checkpoint import import_checkpoint
-  from modes.sample import sample
   config = _config("ddpmpp")
   wd = str(tmp_path / "imported")
   out = import_checkpoint(config, wd, checkpoint=os.path.join(FIXTURES, "checkpoint_ddpmpp_nf16.pth"))
@@ -380,15 +375,32 @@ def test_import_mode_then_sample_and_eval(mock_tfds, tmp_path):
   config = si.apply_overrides(config, out["config_overrides"])
   config.sampling.method, config.sampling.c, config.sampling.n_steps = "sde", 1.0, 4
   config.sampling.n_samples = config.sampling.batch_size = 4
-  config.eval.num_samples, config.eval.bound, config.eval.fid = 4, False, False
-  config.eval.batch_size, config.eval.rtol, config.eval.atol = 9, 0.1, 0.1  # cheap solves
+  return config, wd
+
+
+def test_import_mode_then_sample(tmp_path):
+  """--mode=import of the DDPM++ fixture writes a workdir on which --mode=sample gives finite
+  samples at step 123456; importing twice is refused; the same config without the import's
+  overrides is refused naming the field."""
+  from modes.import_checkpoint import import_checkpoint
+  from modes.sample import sample
+  config, wd = _import_fixture(tmp_path)
   s = sample(config, wd)
   assert s["finite"] and s["step"] == 123456
-  report = evaluate(config, wd)
-  assert report["step"] == 123456 and report["bpd_n_examples"] == 9 and np.isfinite(report["bpd"])
   with pytest.raises(FileExistsError):
     import_checkpoint(config, wd, checkpoint=os.path.join(FIXTURES, "checkpoint_ddpmpp_nf16.pth"))
   plain = _config("ddpmpp")
-  plain.eval.num_samples = 4
   with pytest.raises(ValueError, match=r"model\.\w+ differs"):
     sample(plain, wd)
+
+
+@pytest.mark.slow
+def test_import_mode_then_eval_bits_per_dim(mock_tfds, tmp_path):
+  """--mode=eval bits/dim of the imported DDPM++ on mocked CIFAR-shaped data (9 test images),
+  step 123456 in the report. Slow on CPU (minutes of per-example ODE solves): -m slow."""
+  from modes.evaluate import evaluate
+  config, wd = _import_fixture(tmp_path)
+  config.eval.num_samples, config.eval.bound, config.eval.fid = 4, False, False
+  config.eval.batch_size, config.eval.rtol, config.eval.atol = 9, 0.1, 0.1
+  report = evaluate(config, wd)
+  assert report["step"] == 123456 and report["bpd_n_examples"] == 9 and np.isfinite(report["bpd"])
