@@ -38,6 +38,7 @@ from flax import struct
 from jax.scipy.special import logsumexp
 
 import flows
+import pytrees
 import toy_data
 from sde_lib import GaussianPrior
 
@@ -69,7 +70,7 @@ def _event_split(shape: Sequence[int], event_shape: tuple[int, ...]) -> tuple[in
 # Dirichlet-process Gaussian mixture
 # ---------------------------------------------------------------------------------------------------
 
-@struct.dataclass
+@pytrees.dataclass
 class MixturePrior:
   """nu(x) = sum_k w_k N(vec(x); mu_k, Sigma_k) on flattened events (D = prod(event_shape)).
 
@@ -198,7 +199,7 @@ def fit_dpgmm(samples: Array, key: Array, *, n_components: int = 20,
 # Flow prior
 # ---------------------------------------------------------------------------------------------------
 
-@struct.dataclass
+@pytrees.dataclass
 class FlowPrior:
   """nu_phi(x) of a ``flows`` model (``model`` static, ``variables`` the pytree of arrays)."""
   variables: Any

@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import pytrees
 from sde_lib import bcast, sum_except_batch
 
 Array = jax.Array
@@ -326,7 +326,7 @@ def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> Loss
 
 
 # -- optimizer, train state and the sharded steps -------------------------------------------------------
-@struct.dataclass
+@pytrees.dataclass
 class TrainState:
   step: Array
   params: Params

@@ -33,7 +33,8 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+
+import pytrees
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]  # (x, t) -> score, parameters already bound
@@ -65,7 +66,7 @@ class GenerativeSDE(NamedTuple):
   diffusion: Callable[[Array], Array]  # t -> sqrt(c) g(t)
 
 
-@struct.dataclass
+@pytrees.dataclass
 class GaussianPrior:
   """Isotropic N(0, std^2 I) prior; auxiliary priors (auxiliary.py) share this interface:
   ``sample(key, shape)`` and per-example ``log_prob(x)``."""
@@ -239,7 +240,7 @@ class _LinearBeta(_SDE):
       raise ValueError(f"sde.beta_max must be >= sde.beta_min, got {float(self.beta_max)}")
 
 
-@struct.dataclass
+@pytrees.dataclass
 class VPSDE(_LinearBeta):
   """Variance-preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta linear in t
   (Song et al. 2021, eq. 11; DDPM in the continuous limit)."""
@@ -274,7 +275,7 @@ def _t_from_int_beta(sde, b):
   return 2.0 * b / (sde.beta_min + jnp.sqrt(sde.beta_min**2 + 2.0 * d * b))
 
 
-@struct.dataclass
+@pytrees.dataclass
 class subVPSDE(_LinearBeta):
   """Sub-VP SDE dx = -1/2 beta x dt + sqrt(beta (1 - e^{-2B(t)})) dw (Song et al. 2021, eq. 12)."""
   beta_min: float = 0.1
@@ -318,7 +319,7 @@ class subVPSDE(_LinearBeta):
     return _t_from_int_beta(self, 2.0 * jnp.arcsinh(0.5 * jnp.asarray(sigma)))
 
 
-@struct.dataclass
+@pytrees.dataclass
 class VESDE(_SDE):
   """Variance-exploding SDE dx = sigma(t) sqrt(2 log r) dw, sigma(t) = sigma_min r^t,
   r = sigma_max / sigma_min (Song et al. 2021, eq. 9; NCSN in the continuous limit)."""
@@ -374,7 +375,7 @@ class VESDE(_SDE):
       raise ValueError(f"sde.sigma_max must exceed sde.sigma_min, got {float(self.sigma_max)}")
 
 
-@struct.dataclass
+@pytrees.dataclass
 class EDM(_SDE):
   """The EDM formulation (Karras et al. 2022, "Elucidating the design space of diffusion-based
   generative models", Table 1; Xu et al., "Stable target field", Appendix A "VE and EDM").

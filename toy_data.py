@@ -18,15 +18,16 @@ from typing import Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 from jax.scipy.linalg import cho_solve, solve_triangular
 from jax.scipy.special import logsumexp
+
+import pytrees
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 
-@struct.dataclass
+@pytrees.dataclass
 class GaussianMixture:
   """p(x) = sum_k w_k N(x; mu_k, Sigma_k) in D dimensions (a single Gaussian is K = 1).
 
@@ -150,7 +151,7 @@ class GaussianMixture:
     return fn
 
 
-@struct.dataclass
+@pytrees.dataclass
 class SwissRoll:
   """Swiss roll (x, y) = scale * (s sin s, s cos s), s ~ U(3 pi/2, 9 pi/2) (Cao et al., "ODE vs
   SDE", Appendix H.1). Samples only: the distribution lives on a curve and has no density."""

@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,3 +24,22 @@ def test_diffusion_time_toy_smoke(tmp_path):
   assert small["dpgmm_elbo"] > small["gaussian_elbo"] + 10
   assert os.path.getsize(os.path.join(out, "elbo_vs_T.png")) > 1000
   assert "| 0.100 |" in open(os.path.join(out, "table.md")).read()
+
+
+@pytest.mark.slow
+def test_stf_edm_digits_smoke(tmp_path):
+  """Two tiny EDM runs on digits (DSM, STF) train, evaluate bits/dim and sample with Heun at 35 NFE;
+  the table and figures are written. Slow (two trainings and two likelihood evals): -m slow."""
+  out = str(tmp_path / "out")
+  subprocess.run([sys.executable, os.path.join(REPO, "experiments", "stf_edm_digits.py"),
+                  "--smoke", "--out", out], check=True, timeout=1200, capture_output=True)
+  with open(os.path.join(out, "result.json")) as f:
+    runs = json.load(f)["runs"]
+  assert set(runs) == {"dsm", "stf"}
+  for r in runs.values():
+    assert r["sampling_nfe"] == 35 and np.isfinite(r["bpd"]) and r["bpd_n_examples"] == 360
+    assert np.isfinite(r["digits_feature_distance"])
+  assert runs["stf"]["ref_batch_size"] > runs["dsm"]["ref_batch_size"]
+  for png in ("samples_dsm_vs_stf.png", "loss_dsm_vs_stf.png"):
+    assert os.path.getsize(os.path.join(out, png)) > 1000
+  assert "| STF |" in open(os.path.join(out, "table.md")).read()

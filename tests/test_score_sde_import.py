@@ -380,8 +380,8 @@ def _import_fixture(tmp_path):
 
 def test_import_mode_then_sample(tmp_path):
   """--mode=import of the DDPM++ fixture writes a workdir on which --mode=sample gives finite
-  samples at step 123456; importing twice is refused; the same config without the import's
-  overrides is refused naming the field."""
+  samples at step 123456; importing twice is refused; a config whose network differs from the
+  imported one is refused naming the field, before any sampling."""
   from modes.import_checkpoint import import_checkpoint
   from modes.sample import sample
   config, wd = _import_fixture(tmp_path)
@@ -389,9 +389,9 @@ def test_import_mode_then_sample(tmp_path):
   assert s["finite"] and s["step"] == 123456
   with pytest.raises(FileExistsError):
     import_checkpoint(config, wd, checkpoint=os.path.join(FIXTURES, "checkpoint_ddpmpp_nf16.pth"))
-  plain = _config("ddpmpp")
-  with pytest.raises(ValueError, match=r"model\.\w+ differs"):
-    sample(plain, wd)
+  other = ssi.apply_overrides(config, {"model.nf": 32})
+  with pytest.raises(ValueError, match=r"model\.nf differs"):
+    sample(other, wd)
 
 
 @pytest.mark.slow
