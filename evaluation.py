@@ -309,6 +309,8 @@ def inception_features(variables: Variables, images: np.ndarray | Array, batch_s
   """
   n = images.shape[0]
   devices = jax.local_devices()
+  # Fewer images than a batch: one batch of n rounded up to the device count, not padded to 100.
+  batch_size = min(batch_size, max(1, -(-n // len(devices)) * len(devices)))
   sharding = None
   if len(devices) > 1 and batch_size % len(devices) == 0:
     mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
