@@ -43,3 +43,25 @@ def test_stf_edm_digits_smoke(tmp_path):
   for png in ("samples_dsm_vs_stf.png", "loss_dsm_vs_stf.png"):
     assert os.path.getsize(os.path.join(out, png)) > 1000
   assert "| STF |" in open(os.path.join(out, "table.md")).read()
+
+
+@pytest.mark.slow
+def test_diffusion_time_digits_smoke(tmp_path):
+  """Tiny digits runs at T = 0.2 and 1.0: Gaussian, concurrent and sequential DPGMM priors each
+  give finite bits/dim; reverse-SDE steps scale with T; Fig. 4 has a median and band per T (the
+  prior's cross-entropy on digits: tests/test_auxiliary.py). Slow (two trainings, six likelihood evals): -m slow."""
+  out = str(tmp_path / "out")
+  subprocess.run([sys.executable, os.path.join(REPO, "experiments", "diffusion_time_digits.py"),
+                  "--smoke", "--sequential", "--out", out], check=True, timeout=1800,
+                 capture_output=True)
+  with open(os.path.join(out, "result.json")) as f:
+    result = json.load(f)
+  rows = {r["T"]: r for r in result["rows"]}
+  assert set(rows) == {0.2, 1.0} and rows[0.2]["sde_steps"] < rows[1.0]["sde_steps"]
+  for r in rows.values():
+    for k in ("gaussian", "dpgmm_concurrent", "dpgmm_sequential"):
+      assert np.isfinite(r[f"{k}_bpd"]), (r["T"], k)
+  assert [r["T"] for r in result["effective_components"]] == [0.2, 1.0]
+  for png in ("bpd_vs_T.png", "samples_vs_T.png", "components_vs_T.png"):
+    assert os.path.getsize(os.path.join(out, png)) > 1000
+  assert "| 0.2 |" in open(os.path.join(out, "table.md")).read()
