@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 SCALES = {  # T grid, training steps, Fig. 4 T grid / seeds / samples, fit samples, SDE steps at T=1
-    "smoke": dict(ts=(0.2, 1.0), n_iters=20, fig4_ts=(0.2, 1.0), seeds=2, n_fig4=400,
+    "smoke": dict(ts=(0.2, 0.4), n_iters=20, fig4_ts=(0.2, 1.0), seeds=2, n_fig4=400,
                   n_fit=600, n_seq=40, sde_steps=50),
     "default": dict(ts=(0.2, 0.4, 0.6, 1.0), n_iters=1000, fig4_ts=(0.1, 0.2, 0.4, 0.6, 0.8, 1.0),
                     seeds=4, n_fig4=4000, n_fit=8000, n_seq=720, sde_steps=1000),
@@ -203,6 +203,8 @@ def main(argv=None) -> None:
                       help="also the sequential DPGMM (ODE push-forward of training data)")
   parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
   args = parser.parse_args(argv)
+  from absl import logging
+  logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
   scale = "smoke" if args.smoke else "full" if args.full else "default"
   t0 = time.time()
   fig4 = effective_components(args.dataset, scale)

@@ -139,6 +139,8 @@ def main(argv=None) -> None:
   parser.add_argument("--full", action="store_true", help="5000 steps each, 360 samples")
   parser.add_argument("--smoke", action="store_true", help="seconds: tiny net, 20 steps")
   args = parser.parse_args(argv)
+  from absl import logging
+  logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
   scale = "smoke" if args.smoke else "full" if args.full else "default"
   reports, t0 = {}, time.time()
   for i, target in enumerate(TARGETS):

@@ -47,20 +47,23 @@ def test_stf_edm_digits_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_diffusion_time_digits_smoke(tmp_path):
-  """Tiny digits runs at T = 0.2 and 1.0: Gaussian, concurrent and sequential DPGMM priors each
-  give finite bits/dim; reverse-SDE steps scale with T; Fig. 4 has a median and band per T (the
-  prior's cross-entropy on digits: tests/test_auxiliary.py). Slow (two trainings, six likelihood evals): -m slow."""
+  """Tiny digits runs at T = 0.2 and 0.4 (Franzese et al., Table 2's small-T rows): on the same
+  trained model, the concurrently fitted DPGMM prior gives lower bits/dim than the Gaussian
+  p_noise at both T; the sequential DPGMM gives finite bits/dim; reverse-SDE steps scale with T;
+  Fig. 4 has a median and band per T (the prior's cross-entropy on digits: test_auxiliary.py).
+  Measured at this scale: 4.87 -> 3.98 bits/dim at T = 0.2. Slow (two trainings, six likelihood
+  evals): -m slow."""
   out = str(tmp_path / "out")
   subprocess.run([sys.executable, os.path.join(REPO, "experiments", "diffusion_time_digits.py"),
-                  "--smoke", "--sequential", "--out", out], check=True, timeout=1800,
+                  "--smoke", "--sequential", "--out", out], check=True, timeout=2400,
                  capture_output=True)
   with open(os.path.join(out, "result.json")) as f:
     result = json.load(f)
   rows = {r["T"]: r for r in result["rows"]}
-  assert set(rows) == {0.2, 1.0} and rows[0.2]["sde_steps"] < rows[1.0]["sde_steps"]
+  assert set(rows) == {0.2, 0.4} and rows[0.2]["sde_steps"] < rows[0.4]["sde_steps"]
   for r in rows.values():
-    for k in ("gaussian", "dpgmm_concurrent", "dpgmm_sequential"):
-      assert np.isfinite(r[f"{k}_bpd"]), (r["T"], k)
+    assert r["dpgmm_concurrent_bpd"] < r["gaussian_bpd"], r
+    assert np.isfinite(r["dpgmm_sequential_bpd"])
   assert [r["T"] for r in result["effective_components"]] == [0.2, 1.0]
   for png in ("bpd_vs_T.png", "samples_vs_T.png", "components_vs_T.png"):
     assert os.path.getsize(os.path.join(out, png)) > 1000
