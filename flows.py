@@ -34,14 +34,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, Optional, Sequence
 
-import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+
+
+def _import_distrax():
+  """distrax imports tensorflow_probability, which, when TensorFlow is already imported (a TFDS
+  pipeline, a notebook), force-loads its Keras layers and then fails without the tf-keras package
+  (whose install pulls a second, full TensorFlow). distrax uses only TFP's JAX substrate, which
+  needs neither: TensorFlow is hidden from that check for the import (tests/test_flows.py)."""
+  if "distrax" in sys.modules:
+    return sys.modules["distrax"]
+  tf = sys.modules.pop("tensorflow", None)
+  try:
+    import distrax as module
+  finally:
+    if tf is not None:
+      sys.modules["tensorflow"] = tf
+  return module
+
+
+distrax = _import_distrax()
 Array = jax.Array
 Variables = Any  # flax variable dict {'params': ..., 'constants': ...}
 

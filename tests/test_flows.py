@@ -2,6 +2,7 @@
 initialisation, data-dependent actnorm, and the JSON spec."""
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +138,18 @@ def test_spec_round_trip_and_errors():
   with pytest.raises(ValueError, match="transformer"):
     m = flows.CouplingFlow(2, transformer="cubic")
     flows.init_variables(m, KEY, jnp.zeros((1, 2)))
+
+
+def test_flows_import_after_tensorflow():
+  """A fresh process that imports TensorFlow (as a TFDS pipeline does) before flows / auxiliary:
+  the import works without tf-keras and a distrax bijector runs (flows._import_distrax)."""
+  import subprocess
+  import sys
+  code = ("import tensorflow, tensorflow_datasets\n"
+          "import auxiliary, flows, jax.numpy as jnp\n"
+          "y = flows.distrax.ScalarAffine(shift=1.0, scale=2.0).forward(jnp.ones(2))\n"
+          "assert float(y[0]) == 3.0 and 'tensorflow' in __import__('sys').modules\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": root})
+  assert out.returncode == 0, out.stderr[-3000:]
