@@ -22,8 +22,9 @@ import ml_collections
 from configs.default_image import get_default_image_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-  config = get_default_image_config()
+def edm_formulation(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The EDM formulation on any image config (shared with configs/digits_edm_dsm.py): the SDE,
+  'edm' preconditioning, log-normal noise levels and weighting, summed loss, Heun 35 NFE."""
   sde = config.sde
   sde.name = "edm"
   sde.sigma_min = sde.eps = 0.002
@@ -32,27 +33,39 @@ def get_config() -> ml_collections.ConfigDict:
   sde.sigma_data = 0.5
   sde.P_mean = -1.2
   sde.P_std = 1.2
+  training = config.training
+  training.weighting = "edm"
+  training.target = "dsm"
+  training.reduce_mean = False
+  model = config.model
+  model.parameterization = "edm"
+  model.input_scaling = False  # c_in is part of the preconditioning
+  model.embedding_type = "positional"
+  model.time_embedding_scale = 1.0  # the network is conditioned on c_noise = ln(sigma) / 4
+  sampling = config.sampling
+  sampling.method = "heun"
+  sampling.n_steps = 18  # 2 * 18 - 1 = 35 NFE
+  sampling.denoise = True  # the last step goes to sigma = 0
+  sampling.c = 0.0
+  sampling.S_churn = 0.0
+  return config
 
+
+def get_config() -> ml_collections.ConfigDict:
+  config = edm_formulation(get_default_image_config())
   training = config.training
   training.batch_size = 512
   training.ref_batch_size = 512
   training.n_iters = 390_625  # 200M images
-  training.weighting = "edm"
-  training.target = "dsm"
-  training.reduce_mean = False
   training.eval_batch_size = 512
 
   model = config.model
-  model.parameterization = "edm"
-  model.input_scaling = False  # c_in is part of the preconditioning
   model.nf = 128
   model.ch_mult = (2, 2, 2)
   model.num_res_blocks = 4
   model.attn_resolutions = (16,)
   model.dropout = 0.13
   model.ema_rate = 0.5 ** (512 / 500_000)  # EMA half-life 0.5M images
-  model.embedding_type = "positional"
-  model.time_embedding_scale = 1.0  # the network is conditioned on c_noise = ln(sigma) / 4
 
   optim = config.optim
   optim.lr = 1e-3
@@ -61,11 +74,4 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data.centered = True  # [-1, 1]: sigma_data = 0.5
   model.center_input = False
-
-  sampling = config.sampling
-  sampling.method = "heun"
-  sampling.n_steps = 18  # 2 * 18 - 1 = 35 NFE
-  sampling.denoise = True  # the last step goes to sigma = 0
-  sampling.c = 0.0
-  sampling.S_churn = 0.0
   return config

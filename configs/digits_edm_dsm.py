@@ -9,35 +9,9 @@ warmup, EMA and clipping are digits_vp's (a 1000-step run, not EDM's 390k).
 """
 import ml_collections
 
+from configs.cifar_edm_dsm import edm_formulation
 from configs.digits_vp import get_config as digits_vp_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = digits_vp_config()
-  sde = config.sde
-  sde.name = "edm"
-  sde.sigma_min = sde.eps = 0.002
-  sde.sigma_max = sde.T = 80.0
-  sde.rho = 7.0
-  sde.sigma_data = 0.5
-  sde.P_mean = -1.2
-  sde.P_std = 1.2
-
-  training = config.training
-  training.weighting = "edm"
-  training.target = "dsm"
-  training.reduce_mean = False
-
-  model = config.model
-  model.parameterization = "edm"
-  model.input_scaling = False  # c_in is part of the preconditioning
-  model.embedding_type = "positional"
-  model.time_embedding_scale = 1.0  # conditioned on c_noise = ln(sigma) / 4
-
-  sampling = config.sampling
-  sampling.method = "heun"
-  sampling.n_steps = 18  # 2 * 18 - 1 = 35 NFE
-  sampling.denoise = True
-  sampling.c = 0.0
-  sampling.S_churn = 0.0
-  return config
+  return edm_formulation(digits_vp_config())
