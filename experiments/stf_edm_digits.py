@@ -110,10 +110,11 @@ def _figures(reports: dict, out: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from PIL import Image
-  fig, axes = plt.subplots(1, len(reports), figsize=(4 * len(reports), 4.3))
+  fig, axes = plt.subplots(1, len(reports), figsize=(4 * len(reports), 4.8))
   for ax, (t, r) in zip(np.atleast_1d(axes), reports.items()):
     ax.imshow(np.asarray(Image.open(os.path.join(out, t, "eval", "samples.png"))), cmap="gray")
-    ax.set_title(f"EDM-{t.upper()}, Heun {r['sampling_nfe']} NFE\n{r['bpd']:.3f} bits/dim")
+    ax.set_title(f"EDM-{t.upper()}, Heun {r['sampling_nfe']:.0f} NFE\n{r['bpd']:.3f} bits/dim",
+                 fontsize=10)
     ax.axis("off")
   fig.tight_layout()
   fig.savefig(os.path.join(out, "samples_dsm_vs_stf.png"), dpi=100)
@@ -126,7 +127,7 @@ def _figures(reports: dict, out: str) -> None:
     ax.plot(s, v, "o-", label=f"{t.upper()} held-out")
   ax.set_yscale("log")
   ax.set_xlabel("step")
-  ax.set_ylabel("EDM-weighted loss (summed over dims)")
+  ax.set_ylabel("EDM loss w.r.t. own target")
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out, "loss_dsm_vs_stf.png"), dpi=100)
