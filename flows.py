@@ -43,7 +43,6 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 
-
 def _import_distrax():
   """distrax imports tensorflow_probability, which, when TensorFlow is already imported (a TFDS
   pipeline, a notebook), force-loads its Keras layers and then fails without the tf-keras package
