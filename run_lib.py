@@ -165,6 +165,11 @@ def _read_rows(path: str, upto: int) -> list[tuple[int, float]]:
   return sorted(rows.items())
 
 
+def read_loss_curves(workdir: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+  """The (step, loss) rows of a workdir's training and held-out loss logs."""
+  return tuple(_read_rows(os.path.join(workdir, name), math.inf) for name in (LOSS_FILE, EVAL_FILE))
+
+
 def _write_rows(path: str, rows: list[tuple[int, float]]) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -94,26 +94,26 @@ def run_T(dataset: str, t_end: float, scale: str, out: str, sequential: bool) ->
                 f"{name}_nfe": rep["likelihood_nfe"],
                 f"{name}_cross_entropy": rep["prior_cross_entropy"],
                 f"{name}_effective_components": fit.get("effective_components")})
-    row["gaussian_cross_entropy"] = rep["gaussian_cross_entropy"]
-    row["samples_png"] = os.path.join(wd, "eval_gaussian", "samples.png")
+  row["samples_png"] = os.path.join(wd, "eval_gaussian", "samples.png")
   return row
 
 
-def effective_components(dataset: str, scale: str) -> list[dict]:
+def effective_components(dataset: str, scale: str, out: str) -> list[dict]:
   """Fig. 4: DPGMM effective components fitted to forward samples of p(x, T), per T and seed."""
   import jax
   import auxiliary
   import sde_lib
-  from modes.fit_prior import data_samples
+  from modes.fit_prior import prior_samples
   s = SCALES[scale]
   rows = []
   for t_end in s["fig4_ts"]:
     config = base_config(dataset, t_end, scale)
     sde = sde_lib.get_sde(config)
+    config.prior.n_fit_samples, config.prior.fit = s["n_fig4"], "concurrent"
     counts = []
     for seed in range(s["seeds"]):
-      k_x, k_t, k_fit = jax.random.split(jax.random.PRNGKey(1000 + seed), 3)
-      x_t = auxiliary.forward_samples(sde, data_samples(config, k_x, s["n_fig4"]), k_t)
+      k_data, k_fit = jax.random.split(jax.random.PRNGKey(1000 + seed))
+      x_t = prior_samples(config, sde, out, k_data)  # forward samples; no model is read
       _, info = auxiliary.fit_prior("dpgmm", x_t, k_fit,
                                     n_components=int(config.prior.n_components),
                                     covariance_type=str(config.prior.covariance_type),
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
   logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
   scale = "smoke" if args.smoke else "full" if args.full else "default"
   t0 = time.time()
-  fig4 = effective_components(args.dataset, scale)
+  fig4 = effective_components(args.dataset, scale, args.out)
   rows = []
   for i, t_end in enumerate(SCALES[scale]["ts"]):
     rows.append(run_T(args.dataset, t_end, scale, args.out, args.sequential or args.full))

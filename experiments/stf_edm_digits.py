@@ -17,7 +17,6 @@ score exp(E KL(p(y|x) || p(y))) (higher is better, 10 at most); entropy in nats.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -63,16 +62,14 @@ def scaled_config(target: str, scale: str):
 
 def run_one(target: str, scale: str, out: str) -> dict:
   """Trains and evaluates one target in out/<target>; returns its report plus the loss curve."""
+  import run_lib
   from modes.evaluate import evaluate
   from modes.train import train
   config = scaled_config(target, scale)
   workdir = os.path.join(out, target)
   train(config, workdir)
   report = evaluate(config, workdir)
-  with open(os.path.join(workdir, "eval_loss.csv")) as f:
-    heldout = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-  with open(os.path.join(workdir, "train_loss.csv")) as f:
-    train_curve = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+  train_curve, heldout = run_lib.read_loss_curves(workdir)
   report["final_heldout_loss"] = heldout[-1][1]
   report["heldout_loss_curve"] = heldout
   report["train_loss_curve"] = train_curve

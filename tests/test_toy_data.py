@@ -206,22 +206,20 @@ def test_marginal_matches_perturbed_samples(sde):
 
 
 def _numpy_marginal_oracle(dist, sde, x: np.ndarray, t: float):
-  """float64 log p_t and score of a Gaussian mixture with diagonal covariances by elementwise NumPy
-  alone (no JAX, no x64 context, no LAPACK): components N(alpha mu_k, alpha^2 diag(s_k^2) +
-  sigma^2 I), log-sum-exp, responsibilities."""
-  covs = np.asarray(dist.covs, np.float64)
-  var0 = np.diagonal(covs, axis1=1, axis2=2)  # (K, D)
-  assert np.array_equal(covs, var0[:, :, None] * np.eye(covs.shape[-1])), "diagonal covariances"
+  """float64 log p_t and score of a Gaussian mixture by NumPy / SciPy alone (no JAX, no x64
+  context): components N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I), log-sum-exp, responsibilities."""
   a64, s64 = _np_coeffs(sde, t)
   w = np.asarray(dist.weights, np.float64)
-  log_w = np.log(w / w.sum())
-  var = a64**2 * var0 + s64**2  # (K, D)
-  diff = x[None] - a64 * np.asarray(dist.means, np.float64)[:, None]  # (K, n, D)
-  terms = (log_w[:, None] - 0.5 * np.sum(diff**2 / var[:, None], axis=-1)
-           - 0.5 * np.sum(np.log(2 * math.pi * var), axis=-1)[:, None])  # (K, n)
+  w = w / w.sum()
+  terms, prec_diffs = [], []
+  for wk, mu, cov in zip(w, np.asarray(dist.means, np.float64), np.asarray(dist.covs, np.float64)):
+    c = a64**2 * cov + s64**2 * np.eye(len(mu))
+    terms.append(np.log(wk) + stats.multivariate_normal(a64 * mu, c).logpdf(x).reshape(len(x)))
+    prec_diffs.append(np.linalg.solve(c, (x - a64 * mu).T).T)
+  terms = np.stack(terms)
   lp = np.logaddexp.reduce(terms, axis=0)
   resp = np.exp(terms - lp)
-  return lp, -np.sum(resp[:, :, None] * diff / var[:, None], axis=0)
+  return lp, -np.einsum("kn,knd->nd", resp, np.stack(prec_diffs))
 
 
 def _np_coeffs(sde, t: float) -> tuple[float, float]:
