@@ -26,6 +26,25 @@ def test_diffusion_time_toy_smoke(tmp_path):
   assert "| 0.100 |" in open(os.path.join(out, "table.md")).read()
 
 
+def test_stf_variance_two_gaussians_smoke(tmp_path):
+  """Xu et al. Theorem 2 on Two Gaussians in 64-D: the Monte Carlo V_DSM(t) (losses.v_dsm) agrees
+  with the script's closed form within 4 standard errors + 2%; V_STF(t; n) < V_DSM(t) for n >= 4
+  at every t; the far-field ratio (n - 1) V_STF / V_DSM is within 0.5 of 1 at t = 1 (M = 128
+  points: its standard error is ~0.1)."""
+  out = str(tmp_path / "out")
+  subprocess.run([sys.executable, os.path.join(REPO, "experiments", "stf_variance_two_gaussians.py"),
+                  "--smoke", "--out", out], check=True, timeout=600, capture_output=True)
+  with open(os.path.join(out, "result.json")) as f:
+    rows = json.load(f)["rows"]
+  for r in rows:
+    assert abs(r["v_dsm"] - r["v_dsm_closed_form"]) < 4 * r["v_dsm_stderr"] + 0.02 * r["v_dsm"]
+    assert all(v < r["v_dsm"] for v in r["v_stf"].values())
+  far = rows[-1]
+  assert far["t"] == 1.0 and all(abs(q - 1.0) < 0.5 for q in far["ratio"].values())
+  for png in ("variance_vs_t.png", "ratio_vs_t.png"):
+    assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
 @pytest.mark.slow
 def test_stf_edm_digits_smoke(tmp_path):
   """Two tiny EDM runs on digits (DSM, STF) train, evaluate bits/dim and sample with Heun at 35 NFE;
