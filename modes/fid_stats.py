@@ -20,13 +20,15 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   ``workdir/fid_stats_<dataset>_<split>.npz`` with ``mu`` and ``sigma`` (the common format; set
   ``eval.fid_stats`` to it)."""
   import evaluation
+  import inception_weights
   run_lib.validate_config(config)
   info = datasets.dataset_info(config)
   if not info.is_image:
     raise ValueError(f"data.dataset={info.name!r}: FID statistics need an image dataset")
   checkpoints.check_writable(workdir)
   with checkpoints.workdir_lock(workdir, "fid_stats"):
-    variables = evaluation.load_inception_params(str(config.eval.inception_weights))
+    variables = evaluation.load_inception_params(
+        inception_weights.resolve_inception_weights(str(config.eval.inception_weights)))
     images = np.concatenate([b.image[b.mask]
                              for b in datasets.get_eval_dataset(config, as_levels=True)])
     images = images.astype(np.float32) / (info.num_grey_levels - 1)

@@ -348,6 +348,32 @@ def test_weight_converter_roundtrips_a_synthetic_torch_state_dict(tmp_path, rand
     conv.convert_state_dict(bad, "bad.pth")
 
 
+def test_fid_weights_fetched_checked_converted_once_into_the_cache(tmp_path, random_variables):
+  """First use with eval.inception_weights='' downloads the published file (here a file:// URL to
+  a synthetic state dict with the real shapes), checks its sha256 prefix, converts it into the
+  cache and deletes the download; later uses read the cache without the network. A wrong
+  checksum keeps nothing; offline, the error names the URL, the cache path and the command."""
+  import inception_weights as iw
+  src = str(tmp_path / "pt_inception_state_dict.npz")
+  np.savez(src, **iw.export_state_dict(random_variables))
+  url, cache = "file://" + src, str(tmp_path / "cache")
+  with pytest.raises(ValueError, match="sha256"):
+    iw.resolve_inception_weights("", cache, url=url, sha256_prefix="00000000")
+  assert os.listdir(cache) == []
+  path = iw.resolve_inception_weights("", cache, url=url, sha256_prefix=iw.sha256_of(src)[:8])
+  assert path == os.path.join(cache, "inception_fid.npz") and os.listdir(cache) == ["inception_fid.npz"]
+  loaded = ev.flatten_variables(ev.load_inception_params(path))
+  for k, v in ev.flatten_variables(random_variables).items():
+    np.testing.assert_array_equal(loaded[k], v)
+  os.remove(src)  # "offline" from now on: the cache answers
+  assert iw.resolve_inception_weights("", cache, url=url) == path
+  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "empty"))) as e:
+    iw.resolve_inception_weights("", str(tmp_path / "empty"), url=url)
+  assert "convert_inception_weights.py --download" in str(e.value) and src in str(e.value)
+  with pytest.raises(FileNotFoundError, match="eval.inception_weights='nope.npz'"):
+    iw.resolve_inception_weights("nope.npz", cache)
+
+
 # ----------------------------------------------------------------------------------------- digits
 
 @pytest.fixture(scope="module")
