@@ -26,6 +26,16 @@ def test_diffusion_time_toy_smoke(tmp_path):
   assert "| 0.100 |" in open(os.path.join(out, "table.md")).read()
 
 
+def test_readme_claims_table_is_generated_from_committed_results():
+  """README's "paper claim → printed → reproduced" block is exactly what experiments/claims.py
+  makes from experiments/results/*/result.json (not typed by hand, not stale)."""
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import claims
+  assert claims.main(["--check"]) == 0
+  rows, _ = claims.collect(os.path.join(REPO, "experiments", "results"))
+  assert rows and all(set(claims.COLUMNS) <= set(r) for r in rows)
+
+
 def test_stf_variance_two_gaussians_smoke(tmp_path):
   """Xu et al. Theorem 2 on Two Gaussians in 64-D: the Monte Carlo V_DSM(t) (losses.v_dsm) agrees
   with the script's closed form within 4 standard errors + 2%; V_STF(t; n) < V_DSM(t) for n >= 4
