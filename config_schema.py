@@ -19,6 +19,7 @@ import numpy as np
 
 import auxiliary
 import datasets
+import dequantization
 import likelihood
 import losses
 import models
@@ -28,7 +29,8 @@ import toy_data
 from models import mlp, ncsnpp
 from models.utils import PARAMETERIZATIONS, get_score_fn
 
-SECTIONS = ("training", "sde", "model", "optim", "data", "sampling", "eval", "prior")
+SECTIONS = ("training", "sde", "model", "optim", "data", "sampling", "eval", "prior",
+            "dequantizer")
 TOP_LEVEL = ("seed",) + SECTIONS
 VECTOR_MODELS = ("mlp",)  # networks of (B, D) vectors (toy data)
 IMAGE_MODELS = ("ncsnpp", "ddpmpp", "unet")  # NCSN++-backbone U-Nets of (B, H, W, C) images
@@ -156,7 +158,9 @@ SCHEMA: dict[str, Field] = {
     "training.snapshot_freq_for_preemption": _int("steps between 'latest' checkpoints", ge=1),
     "training.max_to_keep": _int("periodic checkpoints kept", ge=1),
     "training.weighting": _choice(losses.WEIGHTINGS, "time weighting lambda(t) of the loss"),
-    "training.target": _choice(losses.TARGETS, "regression target: DSM or Stable Target Field"),
+    "training.target": _choice(losses.TARGETS, "objective: DSM, Stable Target Field, ISM or SSM"),
+    "training.n_probes": _int("ism / ssm: Hutchinson probes per example (averaged)", ge=1),
+    "training.hutchinson_probe": _choice(losses.PROBES, "ism / ssm: Hutchinson probe distribution"),
     "training.ref_batch_size": _int("STF reference batch n (contains the training batch)", ge=1),
     "training.reduce_mean": _bool("mean (True) or sum (False) of the loss over data dimensions"),
     "training.eval_batch_size": _int(
@@ -229,7 +233,8 @@ SCHEMA: dict[str, Field] = {
     "data.train_split": _str("image split trained on"),
     # -- sampling -------------------------------------------------------------------------------------
     "sampling.method": _choice(samplers.registered_samplers, "sampler (samplers registry)"),
-    "sampling.c": _float("generative diffusion h^2 = c g^2: 0 ODE, 1 reverse SDE", ge=0),
+    "sampling.c": _float("generative diffusion h^2 = c g^2: 0 ODE ('ode', 'heun', 'ddim' need "
+                         "0), 1 reverse SDE", ge=0),
     "sampling.n_steps": _int("steps of fixed-step samplers (first step of the adaptive SDE)",
                              ge=1),
     "sampling.solver": _choice(samplers.SOLVERS,
@@ -246,6 +251,11 @@ SCHEMA: dict[str, Field] = {
     "sampling.S_min": _float("'heun': churn only for noise levels >= S_min", ge=0),
     "sampling.S_max": _float("'heun': churn only for noise levels <= S_max", gt=0),
     "sampling.S_noise": _float("'heun': std factor of the churn noise", gt=0),
+    "sampling.perturbation": _choice(samplers.PERTURBATIONS,
+                                     "eq. 44 score error of Cao et al., Appendix G.2"),
+    "sampling.perturbation_epsilon": _float("magnitude epsilon of the score error (0 iff 'none')"),
+    "sampling.perturbation_edge": _float("case4/case5 pulse edge as a fraction of T (0: paper's)",
+                                         ge=0, lt=1),
     "sampling.n_samples": _int("samples drawn by --mode=sample", ge=1),
     "sampling.batch_size": _int("samples per sampler call", ge=1),
     # -- eval ---------------------------------------------------------------------------------------
@@ -262,12 +272,14 @@ SCHEMA: dict[str, Field] = {
     "eval.float64": _bool("likelihood in float64"),
     "eval.num_samples": _int("samples for FID / sample metrics; toy held-out set size", ge=1),
     "eval.fid": _bool("FID / Inception Score of samples (images)"),
-    "eval.inception_weights": _str("local .npz of converted Inception-v3 weights"),
+    "eval.inception_weights": _str("converted Inception-v3 .npz; '' = the cache, fetched on first use"),
     "eval.fid_stats": _str("reference statistics .npz (mu, sigma); '' = none"),
     "eval.bound_time_samples": _int("time samples per example of the ScoreFlow bound", ge=1),
     "eval.num_likelihood_examples": _int("toy data: held-out points of the NLL", ge=1),
     "eval.max_steps": _int("likelihood ODE step limit; more is a failed solve", ge=1),
     "eval.max_failed_fraction": _float("eval fails when more likelihood solves fail", ge=0, le=1),
+    "eval.dequantization": _choice(dequantization.DEQUANTIZATIONS, "images: uniform u or the "
+                                   "fitted q_phi(u | k) of --mode=fit_dequantizer"),
     # Prior of the generative process (Franzese et al.): p_noise or a fitted auxiliary nu_phi.
     "prior.kind": _choice(auxiliary.KINDS, "'gaussian' (p_noise) or a fitted 'dpgmm' / 'flow'"),
     "prior.fit": _choice(auxiliary.FIT_METHODS, "samples of p(x, T): forward marginal or ODE"),
@@ -284,6 +296,16 @@ SCHEMA: dict[str, Field] = {
     "prior.flow_steps": _int("flow: optimizer steps", ge=1),
     "prior.flow_lr": _float("flow: peak learning rate", gt=0),
     "prior.flow_batch_size": _int("flow: minibatch size", ge=1),
+    # variational dequantization q_phi(u | k) (ScoreFlow Sec. 5.2; --mode=fit_dequantizer)
+    "dequantizer.flow_steps": _int("Glow steps per level", ge=1),
+    "dequantizer.flow_levels": _int("Glow levels (2^levels divides the image size)", ge=1),
+    "dequantizer.flow_hidden": _int("conditioner width (and of the feature net of x)", ge=1),
+    "dequantizer.context_features": _int("channels of the features of x fed to conditioners", ge=1),
+    "dequantizer.n_iters": _int("optimizer steps", ge=1),
+    "dequantizer.lr": _float("peak learning rate", gt=0),
+    "dequantizer.batch_size": _int("images per step", ge=1),
+    "dequantizer.bound_time_samples": _int("time samples per example of the ScoreFlow bound", ge=1),
+    "dequantizer.save_freq": _int("steps between saves (resume point)", ge=1),
 }
 
 
@@ -358,9 +380,26 @@ def _prior_fit(config) -> None:
                      f"(prior.n_fit_samples minus the held-out part), got {p.n_components}")
 
 
+def _dequantizer(config) -> None:
+  info = datasets.dataset_info(config)
+  if config.eval.dequantization == "variational" and not info.is_image:
+    raise ValueError(f"eval.dequantization='variational' needs image data, got data.dataset="
+                     f"{info.name!r} (toy data are continuous)")
+  f = 2 ** config.dequantizer.flow_levels
+  if info.is_image and info.shape[0] % f:
+    raise ValueError(f"dequantizer.flow_levels={config.dequantizer.flow_levels}: 2^levels = {f} "
+                     f"must divide the image size {info.shape[0]}")
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("prior",), "prior.n_components <= the DPGMM's fitting samples", _prior_fit),
+    Rule(("data", "eval", "dequantizer"), "eval.dequantization='variational' needs images; "
+         "2^dequantizer.flow_levels divides the image size", _dequantizer),
     Rule(("training",), "training.ref_batch_size >= training.batch_size", _ref_batch),
+    Rule(("training",), "training.target 'ism' / 'ssm' not with training.weighting 'edm'; "
+         "training.n_probes = 1 unless the target is 'ism' / 'ssm' (losses.check_objective)",
+         lambda c: losses.check_objective(c.training.target, c.training.weighting,
+                                          c.training.n_probes)),
     Rule(("sde",), "sde.T > sde.eps; beta_max >= beta_min (VP, sub-VP); sigma_max > sigma_min (VE)"
          " (sde_lib.get_sde)", lambda c: sde_lib.get_sde(c)),
     Rule(("model",), "model.* fields of a network family: required when model.name uses them, "

@@ -8,7 +8,8 @@ References (full texts in ``../shared/papers``):
         importance sampling of t (Sec. 5.1, eq. 12), uniform / variational dequantization (Sec. 5.2).
 * [VP]  Huang, Lim, Courville, "A variational perspective on diffusion-based generative models and
         score matching": the continuous-time ELBO of the plug-in reverse SDE (eq. 25), its ISM form
-        with the Hutchinson estimator and its DSM form (Sec. 6.2, eq. 29; Appendix A).
+        with the Hutchinson estimator and its DSM form (Sec. 6.2, eq. 29; Appendix A); the ELBO of
+        the lambda-family of plug-in reverse SDEs (eq. 27, Theorems 6-7; lambda = 1 - c).
 * [HM]  Franzese et al., "How much is enough? A study on diffusion times in score-based generative
         models": the ELBO decomposition (eqs. 4-9, Proposition 1).
 
@@ -28,13 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import hutchinson
 from sde_lib import GaussianPrior, bcast, sum_except_batch
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 DIVERGENCES = ("exact", "hutchinson")
-PROBES = ("rademacher", "gaussian")
+PROBES = hutchinson.PROBES
+sample_probe = hutchinson.sample_probe  # the probes of the likelihood and the losses (one module)
 SOLVERS = {
     "dopri5": diffrax.Dopri5,
     "tsit5": diffrax.Tsit5,
@@ -49,14 +52,6 @@ SOLVERS = {
 def _check(name: str, value: str, allowed) -> None:
   if value not in allowed:
     raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-
-
-def sample_probe(key: Array, shape, probe: str = "rademacher", dtype=jnp.float32) -> Array:
-  """Hutchinson probe v with E[v v^T] = I: Rademacher (+-1) or standard Gaussian entries."""
-  _check("probe", probe, PROBES)
-  if probe == "rademacher":
-    return jax.random.rademacher(key, shape, dtype=dtype)
-  return jax.random.normal(key, shape, dtype=dtype)
 
 
 def _event_dim(x: Array) -> int:
@@ -96,28 +91,25 @@ def drift_and_divergence(score_fn: ScoreFn, sde, divergence: str = "exact"):
   ([SF] eq. 7). Drift and divergence come from ONE linearization of the drift:
 
   * 'exact': ``jax.linearize`` once, then the D Jacobian columns J e_i by vmapping the linear
-    map; div = tr J (cost ~ D jvps, for small D).
+    map; div = tr J (cost ~ D jvps, for small D): ``hutchinson.exact_divergence``.
   * 'hutchinson': one ``jax.jvp`` with the probe v gives (f, J v); div ~= v^T J v
-    (Skilling-Hutchinson; unbiased for E[v v^T] = I).
+    (Skilling-Hutchinson; unbiased for E[v v^T] = I): ``hutchinson.probe_quadratic``.
   """
   _check("divergence", divergence, DIVERGENCES)
   flow = sde.probability_flow(score_fn).drift
 
-  def single(x, t):
-    return flow(x[None], jnp.reshape(t, (1,)).astype(x.dtype))[0]
+  def batched(t):  # the drift of a batch of one example at time t
+    return lambda y: flow(y, jnp.reshape(t, (1,)).astype(y.dtype))
 
   if divergence == "exact":
     def fn(x, t, probe=None):
       del probe
-      fx, lin = jax.linearize(lambda y: single(y, t), x)
-      d = x.size
-      basis = jnp.eye(d, dtype=x.dtype).reshape((d,) + x.shape)
-      cols = jax.vmap(lin)(basis).reshape(d, d)  # row i is J e_i, so cols[i, i] = J_ii
-      return fx, jnp.trace(cols)
+      fx, div = hutchinson.exact_divergence(batched(t), x[None])
+      return fx[0], div[0]
   else:
     def fn(x, t, probe):
-      fx, jv = jax.jvp(lambda y: single(y, t), (x,), (probe,))
-      return fx, jnp.sum(probe * jv)
+      fx, div = hutchinson.probe_quadratic(batched(t), x[None], probe[None])
+      return fx[0], div[0]
   return fn
 
 
@@ -419,6 +411,17 @@ def dataset_bits_per_dim(logp_fn: Callable[[Array, Array], Array], batches: Iter
 # ------------------------------------------------------------------------------------------------
 # Variational bounds: ScoreFlow (DSM form + eps correction) and the CT-ELBO (ISM / DSM forms)
 # ------------------------------------------------------------------------------------------------
+def _draw_xt(sde, x: Array, key: Array, importance_sampling: bool):
+  """One time per example t ~ p(t) (importance sampled p ∝ g^2/sigma^2, [SF] eq. 12, or uniform),
+  1/p(t), z, x_t = alpha_t x + sigma_t z and the probe key of the draw."""
+  k_t, k_z, k_v = jax.random.split(key, 3)
+  t, inv_p = sde.sample_time(k_t, x.shape[0], importance_sampling)
+  t, inv_p = t.astype(x.dtype), inv_p.astype(x.dtype)
+  z = jax.random.normal(k_z, x.shape, dtype=x.dtype)
+  alpha, sigma = sde.marginal_coeffs(t)
+  return t, inv_p, z, bcast(alpha, x) * x + bcast(sigma, x) * z, k_v
+
+
 def _integrand_draw(score_fn: ScoreFn, sde, x: Array, key: Array, form: str, probe: str,
                     importance_sampling: bool) -> tuple[Array, Array]:
   """One (t, x_t) draw per example of the time integral of the bound, already divided by p(t).
@@ -429,13 +432,8 @@ def _integrand_draw(score_fn: ScoreFn, sde, x: Array, key: Array, form: str, pro
   'ism' ([VP] eq. 25): 1/2 g^2 |s|^2 + g^2 div s - div f with div s ~= v^T (ds/dx) v (one jvp);
       returned as (that, 0). Returns (score part, constant), each (B,).
   """
-  b = x.shape[0]
-  k_t, k_z, k_v = jax.random.split(key, 3)
-  t, inv_p = sde.sample_time(k_t, b, importance_sampling)
-  t, inv_p = t.astype(x.dtype), inv_p.astype(x.dtype)
-  z = jax.random.normal(k_z, x.shape, dtype=x.dtype)
-  alpha, sigma = sde.marginal_coeffs(t)
-  xt = bcast(alpha, x) * x + bcast(sigma, x) * z
+  t, inv_p, z, xt, k_v = _draw_xt(sde, x, key, importance_sampling)
+  _, sigma = sde.marginal_coeffs(t)
   g2 = sde.diffusion(t) ** 2
   div_f = drift_divergence(sde, t, x)
   if form == "dsm":
@@ -444,9 +442,8 @@ def _integrand_draw(score_fn: ScoreFn, sde, x: Array, key: Array, form: str, pro
     sm = 0.5 * ratio * sum_except_batch((bcast(sigma, x) * s + z) ** 2)
     const = -0.5 * ratio * sum_except_batch(z**2) - div_f
     return inv_p * sm, inv_p * const
-  v = sample_probe(k_v, x.shape, probe, x.dtype)
-  s, jv = jax.jvp(lambda y: score_fn(y, t), (xt,), (v,))
-  ism = 0.5 * g2 * sum_except_batch(s**2) + g2 * sum_except_batch(v * jv) - div_f
+  s, div_s = hutchinson.divergence(lambda y: score_fn(y, t), xt, k_v, probe)
+  ism = 0.5 * g2 * sum_except_batch(s**2) + g2 * div_s - div_f
   return inv_p * ism, jnp.zeros_like(ism)
 
 
@@ -529,6 +526,62 @@ def ct_elbo(score_fn: ScoreFn, sde, x: Array, key: Array, *, form: str = "ism",
   return dict(elbo=elbo, prior_term=prior_term, integral=integral["total"],
               dsm_constant=-integral["const"] if form == "dsm" else jnp.zeros_like(elbo),
               correction=corr, stderr=integral["stderr"])
+
+
+def lambda_ct_elbo(score_fn: ScoreFn, true_score_fn: ScoreFn, sde, x: Array, key: Array,
+                   lambdas, *, probe: str = "rademacher", n_time_samples: int = 256,
+                   importance_sampling: bool = True, prior: Any = None,
+                   n_prior_samples: int = 16) -> dict:
+  """CT-ELBO of the lambda-family of plug-in reverse SDEs ([VP] eq. 27, Theorem 6; Theorem 7 of
+  Appendix H), for every lambda < 1 of ``lambdas`` at once (common random numbers):
+      dX = [(1 - lambda/2) g^2 s - f] dt + sqrt(1 - lambda) g dB,
+  i.e. scorelab's generative SDE with c = 1 - lambda (``sde.reverse(score_fn, c)``); lambda = 0 is
+  the plug-in reverse SDE of eq. 25 (``ct_elbo``), lambda -> 1 the probability-flow ODE. With
+  A = 1/2 g^2 |s|^2 + g^2 div s (ISM; Hutchinson ``probe`` or 'exact'), B = 1/2 g^2 |s|^2 -
+  g^2 s.grad log q, C = 1/2 g^2 |s - grad log q|^2 and grad log q the marginal score
+  ``true_score_fn(x, t)`` of the data (an oracle: toy_data's ``score_fn(sde)``), Theorem 7 reads
+      E^lambda = E[log prior(Y_T)] - int_eps^T E[(1 - lambda/2) A - div f + (lambda/2) B
+                                                 + lambda^2 / (4 (1 - lambda)) C] ds.
+  The expectations of Theorem 7 are over the lambda-inference SDE given Y_0 = x, whose marginals
+  (not its transition kernels) are the forward process's; Y_s is drawn from the forward kernel
+  here, so the per-example values are unbiased for E_{Y_0}[E^lambda] only after averaging over
+  x ~ p_data: pass data samples and average. Then E_{Y_0}[E^lambda] = E_{Y_0}[E^0] -
+  lambda^2 / (4 (1 - lambda)) int C ds (Theorem 6, eq. 28): every lambda != 0 is below lambda = 0.
+  Time: ``n_time_samples`` draws per example (t importance sampled as in ``ct_elbo``).
+
+  Returns ``dict(elbo (L, B), integral (L, B), stderr (L, B), prior_term (B,), score_gap (B,)
+  (int_eps^T C ds, estimated), lambdas (L,))``, nats.
+  """
+  lam = jnp.atleast_1d(jnp.asarray(lambdas, x.dtype))
+  assert lam.ndim == 1, f"lambdas: want a scalar or a 1-D sequence, got shape {lam.shape}"
+  try:
+    concrete = np.asarray(lam)
+  except jax.errors.TracerArrayConversionError:
+    concrete = None
+  if concrete is not None and not np.all(concrete < 1):
+    raise ValueError(f"lambdas must all be < 1 (lambda = 1 is the ODE: [VP] Theorem 6 divides by "
+                     f"1 - lambda), got {concrete.tolist()}")
+  k_int, k_prior = jax.random.split(key)
+
+  def draw(k):
+    t, inv_p, _, xt, k_v = _draw_xt(sde, x, k, importance_sampling)
+    g2 = sde.diffusion(t) ** 2
+    s, div_s = hutchinson.divergence(lambda y: score_fn(y, t), xt, k_v, probe)
+    q = true_score_fn(xt, t)
+    sq = sum_except_batch(s**2)
+    a = 0.5 * g2 * sq + g2 * div_s
+    b = 0.5 * g2 * sq - g2 * sum_except_batch(s * q)
+    c = 0.5 * g2 * sum_except_batch((s - q) ** 2)
+    df = drift_divergence(sde, t, x)
+    per_lam = ((1 - lam[:, None] / 2) * a - df + lam[:, None] / 2 * b
+               + (lam**2 / (4 * (1 - lam)))[:, None] * c)
+    return inv_p * per_lam, inv_p * c  # (L, B), (B,)
+
+  per_lam, gap = jax.lax.map(draw, jax.random.split(k_int, n_time_samples))
+  integral, stderr = mean_and_stderr(per_lam)
+  prior_term = -prior_cross_entropy(sde, x, k_prior, prior, n_prior_samples)
+  return dict(elbo=prior_term - integral, integral=integral, stderr=stderr, prior_term=prior_term,
+              score_gap=jnp.mean(gap, axis=0), lambdas=lam)
 
 
 def scoreflow_bound(score_fn: ScoreFn, sde, x: Array, key: Array, *, n_time_samples: int = 256,

@@ -17,10 +17,12 @@ Every loss estimates a time-weighted score-matching objective
   Stable Target Field of Xu et al. ("Stable target field for reduced variance score estimation",
   eq. 5 and Algorithm 1), a self-normalized average of transition scores over a reference batch.
 
-The implicit / sliced score-matching forms (Huang et al., "A variational perspective on
-diffusion-based generative models and score matching", eq. 25 and Appendix A) are here too
-(``ism_loss`` / ``ssm_loss``), and the trace-of-covariance diagnostics V_DSM(t), V_STF(t) of the STF
-paper (eq. 4 and §5.2).
+The implicit / sliced score-matching targets ``ism`` / ``ssm`` (Huang et al., "A variational
+perspective on diffusion-based generative models and score matching", eq. 25 and Appendix A;
+``ism_loss`` / ``ssm_loss``) need no clean point: |s|^2 + 2 div s, the divergence by Hutchinson
+(``hutchinson``, training.n_probes probes per example); they equal DSM minus a constant in t and
+work with every weighting but 'edm' (``check_objective``). Also here: the trace-of-covariance
+diagnostics V_DSM(t), V_STF(t) of the STF paper (eq. 4 and §5.2).
 
 A note on the STF minimizer. Xu et al. (eq. 7, Theorem 1) call the STF minimizer biased for finite
 n. When x_t is perturbed from a member of the reference batch (Algorithm 1), it is not: the joint
@@ -41,6 +43,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import hutchinson
 import pytrees
 from sde_lib import bcast, sum_except_batch
 
@@ -51,9 +54,10 @@ TrainScoreFn = Callable[..., Array]
 LossFn = Callable[[Params, Array, Array], tuple[Array, dict]]
 
 WEIGHTINGS = ("default", "likelihood", "likelihood_is", "noise_driven", "data_driven", "edm")
-TARGETS = ("dsm", "stf")
+TARGETS = ("dsm", "stf", "ism", "ssm")
+IMPLICIT_TARGETS = ("ism", "ssm")  # Hutchinson-estimated (training.n_probes, hutchinson_probe)
 OPTIMIZERS = ("adam", "adamw")  # optim.optimizer (make_optimizer)
-PROBES = ("rademacher", "gaussian", "exact")
+PROBES = hutchinson.PROBES  # training.hutchinson_probe (ism_loss also takes 'exact')
 DATA_AXIS = "data"
 
 
@@ -189,48 +193,24 @@ def dsm_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
 
 
 # -- implicit / sliced score matching -----------------------------------------------------------------
-def _probe(key: Array, shape, dtype, probe: str) -> Array:
-  if probe == "rademacher":
-    return jax.random.rademacher(key, shape, dtype=dtype)
-  if probe == "gaussian":
-    return jax.random.normal(key, shape, dtype=dtype)
-  raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
-
-
-def divergence(fn: Callable[[Array], Array], x: Array, key: Optional[Array] = None,
-               probe: str = "rademacher") -> tuple[Array, Array]:
-  """(fn(x), per-example divergence) of a batched map fn: (B, *event) -> (B, *event).
-
-  Hutchinson (1989): div ≈ v^T (d fn / dx) v with E[v v^T] = I, one forward-mode jvp (examples are
-  independent, so one probe per example); ``exact`` sums D jvps with basis vectors (small D)."""
-  if probe == "exact":
-    d = math.prod(x.shape[1:])
-    out = fn(x)
-
-    def diag(k):
-      e = jnp.zeros((d,), x.dtype).at[k].set(1.0)
-      e = jnp.broadcast_to(e.reshape(x.shape[1:]), x.shape)
-      return sum_except_batch(e * jax.jvp(fn, (x,), (e,))[1])
-
-    return out, jnp.sum(jax.vmap(diag)(jnp.arange(d)), axis=0)
-  v = _probe(key, x.shape, x.dtype, probe)
-  out, jv = jax.jvp(fn, (x,), (v,))
-  return out, sum_except_batch(v * jv)
-
-
-def _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, sliced):
-  k_pert, k_probe = jax.random.split(key)
+def _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, sliced,
+                   n_probes, train):
+  """Shared body of ism_loss / ssm_loss; probes and jvps from ``hutchinson`` (one linearization of
+  the score at x_t, ``n_probes`` tangents, the same dropout mask for all of them)."""
+  assert n_probes >= 1, f"n_probes must be >= 1, got {n_probes}"
+  k_pert, k_rest = jax.random.split(key)  # k_pert as in dsm_loss: paired (t, x_t)
+  k_probe, k_model = jax.random.split(k_rest)
   t, w, xt = _perturb(sde, x0, k_pert, weighting)
   d = math.prod(x0.shape[1:])
+  fn = lambda x: score_fn(params, x, t, rng=k_model if train else None)
   if sliced:
-    v = _probe(k_probe, xt.shape, xt.dtype, probe)
-    s, jv = jax.jvp(lambda x: score_fn(params, x, t), (xt,), (v,))
-    div = sum_except_batch(v * jv)
-    sq = sum_except_batch(v * s) ** 2
+    v = hutchinson.sample_probe(k_probe, (n_probes,) + xt.shape, probe, xt.dtype)
+    s, quad = hutchinson.probe_quadratic(fn, xt, v)  # (P, B)
+    proj = jax.vmap(lambda vi: sum_except_batch(vi * s))(v)  # (P, B)
+    per_example = jnp.mean(proj**2 + 2.0 * quad, axis=0)
   else:
-    s, div = divergence(lambda x: score_fn(params, x, t), xt, k_probe, probe)
-    sq = sum_except_batch(s**2)
-  per_example = sq + 2.0 * div
+    s, div = hutchinson.divergence(fn, xt, k_probe, probe, n_probes)
+    per_example = sum_except_batch(s**2) + 2.0 * div
   if reduce_mean:
     per_example = per_example / d
   loss = jnp.mean(w * per_example)
@@ -239,21 +219,47 @@ def _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean
 
 def ism_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
              weighting: str = "default", probe: str = "rademacher",
-             reduce_mean: bool = False) -> tuple[Array, dict]:
+             reduce_mean: bool = False, n_probes: int = 1, train: bool = True) -> tuple[Array, dict]:
   """Implicit score matching E[lambda(t) (|s(x_t)|^2 + 2 div s(x_t))] (Hyvärinen 2005; the integrand
-  of Huang et al. eq. 25 / Appendix A.1), divergence by Hutchinson (or exact). Equals the DSM loss
-  minus E_t[lambda(t) D / sigma_t^2] in expectation (D / sigma_t^2 = E|grad log p_{0t}|^2)."""
-  return _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, False)
+  of Huang et al. eq. 25 / Appendix A.1), divergence by Hutchinson with ``n_probes`` probes per
+  example, averaged (or ``probe='exact'``). Equals the DSM loss minus E_t[lambda(t) D / sigma_t^2]
+  in expectation (D / sigma_t^2 = E|grad log p_{0t}|^2, ``dsm_ism_offset``)."""
+  return _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, False,
+                        n_probes, train)
 
 
 def ssm_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
              weighting: str = "default", probe: str = "rademacher",
-             reduce_mean: bool = False) -> tuple[Array, dict]:
+             reduce_mean: bool = False, n_probes: int = 1, train: bool = True) -> tuple[Array, dict]:
   """Sliced score matching E[lambda(t) ((v.s)^2 + 2 v^T (ds/dx) v)] (Song et al. 2019; Huang et al.
-  Appendix A.2): both terms Hutchinson-sliced, same expectation as ``ism_loss``."""
-  if probe == "exact":
-    raise ValueError("ssm_loss needs a random probe ('rademacher' or 'gaussian')")
-  return _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, True)
+  Appendix A.2): both terms sliced by the same probe v, averaged over ``n_probes`` probes; same
+  expectation as ``ism_loss``."""
+  if probe not in hutchinson.PROBES:
+    raise ValueError(f"ssm_loss needs a random probe {hutchinson.PROBES}, got {probe!r}")
+  return _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, True,
+                        n_probes, train)
+
+
+def check_objective(target: str, weighting: str, n_probes: int = 1) -> None:
+  """Raises ValueError naming the fields for a (training.target, training.weighting,
+  training.n_probes) choice that is not a sensible objective: n_probes > 1 with a target that draws
+  no probe ('dsm' / 'stf': the value would be ignored); 'ism' / 'ssm' with weighting 'edm'. EDM's weight lambda(sigma) sigma^4
+  makes the implicit forms carry the per-example offset lambda sigma^4 D / sigma^2 = D (sigma^2 +
+  sigma_data^2) / sigma_data^2 of ``dsm_ism_offset``, cancelled only in expectation: with
+  log-normal sigma (unbounded, up to ~80) the estimator's variance grows like D sigma^4, while the
+  denoising form's stays O(1) (Karras et al. 2022, Table 1). Every other weighting is a time
+  weighting of the same score error on [eps, T] and works with every target."""
+  if target not in TARGETS:
+    raise ValueError(f"training.target must be one of {TARGETS}, got {target!r}")
+  if target not in IMPLICIT_TARGETS and n_probes != 1:
+    raise ValueError(f"training.n_probes={n_probes} is used by training.target 'ism' / 'ssm' only; "
+                     f"set it to 1 with training.target={target!r}")
+  if target in IMPLICIT_TARGETS and weighting == "edm":
+    raise ValueError(f"training.target={target!r} (implicit / sliced score matching) does not work "
+                     "with training.weighting='edm': the ISM/SSM estimate of EDM's loss carries "
+                     "an offset D (sigma^2 + sigma_data^2) / sigma_data^2 that cancels only in "
+                     "expectation, so its variance grows like sigma^4; use training.target='dsm' "
+                     "or 'stf' with 'edm', or another weighting (e.g. 'default', 'likelihood_is')")
 
 
 def dsm_ism_offset(sde, t: Array, dim: int, weighting: str = "default",
@@ -301,10 +307,13 @@ def v_stf(sde, x0: Array, ref: Array, t: Array, key: Array,
 # -- config-driven loss ---------------------------------------------------------------------------------
 def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> LossFn:
   """loss_fn(params, batch, key) -> (loss, metrics) from ``config.training`` (weighting, target,
-  batch_size B, ref_batch_size n, reduce_mean). The batch is (N, *event): DSM trains on its first B
-  rows; STF needs N = n, trains on the first B rows and uses all n as the reference batch (Xu et
-  al., Algorithm 1). ``train=False`` calls score_fn with rng=None (no dropout). The training
-  section is checked by config_schema (ValueError naming the field)."""
+  batch_size B, ref_batch_size n, reduce_mean, n_probes, hutchinson_probe). The batch is
+  (N, *event): DSM / ISM / SSM train on its first B rows; STF needs N = n, trains on the first B
+  rows and uses all n as the reference batch (Xu et al., Algorithm 1). 'ism' / 'ssm' estimate the
+  divergence with ``training.n_probes`` ``training.hutchinson_probe`` probes per example (Huang et
+  al., eq. 25 and Appendix A); the other targets do not use those two fields. ``train=False`` calls
+  score_fn with rng=None (no dropout). The training section is checked by config_schema (ValueError
+  naming the field; ``check_objective`` for the target / weighting pair)."""
   import config_schema  # deferred: the schema imports this module's choice lists
   config_schema.validate(config, sections=("training",))
   tr = config.training
@@ -312,6 +321,8 @@ def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> Loss
   b = int(tr.batch_size)
   n = int(tr.ref_batch_size)
   reduce_mean = bool(tr.reduce_mean)
+  n_probes, probe = int(tr.n_probes), str(tr.hutchinson_probe)
+  implicit = {"ism": ism_loss, "ssm": ssm_loss}.get(target)
 
   def loss_fn(params: Params, batch: Array, key: Array) -> tuple[Array, dict]:
     rows = batch.shape[0]
@@ -319,6 +330,9 @@ def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> Loss
       raise ValueError(f"STF batch must have training.ref_batch_size={n} rows, got {rows}")
     if rows < b:
       raise ValueError(f"batch has {rows} rows, fewer than training.batch_size={b}")
+    if implicit is not None:
+      return implicit(sde, score_fn, params, batch[:b], key, weighting, probe, reduce_mean,
+                      n_probes, train)
     ref = batch if target == "stf" else None
     return dsm_loss(sde, score_fn, params, batch[:b], key, weighting, reduce_mean, ref, train)
 

@@ -27,8 +27,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   # 'noise_driven' / 'data_driven' (ODE-vs-SDE paper, Appendix I), 'edm' (log-normal sigma and
   # EDM's lambda(sigma), Karras et al. 2022; sde.name 'edm' only).
   training.weighting = "default"
-  # Regression target: 'dsm' (denoising score matching) or 'stf' (Stable Target Field, Xu et al.).
+  # Objective: 'dsm' (denoising score matching), 'stf' (Stable Target Field, Xu et al.), 'ism' /
+  # 'ssm' (implicit / sliced score matching, the CT-ELBO integrand of Huang et al. eq. 25; not with
+  # weighting 'edm').
   training.target = "dsm"
+  training.n_probes = 1  # ism / ssm: Hutchinson probes per example (averaged)
+  training.hutchinson_probe = "rademacher"  # ism / ssm: 'rademacher' | 'gaussian'
   training.ref_batch_size = 128  # STF reference batch n (>= batch_size; the batch is part of it)
   training.reduce_mean = False  # mean (True) or sum (False) over data dimensions
   # Held-out rows per loss evaluation, in whole training batches (at least one).
@@ -86,10 +90,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Generation. c is the generative diffusion coefficient h^2 = c g^2 (Cao et al.):
   # c = 0 probability-flow ODE, c = 1 reverse SDE, c > 1 more noise.
   config.sampling = sampling = ml_collections.ConfigDict()
-  # The ODE is c = 0 whatever c says; 'pc' samples the reverse SDE and needs c = 1.
+  # 'ode', 'heun' and 'ddim' integrate the probability-flow ODE and need c = 0; 'sde', 'pc'
+  # (predictor) and 'exponential' sample the generative SDE for any c >= 0.
   # 'ode' | 'sde' | 'pc' | 'exponential' | 'heun' | 'ddim' (samplers.registered_samplers())
   sampling.method = "ode"
-  sampling.c = 1.0
+  sampling.c = 0.0
   sampling.n_steps = 1000  # fixed-step samplers; the adaptive SDE's first step is (T - eps) / n_steps
   # 'ode': 'tsit5' | 'dopri5'; 'sde': 'euler' | 'heun' | 'sra1' | 'shark' (an ODE name: 'euler').
   sampling.solver = "tsit5"
@@ -107,6 +112,13 @@ def get_default_config() -> ml_collections.ConfigDict:
   sampling.S_min = 0.0
   sampling.S_max = 1e6  # EDM's inf (no upper limit): any value above the largest noise level
   sampling.S_noise = 1.0
+  # Pulse-shaped score error of Cao et al. (Appendix G.2, eq. 44): the sampler uses
+  # (1 + perturbation_epsilon m(T - t)) s; samplers.PERTURBATIONS: 'none' | 'case1' (m = 1) |
+  # 'case2' (-1) | 'case3' ((1 + sin(2 pi u / T)) / 2) | 'case4' (1[u < edge T], early) |
+  # 'case5' (1[u > edge T], late), u = T - t the generative time.
+  sampling.perturbation = "none"
+  sampling.perturbation_epsilon = 0.0  # epsilon (paper: 0.02); non-zero iff a case is chosen
+  sampling.perturbation_edge = 0.0  # case4/case5 pulse edge / T; 0: the paper's 0.95 / 0.99
   sampling.n_samples = 64  # samples of --mode=sample
   sampling.batch_size = 64  # samples per sampler call
 
@@ -131,6 +143,20 @@ def get_default_config() -> ml_collections.ConfigDict:
   prior.flow_lr = 1e-3
   prior.flow_batch_size = 256
 
+  # Variational dequantization q_phi(u | k) (ScoreFlow, Sec. 5.2, eq. 13; Flow++): a conditional
+  # Glow + sigmoid fitted by --mode=fit_dequantizer (DIR/dequantizer/) to the trained score model
+  # (frozen) through the ScoreFlow bound (eq. 39); eval uses it when eval.dequantization says so.
+  config.dequantizer = dequantizer = ml_collections.ConfigDict()
+  dequantizer.flow_steps = 4  # Glow steps per level
+  dequantizer.flow_levels = 1  # Glow levels (2^levels divides the image size)
+  dequantizer.flow_hidden = 32  # conditioner width (and of the feature net of x)
+  dequantizer.context_features = 8  # channels of the features of x fed to every conditioner
+  dequantizer.n_iters = 2000  # Adam steps
+  dequantizer.lr = 1e-3  # peak learning rate (warmup, cosine decay)
+  dequantizer.batch_size = 64
+  dequantizer.bound_time_samples = 16  # time samples per example of the bound in the objective
+  dequantizer.save_freq = 250  # steps between saves (a restart resumes from the last one)
+
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.batch_size = 256
   evaluate.checkpoint = -1  # step to evaluate; -1 = latest
@@ -145,7 +171,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   evaluate.float64 = False  # likelihood in float64
   evaluate.num_samples = 1000  # samples for FID / sample-based metrics; toy held-out set size
   evaluate.fid = False  # FID / Inception Score of samples (images)
-  evaluate.inception_weights = ""  # local .npz of converted Inception-v3 weights
+  evaluate.inception_weights = ""  # converted .npz; '' = $SCORELAB_CACHE/inception_fid.npz, fetched
+  # and converted on first use (inception_weights.py, docs/fid.md)
   evaluate.fid_stats = ""  # reference statistics .npz (mu, sigma)
   evaluate.bound_time_samples = 64  # time samples per example of the ScoreFlow bound
   evaluate.num_likelihood_examples = 1000  # toy data: held-out points of the NLL
@@ -153,4 +180,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Failed likelihood solves (max_steps reached, non-finite) are counted, reported with their
   # example indices and excluded from the mean; eval fails when more than this fraction fail.
   evaluate.max_failed_fraction = 0.01
+  # 'uniform' (u ~ U[0,1)) or 'variational' (the q_phi(u | k) of --mode=fit_dequantizer): bits/dim of
+  # the ODE and of the bound are E_q[-log p(scale(k + u)) + log q(u | k)] + the scaling log-det.
+  evaluate.dequantization = "uniform"
   return config
