@@ -274,7 +274,11 @@ SCHEMA: dict[str, Field] = {
     "eval.fid": _bool("FID / Inception Score of samples (images)"),
     "eval.inception_weights": _str("converted Inception-v3 .npz; '' = the cache, fetched on first use"),
     "eval.fid_stats": _str("reference statistics .npz (mu, sigma); '' = none"),
-    "eval.bound_time_samples": _int("time samples per example of the ScoreFlow bound", ge=1),
+    "eval.bound_time_samples": _int("time samples per example of the ScoreFlow bound and CT-ELBO",
+                                    ge=1),
+    "eval.ct_elbo": _bool("CT-ELBO of the plug-in reverse SDE (Huang et al. eq. 25), ISM + DSM forms"),
+    "eval.ct_elbo_lambdas": Field("floats", "toy data: lambda-family CT-ELBOs (Huang et al. eq. 27)",
+                                  lt=1),
     "eval.num_likelihood_examples": _int("toy data: held-out points of the NLL", ge=1),
     "eval.max_steps": _int("likelihood ODE step limit; more is a failed solve", ge=1),
     "eval.max_failed_fraction": _float("eval fails when more likelihood solves fail", ge=0, le=1),
@@ -372,6 +376,19 @@ def _splits(config) -> None:
                        f"got {split!r}")
 
 
+def _ct_elbo_lambdas(config) -> None:
+  lambdas, dataset = tuple(config["eval"]["ct_elbo_lambdas"]), config["data"]["dataset"]
+  if not lambdas:
+    return
+  if not config["eval"]["ct_elbo"]:
+    raise ValueError(f"eval.ct_elbo_lambdas={lambdas} needs eval.ct_elbo=True")
+  dist = (toy_data.get_toy_distribution(dataset) if dataset in toy_data.TOY_DISTRIBUTIONS
+          else None)
+  if dist is None or not hasattr(dist, "marginal_score"):
+    raise ValueError(f"eval.ct_elbo_lambdas needs toy data with an exact marginal score (the "
+                     f"lambda-ELBO uses it, Huang et al. Theorem 6), got data.dataset={dataset!r}")
+
+
 def _prior_fit(config) -> None:
   p = config.prior
   n_fit = p.n_fit_samples - max(1, int(round(p.heldout_fraction * p.n_fit_samples)))
@@ -409,6 +426,8 @@ RULES: tuple[Rule, ...] = (
          lambda c: datasets.dataset_info(c)),
     Rule(("data", "eval"), "data.train_split and eval.split are splits of an image dataset",
          _splits),
+    Rule(("data", "eval"), "eval.ct_elbo_lambdas only with eval.ct_elbo and toy data with an "
+         "exact marginal score", _ct_elbo_lambdas),
     Rule(("model", "data"), "U-Nets need images whose size 2^(len(ch_mult) - 1) divides, MLPs "
          "vectors; model.center_input needs data.centered=False", _model_data),
     Rule(("model", "sde"), "the score wrapper takes model.parameterization for this SDE "

@@ -174,7 +174,13 @@ def get_default_config() -> ml_collections.ConfigDict:
   evaluate.inception_weights = ""  # converted .npz; '' = $SCORELAB_CACHE/inception_fid.npz, fetched
   # and converted on first use (inception_weights.py, docs/fid.md)
   evaluate.fid_stats = ""  # reference statistics .npz (mu, sigma)
-  evaluate.bound_time_samples = 64  # time samples per example of the ScoreFlow bound
+  evaluate.bound_time_samples = 64  # time samples per example of the ScoreFlow bound and CT-ELBO
+  # CT-ELBO of the plug-in reverse SDE (Huang et al., eq. 25) in its ISM (Hutchinson) and DSM forms,
+  # bits/dim (images) or nats (toy). Off by default: ~3x the ScoreFlow bound's cost per example.
+  evaluate.ct_elbo = False
+  # Toy data with exact marginal scores (eval.ct_elbo on): the CT-ELBO of the lambda-family of
+  # plug-in reverse SDEs (eq. 27, Theorem 6; lambda = 1 - c), each lambda < 1, e.g. (0.0, 0.5, 0.9).
+  evaluate.ct_elbo_lambdas = ()
   evaluate.num_likelihood_examples = 1000  # toy data: held-out points of the NLL
   evaluate.max_steps = 4096  # likelihood ODE: an example needing more steps is a failed solve
   # Failed likelihood solves (max_steps reached, non-finite) are counted, reported with their

@@ -42,6 +42,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str =
       else:
         report.update(_toy_likelihood(config, model, k_ll, k_bound))
       report.update(_prior_terms(config, model, jax.random.fold_in(k_bound, 1)))
+      report.update(_ct_elbo(config, model, jax.random.fold_in(k_bound, 2)))
     report.update(_samples_and_metrics(config, model, k_sample, out_dir))
     run_lib.write_json(os.path.join(out_dir, "report.json"), report)
     for k in sorted(report):
@@ -177,6 +178,59 @@ def _toy_stage(name: str, nll: np.ndarray) -> dict[str, Any]:
   return {name: float(mean), f"{name}_stderr": float(stderr), f"{name}_n_examples": int(ok.sum()),
           f"{name}_n_failed": int((~ok).sum()),
           f"{name}_failed_indices": [int(i) for i in np.flatnonzero(~ok)]}
+
+
+def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
+  """CT-ELBO of the plug-in reverse SDE (Huang et al., eq. 25) in its ISM (Hutchinson, or the
+  exact trace when eval.divergence is 'exact') and DSM (eq. 29) forms, with the eps correction of
+  the ScoreFlow bound (eq. 39), eval.bound_time_samples times per example: -ELBO in bits/dim over
+  the split (images, uniform dequantization) or in nats on the held-out toy points. Toy data with
+  eval.ct_elbo_lambdas: the mean lambda-family ELBO (eq. 27, Theorem 6) with the exact marginal
+  score of toy_data as the oracle, as -E^lambda nats (on [eps, T], no eps correction), and the
+  score gap 1/2 int g^2 E|s - grad log p_t|^2 that Theorem 6 scales by lambda^2 / (4 (1 - lambda))."""
+  import likelihood
+  ev = config.eval
+  if not ev.ct_elbo:
+    return {}
+  probe = "exact" if str(ev.divergence) == "exact" else str(ev.hutchinson_probe)
+  n_t = int(ev.bound_time_samples)
+  fns = {form: jax.jit(lambda y, k, form=form: likelihood.ct_elbo(
+      model.score_fn, model.sde, y, k, form=form, probe=probe, n_time_samples=n_t,
+      prior=model.prior, eps_correction_term=True)["elbo"]) for form in ("ism", "dsm")}
+  out: dict[str, Any] = {"ct_elbo_time_samples": n_t, "ct_elbo_probe": probe}
+  info = datasets.dataset_info(config)
+  if info.is_image:
+    batches = [b.image[b.mask] for b in datasets.get_eval_dataset(config, as_levels=True)]
+    n = sum(len(b) for b in batches)
+    for i, (form, fn) in enumerate(fns.items()):
+      with Progress(f"bits/dim CT-ELBO ({form.upper()} form)", n, "images") as p:
+        r = likelihood.dataset_bits_per_dim(
+            fn, batches, jax.random.fold_in(key, i), batch_size=int(ev.batch_size),
+            num_levels=info.num_grey_levels, centered=info.centered,
+            dtype=jnp.float64 if ev.float64 else jnp.float32, on_batch=p.update)
+      out.update(_stage(f"ct_elbo_{form}_bpd", r))
+    out["ct_elbo_dequantization"] = "uniform"
+    return out
+  dtype = jnp.float64 if ev.float64 else jnp.float32
+  x = jnp.asarray(run_lib.toy_reference(config, int(ev.num_likelihood_examples)), dtype)
+  for i, (form, fn) in enumerate(fns.items()):
+    with Progress(f"NLL CT-ELBO ({form.upper()} form)", len(x), "points") as p:
+      nll = -np.asarray(fn(x, jax.random.fold_in(key, i)), np.float64)
+      p.update(len(x))
+    out.update(_toy_stage(f"ct_elbo_{form}_nll", nll))
+  lambdas = tuple(float(v) for v in ev.ct_elbo_lambdas)
+  if lambdas:
+    dist = toy_data.get_toy_distribution(config.data.dataset)
+    with Progress("lambda-family CT-ELBO (exact marginal score)", len(x), "points") as p:
+      r = jax.jit(lambda y, k: likelihood.lambda_ct_elbo(
+          model.score_fn, dist.score_fn(model.sde), model.sde, y, k, lambdas, probe=probe,
+          n_time_samples=n_t, prior=model.prior))(x, jax.random.fold_in(key, 2))
+      p.update(len(x))
+    for lam, e in zip(lambdas, np.asarray(r["elbo"], np.float64)):
+      stage = _toy_stage(f"ct_elbo_lambda_{lam:g}_nll", -e)
+      out.update({k: v for k, v in stage.items() if not k.endswith(("_n_failed", "_indices"))})
+    out["ct_elbo_score_gap"] = float(np.mean(np.asarray(r["score_gap"], np.float64)))
+  return out
 
 
 def _check_failures(config, report: dict[str, Any]) -> None:
