@@ -41,7 +41,7 @@ Array = jax.Array
 RESUMABLE_FIELDS = ("training.n_iters", "training.log_freq", "training.eval_freq",
                     "training.snapshot_freq", "training.snapshot_freq_for_preemption",
                     "training.max_to_keep")
-RESUMABLE_SECTIONS = ("sampling.", "eval.", "prior.")
+RESUMABLE_SECTIONS = ("sampling.", "eval.", "prior.", "dequantizer.")
 # What eval / sample rebuild from a workdir: these fields must match its config.json (sde.T and
 # sde.eps may differ: one trained model is evaluated over diffusion times, Franzese et al.).
 MODEL_FIELDS = ("model.", "sde.", "data.dataset", "data.image_size", "data.num_channels",

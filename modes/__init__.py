@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 Mode = Callable[[Any, str], Any]
 _MODES: dict[str, Mode] = {}
-_MODULES = ("train", "evaluate", "sample", "fid_stats", "import_checkpoint", "fit_prior")
+_MODULES = ("train", "evaluate", "sample", "fid_stats", "import_checkpoint", "fit_prior",
+            "fit_dequantizer")
 
 
 def register_mode(name: str) -> Callable[[Mode], Mode]:

@@ -32,13 +32,14 @@ from progress import Progress
 @register_mode("eval")
 def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str = "eval"):
   """Evaluates the checkpoint; returns the report (also ``workdir/<eval_folder>/report.json``)."""
+  dequantizer = _load_dequantizer(config, workdir)  # before any output: fails naming the mode
   with run_lib.model_outputs(config, workdir, eval_folder) as (model, out_dir):
     k_ll, k_bound, k_sample = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1), 3)
     report: dict[str, Any] = _header(config, model)
     with jax.enable_x64(bool(config.eval.float64)):
       if datasets.dataset_info(config).is_image:
-        report.update(_image_likelihood(config, model, k_ll, k_bound))
+        report.update(_image_likelihood(config, model, k_ll, k_bound, dequantizer))
       else:
         report.update(_toy_likelihood(config, model, k_ll, k_bound))
       report.update(_prior_terms(config, model, jax.random.fold_in(k_bound, 1)))
@@ -57,7 +58,17 @@ def _header(config, model: run_lib.ScoreModel) -> dict[str, Any]:
   return {"step": model.step, "dataset": config.data.dataset, "split": str(ev.split),
           "sde": config.sde.name, "T": float(config.sde.T), "eps": float(config.sde.eps),
           "likelihood_divergence": str(ev.divergence), "likelihood_dtype":
-          "float64" if ev.float64 else "float32", "dequantization": "uniform"}
+          "float64" if ev.float64 else "float32", "dequantization": str(ev.dequantization)}
+
+
+def _load_dequantizer(config, workdir: str):
+  """None (uniform), or the q_phi(u | k) of --mode=fit_dequantizer (eval.dequantization)."""
+  if config.eval.dequantization != "variational":
+    return None
+  from modes.fit_dequantizer import load_dequantizer
+  run_lib.validate_config(config)
+  run_lib.require_checkpoint(workdir)
+  return load_dequantizer(config, workdir)
 
 
 def _likelihood_fns(config, model: run_lib.ScoreModel):
@@ -81,8 +92,11 @@ def _likelihood_fns(config, model: run_lib.ScoreModel):
   return logp_fn, neg_bound_fn
 
 
-def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound) -> dict[str, Any]:
-  """bits/dim of the ODE and of the bound over the whole split, with progress per batch."""
+def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound,
+                      dequantizer=None) -> dict[str, Any]:
+  """bits/dim of the ODE and of the bound over the whole split, with progress per batch; with a
+  ``dequantizer`` q(u | k), of E_q[-log p(scale(k + u)) + log q(u | k)] (ScoreFlow eq. 13), one u
+  per example, the same scaling log-det as the uniform path (``likelihood.bits_per_dim``)."""
   import likelihood
   ev = config.eval
   info = datasets.dataset_info(config)
@@ -92,6 +106,10 @@ def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound) -> dict[
   common = dict(batch_size=int(ev.batch_size), num_levels=info.num_grey_levels,
                 centered=info.centered, dtype=jnp.float64 if ev.float64 else jnp.float32)
   out: dict[str, Any] = {}
+  if dequantizer is not None:
+    logp_fn, neg_bound_fn = (dequantizer.lift(f, common["dtype"]) for f in (logp_fn, neg_bound_fn))
+    common["dequantize"] = False  # the lifted functions take the levels k and draw u ~ q(. | k)
+    out["dequantizer_step"] = dequantizer.step
   if ev.bpd:
     nfe: list[np.ndarray] = []
 

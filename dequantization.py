@@ -1,0 +1,206 @@
+"""Dequantization q(u | x) of discrete data: uniform and variational (Song et al. 2021b, "Maximum
+likelihood training of score-based diffusion models" [SF], Sec. 5.2, eq. 13; Ho et al. 2019,
+"Flow++", Sec. 3.1).
+
+Integer data k in {0..L-1}^D are dequantized to k + u, u in [0, 1)^D, and scaled to model space
+y = (k + u) / L (or 2 (k + u) / L - 1 when ``centered``), the scaling of ``likelihood.bits_per_dim``.
+For any q(u | k) on [0, 1)^D, Jensen gives the lower bound on the discrete log-likelihood
+
+    log P(k) = log int p_u(k + u) du >= E_{u ~ q(.|k)}[log p_u(k + u) - log q(u | k)]      ([SF] eq. 13)
+
+with p_u(k + u) = p_y(y) |dy/du| (``likelihood.bits_per_dim`` holds that log-det); its gap is
+KL[q(.|k) || q*(.|k)] with the optimum q*(u | k) = p_u(k + u) / P(k). Uniform dequantization is
+q = U[0, 1)^D (log q = 0); variational dequantization fits a conditional flow q_phi (this module).
+
+:class:`Dequantizer` is q_phi(u | k): s = f^{-1}(z; c(k)), z ~ N(0, I), by a ``flows`` model
+(:class:`flows.Glow` for images, :class:`flows.CouplingFlow` for vectors) whose conditioners all see
+features c(k) of the data (a small conv net / MLP: the context input of ``flows``), then
+u = sigmoid(s) (``distrax.Sigmoid``), so u lies in (0, 1)^D and
+log q(u | k) = log p_S(s) - log|det du/ds| by the library bijectors' log-dets.
+
+:func:`make_train_step` builds the jitted Adam step of [SF] eq. 13 for any continuous model
+``log_p_fn(y, key) -> log p_y(y)``: the exact density (tests) or minus the ScoreFlow bound of a
+frozen score model (``likelihood.scoreflow_bound``, eq. 39, ``--mode=fit_dequantizer``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import flows
+import likelihood
+
+Array = jax.Array
+DEQUANTIZATIONS = ("uniform", "variational")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scaling (the one shared with likelihood.bits_per_dim)
+# ---------------------------------------------------------------------------------------------------
+
+def levels_of(x: Array, num_levels: int, centered: bool) -> Array:
+  """Integer levels k (float) of ``x``: integer arrays as they are, data scaled as k / (L - 1) to
+  [0, 1] (or [-1, 1] when ``centered``) by rounding (the convention of ``uniform_dequantize``)."""
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return x.astype(jnp.float32)
+  scaled = (x + 1.0) / 2.0 if centered else x
+  return jnp.round(scaled * (num_levels - 1))
+
+
+def scale(k: Array, u: Array, num_levels: int, centered: bool) -> Array:
+  """y = (k + u) / L, or 2 (k + u) / L - 1 when ``centered`` ([SF] Sec. 5.2; ``uniform_dequantize``
+  with a given u)."""
+  y = (k + u) / num_levels
+  return 2.0 * y - 1.0 if centered else y
+
+
+def discrete_log_prob(logp_y_minus_log_q: Array, shape: Sequence[int], num_levels: int,
+                      centered: bool) -> Array:
+  """E_q[log p_u(k + u) - log q(u | k)] in nats from log p_y(y) - log q(u | k): adds log|dy/du|,
+  the offset of ``likelihood.bits_per_dim`` (taken from it, so both paths share one constant)."""
+  d = math.prod(shape)
+  bpd = likelihood.bits_per_dim(logp_y_minus_log_q, shape, centered=centered,
+                                num_levels=num_levels)
+  return -bpd * d * math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# q_phi(u | k): a conditional flow squashed by a sigmoid
+# ---------------------------------------------------------------------------------------------------
+
+class Dequantizer(nn.Module):
+  """q_phi(u | k) on (0, 1)^D (Flow++ Sec. 3.1; [SF] Sec. 5.2). ``event_shape`` (H, W, C): a
+  :class:`flows.Glow` with ``num_levels`` levels of ``num_steps`` steps; (D,): a spline
+  :class:`flows.CouplingFlow` of ``num_steps`` layers. Its conditioners get ``context_features``
+  features of k / (L - 1) - 1/2 (two 3x3 convs, or a two-layer MLP, of width ``hidden``). Latent ->
+  u: flow inverse, then ``distrax.Sigmoid``. Initialise with uniform u (:func:`init_variables`):
+  the flow's actnorm layers standardise logit(u), so q starts near U(0, 1)^D."""
+  event_shape: tuple[int, ...]
+  num_levels: int  # grey levels L of the data
+  num_steps: int = 4
+  flow_levels: int = 1
+  hidden: int = 32
+  context_features: int = 8
+
+  def setup(self):
+    shape = tuple(int(s) for s in self.event_shape)
+    h = self.hidden
+    if len(shape) == 3:
+      self.flow = flows.Glow(shape, num_levels=self.flow_levels, num_steps=self.num_steps,
+                             hidden=h)
+      self.features = [nn.Conv(h, (3, 3), padding="SAME"),
+                       nn.Conv(self.context_features, (3, 3), padding="SAME")]
+    elif len(shape) == 1:
+      self.flow = flows.CouplingFlow(shape[0], num_layers=self.num_steps, hidden=(h, h),
+                                     transformer="spline")
+      self.features = [nn.Dense(h), nn.Dense(self.context_features)]
+    else:
+      raise ValueError(f"Dequantizer models vectors (D,) or images (H, W, C), got {shape}")
+    self.squash = flows.distrax.Block(flows.distrax.Sigmoid(), len(shape))
+
+  def context(self, k: Array) -> Array:
+    """Features c(k) fed to every coupling conditioner."""
+    h = k / max(self.num_levels - 1, 1) - 0.5
+    return self.features[1](nn.gelu(self.features[0](h)))
+
+  def log_prob(self, u: Array, k: Array) -> Array:
+    """log q(u | k) = log p_S(logit u) + log|det d logit(u)/du| per example (B,)."""
+    s, ld = self.squash.inverse_and_log_det(u)
+    return self.flow.log_prob(s, self.context(k)) + ld
+
+  def sample_and_log_prob(self, key: Array, k: Array) -> tuple[Array, Array]:
+    """One u ~ q(. | k) per row of k and log q(u | k): s ~ p_S, u = sigmoid(s),
+    log q = log p_S(s) - log|det du/ds|."""
+    s, log_ps = self.flow.sample_and_log_prob(key, k.shape[0], self.context(k))
+    u, ld = self.squash.forward_and_log_det(s)
+    return u, log_ps - ld
+
+  def __call__(self, u: Array, k: Array) -> Array:
+    return self.log_prob(u, k)
+
+
+def init_variables(model: Dequantizer, key: Array, k: Array) -> dict:
+  """Variables of ``model`` from a batch of levels k, initialised on u ~ U(0, 1) (see the class)."""
+  k_u, k_init = jax.random.split(key)
+  u = jax.random.uniform(k_u, k.shape, minval=1e-3, maxval=1.0 - 1e-3)
+  return model.init(k_init, u, jnp.asarray(k, jnp.float32), method="log_prob")
+
+
+def log_prob(model: Dequantizer, variables, u: Array, k: Array) -> Array:
+  """log q(u | k) per example (B,)."""
+  return model.apply(variables, u, jnp.asarray(k, jnp.float32), method="log_prob")
+
+
+def sample_and_log_prob(model: Dequantizer, variables, key: Array,
+                        k: Array) -> tuple[Array, Array]:
+  """(u, log q(u | k)), one draw per row of k."""
+  return model.apply(variables, key, jnp.asarray(k, jnp.float32), method="sample_and_log_prob")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dequantized log-likelihood and its fit
+# ---------------------------------------------------------------------------------------------------
+
+def dequantized_log_p(log_p_fn: Callable[[Array, Array], Array], k: Array, key: Array, *,
+                      num_levels: int, centered: bool, sample_q: Optional[Callable] = None,
+                      dtype=jnp.float32) -> Array:
+  """log p_y(y) - log q(u | k) with u ~ q(. | k) (one draw per example), y = scale(k, u): pass to
+  ``likelihood.bits_per_dim`` / :func:`discrete_log_prob`, which add log|dy/du|. ``sample_q(key,
+  k) -> (u, log q)``; None is uniform dequantization (log q = 0). ``log_p_fn(y, key)`` gives
+  log p_y (the ODE's log p, or minus the ScoreFlow bound)."""
+  k = jnp.asarray(k).astype(dtype)
+  k_q, k_p = jax.random.split(key)
+  if sample_q is None:
+    u, log_q = jax.random.uniform(k_q, k.shape, dtype), jnp.zeros(k.shape[:1], dtype)
+  else:
+    u, log_q = sample_q(k_q, k)
+  y = scale(k, u.astype(dtype), num_levels, centered)
+  return log_p_fn(y, k_p) - log_q.astype(dtype)
+
+
+def make_train_step(model: Dequantizer, constants: dict, log_p_fn: Callable[[Array, Array], Array],
+                    optimizer, *, num_levels: int, centered: bool):
+  """Jitted ``step(params, opt_state, k, key) -> (params, opt_state, loss)`` of [SF] eq. 13:
+  minimises E_k E_{u~q}[-log p_u(k + u) + log q(u | k)] / D (nats/dim; reparameterised u, so the
+  gradient flows through ``log_p_fn``'s input). ``log_p_fn(y, key) -> log p_y(y)``: e.g. minus
+  ``likelihood.scoreflow_bound``'s ``nll_bound`` of a frozen score model ([SF] eq. 39)."""
+  import optax
+
+  def loss_fn(params, k, key):
+    variables = {"params": params, **constants}
+    sample_q = lambda kq, kk: sample_and_log_prob(model, variables, kq, kk)  # noqa: E731
+    lp = dequantized_log_p(log_p_fn, k, key, num_levels=num_levels, centered=centered,
+                           sample_q=sample_q)
+    shape = k.shape[1:]
+    return -jnp.mean(discrete_log_prob(lp, shape, num_levels, centered)) / math.prod(shape)
+
+  @jax.jit
+  def step(params, opt_state, k, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, k, key)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def make_optimizer(lr: float, steps: int, grad_clip: float = 1.0, warmup: int = 100):
+  """Adam with linear warmup and cosine decay of ``lr`` to lr / 100, global-norm clipping."""
+  import optax
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2 or 1),
+                                                max(steps, 2), lr * 1e-2)
+  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule))
+
+
+def model_spec(model: Dequantizer) -> dict[str, Any]:
+  """JSON-able static fields of ``model`` (saved with it; :func:`from_spec` rebuilds it)."""
+  return {"event_shape": [int(s) for s in model.event_shape], "num_levels": int(model.num_levels),
+          "num_steps": int(model.num_steps), "flow_levels": int(model.flow_levels),
+          "hidden": int(model.hidden), "context_features": int(model.context_features)}
+
+
+def from_spec(spec: dict[str, Any]) -> Dequantizer:
+  return Dequantizer(**{**spec, "event_shape": tuple(spec["event_shape"])})
