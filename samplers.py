@@ -83,6 +83,15 @@ _NEEDS_LEVY_AREA = ("sra1", "shark")
 # solver name, the shared default, means Euler-Maruyama).
 SOLVERS = tuple(ODE_SOLVERS) + tuple(SDE_SOLVERS)
 PC_PREDICTORS = ("reverse_diffusion", "euler_maruyama")
+# SDEs whose linear drift the exponential integrator integrates in closed form (sde.name values).
+EXPONENTIAL_SDES = ("vpsde", "subvpsde", "vesde", "edm")
+EXPONENTIAL_SDE_CLASSES = (sde_lib.VPSDE, sde_lib.subVPSDE, sde_lib.VESDE, sde_lib.EDM)
+
+
+def _check_c(c: Array | float) -> None:
+  """ValueError naming sampling.c for a (concrete) negative c; traced values are not checked."""
+  if isinstance(c, (int, float)) and c < 0:
+    raise ValueError(f"sampling.c must be >= 0, got {c}")
 
 
 def perturbed_score(score_fn: ScoreFn, score_perturbation: Optional[ScoreFn],
@@ -94,6 +103,45 @@ def perturbed_score(score_fn: ScoreFn, score_perturbation: Optional[ScoreFn],
 
   def fn(x: Array, t: Array) -> Array:
     return score_fn(x, t) + epsilon * score_perturbation(x, t)
+
+  return fn
+
+
+# Pulse-shaped score errors of Cao et al., Appendix G.2, eq. 44 (generative time u = T - t):
+# E(x, t) = m(u) * score(x, t) with m = 1 (case1), -1 (case2), (1 + sin(2 pi u / T)) / 2 (case3),
+# 1[u < edge T] (case4: early pulse, edge 0.95) and 1[u > edge T] (case5: late pulse, edge 0.99).
+PERTURBATIONS = ("none", "case1", "case2", "case3", "case4", "case5")
+PULSE_EDGES = {"case4": 0.95, "case5": 0.99}  # the paper's pulse edges (fractions of T)
+
+
+def pulse_multiplier(case: str, u: Array, T: Array | float, edge: Optional[float] = None) -> Array:
+  """m(u) of Cao et al., eq. 44 at generative time u in [0, T] (``edge``: the pulse edge of
+  case4/case5 as a fraction of T, default ``PULSE_EDGES``; not used by the other cases)."""
+  u = jnp.asarray(u)
+  if case not in PERTURBATIONS[1:]:
+    raise ValueError(f"sampling.perturbation must be one of {PERTURBATIONS[1:]} here, got {case!r}")
+  if case in PULSE_EDGES:
+    edge = PULSE_EDGES[case] if edge is None else edge
+    inside = u < edge * T if case == "case4" else u > edge * T
+    return inside.astype(u.dtype)
+  if edge is not None:
+    raise ValueError(f"sampling.perturbation_edge is only used by {tuple(PULSE_EDGES)}, got "
+                     f"{edge!r} with {case!r}")
+  if case == "case3":
+    return 0.5 * (1.0 + jnp.sin(2.0 * jnp.pi * u / T))
+  return jnp.full_like(u, 1.0 if case == "case1" else -1.0)
+
+
+def pulse_perturbed_score(score_fn: ScoreFn, sde, case: str, epsilon: Array | float,
+                          edge: Optional[float] = None) -> ScoreFn:
+  """s + epsilon E = (1 + epsilon m(T - t)) s: the score with the eq. 44 error of Cao et al.
+  (Appendix G.2; E is proportional to the score itself, so this costs no extra evaluation)."""
+  epsilon = jnp.asarray(epsilon)
+
+  def fn(x: Array, t: Array) -> Array:
+    T = jnp.asarray(sde.T)
+    m = pulse_multiplier(case, T - jnp.asarray(t), T, edge)
+    return (1.0 + epsilon * bcast(m, x).astype(x.dtype)) * score_fn(x, t)
 
   return fn
 
@@ -215,8 +263,7 @@ def sde_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
   ``max_steps`` (default 16 n_steps) bounds the work; Euler has no error estimate and is refused.
   """
   _check_sde_solver(solver, adaptive)
-  if isinstance(c, (int, float)) and c < 0:
-    raise ValueError(f"sampling.c must be >= 0, got {c}")
+  _check_c(c)
   c = jnp.asarray(c)
   score = perturbed_score(score_fn, score_perturbation, epsilon)
   k_prior, k_bm = jax.random.split(key)
@@ -275,26 +322,34 @@ def _transition_coeffs(sde, t: Array, dt: Array) -> tuple[Array, Array]:
 
 
 def pc_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
-               n_steps: int = 1000, predictor: str = "reverse_diffusion",
+               c: Array | float = 1.0, n_steps: int = 1000, predictor: str = "reverse_diffusion",
                snr: Array | float = 0.16, n_corrector_steps: int = 1,
                denoise: bool = False, prior: Optional[Prior] = None,
                score_perturbation: Optional[ScoreFn] = None, epsilon: Array | float = 0.0,
                x_init: Optional[Array] = None) -> tuple[Array, Stats]:
   """Predictor-corrector sampling (Song et al. 2021, "Score-based generative modeling through
-  SDEs", Algorithms 2-3 and Appendix G) for the reverse SDE (c = 1), a ``lax.scan`` over n_steps.
+  SDEs", Algorithms 2-3 and Appendix G), a ``lax.scan`` over n_steps, whose predictor steps the
+  generative process of Cao et al. (eq. 2-3) with h^2 = c g^2: drift f - (1 + c)/2 g^2 s, diffusion
+  sqrt(c) g (c = 1: score_sde's reverse SDE, bit for bit; c = 0: the probability-flow ODE).
 
   At each t_i: ``n_corrector_steps`` Langevin steps x <- x + e s + sqrt(2 e) z with
   e = 2 a^2 (snr |z| / |s|)^2 (norms averaged over the batch, a^2 = alpha_t^2 / alpha_{t-dt}^2 as
   score_sde's 1 - beta_i for VP and 1 for VE), then one predictor step to t_i - dt:
-  'reverse_diffusion': x <- (2 - a) x + b^2 s + b z with the exact transition (a, b) of
-  ``_transition_coeffs`` (score_sde's ReverseDiffusionPredictor with DDPM/NCSN discretization);
-  'euler_maruyama': x <- x - [f - g^2 s] dt + g sqrt(dt) z.
+  'reverse_diffusion': x <- (2 - a) x + (1 + c)/2 b^2 s + sqrt(c) b z with the exact transition
+  (a, b) of ``_transition_coeffs``: score_sde's ReverseDiffusionPredictor (DDPM/NCSN
+  discretization, forward step x <- a x + b z, i.e. discrete drift (a - 1) x and diffusion b)
+  with the reverse drift and diffusion of the c-family, x <- x - [(a - 1) x - (1 + c)/2 b^2 s]
+  + sqrt(c) b z; 'euler_maruyama': x <- x - [f - (1 + c)/2 g^2 s] dt + sqrt(c) g sqrt(dt) z.
+  The Langevin corrector targets p_t whatever c is.
   NFE = n_steps (1 + n_corrector_steps) (+1 with denoise).
   """
   if predictor not in PC_PREDICTORS:
     raise ValueError(f"sampling.predictor must be one of {PC_PREDICTORS}, got {predictor!r}")
   if n_corrector_steps < 0:
     raise ValueError(f"sampling.n_corrector_steps must be >= 0, got {n_corrector_steps}")
+  _check_c(c)
+  c = jnp.asarray(c)
+  half_1pc = 0.5 * (1.0 + c)  # exactly 1.0 for c = 1: the c = 1 arithmetic is unchanged
   score = perturbed_score(score_fn, score_perturbation, epsilon)
   snr = jnp.asarray(snr)
   k_prior, k_loop = jax.random.split(key)
@@ -323,10 +378,10 @@ def pc_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
     s = score(x, t)
     z = jax.random.normal(k_pred, x.shape, x.dtype)
     if predictor == "reverse_diffusion":
-      x = (2.0 - bcast(a, x)) * x + b2 * s + jnp.sqrt(b2) * z
+      x = (2.0 - bcast(a, x)) * x + half_1pc * b2 * s + jnp.sqrt(c * b2) * z
     else:
       g = bcast(sde.diffusion(t), x)
-      x = x - (sde.drift(x, t) - g**2 * s) * dt + g * jnp.sqrt(dt) * z
+      x = x - (sde.drift(x, t) - half_1pc * g**2 * s) * dt + jnp.sqrt(c) * g * jnp.sqrt(dt) * z
     return (x, key), None
 
   (x, _), _ = jax.lax.scan(one_step, (x, k_loop), ts)
@@ -339,26 +394,63 @@ def pc_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
 # Exponential integrator (Cao et al., Appendix H.4)
 # ---------------------------------------------------------------------------------------------------
 
+def exponential_step_coeffs(sde, t: Array, dt: Array) -> tuple[Array, Array, Array]:
+  """(gamma, k, v) of one exponential-integrator step from t to t' = t - dt (Cao et al.,
+  Appendix H.4): x <- gamma x + (1 + c) k s(x, t) + sqrt(c v) z is the exact solution of the
+  generative SDE dx = [f - (1 + c)/2 g^2 s] dt + sqrt(c) g dw_bar on [t', t] with the score frozen
+  at s(x, t), for the linear drift f = -1/2 beta x (VP, sub-VP) or f = 0 (VE, EDM).
+
+  Derivation: with alpha = exp(-B/2), B(t) = int_0^t beta (alpha = 1 when f = 0), y = x / alpha
+  has no linear term, dy = -(1 + c)/2 g^2 / alpha s dt + sqrt(c) g / alpha dw_bar, so
+      gamma = alpha(t') / alpha(t),
+      k = 1/2 alpha(t') int_{t'}^t g^2 / alpha du,  v = alpha(t')^2 int_{t'}^t g^2 / alpha^2 du.
+  With h = (B(t) - B(t')) / 2 and e = exp(-2 B(t')):
+  * VP (g^2 = beta): gamma = e^h, k = e^h - 1, v = e^{2h} - 1 (the paper's gamma_k form);
+  * sub-VP (g^2 = beta (1 - e^{-2B})): the extra -beta e^{-2B} in g^2 integrates to
+    k = e^h - 1 - e / 3 (1 - e^{-3h}),  v = e^{2h} - 1 - e (1 - e^{-2h});
+  * VE / EDM (f = 0, g^2 = d sigma^2 / dt): gamma = 1, k = D / 2, v = D with
+    D = sigma(t)^2 - sigma(t')^2 (VE: sigma(t)^2 (1 - (sigma_max / sigma_min)^{-2 dt});
+    EDM: sigma = t, D = dt (2 t - dt)).
+  expm1 keeps the small-step differences accurate in float32.
+  """
+  if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
+    half = 0.5 * (sde.int_beta(t) - sde.int_beta(t - dt))
+    gamma = jnp.exp(half)
+    k, v = jnp.expm1(half), jnp.expm1(2.0 * half)
+    if isinstance(sde, sde_lib.subVPSDE):
+      e = jnp.exp(-2.0 * sde.int_beta(t - dt))
+      k = k + e / 3.0 * jnp.expm1(-3.0 * half)
+      v = v + e * jnp.expm1(-2.0 * half)
+    return gamma, k, v
+  if isinstance(sde, sde_lib.VESDE):
+    d = sde.sigma(t) ** 2 * -jnp.expm1(-2.0 * dt * sde.log_ratio())
+  elif isinstance(sde, sde_lib.EDM):
+    d = dt * (2.0 * t - dt)
+  else:
+    raise ValueError(f"the exponential integrator supports sde.name in {EXPONENTIAL_SDES}, got "
+                     f"{type(sde).__name__}")
+  return jnp.ones_like(d), 0.5 * d, d
+
+
 def exponential_integrator_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
                                    c: Array | float = 1.0, n_steps: int = 1000,
                                    denoise: bool = False, prior: Optional[Prior] = None,
                                    score_perturbation: Optional[ScoreFn] = None,
                                    epsilon: Array | float = 0.0,
                                    x_init: Optional[Array] = None) -> tuple[Array, Stats]:
-  """Exponential integrator for the VP generative family (Cao et al., Appendix H.4): the linear
-  part 1/2 beta x is integrated exactly and the score is frozen at the left end of each step.
-
-  With h^2 = c g^2 = c beta, a step from t to t - dt (forward time) is exactly
-      x <- gamma x + (1 + c)(gamma - 1) s(x, t) + sqrt(c (gamma^2 - 1)) z,
-      gamma = exp((B(t) - B(t - dt)) / 2),  B(t) = int_0^t beta,
-  since int exp(1/2 int beta) (1 + c) beta / 2 = (1 + c)(gamma - 1) and
-  int exp(int beta) c beta = c (gamma^2 - 1); this is the paper's gamma_k for linear beta and any T.
-  The z's are drawn inside the loop (memory O(batch) for any n_steps). NFE = n_steps (+1 denoise).
+  """Exponential integrator of the generative family (Cao et al., Appendix H.4) for VP, sub-VP,
+  VE and EDM: the linear part of the drift is integrated exactly and the score is frozen at the
+  left end of each step, x <- gamma x + (1 + c) k s(x, t) + sqrt(c v) z with the closed forms
+  (gamma, k, v) of ``exponential_step_coeffs`` on the uniform grid t_i = T - i (T - eps) / N.
+  For VP this is the paper's Y_{k+1} = gamma_k Y_k + (1 + c)(gamma_k - 1) S_k +
+  sqrt(c (gamma_k^2 - 1)) Z_k (alpha^2 = c), valid for any T. It converges at first order to the
+  ODE (c = 0, pathwise) and SDE (in law) solutions. The z's are drawn inside the loop (memory
+  O(batch) for any n_steps). NFE = n_steps (+1 denoise).
   """
-  if not isinstance(sde, sde_lib.VPSDE):
-    raise ValueError(f"the exponential integrator needs sde.name='vpsde', got {type(sde).__name__}")
-  if isinstance(c, (int, float)) and c < 0:
-    raise ValueError(f"sampling.c must be >= 0, got {c}")
+  if not isinstance(sde, EXPONENTIAL_SDE_CLASSES):
+    raise ValueError(f"the exponential integrator supports sde.name in {EXPONENTIAL_SDES}, got "
+                     f"{type(sde).__name__}")
+  _check_c(c)
   c = jnp.asarray(c)
   score = perturbed_score(score_fn, score_perturbation, epsilon)
   k_prior, k_loop = jax.random.split(key)
@@ -368,10 +460,8 @@ def exponential_integrator_sampler(score_fn: ScoreFn, sde, key: Array, shape: Se
   def one_step(x, inputs):
     i, t = inputs
     z = jax.random.normal(jax.random.fold_in(k_loop, i), x.shape, x.dtype)
-    half = 0.5 * (sde.int_beta(t) - sde.int_beta(t - dt))
-    gamma = jnp.exp(half)
-    gamma2m1 = jnp.expm1(2.0 * half)
-    x = gamma * x + (1.0 + c) * jnp.expm1(half) * score(x, t) + jnp.sqrt(c * gamma2m1) * z
+    gamma, k, v = exponential_step_coeffs(sde, t, dt)
+    x = gamma * x + (1.0 + c) * k * score(x, t) + jnp.sqrt(c * v) * z
     return x, None
 
   x, _ = jax.lax.scan(one_step, x, (jnp.arange(n_steps), ts))
@@ -524,12 +614,21 @@ def _fixed_steps_only(cfg, method: str) -> None:
     raise ValueError(f"sampling.adaptive: method {method!r} has fixed steps only, got True")
 
 
+def _deterministic_only(cfg, method: str) -> None:
+  """The probability-flow ODE samplers are c = 0 by definition: refuse any other sampling.c."""
+  if float(cfg.c) != 0.0:
+    raise ValueError(f"sampling.c must be 0 for method {method!r} (it integrates the "
+                     f"probability-flow ODE, h = 0); use method 'sde', 'pc' or 'exponential' "
+                     f"for c > 0, got {cfg.c!r}")
+
+
 @register_sampler("ode")
 def _ode_options(cfg, sde):
-  """Probability-flow ODE (c = 0 by definition; sampling.c and n_steps are not used)."""
+  """Probability-flow ODE (c = 0 by definition, so sampling.c must be 0; n_steps not used)."""
   if cfg.solver not in ODE_SOLVERS:
     raise ValueError(f"sampling.solver must be one of {sorted(ODE_SOLVERS)} for method 'ode', "
                      f"got {cfg.solver!r}")
+  _deterministic_only(cfg, "ode")
   return ode_sampler, dict(solver=str(cfg.solver), rtol=float(cfg.rtol), atol=float(cfg.atol),
                            max_steps=int(cfg.max_steps))
 
@@ -548,20 +647,17 @@ def _sde_options(cfg, sde):
 
 @register_sampler("pc")
 def _pc_options(cfg, sde):
-  """Predictor-corrector for the reverse SDE: only c = 1."""
-  if float(cfg.c) != 1.0:
-    raise ValueError(f"sampling.c must be 1 for method 'pc' (it samples the reverse SDE), "
-                     f"got {cfg.c!r}")
+  """Predictor-corrector; the predictor steps the generative family with h^2 = sampling.c g^2."""
   _fixed_steps_only(cfg, "pc")
-  return pc_sampler, dict(n_steps=int(cfg.n_steps), predictor=str(cfg.predictor),
+  return pc_sampler, dict(c=float(cfg.c), n_steps=int(cfg.n_steps), predictor=str(cfg.predictor),
                           snr=float(cfg.snr), n_corrector_steps=int(cfg.n_corrector_steps))
 
 
 @register_sampler("exponential")
 def _exponential_options(cfg, sde):
-  """Exponential integrator of the VP generative family."""
-  if not isinstance(sde, sde_lib.VPSDE):
-    raise ValueError("sampling.method='exponential' needs sde.name='vpsde', got "
+  """Exponential integrator of the generative family (VP, sub-VP, VE, EDM)."""
+  if not isinstance(sde, EXPONENTIAL_SDE_CLASSES):
+    raise ValueError(f"sampling.method='exponential' needs sde.name in {EXPONENTIAL_SDES}, got "
                      f"{type(sde).__name__}")
   _fixed_steps_only(cfg, "exponential")
   return exponential_integrator_sampler, dict(c=float(cfg.c), n_steps=int(cfg.n_steps))
@@ -570,8 +666,10 @@ def _exponential_options(cfg, sde):
 @register_sampler("heun")
 def _heun_options(cfg, sde):
   """EDM's Heun sampler: sampling.n_steps noise levels (>= 2), churn S_churn / S_min / S_max /
-  S_noise; deterministic (sampling.c and solver are not used) unless S_churn > 0."""
+  S_noise; deterministic unless S_churn > 0 (its noise is EDM's churn, not the c-family, so
+  sampling.c must be 0; solver is not used)."""
   _fixed_steps_only(cfg, "heun")
+  _deterministic_only(cfg, "heun")
   if int(cfg.n_steps) < 2:
     raise ValueError(f"sampling.n_steps must be >= 2 for method 'heun', got {cfg.n_steps!r}")
   if float(cfg.S_min) > float(cfg.S_max):
@@ -583,20 +681,45 @@ def _heun_options(cfg, sde):
 
 @register_sampler("ddim")
 def _ddim_options(cfg, sde):
-  """Deterministic DDIM (eta = 0) with sampling.n_steps steps (sampling.c is not used)."""
+  """Deterministic DDIM (eta = 0, Euler for the probability-flow ODE: sampling.c must be 0) with
+  sampling.n_steps steps."""
   _fixed_steps_only(cfg, "ddim")
+  _deterministic_only(cfg, "ddim")
   return ddim_sampler, dict(n_steps=int(cfg.n_steps))
 
 
 SAMPLING_METHODS = registered_samplers()  # the built-in methods
 
 
+def perturbation_options(cfg) -> Optional[tuple[str, float, Optional[float]]]:
+  """(case, epsilon, edge) of the eq. 44 score error selected by ``config.sampling`` (None for
+  'none'), for ``pulse_perturbed_score``. Refuses, naming the field, an epsilon without a case, a
+  case without an epsilon, and a pulse edge for a case without a pulse (edge 0: the paper's)."""
+  case, epsilon, edge = str(cfg.perturbation), float(cfg.perturbation_epsilon), float(
+      cfg.perturbation_edge)
+  if case == "none":
+    if epsilon != 0.0 or edge != 0.0:
+      field = "perturbation_epsilon" if epsilon != 0.0 else "perturbation_edge"
+      raise ValueError(f"sampling.{field} must be 0 with sampling.perturbation='none', got "
+                       f"{cfg[field]!r}")
+    return None
+  if epsilon == 0.0:
+    raise ValueError(f"sampling.perturbation_epsilon must be non-zero with sampling.perturbation="
+                     f"{case!r} (the error is epsilon E, Cao et al. eq. 6), got {epsilon!r}")
+  if case not in PULSE_EDGES and edge != 0.0:
+    raise ValueError(f"sampling.perturbation_edge is only used by {tuple(PULSE_EDGES)} and must be "
+                     f"0 with sampling.perturbation={case!r}, got {edge!r}")
+  return case, epsilon, (edge if edge != 0.0 else None) if case in PULSE_EDGES else None
+
+
 def sampler_kwargs(config, sde) -> tuple[Callable[..., tuple[Array, Stats]], dict]:
   """(sampler, options) for ``config.sampling`` from the registry: the method's own options plus
-  ``denoise``. ValueError names a field the sampler cannot honour (call outside jit)."""
+  ``denoise``. ValueError names a field the sampler cannot honour (call outside jit); the score
+  perturbation fields are checked here too (every sampler honours them, see get_sampler)."""
   cfg = config.sampling
   if cfg.method not in _SAMPLERS:
     raise ValueError(f"sampling.method must be one of {registered_samplers()}, got {cfg.method!r}")
+  perturbation_options(cfg)
   fn, kwargs = _SAMPLERS[cfg.method](cfg, sde)
   return fn, dict(kwargs, denoise=bool(cfg.denoise))
 
@@ -607,16 +730,26 @@ def get_sampler(config, sde, shape: Sequence[int], prior: Optional[Prior] = None
   """``sample_fn(score_fn, key, sde=sde) -> (samples, stats)`` from ``config.sampling`` (checked
   by config_schema, then mapped to the sampler's options by the builder registered for
   ``sampling.method``). Passing ``sde`` to a jitted ``sample_fn`` sweeps T without recompiling.
-  Invalid values raise ValueError naming the field (call outside jit).
+  ``sampling.perturbation`` (not 'none') replaces the score by the eq. 44 error of Cao et al.,
+  (1 + perturbation_epsilon m(T - t)) s (``pulse_perturbed_score``); it cannot be combined with an
+  explicit ``score_perturbation``. Invalid values raise ValueError naming the field (call outside
+  jit).
   """
   import config_schema  # deferred: the schema imports this module's choice lists
   config_schema.validate(config, sections=("sampling",))
   fn, kwargs = sampler_kwargs(config, sde)
+  pulse = perturbation_options(config.sampling)
+  if pulse is not None and score_perturbation is not None:
+    raise ValueError(f"sampling.perturbation={pulse[0]!r} and an explicit score_perturbation "
+                     "cannot be combined; set sampling.perturbation='none'")
   kwargs.update(prior=prior, score_perturbation=score_perturbation, epsilon=epsilon)
   default_sde = sde
   shape = tuple(shape)
 
   def sample_fn(score_fn: ScoreFn, key: Array, sde: Any = None) -> tuple[Array, Stats]:
-    return fn(score_fn, default_sde if sde is None else sde, key, shape, **kwargs)
+    sde = default_sde if sde is None else sde
+    if pulse is not None:
+      score_fn = pulse_perturbed_score(score_fn, sde, *pulse)
+    return fn(score_fn, sde, key, shape, **kwargs)
 
   return sample_fn

@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.center_input = True  # score_sde: [0, 1] data enter NCSN++ as 2x - 1
   sampling = config.sampling
   sampling.method = "pc"
+  sampling.c = 1.0  # reverse-diffusion predictor of the reverse SDE
   sampling.snr = 0.17
   sampling.n_corrector_steps = 1
   sampling.rtol = sampling.atol = 1e-4  # RK45 (method 'ode') tolerances for CelebA

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.centered = False
   config.model.center_input = True  # score_sde: [0, 1] data enter NCSN++ as 2x - 1
   config.sampling.method = "pc"
+  config.sampling.c = 1.0  # reverse-diffusion predictor of the reverse SDE
   config.sampling.snr = 0.16
   config.sampling.n_corrector_steps = 1
   return config

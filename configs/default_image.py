@@ -75,6 +75,7 @@ def get_default_image_config() -> ml_collections.ConfigDict:
 
   sampling = config.sampling
   sampling.method = "sde"  # reverse SDE (c = 1), Euler-Maruyama, as score_sde's VP 'pc' sampler
+  sampling.c = 1.0
   sampling.n_samples = 50_000
   sampling.batch_size = 500
 

@@ -11,4 +11,5 @@ def get_config():
   config.sde.eps = 1e-3
   config.training.n_iters = 3000
   config.sampling.method = "sde"
+  config.sampling.c = 1.0  # reverse SDE
   return config

@@ -10,4 +10,5 @@ def get_config():
   config.sde.beta_min, config.sde.beta_max, config.sde.T = 1.0, 1.0, 4.0
   config.sde.eps = 1e-3
   config.sampling.method = "sde"
+  config.sampling.c = 1.0  # reverse SDE
   return config

@@ -27,4 +27,5 @@ def get_config():
   config.optim.lr = 1e-2
   config.optim.warmup = 100
   config.sampling.method = "sde"
+  config.sampling.c = 1.0  # reverse SDE
   return config

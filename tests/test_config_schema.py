@@ -167,14 +167,19 @@ def test_model_fields_follow_model_name():
     ("digits_vp", {"data.dataset": "gmm_2d", "data.image_size": 0, "data.num_channels": 0},
      "model.name"),
     ("toy_gmm_2d", {"model.parameterization": "scale_by_sigma"}, "model.parameterization"),
-    ("toy_gmm_2d", {"sampling.method": "pc", "sampling.c": 2.0}, "sampling.c"),
+    ("toy_gmm_2d", {"sampling.method": "ode", "sampling.c": 1.0}, "sampling.c"),
+    ("toy_gmm_2d", {"sampling.method": "ddim", "sampling.c": 2.0}, "sampling.c"),
+    ("toy_gmm_2d", {"sampling.perturbation": "case4"}, "sampling.perturbation_epsilon"),
+    ("toy_gmm_2d", {"sampling.perturbation_epsilon": 0.02}, "sampling.perturbation_epsilon"),
+    ("toy_gmm_2d", {"sampling.perturbation": "case1", "sampling.perturbation_epsilon": 0.02,
+                    "sampling.perturbation_edge": 0.5}, "sampling.perturbation_edge"),
     ("toy_gmm_2d", {"sampling.method": "pc", "sampling.c": 1.0, "sampling.adaptive": True},
      "sampling.adaptive"),
     ("toy_gmm_2d", {"sampling.method": "exponential", "sampling.adaptive": True},
      "sampling.adaptive"),
     ("toy_gmm_2d", {"sampling.method": "ode", "sampling.solver": "heun"}, "sampling.solver"),
     ("toy_gmm_2d", {"sampling.method": "sde", "sampling.adaptive": True}, "sampling.solver"),
-    ("toy_two_gaussians_64d", {"sampling.method": "exponential"}, "sampling.method"),
+    ("toy_two_gaussians_64d", {"sampling.method": "heun", "sampling.c": 1.0}, "sampling.c"),
 ])
 def test_cross_field_rules(base, changes, field):
   config = _load(base)
@@ -191,7 +196,11 @@ def test_valid_cross_field_combinations():
   for changes in ({"sampling.method": "pc", "sampling.c": 1.0},
                   {"sampling.method": "sde", "sampling.solver": "heun", "sampling.adaptive": True},
                   {"sampling.method": "exponential", "sampling.c": 2.0},
-                  {"sampling.method": "ode", "sampling.solver": "dopri5"}):
+                  {"sampling.method": "pc", "sampling.c": 2.0},
+                  {"sampling.method": "exponential", "sde.name": "vesde"},
+                  {"sampling.perturbation": "case5", "sampling.perturbation_epsilon": 0.02,
+                   "sampling.perturbation_edge": 0.9},
+                  {"sampling.method": "ode", "sampling.solver": "dopri5", "sampling.c": 0.0}):
     c = config
     for dotted, value in changes.items():
       c = _with(c, dotted, value)

@@ -226,6 +226,83 @@ def test_exponential_integrator_agrees_with_em_and_ode():
     np.testing.assert_array_less(np.abs(np.mean(xe, 0) - np.mean(xm, 0)), Z * se_diff + 0.01)
 
 
+def exact_ode_solution(sde, x_T, mean=MEAN2, cov=COV2):
+  """Closed-form probability-flow ODE map p_T -> p_eps for Gaussian data N(m, C): the standardized
+  eigen-coordinates (u_i^T x - alpha_t u_i^T m) / sqrt(alpha_t^2 lam_i + sigma_t^2) are constant
+  in t, so x_eps = alpha_eps m + U diag(sqrt(v_eps / v_T)) U^T (x_T - alpha_T m) (float64)."""
+  lam, u = np.linalg.eigh(np.asarray(cov, np.float64))
+  (a_T, s_T), (a_e, s_e) = [np.asarray(sde.marginal_coeffs(jnp.asarray(v)), np.float64)
+                            for v in (sde.T, sde.eps)]
+  scale = np.sqrt((a_e**2 * lam + s_e**2) / (a_T**2 * lam + s_T**2))
+  m = np.asarray(mean, np.float64)
+  return a_e * m + ((np.asarray(x_T, np.float64) - a_T * m) @ u * scale) @ u.T
+
+
+EXP_SDES = [sde_lib.subVPSDE(eps=1e-3), sde_lib.VESDE(eps=1e-3), sde_lib.EDM(T=80.0, eps=2e-3)]
+
+
+@pytest.mark.parametrize("sde", EXP_SDES, ids=["subvp", "ve", "edm"])
+def test_exponential_integrator_converges_first_order(sde):
+  """Cao et al., Appendix H.4 generalised (samplers.exponential_step_coeffs): for Gaussian data
+  (toy_data.gaussian, exact score) and c = 0 the exponential integrator from a fixed x_T converges
+  to the closed-form ODE solution at first order: halving the step halves the max error (measured
+  ratios 2.00-2.18 from 100 to 400 steps; we require 1.8-2.4, a wrong coefficient k or gamma
+  plateaus instead), and at 400 steps the error is below 2% of the prior scale."""
+  dist = toy_data.gaussian(MEAN2, COV2)
+  score = functools.partial(dist.marginal_score, sde)
+  x_T = sde.prior_sample(jax.random.PRNGKey(5), (256, 2))
+  ref = exact_ode_solution(sde, x_T)
+  run = jax.jit(lambda n: samplers.exponential_integrator_sampler(
+      score, sde, jax.random.PRNGKey(0), (256, 2), c=0.0, n_steps=n, x_init=x_T)[0],
+      static_argnums=0)
+  errs = [float(np.max(np.abs(np.asarray(run(n), np.float64) - ref))) for n in (100, 200, 400)]
+  ratios = [errs[0] / errs[1], errs[1] / errs[2]]
+  assert all(1.8 < r < 2.4 for r in ratios), (errs, ratios)
+  assert errs[2] < 0.02 * float(sde.prior_std()), errs
+
+
+@pytest.mark.parametrize("sde", EXP_SDES[:2], ids=["subvp", "ve"])
+def test_exponential_integrator_in_law_subvp_ve(sde):
+  """c = 1 and c = 4 at 500 steps: the samples have the exact moments of p_eps =
+  N(alpha m, alpha^2 C + sigma^2 I) within Z standard errors + 2% (time discretization); c = 4
+  checks the noise variance v of exponential_step_coeffs (its drift k is checked at c = 0)."""
+  score = gaussian_score_fn(MEAN2, COV2, sde)
+  mean_eps, cov_eps = gaussian_marginal(MEAN2, COV2, sde, sde.eps)
+  run = jax.jit(lambda key, c: samplers.exponential_integrator_sampler(score, sde, key, (4000, 2),
+                                                                       c=c, n_steps=500)[0])
+  for i, c in enumerate((1.0, 4.0)):
+    assert_moments(run(jax.random.PRNGKey(20 + i), c), mean_eps, cov_eps, 0.02,
+                   f"exp {type(sde).__name__} c={c}")
+
+
+@pytest.mark.parametrize("predictor", samplers.PC_PREDICTORS)
+@pytest.mark.parametrize("sde", [sde_lib.VPSDE(eps=1e-3), sde_lib.VESDE(eps=1e-3)], ids=["vp", "ve"])
+def test_pc_sampler_honours_c(sde, predictor):
+  """The PC predictor steps the c-family (drift f - (1 + c)/2 g^2 s, diffusion sqrt(c) g):
+  c = 0 without corrector converges pathwise to the closed-form ODE solution at first order (max
+  error halves as the steps double, measured ratios ~2; we require 1.7-2.5), and c = 0, 2, 4 with
+  the Langevin corrector give the exact moments of p_eps within Z standard errors + 3%."""
+  dist = toy_data.gaussian(MEAN2, COV2)
+  score = functools.partial(dist.marginal_score, sde)
+  x_T = sde.prior_sample(jax.random.PRNGKey(5), (256, 2))
+  ref = exact_ode_solution(sde, x_T)
+  ode_like = jax.jit(lambda n: samplers.pc_sampler(score, sde, jax.random.PRNGKey(0), (256, 2),
+                                                   c=0.0, n_steps=n, predictor=predictor,
+                                                   n_corrector_steps=0, x_init=x_T)[0],
+                     static_argnums=0)
+  errs = [float(np.max(np.abs(np.asarray(ode_like(n), np.float64) - ref))) for n in (200, 400, 800)]
+  ratios = [errs[0] / errs[1], errs[1] / errs[2]]
+  assert all(1.7 < r < 2.5 for r in ratios), (errs, ratios)
+  assert errs[2] < 0.08 * float(sde.prior_std()), errs  # measured 0.053 (VP, reverse_diffusion)
+  mean_eps, cov_eps = gaussian_marginal(MEAN2, COV2, sde, sde.eps)
+  score = gaussian_score_fn(MEAN2, COV2, sde)  # the fast local oracle for the larger batch
+  run = jax.jit(lambda key, c: samplers.pc_sampler(score, sde, key, (3000, 2), c=c, n_steps=400,
+                                                   predictor=predictor)[0])
+  for i, c in enumerate((0.0, 2.0, 4.0)):
+    assert_moments(run(jax.random.PRNGKey(30 + i), c), mean_eps, cov_eps, 0.03,
+                   f"pc {predictor} c={c}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # NFE bookkeeping against a counting wrapper
 # ---------------------------------------------------------------------------------------------------
@@ -445,7 +522,7 @@ def test_get_sampler_methods_and_validation():
   }
   for method, nfe in expected.items():
     sample_fn = samplers.get_sampler(_cfg(method=method, n_steps=50, n_corrector_steps=2,
-                                          denoise=True, c=1.0 if method == "pc" else 2.0),
+                                          denoise=True, c=0.0 if method == "ode" else 2.0),
                                      sde, (8, 2))
     x, stats = jax.jit(sample_fn, static_argnums=0)(score, key)
     assert x.shape == (8, 2) and bool(jnp.all(jnp.isfinite(x)))
@@ -461,7 +538,21 @@ def test_get_sampler_methods_and_validation():
     samplers.get_sampler(_cfg(method="ode", solver="rk4"), sde, (8, 2))
   with pytest.raises(ValueError, match="sampling.solver"):
     samplers.get_sampler(_cfg(method="sde", solver="milstein"), sde, (8, 2))
-  with pytest.raises(ValueError, match="vpsde"):
-    samplers.get_sampler(_cfg(method="exponential"), sde_lib.VESDE(), (8, 2))
+  # The probability-flow ODE samplers are c = 0 by definition: any other c is refused by name.
+  for method in ("ode", "heun", "ddim"):
+    with pytest.raises(ValueError, match=rf"^sampling\.c must be 0 for method '{method}'"):
+      samplers.get_sampler(_cfg(method=method, c=1.0), sde, (8, 2))
+  # Score perturbation fields: a case needs an epsilon, an epsilon a case, an edge a pulse case.
+  for overrides, field in ((dict(perturbation="case1"), "perturbation_epsilon"),
+                           (dict(perturbation_epsilon=0.02), "perturbation_epsilon"),
+                           (dict(perturbation_edge=0.5), "perturbation_edge"),
+                           (dict(perturbation="case3", perturbation_epsilon=0.02,
+                                 perturbation_edge=0.5), "perturbation_edge"),
+                           (dict(perturbation="case9", perturbation_epsilon=0.02), "perturbation")):
+    with pytest.raises(ValueError, match=rf"^sampling\.{field}\b"):
+      samplers.get_sampler(_cfg(**overrides), sde, (8, 2))
+  with pytest.raises(ValueError, match="score_perturbation"):
+    samplers.get_sampler(_cfg(perturbation="case1", perturbation_epsilon=0.02), sde, (8, 2),
+                         score_perturbation=score)
   with pytest.raises(ValueError, match="sampling.c"):
     samplers.sde_sampler(score, sde, key, (8, 2), c=-0.5)
