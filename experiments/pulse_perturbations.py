@@ -12,8 +12,9 @@ order in eps, V(T) = sigma_0^2 + eps S with S' = 2 a_0 S - (1 + h^2) m, whose so
 quadrature since 2 int_u^T a_0 = -h^2 tau - (1 + h^2) log(sigma_tau^2 / sigma_0^2), tau = T - u:
 
     L(h) = S^2 / (4 sigma_0^4) = [(1 + h^2) / (2 sigma_0^2) int_0^T m(T - tau) e^{-h^2 tau}
-           (sigma_0^2 / sigma_tau^2)^{1 + h^2} dtau]^2      (case 1: ((1 + h^2) / 2h^2)^2 (1 - r^{h^2})^2,
-                                                              r = sigma_0^2 / (e^T - 1 + sigma_0^2)).
+           (sigma_0^2 / sigma_tau^2)^{1 + h^2} dtau]^2
+
+(case 1: ((1 + h^2) / 2h^2)^2 (1 - r^{h^2})^2 with r = sigma_0^2 / (e^T - 1 + sigma_0^2)).
 
 The paper estimates L by "linear regression" of KL on eps^2 over "a few eps" (values not given);
 we report the exact L, KL(eps = +-0.02) / eps^2, and the slope of KL vs eps^2 (with intercept) over
@@ -21,8 +22,9 @@ we report the exact L, KL(eps = +-0.02) / eps^2, and the slope of KL vs eps^2 (w
 term, of opposite sign for m = +1 and m = -1, makes the regression differ from the exact L).
 
 From sampling: the exponential integrator (``samplers.exponential_integrator_sampler`` on
-``VPSDE(beta_min = beta_max = 1, T = 2)``, the score perturbed by ``samplers.pulse_perturbed_score``,
-exactly what ``sampling.perturbation`` selects) run twice with the same noise, eps = 0.02 and eps = 0:
+``VPSDE(beta_min = beta_max = 1, T = 2)``, the score perturbed by
+``samplers.pulse_perturbed_score``, exactly what ``sampling.perturbation`` selects) run twice with
+the same noise, eps = 0.02 and eps = 0:
 the coupled difference of second moments estimates V(eps) - V(0) with little Monte Carlo error and
 cancels most of the time-discretization bias; KL / eps^2 is compared with the closed form at the
 sampler's end time T - eps_sde.
@@ -64,16 +66,18 @@ SCALES = {
     # sigma_0 of the curves, h^2 grid, sampled (sigma_0, h^2), samples, steps
     "smoke": dict(table_sigmas=(0.2,), sigmas=(0.6,), h2=np.array([0.0, 1.0, 4.0, 20.0]),
                   sample_sigmas=(1.5,), sample_h2=(0.0, 4.0), n=2000, n_steps=2000),
-    "default": dict(table_sigmas=TABLE3_SIGMAS, sigmas=TABLE3_SIGMAS, h2=np.concatenate([[0.0], np.geomspace(0.05, 40.0, 24)]),
+    "default": dict(table_sigmas=TABLE3_SIGMAS, sigmas=TABLE3_SIGMAS,
+                    h2=np.concatenate([[0.0], np.geomspace(0.05, 40.0, 24)]),
                     sample_sigmas=(0.6, 1.5), sample_h2=(0.0, 1.0, 4.0, 20.0), n=20_000,
                     n_steps=4000),
-    "full": dict(table_sigmas=TABLE3_SIGMAS, sigmas=TABLE3_SIGMAS, h2=np.concatenate([[0.0], np.geomspace(0.02, 100.0, 48)]),
+    "full": dict(table_sigmas=TABLE3_SIGMAS, sigmas=TABLE3_SIGMAS,
+                 h2=np.concatenate([[0.0], np.geomspace(0.02, 100.0, 48)]),
                  sample_sigmas=(0.2, 0.6, 1.5, 3.0), sample_h2=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 20.0),
                  n=100_000, n_steps=20_000),
 }
 
 
-# -- closed form (Appendix G.1) ----------------------------------------------------------------------
+# -- closed form (Appendix G.1) --------------------------------------------------------------------
 def forward_var(tau, sigma0: float):
   """sigma_tau^2 = sigma_0^2 e^{-tau} + 1 - e^{-tau} (eq. 42)."""
   return sigma0**2 * np.exp(-tau) + 1.0 - np.exp(-tau)
@@ -138,7 +142,7 @@ def regression_L(sigma0: float, h2: float, case: str) -> float:
   return float(np.polyfit(REGRESSION_EPS**2, kl, 1)[0])
 
 
-# -- sampling ------------------------------------------------------------------------------------------
+# -- sampling ---------------------------------------------------------------------------------------
 def make_sampler(case: str, sigma0: float, n: int, n_steps: int, eps_sde: float):
   """jit(key, c, eps) -> 1-D samples of the exponential integrator with the eq. 44 error."""
   sde = sde_lib.VPSDE(beta_min=1.0, beta_max=1.0, T=T, eps=eps_sde)  # f = -x/2, g = 1
@@ -231,8 +235,8 @@ def write(result: dict, out: str) -> None:
     json.dump(result, f, indent=2)
   lines = [f"Table 3 (Cao et al., App. G.2): L(h) at h^2 = {TABLE3_H2:g}, T = {T:g}. Printed: the "
            "paper; regression: slope of KL vs eps^2 over 10 eps in [0.01, 0.1]; exact: eps -> 0.",
-           "", "| sigma_0 | case 1 printed | regression | exact | case 2 printed | regression | exact "
-           "| case 3 printed | regression | exact | case 4 exact | case 5 exact |",
+           "", "| sigma_0 | case 1 printed | regression | exact | case 2 printed | regression "
+           "| exact | case 3 printed | regression | exact | case 4 exact | case 5 exact |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in result["table3"]:
     cells = [f"{r['sigma0']:g}"]
@@ -252,11 +256,13 @@ def write(result: dict, out: str) -> None:
             "| sigma_0 | case | h^2 | sampled | ± SE | closed form | exact L |",
             "|---|---|---|---|---|---|---|"]
   for r in result["sampled"]:
-    lines.append(f"| {r['sigma0']:g} | {r['case']} | {r['h2']:g} | {r['kl_over_eps2_sampled']:.4g} |"
-                 f" {r['kl_over_eps2_sampled_se']:.2g} | {r['kl_over_eps2_closed_form']:.4g} | "
+    lines.append(f"| {r['sigma0']:g} | {r['case']} | {r['h2']:g} | "
+                 f"{r['kl_over_eps2_sampled']:.4g} | {r['kl_over_eps2_sampled_se']:.2g} | "
+                 f"{r['kl_over_eps2_closed_form']:.4g} | "
                  f"{r['L_exact']:.4g} |")
   c = result["claims"]
-  lines += ["", f"Early pulse (case 4): L decreases with h^2: {c['case4_early_pulse_decays_with_h2']}"
+  lines += ["", "Early pulse (case 4): L decreases with h^2: "
+            f"{c['case4_early_pulse_decays_with_h2']}"
             f" (L(h^2 max) / L(0) = {c['case4_L_ratio_h2_max_over_h2_0']:.3g}); late pulse (case 5):"
             f" L increases: {c['case5_late_pulse_grows_with_h2']} (ratio "
             f"{c['case5_L_ratio_h2_max_over_h2_0']:.3g}). Runtime {result['seconds']:.0f} s "

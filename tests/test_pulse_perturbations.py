@@ -4,7 +4,8 @@
 Oracles: eq. 44 written out by hand; the generated variance of the 1-D Gaussian example solved
 here in float64 with SciPy (V' = 2 a V + h^2, Appendix G.1); the case 1 / 4 / 5 leading-order
 L(h) in closed form: with q(tau) = e^tau - 1 + sigma_0^2, int e^{-h^2 tau} (sigma_0^2 /
-sigma_tau^2)^{1 + h^2} over [tau_a, tau_b] = sigma_0^{2 + 2h^2} / h^2 (q(tau_a)^{-h^2} - q(tau_b)^{-h^2}).
+sigma_tau^2)^{1 + h^2} over [tau_a, tau_b] = sigma_0^{2 + 2h^2} / h^2 (q(tau_a)^{-h^2} -
+q(tau_b)^{-h^2}).
 """
 import json
 import math
@@ -146,7 +147,8 @@ def test_pulse_experiment_smoke(tmp_path):
     assert abs(row["case1_L_exact"] - row["case2_L_exact"]) < 1e-9  # L is even in E
   claims = result["claims"]
   assert claims["case4_early_pulse_decays_with_h2"] and claims["case5_late_pulse_grows_with_h2"]
-  assert claims["case4_L_ratio_h2_max_over_h2_0"] < 1e-3 < 10 < claims["case5_L_ratio_h2_max_over_h2_0"]
+  assert claims["case4_L_ratio_h2_max_over_h2_0"] < 1e-3
+  assert claims["case5_L_ratio_h2_max_over_h2_0"] > 10
   for r in result["sampled"]:
     ref = r["kl_over_eps2_closed_form"]
     assert abs(r["kl_over_eps2_sampled"] - ref) < 4.5 * r["kl_over_eps2_sampled_se"] + 0.1 * ref, r
