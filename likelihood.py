@@ -552,15 +552,13 @@ def lambda_ct_elbo(score_fn: ScoreFn, true_score_fn: ScoreFn, sde, x: Array, key
   Returns ``dict(elbo (L, B), integral (L, B), stderr (L, B), prior_term (B,), score_gap (B,)
   (int_eps^T C ds, estimated), lambdas (L,))``, nats.
   """
+  if not isinstance(lambdas, jax.core.Tracer):  # a traced lambda is the caller's to check
+    concrete = np.atleast_1d(np.asarray(lambdas, np.float64))
+    if not np.all(concrete < 1):
+      raise ValueError(f"lambdas must all be < 1 (lambda = 1 is the ODE: [VP] Theorem 6 divides "
+                       f"by 1 - lambda), got {concrete.tolist()}")
   lam = jnp.atleast_1d(jnp.asarray(lambdas, x.dtype))
   assert lam.ndim == 1, f"lambdas: want a scalar or a 1-D sequence, got shape {lam.shape}"
-  try:
-    concrete = np.asarray(lam)
-  except jax.errors.TracerArrayConversionError:
-    concrete = None
-  if concrete is not None and not np.all(concrete < 1):
-    raise ValueError(f"lambdas must all be < 1 (lambda = 1 is the ODE: [VP] Theorem 6 divides by "
-                     f"1 - lambda), got {concrete.tolist()}")
   k_int, k_prior = jax.random.split(key)
 
   def draw(k):

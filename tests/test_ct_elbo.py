@@ -58,7 +58,10 @@ def test_ism_ssm_equal_explicit_score_matching():
   A) with the default weighting sigma_t^2, where ESM(t) = E|s - grad log p_t|^2 is the explicit
   score-matching loss. Score s = (1 - c) grad log p_t + c 1: the exact one (c = 0, ESM = 0) and a
   perturbed one (ESM = c^2 (tr Sigma_t^{-1} + D)). Built from the config (training.target,
-  n_probes = 2, both probe kinds) through losses.get_loss_fn; float64; 4 standard errors."""
+  n_probes = 2, ISM with Gaussian and SSM with Rademacher probes; tests/test_losses.py has the
+  other pairs against DSM) through losses.get_loss_fn; float64; 4 standard errors. Measured
+  (200 x 32 examples): exact score -1.561 +- 0.038 (ISM) / -1.584 +- 0.029 (SSM) vs -1.610;
+  perturbed -1.296 +- 0.024 / -1.316 +- 0.017 vs -1.335."""
   with jax.enable_x64(True):
     sde = sde_lib.VPSDE()
     exact = toy_data.gaussian(M2, S2).score_fn(sde)
@@ -76,18 +79,17 @@ def test_ism_ssm_equal_explicit_score_matching():
     reps, b = 200, 32
     keys = jax.random.split(jax.random.PRNGKey(0), reps)
     x0 = data.sample(jax.random.PRNGKey(1), reps * b).reshape(reps, b, 2)
-    for target in ("ism", "ssm"):
-      for probe in ("rademacher", "gaussian"):
-        config = get_default_config()
-        config.training.update(target=target, hutchinson_probe=probe, n_probes=2, batch_size=b)
-        loss_fn = losses.get_loss_fn(config, sde, score_fn)
-        per_c = jax.vmap(lambda c: jax.vmap(lambda x, k: loss_fn(c, x, k)[0])(x0, keys))
-        vals = jax.jit(per_c)(jnp.asarray(cs))
-        for c, v, w in zip(cs, vals, want):
-          m, se = _mean_se(v)
-          print(f"{target}/{probe} c={c}: {m:.4f} +- {se:.4f}, closed form {w:.4f}")
-          assert abs(m - w) < 4 * se + 1e-3, (target, probe, c, m, se, w)
-          assert se < 0.05 * abs(w)  # a test that can fail: the estimate is precise
+    for target, probe in (("ism", "gaussian"), ("ssm", "rademacher")):
+      config = get_default_config()
+      config.training.update(target=target, hutchinson_probe=probe, n_probes=2, batch_size=b)
+      loss_fn = losses.get_loss_fn(config, sde, score_fn)
+      per_c = jax.vmap(lambda c: jax.vmap(lambda x, k: loss_fn(c, x, k)[0])(x0, keys))
+      vals = jax.jit(per_c)(jnp.asarray(cs))
+      for c, v, w in zip(cs, vals, want):
+        m, se = _mean_se(v)
+        print(f"{target}/{probe} c={c}: {m:.4f} +- {se:.4f}, closed form {w:.4f}")
+        assert abs(m - w) < 4 * se + 1e-3, (target, probe, c, m, se, w)
+        assert se < 0.05 * abs(w)  # a test that can fail: the estimate is precise
 
 
 def test_n_probes_reduces_hutchinson_variance():

@@ -255,7 +255,7 @@ def test_importance_sampled_time_is_unbiased_with_lower_variance():
     assert ratio > 2.0
 
 
-@pytest.mark.parametrize("probe", ["rademacher", "gaussian", "exact"])
+@pytest.mark.parametrize("probe", ["rademacher", "exact"])  # gaussian: tests/test_ct_elbo.py
 def test_ism_ssm_equal_dsm_up_to_constant(probe):
   """E[DSM - ISM] = E[DSM - SSM] = E_t[lambda D / sigma_t^2] (= D for the default weighting) with a
   non-exact linear score model on Gaussian data; paired samples (same key -> same t, x_t)."""
