@@ -35,7 +35,8 @@ Options shared by all samplers:
 * ``prior``: any object with ``sample(key, shape)`` and ``log_prob(x)`` (default ``sde.prior()``;
   auxiliary priors of Franzese et al. share this interface).
 * ``score_perturbation`` E(x, t) and ``epsilon``: the sampler uses s + epsilon E(x, t) (Cao et al.,
-  eq. 6; the pulse-shaped errors of their Section 3.4 and Appendix G).
+  eq. 6; the pulse-shaped errors of their Section 3.4 and Appendix G). The eq. 44 errors E = m s
+  (cases 1-5, ``pulse_perturbed_score``) are what ``sampling.perturbation`` selects in get_sampler.
 * ``x_init``: start from these values instead of a prior draw (e.g. for pathwise comparisons).
 """
 from __future__ import annotations
