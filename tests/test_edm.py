@@ -212,7 +212,7 @@ def test_edm_stf_config_trains_and_samples():
       "edm", 0.002, 0.002, 80.0, 80.0)
   config.training.update(dict(weighting="edm", target="stf", batch_size=8, ref_batch_size=32))
   config.model.update(dict(parameterization="edm", widths=(16,)))
-  config.sampling.update(dict(method="heun", n_steps=18, denoise=True))
+  config.sampling.update(dict(method="heun", n_steps=18, denoise=True, c=0.0))
   config_schema.validate(config)
   sde = sde_lib.get_sde(config)
   model = models.get_model(config)
