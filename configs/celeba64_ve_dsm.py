@@ -3,8 +3,8 @@ et al. 2021, configs/default_celeba_configs.py: sigma_min 0.01, sigma_max 90, da
 random flips, loss summed over dimensions, Langevin corrector snr 0.17) with the CIFAR-10 NCSN++
 cont. network (EMA 0.999). Images: central 140x140 crop resized to 64x64 (Song & Ermon 2020;
 datasets.py 'celeb_a'). 1M iterations (Xu et al., "Stable target field", Appendix D.1). Samplers
-of Table 2: PC (predictor-corrector, the default here) and RK45 (sampling.method='ode',
-rtol = atol = 1e-4, Appendix D.2). FID on 10k samples against the test split (Appendix D.3)."""
+of Table 2: PC (predictor-corrector, the default here) and RK45 (sampling.method='ode' with
+sampling.c=0, rtol = atol = 1e-4, Appendix D.2). FID on 10k samples against the test split (Appendix D.3)."""
 import ml_collections
 
 from configs.default_image import get_default_image_config, ncsnpp_cont_model
