@@ -1,0 +1,99 @@
+"""The Colab notebooks in notebooks/: committed without outputs, one papermill `parameters` cell and
+an "Open in Colab" badge each; every notebook runs top to bottom at scale="smoke" (papermill, the
+python3 kernel, cwd notebooks/) and writes its figures. Those that train and evaluate a digits
+U-Net are marked slow (-m slow)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(REPO, "notebooks")
+BADGE = "https://colab.research.google.com/github/scorelab/scorelab/blob/main/notebooks/{}.ipynb"
+
+# notebook -> PNGs (relative to out_dir) its smoke run must write
+EXPECTED = {
+    "quickstart": ["loss_curve.png", "digits_vp/eval/samples.png"],
+    "diffusion_time": ["toy/elbo_vs_T.png"],
+    "ode_vs_sde": ["L_vs_h2.png", "early_late.png"],
+    "ct_elbo": ["ct_elbo.png", "toy_gmm_2d/eval/samples.png"],
+    "scoreflow": ["is_variance.png", "vp_likelihood_is/eval/samples.png"],
+    "stf": ["two_gaussians/variance_vs_t.png", "two_gaussians/ratio_vs_t.png"],
+}
+# smoke runs that train and evaluate a digits U-Net (minutes on 2 shared cores)
+SLOW = {"quickstart", "scoreflow"}
+
+
+def _names() -> list[str]:
+  return sorted(os.path.basename(p)[:-len(".ipynb")]
+                for p in glob.glob(os.path.join(NOTEBOOKS, "*.ipynb")))
+
+
+def test_every_notebook_is_listed():
+  assert _names() == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_committed_notebook_is_clean(name):
+  """No outputs or execution counts, exactly one `parameters` cell (with scale and out_dir), a
+  first markdown cell with the title and the Colab badge, the python3 kernel."""
+  with open(os.path.join(NOTEBOOKS, f"{name}.ipynb")) as f:
+    nb = json.load(f)
+  assert nb["metadata"]["kernelspec"]["name"] == "python3"
+  for cell in nb["cells"]:
+    if cell["cell_type"] == "code":
+      assert cell["outputs"] == [] and cell["execution_count"] is None, name
+  tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+  assert len(tagged) == 1, f"{name}: {len(tagged)} cells tagged 'parameters'"
+  source = "".join(tagged[0]["source"])
+  assert "scale = " in source and "out_dir = " in source
+  first = nb["cells"][0]
+  assert first["cell_type"] == "markdown" and "".join(first["source"]).startswith("# ")
+  assert BADGE.format(name) in "".join(first["source"])
+
+
+def test_readme_links_every_notebook():
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  for name in EXPECTED:
+    assert BADGE.format(name) in readme, name
+
+
+# the optional digits parts (parameter -> PNGs it adds), slow: each trains several digits models
+OPTIONAL = {
+    "diffusion_time": ({"run_digits": True}, ["digits/bpd_vs_T.png", "digits/samples_vs_T.png"]),
+    "stf": ({"run_digits": True}, ["digits/loss_traces.png"]),
+    "scoreflow": ({"run_script": True}, ["bpd_cells.png"]),
+}
+
+
+def _execute(name: str, tmp_path, extra: dict, pngs: list[str]) -> None:
+  papermill = pytest.importorskip("papermill")
+  out = tmp_path / "out"
+  papermill.execute_notebook(
+      os.path.join(NOTEBOOKS, f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
+      parameters=dict(scale="smoke", out_dir=str(out), **extra), kernel_name="python3",
+      cwd=NOTEBOOKS, progress_bar=False)
+  for png in pngs:  # 16 digits samples are a PNG of under 1 kB
+    assert os.path.getsize(out / png) > 200, png
+  with open(tmp_path / f"{name}.ipynb") as f:
+    executed = json.load(f)
+  images = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c["outputs"]
+            if "image/png" in o.get("data", {})]
+  assert images, f"{name}: no figure shown inline"
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in sorted(EXPECTED)])
+def test_notebook_runs_at_smoke_scale(name, tmp_path):
+  _execute(name, tmp_path, {}, EXPECTED[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OPTIONAL))
+def test_notebook_optional_part_at_smoke_scale(name, tmp_path):
+  extra, pngs = OPTIONAL[name]
+  _execute(name, tmp_path, extra, EXPECTED[name] + pngs)
