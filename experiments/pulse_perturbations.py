@@ -232,6 +232,23 @@ def run(scale: str, seed: int = 0) -> dict:
                    "independent of sigma_0, case 3 ~ 1/4 of it for small sigma_0"}
 
 
+def summarize(result: dict) -> list[dict]:
+  """The README's claim rows from this script's result.json (experiments/claims.py)."""
+  rows = {r["sigma0"]: r for r in result["table3"]}
+  s0 = min(rows)
+  r, c = rows[s0], result["claims"]
+  return [{"claim": "pulse score errors: L(h) at h² = 20 (Table 3); an early pulse decays with h², "
+                    "a late pulse stays above the ODE's",
+           "paper": "Cao et al., App. G, eq. 44, Table 3",
+           "printed": f"σ₀ = {s0:g}, cases 1 / 2 / 3: " + " / ".join(
+               f"{r[f'case{k}_printed']:.4f}" for k in (1, 2, 3)),
+           "reproduced": f"σ₀ = {s0:g}: " + " / ".join(
+               f"{r[f'case{k}_L_regression']:.4f}" for k in (1, 2, 3))
+                         + f"; early pulse L(h²)/L(0) down to {c['case4_L_ratio_h2_max_over_h2_0']:.1e},"
+                         f" late pulse up to {c['case5_L_ratio_max_over_h2_0']:.1f}× the ODE's",
+           "command": "python experiments/pulse_perturbations.py --out DIR"}]
+
+
 def write(result: dict, out: str) -> None:
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "result.json"), "w") as f:
