@@ -42,15 +42,6 @@ DEQUANTIZATIONS = ("uniform", "variational")
 # Scaling (the one shared with likelihood.bits_per_dim)
 # ---------------------------------------------------------------------------------------------------
 
-def levels_of(x: Array, num_levels: int, centered: bool) -> Array:
-  """Integer levels k (float) of ``x``: integer arrays as they are, data scaled as k / (L - 1) to
-  [0, 1] (or [-1, 1] when ``centered``) by rounding (the convention of ``uniform_dequantize``)."""
-  if jnp.issubdtype(x.dtype, jnp.integer):
-    return x.astype(jnp.float32)
-  scaled = (x + 1.0) / 2.0 if centered else x
-  return jnp.round(scaled * (num_levels - 1))
-
-
 def scale(k: Array, u: Array, num_levels: int, centered: bool) -> Array:
   """y = (k + u) / L, or 2 (k + u) / L - 1 when ``centered`` ([SF] Sec. 5.2; ``uniform_dequantize``
   with a given u)."""

@@ -85,9 +85,10 @@ def fit_dequantizer(config: ml_collections.ConfigDict, workdir: str) -> dict[str
                                                               constants, opt_state)
     n_t = int(d.bound_time_samples)
 
-    def log_p_fn(y, key):  # minus the ScoreFlow bound, eq. 39 (eps correction, IS of t)
+    def log_p_fn(y, key):  # minus the ScoreFlow bound, eq. 39 (eps correction, IS of t); the
+      # prior and eps-correction expectations use as many draws as the time integral
       return -likelihood.scoreflow_bound(score.score_fn, sde, y, key, prior=score.prior,
-                                         n_time_samples=n_t)["nll_bound"]
+                                         n_time_samples=n_t, n_prior_samples=n_t)["nll_bound"]
 
     step_fn = dequantization.make_train_step(model, constants, log_p_fn, optimizer,
                                              num_levels=info.num_grey_levels,
@@ -117,9 +118,9 @@ def fit_dequantizer(config: ml_collections.ConfigDict, workdir: str) -> dict[str
                                           jax.random.fold_in(k_train, step))
         pending.append((step + 1, loss))
         if (step + 1) % _LOG_EVERY == 0 or step + 1 == n_iters:
-          m = len(pending)
           drain()
-          progress.update(m, loss_bpd=history[-1][1] / math.log(2.0))
+          progress.update(step + 1 - start - progress.done,
+                          loss_bpd=history[-1][1] / math.log(2.0))
         if (step + 1) % int(d.save_freq) == 0 or step + 1 == n_iters:
           save(step + 1)
     report = _report(config, sde, score.step, max(start, n_iters), history)

@@ -126,8 +126,7 @@ def _digits_config():
   c.training.eval_batch_size = 16
   c.training.log_freq = c.training.eval_freq = c.training.snapshot_freq = 4
   c.training.snapshot_freq_for_preemption = 4
-  c.model.nf = 8
-  c.model.attn_resolutions = ()
+  c.model.nf, c.model.ch_mult, c.model.attn_resolutions = 8, (1,), ()
   c.optim.warmup = 2
   d = c.dequantizer
   d.flow_steps, d.flow_hidden, d.context_features = 1, 8, 4
@@ -144,42 +143,54 @@ def _digits_config():
 
 
 @pytest.fixture(scope="module")
-def trained_digits(tmp_path_factory):
+def fitted_digits(tmp_path_factory):
+  """A tiny digits U-Net trained 4 steps and its dequantizer fitted 4 steps (saved every 2)."""
+  from modes.fit_dequantizer import fit_dequantizer
   from modes.train import train
   wd = str(tmp_path_factory.mktemp("dequantizer") / "wd")
-  train(_digits_config(), wd)
-  return wd
+  c = _digits_config()
+  train(c, wd)
+  rep = fit_dequantizer(c, wd)
+  return wd, rep
 
 
-def test_fit_dequantizer_resumes_and_eval_reports_variational(trained_digits, tmp_path):
-  """--mode=fit_dequantizer writes dequantizer/ (verified arrays + meta), a restart with more steps
-  continues from the saved step (history kept), and eval with eval.dequantization='variational'
-  reports its bound bits/dim with the field saying so."""
+@pytest.mark.slow
+def test_fit_dequantizer_resumes_and_eval_reports_variational(fitted_digits, tmp_path):
+  """--mode=fit_dequantizer writes dequantizer/ (verified arrays + meta + report), a restart with
+  more steps continues from the saved step (history kept), eval with
+  eval.dequantization='variational' reports its bound bits/dim with the field saying so, and a
+  dequantizer of another architecture is refused naming the field. Slow (a U-Net is trained,
+  the fit compiled twice, eval run; ~2 CPU-minutes): -m slow."""
   from modes.evaluate import evaluate
   from modes.fit_dequantizer import fit_dequantizer
   wd = str(tmp_path / "wd")
-  shutil.copytree(trained_digits, wd)
-  c = _digits_config()
-  rep = fit_dequantizer(c, wd)
-  assert rep["step"] == 4 and np.isfinite(rep["final_loss_bpd"])
+  shutil.copytree(fitted_digits[0], wd)
+  assert fitted_digits[1]["step"] == 4 and np.isfinite(fitted_digits[1]["final_loss_bpd"])
   meta = checkpoints.read_tree_meta(os.path.join(wd, "dequantizer"))
   assert meta["step"] == 4 and [s for s, _ in meta["history"]] == list(range(1, 5))
+  assert os.path.exists(os.path.join(wd, "dequantizer", "report.json"))
+  c = _digits_config()
   c.dequantizer.n_iters = 6
   rep = fit_dequantizer(c, wd)
   meta = checkpoints.read_tree_meta(os.path.join(wd, "dequantizer"))
   assert rep["step"] == 6 and [s for s, _ in meta["history"]] == list(range(1, 7))
+  assert [v for _, v in meta["history"][:4]] == [v for _, v in checkpoints.read_tree_meta(
+      os.path.join(fitted_digits[0], "dequantizer"))["history"]]
   c.eval.dequantization = "variational"
   report = evaluate(c, wd)
   assert report["dequantization"] == "variational" and report["dequantizer_step"] == 6
   assert np.isfinite(report["bound_bpd"]) and report["bound_bpd_n_examples"] == 144
   with open(os.path.join(wd, "eval", "report.json")) as f:
     assert json.load(f)["dequantization"] == "variational"
+  c.dequantizer.flow_hidden = 16
+  with pytest.raises(ValueError, match=r"hidden=8.*run --mode=fit_dequantizer again"):
+    evaluate(c, wd)
 
 
-def test_fit_dequantizer_and_eval_errors_name_what_to_run(trained_digits, tmp_path):
-  """No checkpoint: fit_dequantizer names --mode=train, nothing written; a trained workdir
-  without a fitted dequantizer: eval with 'variational' names --mode=fit_dequantizer, nothing
-  written; toy data and a mismatched architecture are refused naming the field."""
+def test_fit_dequantizer_and_eval_errors_name_what_to_run(tmp_path):
+  """Checked before any model is loaded or file written: no checkpoint -> fit_dequantizer names
+  --mode=train; a workdir with a checkpoint but no dequantizer -> eval with 'variational' names
+  --mode=fit_dequantizer; toy data and too many flow levels are refused naming the field."""
   from configs.toy_gmm_1d import get_config as toy_config
   from modes.evaluate import evaluate
   from modes.fit_dequantizer import fit_dequantizer
@@ -189,27 +200,21 @@ def test_fit_dequantizer_and_eval_errors_name_what_to_run(trained_digits, tmp_pa
     fit_dequantizer(c, empty)
   assert not os.path.exists(empty)
   wd = str(tmp_path / "wd")
-  shutil.copytree(trained_digits, wd)
+  os.makedirs(os.path.join(wd, checkpoints.DIR, "4"))  # what require_checkpoint looks for
   before = sorted(os.listdir(wd))
   c.eval.dequantization = "variational"
   with pytest.raises(FileNotFoundError, match=r"run --mode=fit_dequantizer"):
     evaluate(c, wd)
-  assert sorted(os.listdir(wd)) == before
   toy = toy_config()
   toy.eval.dequantization = "variational"
   with pytest.raises(ValueError, match=r"eval\.dequantization='variational' needs image data"):
     evaluate(toy, wd)
+  with pytest.raises(ValueError, match=r"variational dequantization needs discrete image data"):
+    fit_dequantizer(toy_config(), wd)
   c.dequantizer.flow_levels = 4  # 16 does not divide 8
   with pytest.raises(ValueError, match=r"dequantizer\.flow_levels"):
     fit_dequantizer(c, wd)
   assert sorted(os.listdir(wd)) == before
-  c = _digits_config()
-  c.dequantizer.n_iters = 2
-  fit_dequantizer(c, wd)
-  c.dequantizer.flow_hidden = 16
-  c.eval.dequantization = "variational"
-  with pytest.raises(ValueError, match=r"hidden=8.*run --mode=fit_dequantizer again"):
-    evaluate(c, wd)
 
 
 @pytest.mark.slow
