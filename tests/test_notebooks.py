@@ -62,11 +62,12 @@ def test_readme_links_every_notebook():
     assert BADGE.format(name) in readme, name
 
 
-# the optional digits parts (parameter -> PNGs it adds), slow: each trains several digits models
+# the optional parts (parameter -> PNGs it adds), slow: each trains several models
 OPTIONAL = {
     "diffusion_time": ({"run_digits": True}, ["digits/bpd_vs_T.png", "digits/samples_vs_T.png"]),
     "stf": ({"run_digits": True}, ["digits/loss_traces.png"]),
     "scoreflow": ({"run_script": True}, ["bpd_cells.png"]),
+    "ct_elbo": ({"run_script": True}, ["training/elbo_vs_training.png"]),
 }
 
 
