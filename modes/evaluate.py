@@ -149,9 +149,10 @@ def _prior_terms(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
   out = {"prior_kind": str(config.prior.kind), "prior_cross_entropy": ce,
          "gaussian_cross_entropy": ce_gauss, "prior_kl_reduction": ce_gauss - ce,
          "prior_terms_unit": "nats/dim"}
-  if config.data.dataset in toy_data.TOY_DISTRIBUTIONS:
+  dist = (toy_data.get_toy_distribution(config.data.dataset)
+          if config.data.dataset in toy_data.TOY_DISTRIBUTIONS else None)
+  if dist is not None and dist.has_density:  # closed forms exist (not for the Swiss roll)
     with Progress("ELBO decomposition (toy, closed forms)", None, "terms"):
-      dist = toy_data.get_toy_distribution(config.data.dataset)
       terms = likelihood.elbo_decomposition(model.sde, dist, k_elbo, score_fn=model.score_fn,
                                             prior=model.prior, n_x=n)
     out.update({f"elbo_{k}": float(v) for k, v in terms.items()})
@@ -271,6 +272,7 @@ def _check_failures(config, report: dict[str, Any]) -> None:
 def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str) -> dict[str, Any]:
   """Samples (npz + PNG) with NFE, and what can be measured on them."""
   import evaluation
+  import inception_weights
   ev = config.eval
   info = datasets.dataset_info(config)
   n = int(ev.num_samples)
@@ -291,7 +293,8 @@ def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str) -
           levels.astype(np.float32) / (info.num_grey_levels - 1)).items()})
   if info.is_image and ev.fid:
     with Progress("FID / Inception Score", n, "samples"):
-      variables = evaluation.load_inception_params(str(ev.inception_weights))
+      variables = evaluation.load_inception_params(
+          inception_weights.resolve_inception_weights(str(ev.inception_weights)))
       ref = evaluation.load_stats(str(ev.fid_stats)) if ev.fid_stats else None
       out.update(evaluation.inception_metrics(
           variables, np.clip(datasets.inverse_scale(samples, info.centered), 0, 1), ref))

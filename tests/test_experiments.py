@@ -97,3 +97,60 @@ def test_diffusion_time_digits_smoke(tmp_path):
   for png in ("bpd_vs_T.png", "samples_vs_T.png", "components_vs_T.png"):
     assert os.path.getsize(os.path.join(out, png)) > 1000
   assert "| 0.2 |" in open(os.path.join(out, "table.md")).read()
+
+
+@pytest.mark.slow
+def test_ct_elbo_training_smoke(tmp_path):
+  """Swiss roll, three objectives (DSM sigma^2, DSM LW + IS, SSM LW), 40 steps, two checkpoints
+  each evaluated with the CT-ELBO (ISM and DSM forms) and the ODE NLL: finite curves, the two
+  forms of the ELBO agree within 5 standard errors + 0.5 nats (same quantity, different
+  estimators), the table and figure are written. Slow (~10 min on a loaded 2-core CPU): -m slow."""
+  out = str(tmp_path / "out")
+  subprocess.run([sys.executable, os.path.join(REPO, "experiments", "ct_elbo_training.py"),
+                  "--smoke", "--out", out], check=True, timeout=2400, capture_output=True)
+  with open(os.path.join(out, "result.json")) as f:
+    runs = json.load(f)["runs"]
+  assert [r["objective"] for r in runs] == ["dsm_default", "dsm_lw_is", "ssm_lw"]
+  for r in runs:
+    assert [p["step"] for p in r["points"]] == [20, 40] and r["seconds_per_step"] > 0
+    for p in r["points"]:
+      assert all(np.isfinite(p[k]) for k in ("ode", "ct_elbo_ism", "ct_elbo_dsm"))
+      se = np.hypot(p["ct_elbo_ism_stderr"], p["ct_elbo_dsm_stderr"])
+      assert abs(p["ct_elbo_ism"] - p["ct_elbo_dsm"]) < 5 * se + 0.5
+  assert os.path.getsize(os.path.join(out, "elbo_vs_training.png")) > 1000
+
+
+@pytest.mark.slow
+def test_stf_digits_smoke(tmp_path):
+  """DSM and STF on digits for VP, VE and VP + LW + IS (20 steps, nf 8): every run trains and
+  evaluates to finite bits/dim; the STF runs use the larger reference batch; the loss-trace figure
+  and table are written. Slow (six trainings and evals): -m slow."""
+  out = str(tmp_path / "out")
+  subprocess.run([sys.executable, os.path.join(REPO, "experiments", "stf_digits.py"),
+                  "--smoke", "--out", out], check=True, timeout=3600, capture_output=True)
+  with open(os.path.join(out, "result.json")) as f:
+    runs = json.load(f)["runs"]
+  assert len(runs) == 6
+  for r in runs:
+    assert np.isfinite(r["bpd"]) and np.isfinite(r["loss_variance_second_half"])
+    assert r["ref_batch_size"] == (64 if r["target"] == "stf" else 16)
+  assert os.path.getsize(os.path.join(out, "loss_traces.png")) > 1000
+
+
+@pytest.mark.slow
+def test_scoreflow_digits_smoke(tmp_path):
+  """VP / sub-VP x three weightings x {uniform, variational} dequantization on digits (20 steps,
+  nf 8): finite bits/dim and bound in every cell, sub-VP at eps = 1e-2, the importance-sampling
+  variance ratio measured. Slow (six trainings, dequantizer fits, twelve evals): -m slow."""
+  out = str(tmp_path / "out")
+  subprocess.run([sys.executable, os.path.join(REPO, "experiments", "scoreflow_digits.py"),
+                  "--smoke", "--out", out], check=True, timeout=3600, capture_output=True)
+  with open(os.path.join(out, "result.json")) as f:
+    result = json.load(f)
+  assert len(result["rows"]) == 6
+  for r in result["rows"]:
+    for d in ("uniform", "variational"):
+      assert np.isfinite(r[f"{d}_bpd"]) and np.isfinite(r[f"{d}_bound_bpd"])
+    assert r["eps"] == (1e-2 if r["sde"] == "subvpsde" else 1e-5)
+  assert result["is_variance"]["variance_ratio"] > 0
+  assert os.path.getsize(os.path.join(out, "bpd_cells.png")) > 1000
