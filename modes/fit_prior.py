@@ -58,6 +58,12 @@ def fit_prior(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   logging.info("prior %s fitted at T=%g: held-out cross-entropy %.4f nats/dim (Gaussian p_noise "
                "%.4f)", p.kind, float(config.sde.T), info["cross_entropy"],
                info["gaussian_cross_entropy"])
+  if info["cross_entropy"] > info["gaussian_cross_entropy"]:
+    logging.warning("prior %s is worse than the Gaussian p_noise on held-out samples (%.4f vs "
+                    "%.4f nats/dim; %.4f on its fitting samples): it overfits; use fewer "
+                    "components (prior.n_components), prior.covariance_type='diag' or more "
+                    "samples (prior.n_fit_samples)", p.kind, info["cross_entropy"],
+                    info["gaussian_cross_entropy"], info.get("cross_entropy_fit", float("nan")))
   return report
 
 
