@@ -187,11 +187,8 @@ def make_optimizer(lr: float, steps: int, grad_clip: float = 1.0, warmup: int = 
 
 
 def model_spec(model: Dequantizer) -> dict[str, Any]:
-  """JSON-able static fields of ``model`` (saved with it; :func:`from_spec` rebuilds it)."""
+  """JSON-able static fields of ``model`` (saved with it; a saved fit must match them)."""
   return {"event_shape": [int(s) for s in model.event_shape], "num_levels": int(model.num_levels),
           "num_steps": int(model.num_steps), "flow_levels": int(model.flow_levels),
           "hidden": int(model.hidden), "context_features": int(model.context_features)}
 
-
-def from_spec(spec: dict[str, Any]) -> Dequantizer:
-  return Dequantizer(**{**spec, "event_shape": tuple(spec["event_shape"])})
