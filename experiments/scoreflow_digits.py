@@ -107,6 +107,24 @@ def is_variance_ratio(config, workdir: str, draws: int) -> dict:
   return out
 
 
+def summarize(result: dict) -> list[dict]:
+  """The README's claim rows from this script's result.json (experiments/claims.py)."""
+  rows, v = result["rows"], result["is_variance"]
+  ok = sum(all(r[f"{d}_bound_bpd"] >= r[f"{d}_bpd"] for d in DEQUANTIZATIONS) for r in rows)
+  deq = sum(r["variational_bpd"] < r["uniform_bpd"] for r in rows)
+  return [{"claim": "importance-sampled t reduces the variance of the likelihood-weighted objective",
+           "paper": "ScoreFlow, §5.1, eq. 12", "printed": "CIFAR-10: 98.48 → 0.068",
+           "reproduced": f"digits, one VP model: {v['likelihood']['variance']:.4g} → "
+                         f"{v['likelihood_is']['variance']:.4g} (×{v['variance_ratio']:.3g})",
+           "command": "python experiments/scoreflow_digits.py --out DIR"},
+          {"claim": "bound ≥ NLL in every cell; variational dequantization lowers bits/dim",
+           "paper": "ScoreFlow, Table 2, finding 5", "printed": "CIFAR-10, VP LW + IS: NLL 2.95 → "
+                                                              "2.83, bound 3.08 → 2.94",
+           "reproduced": f"digits: bound ≥ NLL in {ok} of {len(rows)} cells; variational < uniform "
+                         f"in {deq} of {len(rows)}",
+           "command": "python experiments/scoreflow_digits.py --out DIR"}]
+
+
 def write(rows: list[dict], variance: dict | None, out: str) -> None:
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "result.json"), "w") as f:
