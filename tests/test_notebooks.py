@@ -24,7 +24,7 @@ EXPECTED = {
     "stf": ["two_gaussians/variance_vs_t.png", "two_gaussians/ratio_vs_t.png"],
 }
 # smoke runs that train and evaluate a digits U-Net (minutes on 2 shared cores)
-SLOW = {"quickstart", "scoreflow"}
+SLOW = {"quickstart", "scoreflow", "ct_elbo"}  # each trains a network even at smoke scale (> 1 min)
 
 
 def _names() -> list[str]:
