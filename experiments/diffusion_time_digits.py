@@ -79,6 +79,14 @@ def with_prior(config, kind: str, fit: str, n_fit: int | None = None):
   return config
 
 
+def _read_json(path: str, default=None):
+  """A finished stage's JSON (a rerun reuses it); ``default`` when absent and one is given."""
+  if default is not None and not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
 def run_T(dataset: str, t_end: float, scale: str, out: str, sequential: bool) -> dict:
   """Train at T, then evaluate with each prior; one row of the table."""
   from modes.evaluate import evaluate
@@ -101,10 +109,8 @@ def run_T(dataset: str, t_end: float, scale: str, out: str, sequential: bool) ->
   for name, cfg in runs:
     done = os.path.join(wd, f"eval_{name}", "report.json")
     if os.path.exists(done):  # a rerun reuses finished stages (prior fit + eval)
-      with open(done) as f:
-        rep = json.load(f)
-      fit_file = os.path.join(wd, f"eval_{name}", "prior_fit.json")
-      fit = json.load(open(fit_file)) if os.path.exists(fit_file) else {}
+      rep = _read_json(done)
+      fit = _read_json(os.path.join(wd, f"eval_{name}", "prior_fit.json"), {})
     else:
       fit = fit_prior(cfg, wd) if cfg.prior.kind != "gaussian" else {}
       rep = evaluate(cfg, wd, eval_folder=f"eval_{name}")
@@ -262,11 +268,12 @@ def main(argv=None) -> None:
   t0 = time.time()
   fig4_file = os.path.join(args.out, "fig4.json")
   if os.path.exists(fig4_file):  # a rerun reuses finished stages
-    fig4 = json.load(open(fig4_file))
+    fig4 = _read_json(fig4_file)
   else:
     fig4 = effective_components(args.dataset, scale, args.out)
     os.makedirs(args.out, exist_ok=True)
-    json.dump(fig4, open(fig4_file, "w"))
+    with open(fig4_file, "w") as f:
+      json.dump(fig4, f)
   rows = []
   ts = [float(v) for v in args.ts.split(",")] if args.ts else list(SCALES[scale]["ts"])
   for i, t_end in enumerate(ts):

@@ -62,8 +62,9 @@ def cell_config(sde_name: str, eps: float, weighting: str, scale: str):
   return config
 
 
-def run_cell(sde_name: str, eps: float, weighting: str, scale: str, out: str) -> dict:
-  """Train one (SDE, weighting) model; evaluate it with both dequantizations."""
+def run_cell(sde_name: str, eps: float, weighting: str, scale: str, out: str):
+  """Train one (SDE, weighting) model; evaluate it with both dequantizations. Returns (table row,
+  config, workdir)."""
   from modes.evaluate import evaluate
   from modes.fit_dequantizer import fit_dequantizer
   from modes.train import train
