@@ -239,11 +239,15 @@ def workdir_lock(workdir: str, name: str) -> Iterator[str]:
 
   A second holder is refused at once (RuntimeError naming the holder's PID, host and the file).
   The kernel releases the lock of a dead process, so a stale file is taken over and its info
-  overwritten. flock is per host (and best effort on network filesystems)."""
+  overwritten. flock is per host (and best effort on network filesystems). In a run of several
+  processes (``jax.distributed``) only process 0 takes it."""
   if not name or os.sep in name:
     raise ValueError(f"lock name must be a plain word, got {name!r}")
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(os.path.abspath(workdir), f".lock-{name}")
+  if jax.process_index() != 0:  # one run of several processes: process 0 holds the lock
+    yield path
+    return
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     old = os.pread(fd, 4096, 0).decode(errors="replace")

@@ -37,6 +37,7 @@ import threading
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 import numpy as np
@@ -309,75 +310,76 @@ def image_transform(info: DatasetInfo, *, random_flip: bool, dequantize: bool) -
 
 
 class ArrayIterator:
-  """Infinite shuffled batches from an in-memory array (one process's shard).
+  """Infinite shuffled batches from an in-memory split: this process's rows of each global batch.
 
-  The stream is the concatenation of epochs; epoch e is ``permutation(n)`` of a Generator seeded by
-  (seed, process_index, e) (identity order when ``shuffle`` is False). A batch may straddle two
-  epochs. The random draws of ``transform`` use a Generator seeded by (seed, process_index, epoch,
-  index) of the batch's first element, so ``set_state(get_state())`` reproduces the stream exactly.
+  The global stream is the concatenation of epochs; epoch e is ``permutation(n)`` of a Generator
+  seeded by (seed, e) (identity order when ``shuffle`` is False); a batch may straddle two epochs.
+  Global batch s is stream rows [s B, (s + 1) B); process p of P gets its rows p B/P .. (p+1) B/P - 1
+  (its devices' rows of the global array, ``parallel.shard_batch``): disjoint across processes.
+  The transform of each row (flip, dequantization noise) draws from a Generator seeded by (seed,
+  epoch, index) of that row, so the global batch is the same whatever the process count and
+  ``batch_at(step)`` / ``set_state(get_state())`` reproduce the stream exactly.
   """
 
   def __init__(self, data: np.ndarray, batch_size: int, *, seed: int, shuffle: bool,
-               transform: Transform, process_index: int = 0):
+               transform: Transform, process_index: int = 0, process_count: int = 1):
     if len(data) == 0:
-      raise ValueError("empty data shard: more processes than examples?")
-    if batch_size <= 0:
-      raise ValueError(f"per-process batch size must be positive, got {batch_size}")
+      raise ValueError("empty split")
+    if batch_size <= 0 or batch_size % process_count:
+      raise ValueError(f"global batch size {batch_size} must be a positive multiple of the "
+                       f"process count ({process_count})")
     self._data = data
     self._batch_size = batch_size
+    self._local = batch_size // process_count
+    self._offset = process_index * self._local
     self._seed = int(seed)
     self._shuffle = shuffle
     self._transform = transform
-    self._process_index = int(process_index)
     self._epoch = 0
     self._index = 0
-    self._perm_cache: tuple[int, np.ndarray] | None = None
+    self._perm_cache: dict[int, np.ndarray] = {}
 
   def _perm(self, epoch: int) -> np.ndarray:
-    if self._perm_cache is None or self._perm_cache[0] != epoch:
+    if epoch not in self._perm_cache:
       n = len(self._data)
-      perm = (np.random.default_rng([self._seed, self._process_index, epoch]).permutation(n)
-              if self._shuffle else np.arange(n))
-      self._perm_cache = (epoch, perm)
-    return self._perm_cache[1]
+      self._perm_cache = {e: p for e, p in self._perm_cache.items() if e == epoch - 1}
+      self._perm_cache[epoch] = (np.random.default_rng([self._seed, epoch]).permutation(n)
+                                 if self._shuffle else np.arange(n))
+    return self._perm_cache[epoch]
 
   def __iter__(self) -> "ArrayIterator":
     return self
 
-  def next_indices(self) -> np.ndarray:
-    """Indices (into the shard) of the next batch; advances the position."""
+  def next_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch, index) in the stream of this process's rows of the next global batch; advances."""
     n = len(self._data)
-    parts, need = [], self._batch_size
-    while need:
-      take = min(need, n - self._index)
-      parts.append(self._perm(self._epoch)[self._index:self._index + take])
-      need -= take
-      self._index += take
-      if self._index == n:
-        self._epoch, self._index = self._epoch + 1, 0
-    return np.concatenate(parts)
+    start = self._epoch * n + self._index + self._offset
+    epoch, index = np.divmod(start + np.arange(self._local), n)
+    self._epoch, self._index = divmod(self._epoch * n + self._index + self._batch_size, n)
+    return epoch, index
 
   def __next__(self) -> np.ndarray:
-    rng = np.random.default_rng([self._seed, self._process_index, self._epoch, self._index, 1])
-    return self._transform(self._data[self.next_indices()], rng)
+    epoch, index = self.next_positions()
+    rows = [self._transform(self._data[self._perm(int(e))[i]][None],
+                            np.random.default_rng([self._seed, int(e), int(i), 1]))
+            for e, i in zip(epoch, index)]
+    return np.concatenate(rows)
 
   def batch_at(self, step: int) -> np.ndarray:
-    """Batch number ``step`` (0-based) of the stream: seeks to the position after ``step`` batches
-    (``step * batch_size`` rows) unless already there, so a resumed run that asks for the batch of
-    its next step gets exactly the batch an uninterrupted run would have had."""
-    epoch, index = divmod(int(step) * self._batch_size, len(self._data))
-    if (epoch, index) != (self._epoch, self._index):
-      self._epoch, self._index = epoch, index
+    """Batch number ``step`` (0-based) of the stream (this process's rows): seeks to global row
+    ``step * batch_size``, so a resumed run that asks for the batch of its next step gets exactly
+    the batch an uninterrupted run would have had."""
+    self._epoch, self._index = divmod(int(step) * self._batch_size, len(self._data))
     return next(self)
 
   def get_state(self) -> dict[str, np.ndarray]:
-    """Position in the stream: a small pytree of int64 scalars (orbax-savable)."""
+    """Position of the next global batch: a small pytree of int64 scalars (orbax-savable)."""
     return {"epoch": np.asarray(self._epoch, np.int64), "index": np.asarray(self._index, np.int64)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     epoch, index = int(state["epoch"]), int(state["index"])
     if epoch < 0 or not 0 <= index < len(self._data):
-      raise ValueError(f"invalid iterator state {state} for a shard of {len(self._data)} examples")
+      raise ValueError(f"invalid iterator state {state} for a split of {len(self._data)} examples")
     self._epoch, self._index = epoch, index
 
 
@@ -435,20 +437,30 @@ class EvalIterator:
 
 
 class ToyIterator:
-  """Infinite batches of a toy distribution; batch ``step`` is ``dist.sample(key_step, B)`` with
-  ``key_step = fold_in(fold_in(PRNGKey(seed), process_index), step)``: resumable from ``step``."""
+  """Infinite batches of a toy distribution: row r of global batch ``step`` is
+  ``dist.sample(fold_in(fold_in(PRNGKey(seed), step), r), 1)``; process p of P draws only its rows
+  p B/P .. (p+1) B/P - 1, so the global batch is the same whatever the process count. Resumable
+  from ``step``."""
 
-  def __init__(self, dist, batch_size: int, *, seed: int, process_index: int = 0):
+  def __init__(self, dist, batch_size: int, *, seed: int, process_index: int = 0,
+               process_count: int = 1):
+    if batch_size <= 0 or batch_size % process_count:
+      raise ValueError(f"global batch size {batch_size} must be a positive multiple of the "
+                       f"process count ({process_count})")
+    local = batch_size // process_count
     self._dist, self._batch_size = dist, batch_size
-    self._key = jax.random.fold_in(jax.random.PRNGKey(seed), process_index)
+    self._key = jax.random.PRNGKey(seed)
     self._step = 0
-    self._sample = jax.jit(lambda k: dist.sample(k, batch_size))
+    rows = jnp.arange(local) + process_index * local
+    self._sample = jax.jit(lambda k: jax.vmap(
+        lambda r: dist.sample(jax.random.fold_in(k, r), 1)[0])(rows))
 
   def __iter__(self) -> "ToyIterator":
     return self
 
   def batch_at(self, step: int) -> jax.Array:
-    """Batch ``step`` (0-based) of the stream, on device: a pure function of (seed, process, step)."""
+    """This process's rows of global batch ``step`` (0-based), on device: a pure function of
+    (seed, step, row)."""
     return self._sample(jax.random.fold_in(self._key, step))
 
   def __next__(self) -> np.ndarray:
@@ -464,6 +476,16 @@ class ToyIterator:
 
 
 DatasetIterator = ArrayIterator | EvalIterator | ToyIterator
+
+
+def array_eval_batches(x: np.ndarray, batch_size: int) -> EvalIterator:
+  """This process's padded ``EvalBatch`` pass (global batch ``batch_size``) over an array every
+  process holds (e.g. a toy distribution's held-out sample): its ``even_shard``, indices global."""
+  count, index = jax.process_count(), jax.process_index()
+  start, end = even_shard(len(x), index, count)
+  return EvalIterator(np.asarray(x)[start:end], _per_process(int(batch_size), count, "batch_size"),
+                      start=start, total=len(x), process_count=count,
+                      transform=lambda a, rng: a, seed=0, process_index=index)
 
 
 def _per_process(global_batch: int, process_count: int, field: str) -> int:
@@ -489,7 +511,9 @@ def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuf
   dequantize defaults to ``data.uniform_dequantization``; seed to ``config.seed``.
   as_levels=True yields the raw uint8 levels k (no flip, scaling or dequantization), e.g. for
   ``likelihood.dataset_bits_per_dim``, which dequantizes per example itself.
-  Each process gets ``global_batch // process_count`` rows from its own disjoint shard.
+  Each process gets ``global_batch // process_count`` rows: of every global training batch (the
+  same batch for any process count, ``ArrayIterator`` / ``ToyIterator``), or of its own disjoint
+  ``even_shard`` of an eval split.
   """
   process_index = jax.process_index() if process_index is None else int(process_index)
   process_count = jax.process_count() if process_count is None else int(process_count)
@@ -513,7 +537,8 @@ def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuf
     import toy_data
     dist = toy_data.get_toy_distribution(str(config.data.dataset))
     if repeat:
-      return ToyIterator(dist, local_batch, seed=seed, process_index=process_index)
+      return ToyIterator(dist, int(batch_size), seed=seed, process_index=process_index,
+                         process_count=process_count)
     n = int(config.eval.num_samples)  # a fixed held-out sample, drawn once
     start, end = even_shard(n, process_index, process_count)
     data = np.asarray(dist.sample(jax.random.PRNGKey(seed + 1), n), np.float32)[start:end]
@@ -527,10 +552,11 @@ def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuf
   transform = image_transform(info, random_flip=random_flip, dequantize=dequantize)
   if as_levels:
     transform = lambda levels, rng: levels  # noqa: E731
+  if repeat:  # every process indexes the whole split and reads its rows of each global batch
+    levels, _, _ = load_levels(config, split)
+    return ArrayIterator(levels, int(batch_size), seed=seed, shuffle=shuffle, transform=transform,
+                         process_index=process_index, process_count=process_count)
   levels, start, total = load_levels(config, split, process_index, process_count)
-  if repeat:
-    return ArrayIterator(levels, local_batch, seed=seed, shuffle=shuffle, transform=transform,
-                         process_index=process_index)
   return EvalIterator(levels, local_batch, start=start, total=total, process_count=process_count,
                       transform=transform, seed=seed, process_index=process_index)
 

@@ -20,7 +20,6 @@ float64 when called under ``jax.enable_x64(True)`` with float64 inputs (dtypes f
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Iterable, Optional
 
@@ -340,15 +339,6 @@ def uniform_dequantize(key: Array, x: Array, num_levels: int = 256, centered: bo
   return 2.0 * y - 1.0 if centered else y
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _dequantize_examples(key: Array, batch: Array, offset: Array, num_levels: int,
-                         centered: bool, dtype=None) -> Array:
-  """``uniform_dequantize`` of example j of a batch with key fold_in(key, offset + j)."""
-  keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(offset + jnp.arange(batch.shape[0]))
-  return jax.vmap(lambda k, xi: uniform_dequantize(k, xi[None], num_levels, centered, dtype)[0])(
-      keys, batch)
-
-
 def mean_and_stderr(values, axis: int = 0) -> tuple[Array, Array]:
   """Mean and its Monte Carlo standard error std(ddof=1) / sqrt(n) along ``axis`` (the one
   estimator of every reported ± in scorelab); NaN for an empty sample, inf for n = 1."""
@@ -362,50 +352,48 @@ def mean_and_stderr(values, axis: int = 0) -> tuple[Array, Array]:
   return jnp.mean(v, axis=axis), se
 
 
-def dataset_bits_per_dim(logp_fn: Callable[[Array, Array], Array], batches: Iterable[Array],
-                         key: Array, *, batch_size: int, num_levels: int = 256,
-                         centered: bool = False, dequantize: bool = True, dtype=None,
+def dataset_bits_per_dim(logp_fn: Callable, consts: Any, batches: Iterable, key: Array, *,
+                         num_levels: int = 256, centered: bool = False, dequantize: bool = True,
+                         dtype=None, mesh=None,
                          on_batch: Optional[Callable[[int], None]] = None) -> dict:
-  """Bits/dim over a whole split: every batch is padded to ``batch_size`` (repeating its last
-  row) so ``logp_fn`` (e.g. a jitted ``log_likelihood``) compiles once, and the padding is masked
-  out (no example is dropped or counted twice).
+  """Bits/dim over a whole split, every example once, spread over the devices of ``mesh`` and the
+  processes (``parallel.map_dataset``; default: every device).
 
-  ``logp_fn(y, key) -> logp (B,)`` takes dequantized, scaled data ``y`` (when ``dequantize``; in
-  ``dtype``, default float32; otherwise the batches are passed as they are, already continuous).
-  Dequantization noise of example i of the split uses ``fold_in(key_deq, i)`` (independent of the
-  batching); ``logp_fn`` gets ``fold_in(key_logp, batch index)``. A non-finite log p (a failed
-  adaptive solve returns NaN) is counted, never averaged: the mean and its standard error are over
-  the finite examples. ``on_batch(n)`` is called after each batch of n examples (progress).
-  Returns ``dict(bpd, stderr, n, n_failed, failed_indices, bpd_per_example)`` (NaN per failed
-  example).
+  ``batches``: this process's padded ``datasets.EvalBatch`` stream of integer levels (image,
+  mask, index in the split; e.g. ``datasets.get_eval_dataset(config, as_levels=True)``); padding
+  rows are masked, never counted. ``logp_fn(consts, y (B, ...), keys (B,)) -> logp (B,)`` or a
+  dict with ``'logp'`` and other per-example outputs (e.g. ``'nfe'``), per example (build it with
+  ``parallel.per_example`` from a batch function): ``y`` is the uniformly dequantized, scaled
+  data (when ``dequantize``, in ``dtype``, default float32) or the levels as they are. Example i
+  uses the key fold_in(key, i), split into its dequantization noise and ``logp_fn``'s key, so the
+  result does not depend on the batch size or the device / process count. A non-finite log p (a
+  failed adaptive solve returns NaN) is counted, never averaged: the mean and its standard error
+  are over the finite examples. ``on_batch(n)``: progress after each batch. Returns
+  ``dict(bpd, stderr, n, n_failed, failed_indices, bpd_per_example)`` (NaN per failed example)
+  and, per example in split order, the other outputs of ``logp_fn``.
   """
-  key_deq, key_logp = jax.random.split(key)
-  per_example = []
-  offset = 0
-  for i, batch in enumerate(batches):
-    batch = jnp.asarray(batch)
-    n = batch.shape[0]
-    if n > batch_size:
-      raise ValueError(f"a batch has {n} examples, more than batch_size={batch_size}")
-    if n < batch_size:
-      batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], batch_size - n, axis=0)], axis=0)
-    if dequantize:
-      y = _dequantize_examples(key_deq, batch, offset, num_levels, centered, dtype)
-    else:
-      y = batch
-    logp = logp_fn(y, jax.random.fold_in(key_logp, i))
-    bpd = bits_per_dim(logp, y.shape[1:], centered=centered, num_levels=num_levels)
-    per_example.append(np.asarray(bpd, np.float64)[:n])
-    offset += n
-    if on_batch is not None:
-      on_batch(n)
-  if offset == 0:
+  import parallel
+  dtype = dtype or jnp.float32
+
+  def bpd_fn(c, levels, keys):
+    k_deq, k_fn = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    y = (jax.vmap(lambda k, x: uniform_dequantize(k, x[None], num_levels, centered, dtype)[0])(
+        k_deq, levels) if dequantize else levels)
+    out = logp_fn(c, y, k_fn)
+    out = dict(out) if isinstance(out, dict) else {"logp": out}
+    out["bpd"] = bits_per_dim(out["logp"], y.shape[1:], centered=centered, num_levels=num_levels)
+    return out
+
+  out = parallel.map_dataset(bpd_fn, consts, batches, key, mesh=mesh, on_batch=on_batch)
+  bpd = np.asarray(out.pop("bpd"), np.float64)
+  out.pop("logp")
+  if len(bpd) == 0:
     raise ValueError("dataset_bits_per_dim got no examples")
-  bpd = np.concatenate(per_example)
   ok = np.isfinite(bpd)
   mean, stderr = mean_and_stderr(bpd[ok])
-  return dict(bpd=float(mean), stderr=float(stderr), n=int(ok.sum()), n_failed=int((~ok).sum()),
-              failed_indices=[int(i) for i in np.flatnonzero(~ok)], bpd_per_example=bpd)
+  return dict(out, bpd=float(mean), stderr=float(stderr), n=int(ok.sum()),
+              n_failed=int((~ok).sum()), failed_indices=[int(i) for i in np.flatnonzero(~ok)],
+              bpd_per_example=bpd)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
       --config.training.n_iters=2000
 
 ``--config`` is an ml_collections config file; ``--config.a.b=value`` overrides any field. The
-config is validated against ``config_schema`` before the workdir is touched. Modes register
+config is validated against ``config_schema`` before the workdir is touched. Several processes
+(hosts): ``--distributed=auto`` (TPU pod slices, SLURM) or ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` on each (see README, "Several hosts"). Modes register
 themselves in ``modes/`` (``modes.registered_modes()``).
 """
 from __future__ import annotations
@@ -16,7 +18,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import jax
+
 import modes
+import parallel
 import run_lib
 
 FLAGS = flags.FLAGS
@@ -25,6 +30,12 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and output
 flags.DEFINE_enum("mode", "train", list(modes.registered_modes()), "What to run.")
 flags.DEFINE_string("checkpoint", None, "--mode=import: the score_sde_pytorch .pth or score_sde / "
                     "score_flow Flax checkpoint to import into --workdir.")
+flags.DEFINE_enum("distributed", "off", ["off", "auto"], "Several processes (jax.distributed): "
+                  "'auto' lets JAX detect the cluster (Cloud TPU pod slices, SLURM, Open MPI, "
+                  "Kubernetes); or give --coordinator_address, --num_processes and --process_id.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -64,6 +75,10 @@ def _check_config_args(argv: list[str]) -> None:
 def main(argv) -> None:
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                     FLAGS.process_id, auto=FLAGS.distributed == "auto"):
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   config = FLAGS.config
   run_lib.validate_config(config)  # fail at start, naming the field, before touching the workdir
   logging.info("mode=%s workdir=%s\n%s", FLAGS.mode, FLAGS.workdir, config)

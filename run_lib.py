@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,10 @@ from absl import logging
 import checkpoints
 import config_schema
 import datasets
+import parallel
 import sde_lib
 import toy_data
+from parallel import is_main
 from progress import Progress
 
 Array = jax.Array
@@ -113,10 +116,6 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     with open(tmp, "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     os.replace(tmp, path)
-
-
-def is_main() -> bool:
-  return jax.process_index() == 0
 
 
 def open_checkpoints(config, workdir: str, read_only: bool = False) -> checkpoints.CheckpointStore:
@@ -248,12 +247,19 @@ class LossLog:
 @dataclasses.dataclass(frozen=True)
 class ScoreModel:
   """A trained model as sample / eval use it: ``score_fn(x, t)`` (parameters bound, eval mode),
-  its SDE, event shape, checkpoint step, and the prior the generative process starts from."""
+  its SDE, event shape, checkpoint step, and the prior the generative process starts from; also
+  ``apply(params, x, t)`` and ``params`` apart (what ``parallel.sharded_map`` replicates)."""
   sde: Any
   score_fn: Callable[[Array, Array], Array]
   event_shape: tuple[int, ...]
   step: int
   prior: Any
+  params: Any = None
+  apply: Optional[Callable[[Any, Array, Array], Array]] = None
+
+  def bound_score(self, params) -> Callable[[Array, Array], Array]:
+    """score_fn(x, t) of ``params`` (``params`` None: the bound ``score_fn``)."""
+    return self.score_fn if self.apply is None else functools.partial(self.apply, params)
 
 
 def init_state(config, sde, key: Array):
@@ -320,7 +326,7 @@ def load_score_model(config: ml_collections.ConfigDict, workdir: str,
   params = state.ema_params if config.eval.use_ema else state.params
   bound = lambda x, t: score_fn(params, x, t)  # noqa: E731  (eval mode: no dropout)
   return ScoreModel(sde=sde, score_fn=bound, event_shape=tuple(datasets.dataset_info(config).shape),
-                    step=step, prior=prior)
+                    step=step, prior=prior, params=params, apply=score_fn)
 
 
 @contextlib.contextmanager
@@ -334,23 +340,39 @@ def model_outputs(config: ml_collections.ConfigDict, workdir: str, folder: str):
     yield load_score_model(config, workdir), out_dir
 
 
-def generate(config: ml_collections.ConfigDict, model: ScoreModel, n: int, key: Array):
-  """n samples in batches of ``sampling.batch_size`` with the configured sampler, started from
-  ``model.prior``; (samples, mean NFE)."""
+def generate(config: ml_collections.ConfigDict, model: ScoreModel, n: int, key: Array, mesh=None):
+  """n samples of the configured sampler, started from ``model.prior``, in global batches of
+  ``sampling.batch_size`` spread over every device of every process (``parallel.sharded_map``).
+  Sample i is the sampler run on its own from the key fold_in(key, i) (vmapped), so the samples do
+  not depend on the batch size or the device / process count. (samples (n, ...) on every process,
+  mean NFE per sample)."""
+  import parallel
   import samplers
   bs = int(config.sampling.batch_size)
-  n_batches = int(math.ceil(n / bs))
-  sample_fn = jax.jit(samplers.get_sampler(config, model.sde, (bs,) + model.event_shape,
-                                           prior=model.prior), static_argnums=0)
-  out, nfe = [], []
+  n_proc, proc = jax.process_count(), jax.process_index()
+  if bs % n_proc:
+    raise ValueError(f"sampling.batch_size={bs} must be a multiple of the process count ({n_proc})")
+  one = samplers.get_sampler(config, model.sde, (1,) + model.event_shape, prior=model.prior)
+
+  def per_sample(params, _, keys):
+    def single(k):
+      x, stats = one(model.bound_score(params), k)
+      return {"x": x[0], "nfe": jnp.mean(jnp.asarray(stats["nfe"], jnp.float32))}
+    return jax.vmap(single)(keys)
+
+  local = bs // n_proc
+
+  def batches():
+    for i in range(int(math.ceil(n / bs))):
+      index = i * bs + proc * local + np.arange(local)
+      yield datasets.EvalBatch(np.zeros((local,), np.float32), index < n,
+                               np.where(index < n, index, -1))
+
   with Progress(f"sampling ({config.sampling.method}, c={config.sampling.c})", n,
                 "samples") as p:
-    for i in range(n_batches):
-      x, stats = sample_fn(model.score_fn, jax.random.fold_in(key, i))
-      out.append(np.asarray(x))
-      nfe.append(float(np.mean(stats["nfe"])))
-      p.update(min(bs, n - i * bs), nfe=nfe[-1])
-  return np.concatenate(out)[:n], float(np.mean(nfe))
+    out = parallel.map_dataset(per_sample, model.params, batches(), key, mesh=mesh,
+                               on_batch=p.update)
+  return out["x"], float(np.mean(out["nfe"]))
 
 
 def toy_reference(config, n: int) -> np.ndarray | None:
@@ -364,15 +386,27 @@ def toy_reference(config, n: int) -> np.ndarray | None:
 
 # -- reports and figures ---------------------------------------------------------------------------
 def write_json(path: str, obj: dict) -> None:
+  """``obj`` as JSON at ``path``, atomically, by process 0 only (the others return)."""
+  if not is_main():
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=float)
   os.replace(tmp, path)
 
 
+def save_samples_npz(path: str, samples: np.ndarray) -> None:
+  """``samples.npz`` (key ``samples``), by process 0 only."""
+  if is_main():
+    np.savez(path, samples=samples)
+
+
 def save_samples_png(path: str, samples: np.ndarray, config,
                      reference: np.ndarray | None = None) -> None:
-  """An image grid for images; a scatter plot (1-D: histogram) of generated vs data for toys."""
+  """An image grid for images; a scatter plot (1-D: histogram) of generated vs data for toys.
+  Process 0 only."""
+  if not is_main():
+    return
   info = datasets.dataset_info(config)
   if info.is_image:
     import evaluation

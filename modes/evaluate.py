@@ -47,7 +47,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str =
     report.update(_samples_and_metrics(config, model, k_sample, out_dir))
     run_lib.write_json(os.path.join(out_dir, "report.json"), report)
     for k in sorted(report):
-      if not k.endswith("failed_indices"):
+      if not k.endswith(("failed_indices", "per_example")):
         logging.info("eval %s = %s", k, report[k])
     _check_failures(config, report)
   return report
@@ -72,64 +72,80 @@ def _load_dequantizer(config, workdir: str):
 
 
 def _likelihood_fns(config, model: run_lib.ScoreModel):
-  """Jitted per-batch log p (probability-flow ODE) and -bound (ScoreFlow eq. 39), both in nats."""
+  """Batch functions ``(params, y, key) -> dict`` of log p (probability-flow ODE, with its NFE)
+  and of minus the bound (ScoreFlow eq. 39, as ``logp``), both in nats."""
   import likelihood
   ev = config.eval
 
-  @jax.jit
-  def logp_fn(y, k):
-    out = likelihood.log_likelihood(model.score_fn, model.sde, y, k, prior=model.prior,
+  def logp_fn(params, y, k):
+    out = likelihood.log_likelihood(model.bound_score(params), model.sde, y, k, prior=model.prior,
                                     divergence=str(ev.divergence), probe=str(ev.hutchinson_probe),
                                     rtol=float(ev.rtol), atol=float(ev.atol),
                                     max_steps=int(ev.max_steps))
-    return out["logp"], out["nfe"]
+    return {"logp": out["logp"], "nfe": out["nfe"].astype(jnp.float32)}
 
-  @jax.jit
-  def neg_bound_fn(y, k):
-    return -likelihood.scoreflow_bound(model.score_fn, model.sde, y, k, prior=model.prior,
-                                       n_time_samples=int(ev.bound_time_samples))["nll_bound"]
+  def neg_bound_fn(params, y, k):
+    return {"logp": -likelihood.scoreflow_bound(
+        model.bound_score(params), model.sde, y, k, prior=model.prior,
+        n_time_samples=int(ev.bound_time_samples))["nll_bound"]}
 
   return logp_fn, neg_bound_fn
 
 
-def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound,
-                      dequantizer=None) -> dict[str, Any]:
-  """bits/dim of the ODE and of the bound over the whole split, with progress per batch; with a
-  ``dequantizer`` q(u | k), of E_q[-log p(scale(k + u)) + log q(u | k)] (ScoreFlow eq. 13), one u
-  per example, the same scaling log-det as the uniform path (``likelihood.bits_per_dim``)."""
+def _split_bpd(config, model: run_lib.ScoreModel, batch_fn, key, title: str,
+               dequantizer=None) -> dict[str, Any]:
+  """``likelihood.dataset_bits_per_dim`` of the batch function ``batch_fn(params, y, key)`` over
+  the whole ``eval.split``, per example (``parallel.per_example``) over every device and process,
+  with progress; uniform dequantization, or ``dequantizer.lift`` (u ~ q(. | k))."""
   import likelihood
+  import parallel
   ev = config.eval
   info = datasets.dataset_info(config)
-  batches = [b.image[b.mask] for b in datasets.get_eval_dataset(config, as_levels=True)]
-  n = sum(len(b) for b in batches)
+  dtype = jnp.float64 if ev.float64 else jnp.float32
+  if dequantizer is not None:
+    batch_fn = dequantizer.lift(batch_fn, dtype)
+  batches = datasets.get_eval_dataset(config, as_levels=True)
+  with Progress(title, batches.num_examples, "images") as p:
+    return likelihood.dataset_bits_per_dim(
+        parallel.per_example(batch_fn), model.params, batches, key,
+        num_levels=info.num_grey_levels, centered=info.centered, dtype=dtype,
+        dequantize=dequantizer is None, on_batch=p.update)
+
+
+def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound,
+                      dequantizer=None) -> dict[str, Any]:
+  """bits/dim of the ODE and of the bound over the whole split; with a ``dequantizer`` q(u | k),
+  of E_q[-log p(scale(k + u)) + log q(u | k)] (ScoreFlow eq. 13), one u per example, the same
+  scaling log-det as the uniform path (``likelihood.bits_per_dim``)."""
+  ev = config.eval
   logp_fn, neg_bound_fn = _likelihood_fns(config, model)
-  common = dict(batch_size=int(ev.batch_size), num_levels=info.num_grey_levels,
-                centered=info.centered, dtype=jnp.float64 if ev.float64 else jnp.float32)
   out: dict[str, Any] = {}
   if dequantizer is not None:
-    logp_fn, neg_bound_fn = (dequantizer.lift(f, common["dtype"]) for f in (logp_fn, neg_bound_fn))
-    common["dequantize"] = False  # the lifted functions take the levels k and draw u ~ q(. | k)
     out["dequantizer_step"] = dequantizer.step
   if ev.bpd:
-    nfe: list[np.ndarray] = []
-
-    def logp_only(y, k):
-      logp, e = logp_fn(y, k)
-      nfe.append(np.asarray(e))
-      return logp
-
-    with Progress("bits/dim (probability-flow ODE)", n, "images") as p:
-      r = likelihood.dataset_bits_per_dim(logp_only, batches, k_ll, on_batch=p.update, **common)
-    out.update(_stage("bpd", r), likelihood_nfe=float(np.concatenate(nfe)[:n].mean()))
+    r = _split_bpd(config, model, logp_fn, k_ll, "bits/dim (probability-flow ODE)", dequantizer)
+    out.update(_stage("bpd", r), likelihood_nfe=float(np.mean(r["nfe"])),
+               likelihood_nfe_per_example=[float(v) for v in r["nfe"]])
   if ev.bound:
-    with Progress("bits/dim bound (ScoreFlow)", n, "images") as p:
-      r = likelihood.dataset_bits_per_dim(neg_bound_fn, batches, k_bound, on_batch=p.update,
-                                          **common)
+    r = _split_bpd(config, model, neg_bound_fn, k_bound, "bits/dim bound (ScoreFlow)", dequantizer)
     out.update(_stage("bound_bpd", r))
-  if info.name == "digits":
+  if datasets.dataset_info(config).name == "digits":
     with Progress("baseline (GaussianMixture)", None, "fits"):
       out.update(gmm_baseline_bpd(config))
   return out
+
+
+def _toy_map(config, model: run_lib.ScoreModel, batch_fn, key, title: str) -> dict[str, np.ndarray]:
+  """``batch_fn(params, x, key) -> dict`` per held-out toy point (``eval.num_likelihood_examples``
+  of them, ``run_lib.toy_reference``), over every device and process, in point order."""
+  import parallel
+  ev = config.eval
+  x = run_lib.toy_reference(config, int(ev.num_likelihood_examples))
+  x = x.astype(np.float64 if ev.float64 else np.float32)
+  with Progress(title, len(x), "points") as p:
+    return parallel.map_dataset(parallel.per_example(batch_fn), model.params,
+                                datasets.array_eval_batches(x, int(ev.batch_size)), key,
+                                on_batch=p.update)
 
 
 def _prior_terms(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
@@ -166,25 +182,20 @@ def _stage(name: str, r: dict) -> dict[str, Any]:
 
 def _toy_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound) -> dict[str, Any]:
   """NLL (nats) of held-out toy points by the ODE and the bound; the exact NLL where known."""
-  import likelihood
   ev = config.eval
-  dtype = jnp.float64 if ev.float64 else jnp.float32
-  x = jnp.asarray(run_lib.toy_reference(config, int(ev.num_likelihood_examples)), dtype)
   logp_fn, neg_bound_fn = _likelihood_fns(config, model)
   out: dict[str, Any] = {}
   if ev.bpd:
-    with Progress("NLL (probability-flow ODE)", len(x), "points") as p:
-      logp, nfe = logp_fn(x, k_ll)
-      p.update(len(x))
-    out.update(_toy_stage("nll", -np.asarray(logp, np.float64)),
-               likelihood_nfe=float(np.mean(nfe)))
+    r = _toy_map(config, model, logp_fn, k_ll, "NLL (probability-flow ODE)")
+    out.update(_toy_stage("nll", -np.asarray(r["logp"], np.float64)),
+               likelihood_nfe=float(np.mean(r["nfe"])))
   if ev.bound:
-    with Progress("NLL bound (ScoreFlow)", len(x), "points") as p:
-      nll = -np.asarray(neg_bound_fn(x, k_bound), np.float64)
-      p.update(len(x))
-    out.update(_toy_stage("nll_bound", nll))
+    r = _toy_map(config, model, neg_bound_fn, k_bound, "NLL bound (ScoreFlow)")
+    out.update(_toy_stage("nll_bound", -np.asarray(r["logp"], np.float64)))
   dist = toy_data.get_toy_distribution(config.data.dataset)
   if dist.has_density:
+    dtype = jnp.float64 if ev.float64 else jnp.float32
+    x = jnp.asarray(run_lib.toy_reference(config, int(ev.num_likelihood_examples)), dtype)
     out["nll_exact_data"] = float(-jnp.mean(dist.log_prob(x)))
     out["nll_exact_p_eps"] = float(-jnp.mean(dist.marginal_log_prob(model.sde, x, model.sde.eps)))
   return out
@@ -213,39 +224,39 @@ def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
     return {}
   probe = "exact" if str(ev.divergence) == "exact" else str(ev.hutchinson_probe)
   n_t = int(ev.bound_time_samples)
-  fns = {form: jax.jit(lambda y, k, form=form: likelihood.ct_elbo(
-      model.score_fn, model.sde, y, k, form=form, probe=probe, n_time_samples=n_t,
-      prior=model.prior, eps_correction_term=True)["elbo"]) for form in ("ism", "dsm")}
+
+  def elbo_fn(form):
+    return lambda params, y, k: {"logp": likelihood.ct_elbo(
+        model.bound_score(params), model.sde, y, k, form=form, probe=probe, n_time_samples=n_t,
+        prior=model.prior, eps_correction_term=True)["elbo"]}
+
   out: dict[str, Any] = {"ct_elbo_time_samples": n_t, "ct_elbo_probe": probe}
-  info = datasets.dataset_info(config)
-  if info.is_image:
-    batches = [b.image[b.mask] for b in datasets.get_eval_dataset(config, as_levels=True)]
-    n = sum(len(b) for b in batches)
-    for i, (form, fn) in enumerate(fns.items()):
-      with Progress(f"bits/dim CT-ELBO ({form.upper()} form)", n, "images") as p:
-        r = likelihood.dataset_bits_per_dim(
-            fn, batches, jax.random.fold_in(key, i), batch_size=int(ev.batch_size),
-            num_levels=info.num_grey_levels, centered=info.centered,
-            dtype=jnp.float64 if ev.float64 else jnp.float32, on_batch=p.update)
+  forms = ("ism", "dsm")
+  if datasets.dataset_info(config).is_image:
+    for i, form in enumerate(forms):
+      r = _split_bpd(config, model, elbo_fn(form), jax.random.fold_in(key, i),
+                     f"bits/dim CT-ELBO ({form.upper()} form)")
       out.update(_stage(f"ct_elbo_{form}_bpd", r))
     out["ct_elbo_dequantization"] = "uniform"
     return out
-  dtype = jnp.float64 if ev.float64 else jnp.float32
-  x = jnp.asarray(run_lib.toy_reference(config, int(ev.num_likelihood_examples)), dtype)
-  for i, (form, fn) in enumerate(fns.items()):
-    with Progress(f"NLL CT-ELBO ({form.upper()} form)", len(x), "points") as p:
-      nll = -np.asarray(fn(x, jax.random.fold_in(key, i)), np.float64)
-      p.update(len(x))
-    out.update(_toy_stage(f"ct_elbo_{form}_nll", nll))
+  for i, form in enumerate(forms):
+    r = _toy_map(config, model, elbo_fn(form), jax.random.fold_in(key, i),
+                 f"NLL CT-ELBO ({form.upper()} form)")
+    out.update(_toy_stage(f"ct_elbo_{form}_nll", -np.asarray(r["logp"], np.float64)))
   lambdas = tuple(float(v) for v in ev.ct_elbo_lambdas)
   if lambdas:
     dist = toy_data.get_toy_distribution(config.data.dataset)
-    with Progress("lambda-family CT-ELBO (exact marginal score)", len(x), "points") as p:
-      r = jax.jit(lambda y, k: likelihood.lambda_ct_elbo(
-          model.score_fn, dist.score_fn(model.sde), model.sde, y, k, lambdas, probe=probe,
-          n_time_samples=n_t, prior=model.prior))(x, jax.random.fold_in(key, 2))
-      p.update(len(x))
-    for lam, e in zip(lambdas, np.asarray(r["elbo"], np.float64)):
+
+    def lambda_fn(params, y, k):
+      r = likelihood.lambda_ct_elbo(model.bound_score(params), dist.score_fn(model.sde), model.sde,
+                                    y, k, lambdas, probe=probe, n_time_samples=n_t,
+                                    prior=model.prior)
+      return {"elbo": r["elbo"].T, "score_gap": r["score_gap"]}  # elbo (B, L)
+
+    r = _toy_map(config, model, lambda_fn, jax.random.fold_in(key, 2),
+                 "lambda-family CT-ELBO (exact marginal score)")
+    elbo = np.asarray(r["elbo"], np.float64)
+    for lam, e in zip(lambdas, elbo.T):
       stage = _toy_stage(f"ct_elbo_lambda_{lam:g}_nll", -e)
       out.update({k: v for k, v in stage.items() if not k.endswith(("_n_failed", "_indices"))})
     out["ct_elbo_score_gap"] = float(np.mean(np.asarray(r["score_gap"], np.float64)))
@@ -279,7 +290,7 @@ def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str) -
   samples, nfe = run_lib.generate(config, model, n, key)
   out: dict[str, Any] = dict(sampling_method=config.sampling.method,
                              sampling_c=float(config.sampling.c), sampling_nfe=nfe, n_samples=n)
-  np.savez(os.path.join(out_dir, "samples.npz"), samples=samples)
+  run_lib.save_samples_npz(os.path.join(out_dir, "samples.npz"), samples)
   reference = run_lib.toy_reference(config, n)
   run_lib.save_samples_png(os.path.join(out_dir, "samples.png"), samples, config, reference)
   if reference is not None:

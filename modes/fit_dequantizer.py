@@ -192,23 +192,22 @@ class FittedDequantizer:
     return dequantization.sample_and_log_prob(self.model, self.variables, key, k)
 
   def lift(self, fn: Callable, dtype=jnp.float32) -> Callable:
-    """``fn(y, key) -> log p_y(y)`` (or a tuple whose first item is it) on continuous data ->
-    ``g(k, key)`` on integer levels: log p_y(scale(k, u)) - log q(u | k), u ~ q(. | k) ([SF] eq. 13;
+    """``fn(consts, y, key) -> dict(logp=log p_y(y), ...)`` on continuous data -> the same on integer
+    levels k with ``logp`` = log p_y(scale(k, u)) - log q(u | k), u ~ q(. | k) ([SF] eq. 13;
     ``likelihood.bits_per_dim`` then adds the scaling log-det, as on the uniform path)."""
-    def g(k, key):
-      out = []
+    def g(consts, k, key):
+      extra = {}
 
       def log_p(y, kp):
-        r = fn(y, kp)
-        out.append(r)
-        return r[0] if isinstance(r, tuple) else r
+        extra.update(fn(consts, y, kp))
+        return extra["logp"]
 
       lp = dequantization.dequantized_log_p(log_p, k, key, num_levels=self.num_levels,
                                             centered=self.centered, sample_q=self.sample_q,
                                             dtype=dtype)
-      return (lp,) + tuple(out[0][1:]) if isinstance(out[0], tuple) else lp
+      return dict(extra, logp=lp)
 
-    return jax.jit(g)
+    return g
 
 
 def load_dequantizer(config: ml_collections.ConfigDict, workdir: str) -> FittedDequantizer:

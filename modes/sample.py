@@ -25,7 +25,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, sample_folder: str =
               "c": float(config.sampling.c), "T": float(config.sde.T),
               "eps": float(config.sde.eps), "nfe": nfe, "seconds": time.time() - t0,
               "finite": bool(np.all(np.isfinite(x)))}
-    np.savez(os.path.join(out_dir, "samples.npz"), samples=x)
+    run_lib.save_samples_npz(os.path.join(out_dir, "samples.npz"), x)
     run_lib.save_samples_png(os.path.join(out_dir, "samples.png"), x, config,
                              run_lib.toy_reference(config, len(x)))
     run_lib.write_json(os.path.join(out_dir, "report.json"), report)

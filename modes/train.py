@@ -9,6 +9,7 @@ TensorBoard, and ``loss_curve.png`` at the end. One writer: the workdir's 'train
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -118,10 +119,11 @@ def _loop(config, run: _Run, state, start_step: int, store, log: run_lib.LossLog
   tr = config.training
   heldout = _HeldOut(run, config)
   step, window = start_step, _RateWindow(start_step)
-  with _Preemption() as preempt, Progress("train", tr.n_iters - start_step, "steps") as progress:
+  batches = datasets.ThreadedIterator(_StepBatches(run, start_step, int(tr.n_iters)), 2)
+  with _Preemption() as preempt, Progress("train", tr.n_iters - start_step, "steps") as progress, \
+      contextlib.closing(batches):
     while step < tr.n_iters:
-      batch = run.shard(run_lib.data_stream_batch(run.sample, step))
-      state, metrics = run.train_step(state, batch)
+      state, metrics = run.train_step(state, next(batches))
       step += 1
       log.add(step, metrics["loss"])
       if step == start_step + 1:  # exclude compilation from the steps/s of the first window
@@ -141,6 +143,31 @@ def _loop(config, run: _Run, state, start_step: int, store, log: run_lib.LossLog
         break
   log.drain()
   return state, step
+
+
+class _StepBatches:
+  """The sharded batches of steps ``start``, ``start + 1``, ... < ``stop`` (``run_lib.
+  data_stream_batch``, a pure function of the step), for a ``datasets.ThreadedIterator`` that
+  prepares and transfers them two steps ahead while the device computes."""
+
+  def __init__(self, run: _Run, start: int, stop: int):
+    self.run, self.step, self.stop = run, start, stop
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.step >= self.stop:
+      raise StopIteration
+    batch = self.run.shard(run_lib.data_stream_batch(self.run.sample, self.step))
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {"step": self.step}
+
+  def set_state(self, state) -> None:
+    self.step = int(state["step"])
 
 
 class _RateWindow:

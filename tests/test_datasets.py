@@ -75,8 +75,10 @@ def test_tfds_random_flip(mock_tfds):
 
 
 def test_tfds_sharding_two_processes(mock_tfds):
+  """Eval: each process reads a disjoint shard of the split. Training: each process gets its half
+  of every global batch (disjoint), and the halves make the one-process global batch."""
   config = _config("cifar10")
-  seen_eval, seen_train = [], []
+  seen_eval = []
   for p in range(2):
     ev = datasets.get_dataset(config, split="train", shuffle=False, repeat=False, process_index=p,
                               process_count=2)
@@ -84,14 +86,17 @@ def test_tfds_sharding_two_processes(mock_tfds):
     idx = np.concatenate([r[0] for r in rows])
     np.testing.assert_array_equal(idx, np.concatenate([r[1] for r in rows]))  # image <-> index
     seen_eval.append(set(idx.tolist()))
-    # One epoch of the shuffled training stream of this process (shard of 10, batch 4 per process).
-    tr = datasets.get_dataset(config, split="train", shuffle=True, process_index=p, process_count=2)
-    ids = np.concatenate([_ids(next(tr)) for _ in range(5)])[:10]
-    assert len(set(ids.tolist())) == 10
-    seen_train.append(set(ids.tolist()))
-  for seen in (seen_eval, seen_train):
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == set(range(N_MOCK["train"]))
+  assert not seen_eval[0] & seen_eval[1]
+  assert seen_eval[0] | seen_eval[1] == set(range(N_MOCK["train"]))
+  one = datasets.get_dataset(config, split="train", shuffle=True, process_index=0, process_count=1)
+  two = [datasets.get_dataset(config, split="train", shuffle=True, process_index=p,
+                              process_count=2) for p in range(2)]
+  epoch0 = []
+  for step in range(5):  # 40 rows of a 20-example split: crosses epochs
+    halves = [next(it) for it in two]
+    np.testing.assert_array_equal(np.concatenate(halves), next(one))
+    epoch0 += [_ids(h) for h in halves] if step < 2 else []
+  assert len(set(np.concatenate(epoch0).tolist())) == 16  # the first 16 rows of one epoch
   test = datasets.get_dataset(config, split="test", shuffle=False, repeat=False, process_index=1,
                               process_count=2)
   b = next(test)
@@ -306,7 +311,7 @@ def test_toy_adapter_resumes_by_step():
   again.set_state({"step": 2})
   np.testing.assert_array_equal(next(again), first[2])
   other = datasets.get_dataset(config, process_index=1, process_count=2)
-  assert not np.array_equal(next(other)[:8], first[0][:8])  # processes draw different points
+  np.testing.assert_allclose(next(other), first[0][8:], rtol=1e-6)  # its half of the batch
   assert datasets.dataset_info(config).shape == (2,)
 
 

@@ -1,0 +1,207 @@
+"""Data parallelism over devices and processes, in one place.
+
+* the runtime: ``initialize_distributed`` (``jax.distributed`` from flags, or JAX's cluster
+  auto-detection on TPU pods, SLURM, Open MPI, Kubernetes) and ``is_main``;
+* the mesh: one axis ``'data'`` over every device of every process (``make_mesh``), batches
+  sharded on it (``shard_batch``), state replicated (``replicate``);
+* per-example work spread over the mesh (``sharded_map``): the function of one example and its
+  own key, never of its batch companions, so a result does not depend on the batch size, the
+  device count or the process count (example i always uses ``fold_in(key, i)``);
+* ``map_dataset``: a ``sharded_map`` over a process's padded ``EvalBatch`` stream, padding
+  masked, the per-example results of every process gathered in example order.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Array = jax.Array
+DATA_AXIS = "data"
+
+
+# -- the runtime -----------------------------------------------------------------------------------
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           auto: bool = False) -> bool:
+  """Starts ``jax.distributed`` before any JAX computation: with all three of
+  ``coordinator_address`` / ``num_processes`` / ``process_id`` (e.g. two GPU hosts), or with none
+  of them and ``auto`` (JAX's cluster detection: Cloud TPU pod slices, SLURM, Open MPI, k8s).
+  Returns whether it was started; a partial set of flags is an error naming the missing ones."""
+  given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+           "process_id": process_id}
+  missing = sorted(k for k, v in given.items() if v is None)
+  if len(missing) == 3 and not auto:
+    return False
+  if missing and len(missing) < 3:
+    raise ValueError(f"--{' --'.join(missing)} missing: give all of --coordinator_address, "
+                     "--num_processes and --process_id, or none of them with --distributed=auto")
+  if not missing and not 0 <= int(process_id) < int(num_processes):
+    raise ValueError(f"--process_id={process_id} not in [0, --num_processes={num_processes})")
+  jax.distributed.initialize(**({} if missing else dict(
+      coordinator_address=coordinator_address, num_processes=int(num_processes),
+      process_id=int(process_id))))
+  return True
+
+
+def is_main() -> bool:
+  """Process 0: the one that writes reports, figures, logs and TensorBoard."""
+  return jax.process_index() == 0
+
+
+# -- the mesh --------------------------------------------------------------------------------------
+_DEFAULT_DEVICES: list | None = None
+
+
+@contextlib.contextmanager
+def use_devices(n: int):
+  """Within the block, meshes made without explicit devices use only the first ``n`` devices of
+  one process (tests and benchmarks: the same work on 1 and on 4 devices)."""
+  global _DEFAULT_DEVICES
+  if jax.process_count() > 1:
+    raise ValueError("use_devices is for one process")
+  if not 1 <= n <= jax.device_count():
+    raise ValueError(f"use_devices({n}): {jax.device_count()} devices available")
+  old, _DEFAULT_DEVICES = _DEFAULT_DEVICES, jax.devices()[:n]
+  try:
+    yield
+  finally:
+    _DEFAULT_DEVICES = old
+
+
+def make_mesh(devices=None) -> Mesh:
+  """1-D mesh with axis 'data' over ``devices`` (default ``jax.devices()``: the local devices on one
+  host, every process's devices after ``jax.distributed.initialize()`` on several; within
+  ``use_devices(n)``, the first n)."""
+  if devices is None:
+    devices = jax.devices() if _DEFAULT_DEVICES is None else _DEFAULT_DEVICES
+  return Mesh(np.asarray(list(devices)), (DATA_AXIS,))
+
+
+def shard_batch(batch: Array, mesh: Mesh) -> Array:
+  """Places a batch sharded along its first axis over the mesh axis 'data'. One process: ``batch``
+  is the global batch (N, ...). Several processes: each passes its own rows (N / process_count),
+  assembled into one global array (process p's rows are rows p N/P .. (p+1) N/P - 1)."""
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  if jax.process_count() > 1:
+    return jax.make_array_from_process_local_data(sharding, np.asarray(batch))
+  size = mesh.shape[DATA_AXIS]
+  if batch.shape[0] % size:
+    raise ValueError(f"batch of {batch.shape[0]} rows does not split over {size} devices")
+  return jax.device_put(batch, sharding)
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree (params, train state) fully replicated on the mesh. Several processes: each
+  passes the same values; arrays on one local device go through host memory (JAX does not move
+  device arrays across hosts), PRNG key arrays and already global arrays as they are."""
+  sharding = NamedSharding(mesh, PartitionSpec())
+  if jax.process_count() > 1:
+    def host(a):
+      local = isinstance(a, jax.Array) and a.is_fully_addressable
+      if local and not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        return np.asarray(a)
+      return a
+    tree = jax.tree.map(host, tree)
+  return jax.device_put(tree, sharding)
+
+
+def local_rows(x: Array) -> np.ndarray:
+  """This process's rows of an array sharded on axis 0 (all rows on one process), in order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for s in shards:  # replicated shards (several devices holding the same rows) counted once
+    start = s.index[0].start or 0
+    if start not in seen:
+      seen.add(start)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
+
+
+def gather(x: np.ndarray) -> np.ndarray:
+  """Concatenation over processes (in process order) of each process's ``x`` (equal shapes)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+# -- per-example maps ------------------------------------------------------------------------------
+def per_example(batch_fn: Callable) -> Callable:
+  """``batch_fn(consts, x (B, ...), key) -> pytree of (B, ...)`` -> ``fn(consts, xs, keys)`` that
+  calls it on each example alone (a batch of one, vmapped: the network still sees the batch) with
+  that example's own key, so results do not depend on the batching."""
+  def fn(consts, xs, keys):
+    one = lambda x, k: jax.tree.map(lambda a: a[0], batch_fn(consts, x[None], k))  # noqa: E731
+    return jax.vmap(one)(xs, keys)
+  return fn
+
+
+def example_keys(key: Array, index) -> np.ndarray:
+  """Raw PRNG keys ``fold_in(key, i)`` for example indices ``index`` (padding rows: -1 -> any)."""
+  index = np.maximum(np.asarray(index), 0).astype(np.uint32)
+  return np.asarray(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(index)))
+
+
+def sharded_map(fn: Callable, mesh: Optional[Mesh] = None) -> Callable:
+  """``fn(consts, xs, keys) -> pytree of (B, ...)`` (per example: row i depends only on xs[i],
+  keys[i] and ``consts``) -> ``g(consts, x_local, index_local, key) -> numpy pytree of this
+  process's rows``, with the rows of every process forming one global batch split over all devices
+  of ``mesh`` (``shard_map``: each device solves its own rows, adaptive loops stop per device);
+  ``consts`` (parameters) replicated. Every process calls ``g`` together with the same number of
+  rows, a multiple of its local device count."""
+  mesh = make_mesh() if mesh is None else mesh
+  rows, repl = PartitionSpec(DATA_AXIS), PartitionSpec()
+  mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(repl, rows, rows), out_specs=rows,
+                                 check_vma=False))
+
+  def g(consts, x_local, index_local, key):
+    keys = example_keys(key, index_local)
+    out = mapped(consts, shard_batch(np.asarray(x_local), mesh), shard_batch(keys, mesh))
+    return jax.tree.map(local_rows, out)
+
+  return g
+
+
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  if len(x) >= n:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
+
+
+def map_dataset(fn: Callable, consts: Any, batches: Iterable, key: Array, *,
+                mesh: Optional[Mesh] = None,
+                on_batch: Optional[Callable[[int], None]] = None) -> dict[str, np.ndarray]:
+  """Applies the per-example ``fn(consts, xs, keys) -> dict of (B, ...)`` (see ``sharded_map``)
+  to every example of this process's padded batches (``datasets.EvalBatch``: image, mask, index
+  in the whole split; every process iterates the same number of batches) and returns the dict
+  of every example of every process in example order (padding dropped), on every process.
+  Example i uses ``fold_in(key, i)``. ``on_batch(n)``: progress, n examples of the batch over all
+  processes."""
+  mesh = make_mesh() if mesh is None else mesh
+  g = sharded_map(fn, mesh)
+  n_local_dev = len(mesh.local_devices)
+  consts = replicate(consts, mesh)
+  index_parts, out_parts = [], []
+  for b in batches:
+    n = len(b.mask)
+    size = -(-n // n_local_dev) * n_local_dev  # rows divisible by this process's devices
+    x = _pad_rows(np.asarray(b.image), size)
+    index = np.concatenate([np.where(b.mask, b.index, -1), np.full(size - n, -1)])
+    out = g(consts, x, index, key)
+    index_parts.append(index)
+    out_parts.append(out)
+    if on_batch is not None:
+      on_batch(int(np.sum(b.mask)) * jax.process_count())
+  if not index_parts:
+    raise ValueError("map_dataset got no batches")
+  index = gather(np.concatenate(index_parts))
+  keep = np.flatnonzero(index >= 0)
+  order = keep[np.argsort(index[keep], kind="stable")]
+  return {k: gather(np.concatenate([o[k] for o in out_parts]))[order] for k in out_parts[0]}
