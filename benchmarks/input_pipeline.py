@@ -73,6 +73,86 @@ def bench_numpy(levels: np.ndarray, info: datasets.DatasetInfo, batch_size: int,
           "state_format": "orbax pytree {'epoch', 'index'} (int64)", "exact_resume": True}
 
 
+def bench_vectorised_transform(levels: np.ndarray, info: datasets.DatasetInfo, batch_size: int,
+                               batches: int) -> dict:
+  """The batch transform called once per batch with one Generator (what ``ArrayIterator`` did
+  before its rows got their own Generators; its batches then depended on the process count)."""
+  transform = datasets.image_transform(info, random_flip=True, dequantize=True)
+  rng = np.random.default_rng(0)
+  n = len(levels)
+
+  def step():
+    idx = rng.integers(0, n, batch_size)
+    return transform(levels[idx], rng)
+
+  return {"images_per_s": _throughput(step, batches, batch_size)}
+
+
+def bench_grain(levels: np.ndarray, info: datasets.DatasetInfo, batch_size: int,
+                batches: int) -> dict:
+  """grain (``MapDataset``: shuffle -> repeat -> random_map with a per-record Generator -> batch),
+  the same per-row deterministic randomness as ``ArrayIterator``; its iterator state is a small
+  dict (checkpointable). Not installed by requirements.txt: ``pip install grain``."""
+  try:
+    import grain
+  except ImportError:
+    return {"skipped": "grain is not installed (pip install grain)"}
+  transform = datasets.image_transform(info, random_flip=True, dequantize=True)
+
+  class Prep(grain.transforms.RandomMap):
+    def random_map(self, element, rng):
+      return transform(element[None], rng)[0]
+
+  ds = (grain.MapDataset.source(levels).shuffle(seed=0).repeat().random_map(Prep(), seed=1)
+        .batch(batch_size))
+  it = iter(ds.to_iter_dataset())
+  out = {"images_per_s": _throughput(lambda: next(it), batches, batch_size)}
+  state = it.get_state()
+  out.update(state_bytes=len(json.dumps(state, default=str)), state_format="grain iterator state "
+             "(a small dict)", exact_resume=True)
+  return out
+
+
+def bench_train_prefetch(config_name: str, steps: int, rounds: int) -> dict:
+  """Train steps/s of ``modes.train``'s step with the batches prepared inline (batch_at + shard,
+  then the step) against prepared two steps ahead in a background thread (what the train loop
+  does, ``datasets.ThreadedIterator``), interleaved A, B, A, B, ...; medians."""
+  import importlib
+  import contextlib
+  import jax
+  import run_lib
+  from modes import train as train_mode
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  run = train_mode._build(config, run_lib.validate_config(config))
+  state = run.state
+  state, m = run.train_step(state, run.shard(run_lib.data_stream_batch(run.sample, 0)))  # compile
+  jax.block_until_ready(m["loss"])
+
+  def inline(start):
+    nonlocal state
+    for s in range(start, start + steps):
+      state, m = run.train_step(state, run.shard(run_lib.data_stream_batch(run.sample, s)))
+    jax.block_until_ready(m["loss"])
+
+  def threaded(start):
+    nonlocal state
+    it = datasets.ThreadedIterator(train_mode._StepBatches(run, start, start + steps), 2)
+    with contextlib.closing(it):
+      for batch in it:
+        state, m = run.train_step(state, batch)
+    jax.block_until_ready(m["loss"])
+
+  rates = {"inline": [], "background_thread": []}
+  for r in range(rounds):
+    for name, fn in (("inline", inline), ("background_thread", threaded)):
+      t0 = time.perf_counter()
+      fn(1 + r * steps)
+      rates[name].append(steps / (time.perf_counter() - t0))
+  med = {k: float(np.median(v)) for k, v in rates.items()}
+  return {"config": config_name, "steps_per_round": steps, "steps_per_s": rates,
+          "median_steps_per_s": med, "speedup": med["background_thread"] / med["inline"]}
+
+
 def bench_tfdata(levels: np.ndarray, info: datasets.DatasetInfo, batch_size: int, batches: int,
                  workdir: str, shuffle_buffer: int, stateless: bool) -> dict:
   """tf.data pipeline; ``stateless`` keys the random ops by the element's stream position
@@ -118,7 +198,10 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--batches", type=int, default=200)
   parser.add_argument("--shuffle_buffer", type=int, default=10_000)
-  parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "input_pipeline.json"))
+  parser.add_argument("--train_config", default="digits_vp")
+  parser.add_argument("--train_steps", type=int, default=30)
+  parser.add_argument("--train_rounds", type=int, default=3)
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "input_pipeline.json"))
   args = parser.parse_args()
 
   rng = np.random.default_rng(0)
@@ -129,11 +212,18 @@ def main() -> None:
   results = {"config": vars(args), "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]}
   with tempfile.TemporaryDirectory() as work:
     results["cifar_numpy"] = bench_numpy(cifar, cifar_info, args.batch_size, args.batches, work)
+    results["cifar_numpy_vectorised_transform"] = bench_vectorised_transform(
+        cifar, cifar_info, args.batch_size, args.batches)
+    results["cifar_grain"] = bench_grain(cifar, cifar_info, args.batch_size, args.batches)
     for stateless in (False, True):
       results[f"cifar_tfdata_stateless_{stateless}"] = bench_tfdata(
           cifar, cifar_info, args.batch_size, args.batches, work, args.shuffle_buffer, stateless)
     results["digits_numpy"] = bench_numpy(digits, digits_info, args.batch_size, args.batches,
                                           os.path.join(work, "d"))
+    if args.train_steps > 0:
+      results["train_prefetch"] = bench_train_prefetch(args.train_config, args.train_steps,
+                                                       args.train_rounds)
+  results["load_avg_1min_end"] = os.getloadavg()[0]
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2, default=str)
   print(json.dumps(results, indent=2, default=str))
