@@ -122,3 +122,13 @@ def test_toy_eval_and_samples_same_on_one_and_four_devices(tmp_path):
   # few accept / reject decisions: samples then agree to ~3e-3, the mean NFE to ~1%.)
   np.testing.assert_allclose(s4, s1, rtol=1e-5, atol=1e-5)
   assert four["sampling_nfe"] == one["sampling_nfe"]
+
+
+def test_distributed_flags_all_or_none():
+  """No flags: one process (nothing started). A partial set names the missing flags; a process id
+  out of range is named; both before jax.distributed is touched."""
+  assert parallel.initialize_distributed() is False
+  with pytest.raises(ValueError, match="--num_processes --process_id missing"):
+    parallel.initialize_distributed(coordinator_address="127.0.0.1:1234")
+  with pytest.raises(ValueError, match="--process_id=2 not in"):
+    parallel.initialize_distributed("127.0.0.1:1234", 2, 2)
