@@ -162,6 +162,8 @@ SCHEMA: dict[str, Field] = {
     "training.n_probes": _int("ism / ssm: Hutchinson probes per example (averaged)", ge=1),
     "training.hutchinson_probe": _choice(losses.PROBES, "ism / ssm: Hutchinson probe distribution"),
     "training.ref_batch_size": _int("STF reference batch n (contains the training batch)", ge=1),
+    "training.prng_impl": _choice(
+        losses.PRNG_IMPLS, "PRNG implementation of the loss's t, noise and dropout (losses.step_key)"),
     "training.reduce_mean": _bool("mean (True) or sum (False) of the loss over data dimensions"),
     "training.eval_batch_size": _int(
         "held-out rows per loss evaluation (whole training batches, at least one)", ge=1),

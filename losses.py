@@ -58,6 +58,8 @@ TARGETS = ("dsm", "stf", "ism", "ssm")
 IMPLICIT_TARGETS = ("ism", "ssm")  # Hutchinson-estimated (training.n_probes, hutchinson_probe)
 OPTIMIZERS = ("adam", "adamw")  # optim.optimizer (make_optimizer)
 PROBES = hutchinson.PROBES  # training.hutchinson_probe (ism_loss also takes 'exact')
+# training.prng_impl: JAX PRNG implementation of the loss's randomness (t, noise, dropout; step_key).
+PRNG_IMPLS = ("threefry", "rbg", "unsafe_rbg", "philox4x32")
 DATA_AXIS = "data"
 
 
@@ -312,8 +314,10 @@ def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> Loss
   rows and uses all n as the reference batch (Xu et al., Algorithm 1). 'ism' / 'ssm' estimate the
   divergence with ``training.n_probes`` ``training.hutchinson_probe`` probes per example (Huang et
   al., eq. 25 and Appendix A); the other targets do not use those two fields. ``train=False`` calls
-  score_fn with rng=None (no dropout). The training section is checked by config_schema (ValueError
-  naming the field; ``check_objective`` for the target / weighting pair)."""
+  score_fn with rng=None (no dropout). The key is first mapped to ``training.prng_impl``
+  (``step_key``), so t, the noise and the dropout masks all come from that PRNG. The training
+  section is checked by config_schema (ValueError naming the field; ``check_objective`` for the
+  target / weighting pair)."""
   import config_schema  # deferred: the schema imports this module's choice lists
   config_schema.validate(config, sections=("training",))
   tr = config.training
@@ -322,9 +326,11 @@ def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> Loss
   n = int(tr.ref_batch_size)
   reduce_mean = bool(tr.reduce_mean)
   n_probes, probe = int(tr.n_probes), str(tr.hutchinson_probe)
+  prng_impl = str(tr.prng_impl)
   implicit = {"ism": ism_loss, "ssm": ssm_loss}.get(target)
 
   def loss_fn(params: Params, batch: Array, key: Array) -> tuple[Array, dict]:
+    key = step_key(key, prng_impl)
     rows = batch.shape[0]
     if target == "stf" and rows != n:
       raise ValueError(f"STF batch must have training.ref_batch_size={n} rows, got {rows}")
@@ -337,6 +343,27 @@ def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> Loss
     return dsm_loss(sde, score_fn, params, batch[:b], key, weighting, reduce_mean, ref, train)
 
   return loss_fn
+
+
+def step_key(key: Array, impl: str) -> Array:
+  """``key`` as a key of PRNG implementation ``impl`` (training.prng_impl), a pure function of it.
+
+  'threefry' returns ``key`` unchanged (JAX's default threefry2x32, partitionable under this JAX's
+  default jax_threefry_partitionable: the stream of runs made before the field existed). Other
+  impls get key data of their shape drawn from ``key`` (one threefry call on a few words), so
+  the train state's stored rng, the checkpoint format and exact resumption do not change. 'rbg' /
+  'unsafe_rbg' lower random bits to XLA's RngBitGenerator (Philox on CPU / GPU, the hardware
+  generator on TPU), as large JAX trainers do: threefry (20 rounds; the partitionable variant
+  hashes one block per 32-bit word) makes the dropout masks ~7% of the CPU DDPM++ step at nf 32 /
+  batch 16, and 'rbg' steps as fast as no dropout (benchmarks/train_step.py); 'unsafe_rbg' also
+  splits / folds in with RngBitGenerator (no guarantee across splits); 'philox4x32' is JAX's
+  counter-based Philox."""
+  if impl not in PRNG_IMPLS:
+    raise ValueError(f"training.prng_impl must be one of {PRNG_IMPLS}, got {impl!r}")
+  if impl == "threefry":
+    return key
+  shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+  return jax.random.wrap_key_data(jax.random.bits(key, shape, jnp.uint32), impl=impl)
 
 
 # -- optimizer, train state and the sharded steps -------------------------------------------------------

@@ -35,6 +35,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   training.hutchinson_probe = "rademacher"  # ism / ssm: 'rademacher' | 'gaussian'
   training.ref_batch_size = 128  # STF reference batch n (>= batch_size; the batch is part of it)
   training.reduce_mean = False  # mean (True) or sum (False) over data dimensions
+  # PRNG of the loss's t, noise and dropout (losses.step_key): 'threefry' (JAX's default, the
+  # stream of older runs) | 'rbg' | 'unsafe_rbg' (XLA RngBitGenerator) | 'philox4x32'.
+  training.prng_impl = "threefry"
   # Held-out rows per loss evaluation, in whole training batches (at least one).
   training.eval_batch_size = 128
 
