@@ -44,6 +44,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import hutchinson
+import parallel
 import pytrees
 from sde_lib import bcast, sum_except_batch
 
@@ -60,7 +61,7 @@ OPTIMIZERS = ("adam", "adamw")  # optim.optimizer (make_optimizer)
 PROBES = hutchinson.PROBES  # training.hutchinson_probe (ism_loss also takes 'exact')
 # training.prng_impl: JAX PRNG implementation of the loss's randomness (t, noise, dropout; step_key).
 PRNG_IMPLS = ("threefry", "rbg", "unsafe_rbg", "philox4x32")
-DATA_AXIS = "data"
+DATA_AXIS = parallel.DATA_AXIS
 
 
 # -- time weighting ---------------------------------------------------------------------------------
@@ -409,29 +410,8 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation,
   return state if mesh is None else replicate(state, mesh)
 
 
-def make_mesh(devices=None) -> Mesh:
-  """1-D mesh with axis 'data' over ``devices`` (default ``jax.devices()``: the local devices on one
-  host, every process's devices after ``jax.distributed.initialize()`` on several)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def shard_batch(batch: Array, mesh: Mesh) -> Array:
-  """Places a batch sharded along its first axis over the mesh axis 'data'. One process: ``batch``
-  is the global batch (N, ...). Several processes: each passes its own rows (N / process_count),
-  assembled into one global array."""
-  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  if jax.process_count() > 1:
-    return jax.make_array_from_process_local_data(sharding, np.asarray(batch))
-  size = mesh.shape[DATA_AXIS]
-  if batch.shape[0] % size:
-    raise ValueError(f"batch of {batch.shape[0]} rows does not split over {size} devices")
-  return jax.device_put(batch, sharding)
-
-
-def replicate(tree, mesh: Mesh):
-  """Places a pytree (params, train state) fully replicated on the mesh."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+# The mesh and the placement of batches / state: one place, ``parallel``.
+make_mesh, shard_batch, replicate = parallel.make_mesh, parallel.shard_batch, parallel.replicate
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_rate: float,
