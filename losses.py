@@ -419,7 +419,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, em
   """One ``jax.jit`` function (state, batch) -> (state, metrics), data-parallel over ``mesh``
   (default: all local devices): the batch is sharded on axis 'data', state replicated. The jitted
   program has global semantics, so XLA gathers whatever rows a shard needs (all n STF reference
-  points for every example) and all-reduces the gradient. The step's key is fold_in(rng, step);
+  points for every example) and all-reduces the gradient. On CPU, ``parallel.compiler_options``
+  (Eigen convolutions: 1.3-1.8x faster). The step's key is fold_in(rng, step);
   EMA: ema <- r ema + (1 - r) params (Song et al. 2021, Appendix)."""
   mesh = make_mesh() if mesh is None else mesh
   repl = NamedSharding(mesh, PartitionSpec())
@@ -437,7 +438,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, em
     return new, metrics
 
   return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl),
-                 donate_argnums=(0,) if donate else ())
+                 donate_argnums=(0,) if donate else (),
+                 compiler_options=parallel.compiler_options(mesh))
 
 
 def make_eval_step(loss_fn: LossFn, mesh: Optional[Mesh] = None):
@@ -451,4 +453,5 @@ def make_eval_step(loss_fn: LossFn, mesh: Optional[Mesh] = None):
     loss, metrics = loss_fn(params, batch, key)
     return dict(metrics, loss=loss)
 
-  return jax.jit(eval_fn, in_shardings=(repl, data, repl), out_shardings=repl)
+  return jax.jit(eval_fn, in_shardings=(repl, data, repl), out_shardings=repl,
+                 compiler_options=parallel.compiler_options(mesh))

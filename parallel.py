@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterable, Optional
 
 import jax
@@ -80,6 +81,32 @@ def make_mesh(devices=None) -> Mesh:
   if devices is None:
     devices = jax.devices() if _DEFAULT_DEVICES is None else _DEFAULT_DEVICES
   return Mesh(np.asarray(list(devices)), (DATA_AXIS,))
+
+
+# XLA:CPU hands convolutions to YNNPACK by default, whose weight gradient is 1.8-3.0x slower than
+# Eigen's at DDPM++ layer sizes (benchmarks/train_step.py, 'conv' study); keeping YNNPACK for
+# reductions and dots only makes the published-shape train step 1.33-1.77x faster on 2 cores.
+# CPU only: GPU / TPU compilers have their own convolutions (and do not know the option).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_options_supported() -> bool:
+  try:
+    jax.jit(lambda a: a + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+        np.zeros(1, np.float32)).compile()
+    return True
+  except Exception:  # an XLA without the option: its defaults  # noqa: BLE001
+    return False
+
+
+def compiler_options(mesh: Mesh) -> dict | None:
+  """XLA options for programs on ``mesh``: ``CPU_COMPILER_OPTIONS`` on CPU (when this XLA knows
+  them), None elsewhere. Pass to ``jax.jit(..., compiler_options=...)``."""
+  if mesh.devices.flat[0].platform == "cpu" and _cpu_options_supported():
+    return dict(CPU_COMPILER_OPTIONS)
+  return None
 
 
 def shard_batch(batch: Array, mesh: Mesh) -> Array:
@@ -159,7 +186,7 @@ def sharded_map(fn: Callable, mesh: Optional[Mesh] = None) -> Callable:
   mesh = make_mesh() if mesh is None else mesh
   rows, repl = PartitionSpec(DATA_AXIS), PartitionSpec()
   mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(repl, rows, rows), out_specs=rows,
-                                 check_vma=False))
+                                 check_vma=False), compiler_options=compiler_options(mesh))
 
   def g(consts, x_local, index_local, key):
     keys = example_keys(key, index_local)
