@@ -41,9 +41,17 @@ def test_all_image_configs_are_covered():
   assert {"cifar_vp_stf", "cifar_vp_dsm", "cifar_vp_lw_is", "cifar_subvp_lw_is", "cifar_ve_dsm",
           "cifar_ve_stf", "mnist_vp", "digits_vp", "cifar_edm_dsm", "cifar_edm_stf",
           "celeba64_ve_dsm", "celeba64_ve_stf", "cifar_vp_stf_ddim"} <= set(IMAGE_CONFIGS)
+  assert DEFAULT_SET <= set(IMAGE_CONFIGS)
 
 
-@pytest.mark.parametrize("name", IMAGE_CONFIGS)
+# One config per (data source, SDE family, target) kind in the default suite; the others (same
+# code paths, other sizes / weightings) with -m slow (each is a ~15 s compile on 2 cores).
+DEFAULT_SET = {"cifar_vp_stf", "cifar_edm_stf", "cifar_ve_dsm", "cifar_subvp_lw_is", "mnist_vp",
+               "digits_vp", "celeba64_ve_stf"}
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_SET else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in IMAGE_CONFIGS])
 def test_one_train_step(name, mock_tfds, tmp_path):
   config = _tiny(name)
   out = train(config, str(tmp_path))
