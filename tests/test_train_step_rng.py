@@ -18,27 +18,18 @@ from configs.default_toy import get_default_toy_config
 from models import get_model
 from models.utils import apply_model, init_model, score_fn_from_config
 from modes.train import train
+from test_run_lib import tiny_config as run_lib_tiny_config
 
 OTHER_IMPLS = tuple(i for i in losses.PRNG_IMPLS if i != "threefry")
 
 
 def tiny_config(impl: str = "threefry", n_iters: int = 20):
-  c = get_default_toy_config()
-  c.data.dataset = "gmm_2d"
+  """test_run_lib's tiny toy run, with dropout (the randomness prng_impl must change) and
+  checkpoints every 10 steps."""
+  c = run_lib_tiny_config(n_iters)
   c.training.prng_impl = impl
-  c.training.n_iters = n_iters
-  c.training.batch_size = 16
-  c.training.ref_batch_size = 16
-  c.training.eval_batch_size = 32
-  c.training.log_freq = 10
-  c.training.eval_freq = 10
-  c.training.snapshot_freq = 10
-  c.training.snapshot_freq_for_preemption = 10
-  c.training.max_to_keep = 2
-  c.model.widths = (16, 16)
-  c.model.embedding_dim = 8
+  c.training.eval_freq = c.training.snapshot_freq = c.training.snapshot_freq_for_preemption = 10
   c.model.dropout = 0.3
-  c.optim.warmup = 5
   return c
 
 
