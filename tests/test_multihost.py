@@ -42,8 +42,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(mode: str, workdir: str, n_proc: int, devices_per_proc: int) -> None:
-  """``main.py --mode`` as ``n_proc`` processes of ``devices_per_proc`` CPU devices each."""
+def _start(mode: str, workdir: str, n_proc: int, devices_per_proc: int) -> list:
+  """Starts ``main.py --mode`` as ``n_proc`` processes of ``devices_per_proc`` CPU devices each."""
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}")
   base = [sys.executable, os.path.join(REPO, "main.py"),
@@ -52,11 +52,15 @@ def _run(mode: str, workdir: str, n_proc: int, devices_per_proc: int) -> None:
   port = _free_port()
   multi = (lambda i: [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n_proc}",
                       f"--process_id={i}"]) if n_proc > 1 else (lambda i: [])
-  procs = [subprocess.Popen(base + multi(i), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(n_proc)]
-  outs = [p.communicate(timeout=900)[0] for p in procs]
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i} of {n_proc} ({mode}) failed:\n{out[-4000:]}"
+  return [(f"{mode}, process {i} of {n_proc}", subprocess.Popen(
+      base + multi(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+      for i in range(n_proc)]
+
+
+def _wait(procs: list) -> None:
+  outs = [(name, p, p.communicate(timeout=900)[0]) for name, p in procs]
+  for name, p, out in outs:
+    assert p.returncode == 0, f"{name} failed:\n{out[-4000:]}"
 
 
 def _params(workdir: str):
@@ -73,10 +77,8 @@ def _params(workdir: str):
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   one, two = str(root / "one_process"), str(root / "two_processes")
-  _run("train", one, 1, 2)
-  _run("train", two, 2, 1)
-  _run("eval", one, 1, 2)
-  _run("eval", two, 2, 1)
+  for mode in ("train", "eval"):  # both runs at once (compiles are mostly single-threaded)
+    _wait(_start(mode, one, 1, 2) + _start(mode, two, 2, 1))
   return one, two
 
 
