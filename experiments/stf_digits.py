@@ -28,7 +28,7 @@ SETTINGS = (("vpsde", "default"), ("vesde", "default"), ("vpsde", "likelihood_is
 TARGETS = ("dsm", "stf")
 SCALES = {  # steps, network width, STF reference batch n, rolling-variance window (steps)
     "smoke": dict(n_iters=20, nf=8, n_ref=64, window=5),
-    "default": dict(n_iters=800, nf=32, n_ref=1024, window=50),
+    "default": dict(n_iters=500, nf=32, n_ref=1024, window=50),  # 73 min on 2 shared cores
     "full": dict(n_iters=5000, nf=32, n_ref=1024, window=100),
 }
 
