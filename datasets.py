@@ -478,12 +478,13 @@ class ToyIterator:
 DatasetIterator = ArrayIterator | EvalIterator | ToyIterator
 
 
-def array_eval_batches(x: np.ndarray, batch_size: int) -> EvalIterator:
-  """This process's padded ``EvalBatch`` pass (global batch ``batch_size``) over an array every
-  process holds (e.g. a toy distribution's held-out sample): its ``even_shard``, indices global."""
+def array_eval_batches(x: np.ndarray, batch_size: int, field: str = "batch_size") -> EvalIterator:
+  """This process's padded ``EvalBatch`` pass (global batch ``batch_size``, the config ``field``
+  it comes from) over an array every process holds (e.g. a toy distribution's held-out sample):
+  its ``even_shard``, indices global."""
   count, index = jax.process_count(), jax.process_index()
   start, end = even_shard(len(x), index, count)
-  return EvalIterator(np.asarray(x)[start:end], _per_process(int(batch_size), count, "batch_size"),
+  return EvalIterator(np.asarray(x)[start:end], _per_process(int(batch_size), count, field),
                       start=start, total=len(x), process_count=count,
                       transform=lambda a, rng: a, seed=0, process_index=index)
 

@@ -334,6 +334,11 @@ def model_outputs(config: ml_collections.ConfigDict, workdir: str, folder: str):
   """What eval and sample do first: validate the config, require a checkpoint, check
   ``workdir/folder`` writable, take its lock, load the model. Yields (model, output folder)."""
   validate_config(config)
+  for field in ("sampling.batch_size", "eval.batch_size"):  # each process takes its share
+    section, name = field.split(".")
+    if int(config[section][name]) % jax.process_count():
+      raise ValueError(f"{field}={config[section][name]} must be a multiple of the process count "
+                       f"({jax.process_count()})")
   require_checkpoint(workdir)
   out_dir = checkpoints.check_writable(os.path.join(workdir, folder))
   with checkpoints.workdir_lock(workdir, folder):
@@ -346,7 +351,6 @@ def generate(config: ml_collections.ConfigDict, model: ScoreModel, n: int, key: 
   Sample i is the sampler run on its own from the key fold_in(key, i) (vmapped), so the samples do
   not depend on the batch size or the device / process count. (samples (n, ...) on every process,
   mean NFE per sample)."""
-  import parallel
   import samplers
   bs = int(config.sampling.batch_size)
   n_proc, proc = jax.process_count(), jax.process_index()

@@ -135,16 +135,23 @@ def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound,
   return out
 
 
-def _toy_map(config, model: run_lib.ScoreModel, batch_fn, key, title: str) -> dict[str, np.ndarray]:
-  """``batch_fn(params, x, key) -> dict`` per held-out toy point (``eval.num_likelihood_examples``
-  of them, ``run_lib.toy_reference``), over every device and process, in point order."""
-  import parallel
+def _toy_points(config) -> np.ndarray:
+  """The held-out toy points of eval (``eval.num_likelihood_examples``, ``run_lib.toy_reference``)
+  in the likelihood dtype."""
   ev = config.eval
   x = run_lib.toy_reference(config, int(ev.num_likelihood_examples))
-  x = x.astype(np.float64 if ev.float64 else np.float32)
+  return x.astype(np.float64 if ev.float64 else np.float32)
+
+
+def _toy_map(config, model: run_lib.ScoreModel, batch_fn, key, title: str,
+             x: np.ndarray) -> dict[str, np.ndarray]:
+  """``batch_fn(params, x, key) -> dict`` per held-out toy point of ``x`` (``_toy_points``), over
+  every device and process, in point order."""
+  import parallel
   with Progress(title, len(x), "points") as p:
     return parallel.map_dataset(parallel.per_example(batch_fn), model.params,
-                                datasets.array_eval_batches(x, int(ev.batch_size)), key,
+                                datasets.array_eval_batches(x, int(config.eval.batch_size),
+                                                            "eval.batch_size"), key,
                                 on_batch=p.update)
 
 
@@ -184,18 +191,18 @@ def _toy_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound) -> dict[st
   """NLL (nats) of held-out toy points by the ODE and the bound; the exact NLL where known."""
   ev = config.eval
   logp_fn, neg_bound_fn = _likelihood_fns(config, model)
+  x = _toy_points(config)
   out: dict[str, Any] = {}
   if ev.bpd:
-    r = _toy_map(config, model, logp_fn, k_ll, "NLL (probability-flow ODE)")
+    r = _toy_map(config, model, logp_fn, k_ll, "NLL (probability-flow ODE)", x)
     out.update(_toy_stage("nll", -np.asarray(r["logp"], np.float64)),
                likelihood_nfe=float(np.mean(r["nfe"])))
   if ev.bound:
-    r = _toy_map(config, model, neg_bound_fn, k_bound, "NLL bound (ScoreFlow)")
+    r = _toy_map(config, model, neg_bound_fn, k_bound, "NLL bound (ScoreFlow)", x)
     out.update(_toy_stage("nll_bound", -np.asarray(r["logp"], np.float64)))
   dist = toy_data.get_toy_distribution(config.data.dataset)
   if dist.has_density:
-    dtype = jnp.float64 if ev.float64 else jnp.float32
-    x = jnp.asarray(run_lib.toy_reference(config, int(ev.num_likelihood_examples)), dtype)
+    x = jnp.asarray(x)
     out["nll_exact_data"] = float(-jnp.mean(dist.log_prob(x)))
     out["nll_exact_p_eps"] = float(-jnp.mean(dist.marginal_log_prob(model.sde, x, model.sde.eps)))
   return out
@@ -239,9 +246,10 @@ def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
       out.update(_stage(f"ct_elbo_{form}_bpd", r))
     out["ct_elbo_dequantization"] = "uniform"
     return out
+  x = _toy_points(config)
   for i, form in enumerate(forms):
     r = _toy_map(config, model, elbo_fn(form), jax.random.fold_in(key, i),
-                 f"NLL CT-ELBO ({form.upper()} form)")
+                 f"NLL CT-ELBO ({form.upper()} form)", x)
     out.update(_toy_stage(f"ct_elbo_{form}_nll", -np.asarray(r["logp"], np.float64)))
   lambdas = tuple(float(v) for v in ev.ct_elbo_lambdas)
   if lambdas:
@@ -254,7 +262,7 @@ def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
       return {"elbo": r["elbo"].T, "score_gap": r["score_gap"]}  # elbo (B, L)
 
     r = _toy_map(config, model, lambda_fn, jax.random.fold_in(key, 2),
-                 "lambda-family CT-ELBO (exact marginal score)")
+                 "lambda-family CT-ELBO (exact marginal score)", x)
     elbo = np.asarray(r["elbo"], np.float64)
     for lam, e in zip(lambdas, elbo.T):
       stage = _toy_stage(f"ct_elbo_lambda_{lam:g}_nll", -e)
