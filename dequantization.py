@@ -15,8 +15,12 @@ q = U[0, 1)^D (log q = 0); variational dequantization fits a conditional flow q_
 :class:`Dequantizer` is q_phi(u | k): s = f^{-1}(z; c(k)), z ~ N(0, I), by a ``flows`` model
 (:class:`flows.Glow` for images, :class:`flows.CouplingFlow` for vectors) whose conditioners all see
 features c(k) of the data (a small conv net / MLP: the context input of ``flows``), then
-u = sigmoid(s) (``distrax.Sigmoid``), so u lies in (0, 1)^D and
-log q(u | k) = log p_S(s) - log|det du/ds| by the library bijectors' log-dets.
+u = Phi(s) (:class:`NormalCDF`, the standard normal CDF), so u lies in (0, 1)^D and
+log q(u | k) = log p_S(s) - log|det du/ds| by the bijectors' log-dets. Flow++ squashes with a
+sigmoid; Phi is the squash under which the flow's identity map (its initialisation: actnorm
+standardises Phi^{-1}(u) ~ N(0, I), zero-initialised couplings) gives exactly q = U(0, 1)^D, so the
+fit starts from the uniform-dequantization objective instead of a logit-normal q that is
+0.014 bits/dim worse on digits before the first step.
 
 :func:`make_train_step` builds the jitted Adam step of [SF] eq. 13 for any continuous model
 ``log_p_fn(y, key) -> log p_y(y)``: the exact density (tests) or minus the ScoreFlow bound of a
@@ -36,6 +40,7 @@ import likelihood
 
 Array = jax.Array
 DEQUANTIZATIONS = ("uniform", "variational")
+SQUASH = "normal_cdf"  # saved with a fit: a fit made with another squash (sigmoid) is refused
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,16 +65,31 @@ def discrete_log_prob(logp_y_minus_log_q: Array, shape: Sequence[int], num_level
 
 
 # ---------------------------------------------------------------------------------------------------
-# q_phi(u | k): a conditional flow squashed by a sigmoid
+# q_phi(u | k): a conditional flow squashed by the normal CDF
 # ---------------------------------------------------------------------------------------------------
+
+class NormalCDF(flows.distrax.Bijector):
+  """u = Phi(s), the standard normal CDF, elementwise: (-inf, inf) -> (0, 1);
+  log|du/ds| = log N(s; 0, 1). With s ~ N(0, 1), u ~ U(0, 1) exactly."""
+
+  def __init__(self):
+    super().__init__(event_ndims_in=0)
+
+  def forward_and_log_det(self, s: Array) -> tuple[Array, Array]:
+    return jax.scipy.special.ndtr(s), jax.scipy.stats.norm.logpdf(s)
+
+  def inverse_and_log_det(self, u: Array) -> tuple[Array, Array]:
+    s = jax.scipy.special.ndtri(u)
+    return s, -jax.scipy.stats.norm.logpdf(s)
+
 
 class Dequantizer(nn.Module):
   """q_phi(u | k) on (0, 1)^D (Flow++ Sec. 3.1; [SF] Sec. 5.2). ``event_shape`` (H, W, C): a
   :class:`flows.Glow` with ``num_levels`` levels of ``num_steps`` steps; (D,): a spline
   :class:`flows.CouplingFlow` of ``num_steps`` layers. Its conditioners get ``context_features``
   features of k / (L - 1) - 1/2 (two 3x3 convs, or a two-layer MLP, of width ``hidden``). Latent ->
-  u: flow inverse, then ``distrax.Sigmoid``. Initialise with uniform u (:func:`init_variables`):
-  the flow's actnorm layers standardise logit(u), so q starts near U(0, 1)^D."""
+  u: flow inverse, then :class:`NormalCDF`. Initialise with uniform u (:func:`init_variables`): the
+  flow's actnorm layers standardise Phi^{-1}(u) ~ N(0, I), so q starts at U(0, 1)^D."""
   event_shape: tuple[int, ...]
   num_levels: int  # grey levels L of the data
   num_steps: int = 4
@@ -91,7 +111,7 @@ class Dequantizer(nn.Module):
       self.features = [nn.Dense(h), nn.Dense(self.context_features)]
     else:
       raise ValueError(f"Dequantizer models vectors (D,) or images (H, W, C), got {shape}")
-    self.squash = flows.distrax.Block(flows.distrax.Sigmoid(), len(shape))
+    self.squash = flows.distrax.Block(NormalCDF(), len(shape))
 
   def context(self, k: Array) -> Array:
     """Features c(k) fed to every coupling conditioner."""
@@ -99,12 +119,12 @@ class Dequantizer(nn.Module):
     return self.features[1](nn.gelu(self.features[0](h)))
 
   def log_prob(self, u: Array, k: Array) -> Array:
-    """log q(u | k) = log p_S(logit u) + log|det d logit(u)/du| per example (B,)."""
+    """log q(u | k) = log p_S(Phi^{-1} u) + log|det d Phi^{-1}(u)/du| per example (B,)."""
     s, ld = self.squash.inverse_and_log_det(u)
     return self.flow.log_prob(s, self.context(k)) + ld
 
   def sample_and_log_prob(self, key: Array, k: Array) -> tuple[Array, Array]:
-    """One u ~ q(. | k) per row of k and log q(u | k): s ~ p_S, u = sigmoid(s),
+    """One u ~ q(. | k) per row of k and log q(u | k): s ~ p_S, u = Phi(s),
     log q = log p_S(s) - log|det du/ds|."""
     s, log_ps = self.flow.sample_and_log_prob(key, k.shape[0], self.context(k))
     u, ld = self.squash.forward_and_log_det(s)
@@ -190,5 +210,6 @@ def model_spec(model: Dequantizer) -> dict[str, Any]:
   """JSON-able static fields of ``model`` (saved with it; a saved fit must match them)."""
   return {"event_shape": [int(s) for s in model.event_shape], "num_levels": int(model.num_levels),
           "num_steps": int(model.num_steps), "flow_levels": int(model.flow_levels),
-          "hidden": int(model.hidden), "context_features": int(model.context_features)}
+          "hidden": int(model.hidden), "context_features": int(model.context_features),
+          "squash": SQUASH}
 

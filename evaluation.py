@@ -299,36 +299,39 @@ class InceptionOutputs(NamedTuple):
   logits: np.ndarray  # (N, 1008) for the Inception Score
 
 
+def inception_map(variables: Variables, batches, size: int = INCEPTION_SIZE,
+                  scale: float | None = None) -> InceptionOutputs:
+  """Pool3 features and logits of every example of a padded ``datasets.EvalBatch`` stream (this
+  process's share; see ``parallel.map_dataset``): split over every device of every process, all
+  rows returned to every process in example order, padding dropped. ``scale``: images are
+  ``x * scale`` in [0, 1] (e.g. 1 / (L - 1) for grey levels); None: uint8 or [0, 1] floats as
+  they are."""
+  import parallel
+
+  def features(v, x, keys):
+    del keys  # deterministic
+    pool3, logits = inception_apply(v, x if scale is None else x.astype(jnp.float32) * scale, size)
+    return {"pool3": pool3, "logits": logits}
+
+  out = parallel.map_dataset(features, variables, batches, jax.random.PRNGKey(0))
+  return InceptionOutputs(np.asarray(out["pool3"]), np.asarray(out["logits"]))
+
+
 def inception_features(variables: Variables, images: np.ndarray | Array, batch_size: int = 100,
                        size: int = INCEPTION_SIZE) -> InceptionOutputs:
-  """Pool3 features and logits of ``images`` in fixed-size batches (one compilation).
-
-  Batches are sharded over the local devices when ``batch_size`` is divisible by their number;
-  the last batch is zero-padded and trimmed. ``images``: uint8 or [0, 1] floats, NHWC, 1 or 3
-  channels, any size (resized to ``size``, 299 for FID).
-  """
-  n = images.shape[0]
-  devices = jax.local_devices()
-  # Fewer images than a batch: one batch of n rounded up to the device count, not padded to 100.
-  batch_size = min(batch_size, max(1, -(-n // len(devices)) * len(devices)))
-  sharding = None
-  if len(devices) > 1 and batch_size % len(devices) == 0:
-    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-  pools, logits = [], []
-  for start in range(0, n, batch_size):
-    chunk = np.asarray(images[start:start + batch_size])
-    m = chunk.shape[0]
-    if m < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - m,) + chunk.shape[1:], chunk.dtype)])
-    chunk = jax.device_put(chunk, sharding) if sharding is not None else jnp.asarray(chunk)
-    p, l = inception_apply(variables, chunk, size)
-    pools.append(np.asarray(p)[:m])
-    logits.append(np.asarray(l)[:m])
-  if not pools:
+  """Pool3 features and logits of ``images`` (held by every process) in global batches of
+  ``batch_size`` (one compilation; :func:`inception_map`: each process computes its share).
+  ``images``: uint8 or [0, 1] floats, NHWC, 1 or 3 channels, any size (resized to ``size``, 299
+  for FID)."""
+  import datasets
+  n, procs = images.shape[0], jax.process_count()
+  if n == 0:
     return InceptionOutputs(np.zeros((0, POOL3_DIM), np.float32),
                             np.zeros((0, FID_NUM_CLASSES), np.float32))
-  return InceptionOutputs(np.concatenate(pools), np.concatenate(logits))
+  # A multiple of the process count; fewer images than a batch: one batch, not padded to 100.
+  batch_size = -(-min(int(batch_size), n) // procs) * procs
+  return inception_map(variables, datasets.array_eval_batches(np.asarray(images), batch_size),
+                       size)
 
 
 def unbiased_logits(variables: Variables, pool3: np.ndarray) -> np.ndarray:

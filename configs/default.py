@@ -147,7 +147,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   prior.flow_batch_size = 256
 
   # Variational dequantization q_phi(u | k) (ScoreFlow, Sec. 5.2, eq. 13; Flow++): a conditional
-  # Glow + sigmoid fitted by --mode=fit_dequantizer (DIR/dequantizer/) to the trained score model
+  # Glow + normal CDF fitted by --mode=fit_dequantizer (DIR/dequantizer/) to the trained score model
   # (frozen) through the ScoreFlow bound (eq. 39); eval uses it when eval.dequantization says so.
   config.dequantizer = dequantizer = ml_collections.ConfigDict()
   dequantizer.flow_steps = 4  # Glow steps per level

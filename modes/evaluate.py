@@ -183,8 +183,11 @@ def _prior_terms(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
 
 
 def _stage(name: str, r: dict) -> dict[str, Any]:
+  """A likelihood stage's report fields; ``<name>_per_example`` (split order, NaN where a solve
+  failed) lets two reports of one split be compared example by example (paired differences)."""
   return {name: r["bpd"], f"{name}_stderr": r["stderr"], f"{name}_n_examples": r["n"],
-          f"{name}_n_failed": r["n_failed"], f"{name}_failed_indices": r["failed_indices"]}
+          f"{name}_n_failed": r["n_failed"], f"{name}_failed_indices": r["failed_indices"],
+          f"{name}_per_example": [float(v) for v in r["bpd_per_example"]]}
 
 
 def _toy_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import ml_collections
-import numpy as np
 from absl import logging
 
 import checkpoints
@@ -29,14 +28,14 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   with checkpoints.workdir_lock(workdir, "fid_stats"):
     variables = evaluation.load_inception_params(
         inception_weights.resolve_inception_weights(str(config.eval.inception_weights)))
-    images = np.concatenate([b.image[b.mask]
-                             for b in datasets.get_eval_dataset(config, as_levels=True)])
-    images = images.astype(np.float32) / (info.num_grey_levels - 1)
-    with Progress("Inception features", len(images), "images") as p:
-      feats = evaluation.inception_features(variables, images).pool3
-      p.update(len(images))
+    batches = datasets.get_eval_dataset(config, as_levels=True)  # this process's share
+    with Progress("Inception features", batches.num_examples, "images") as p:
+      feats = evaluation.inception_map(variables, batches,
+                                       scale=1.0 / (info.num_grey_levels - 1)).pool3
+      p.update(len(feats))
     path = os.path.join(workdir, f"fid_stats_{info.name}_{config.eval.split}.npz")
-    evaluation.save_stats(path, *evaluation.compute_statistics(feats))
-  logging.info("FID statistics of %d %s/%s images written to %s", len(images), info.name,
+    if run_lib.is_main():
+      evaluation.save_stats(path, *evaluation.compute_statistics(feats))
+  logging.info("FID statistics of %d %s/%s images written to %s", len(feats), info.name,
                config.eval.split, path)
   return path
