@@ -295,24 +295,34 @@ TREE_DIR, TREE_META = "arrays", "meta.json"
 def save_tree(directory: str, tree, meta: dict) -> None:
   """Saves a pytree of arrays (orbax, ``directory/arrays``) and ``meta`` plus per-leaf checksums
   (``directory/meta.json``, written last and atomically: a directory without it is incomplete).
-  Refuses non-finite leaves; replaces an earlier save in ``directory``."""
+  Refuses non-finite leaves; replaces an earlier save in ``directory``. In a run of several
+  processes every process calls it with the same tree (each fitted the same replicated model):
+  the leaves go as host arrays, which orbax writes once, and process 0 writes ``meta.json``."""
   import orbax.checkpoint as ocp
   sums, bad = _scan(tree)
   if bad:
     raise FloatingPointError(f"refusing to save {directory}: non-finite values in "
                              f"{[jax.tree_util.keystr(p) for p in bad]}")
+  several = jax.process_count() > 1
+  if several:  # a process-local device array cannot be saved from several processes
+    tree = jax.tree.map(np.asarray, tree)
+  main = jax.process_index() == 0
   os.makedirs(directory, exist_ok=True)
   meta_path = os.path.join(directory, TREE_META)
-  if os.path.exists(meta_path):
+  if main and os.path.exists(meta_path):
     os.remove(meta_path)
   arrays = os.path.abspath(os.path.join(directory, TREE_DIR))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(arrays, tree, force=True)
     ckptr.wait_until_finished()
-  tmp = meta_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump({**meta, "checksums": sums}, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, meta_path)
+  if main:
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({**meta, "checksums": sums}, f, indent=2, sort_keys=True, default=float)
+    os.replace(tmp, meta_path)
+  if several:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"checkpoints.save_tree {directory}")
 
 
 def read_tree_meta(directory: str) -> dict:

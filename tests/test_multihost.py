@@ -106,3 +106,36 @@ def test_two_processes_evaluate_like_one_process(runs):
   np.testing.assert_array_equal(b["likelihood_nfe_per_example"], a["likelihood_nfe_per_example"])
   s = [np.load(os.path.join(wd, "eval", "samples.npz"))["samples"] for wd in runs]
   np.testing.assert_allclose(s[1], s[0], rtol=1e-5, atol=1e-5)
+
+
+FIT_OVERRIDES = {  # tiny fits: what is checked is where they run and what they write
+    "dequantizer.n_iters": 4, "dequantizer.batch_size": 8, "dequantizer.bound_time_samples": 2,
+    "dequantizer.flow_hidden": 8, "dequantizer.flow_steps": 2, "dequantizer.save_freq": 2,
+    "prior.kind": "flow", "prior.flow_steps": 4, "prior.flow_batch_size": 16,
+    "prior.n_fit_samples": 200, "prior.flow_hidden": 8, "prior.flow_layers": 2,
+}
+
+
+@pytest.mark.slow
+def test_two_processes_fit_prior_and_dequantizer_like_one_process(runs, tmp_path, monkeypatch):
+  """--mode=fit_dequantizer and --mode=fit_prior (flow) on the trained model: two processes
+  write one fit (process 0 the meta; the arrays once) with the same checksums as the
+  one-process fit, and evaluate with it (eval.dequantization='variational'). Slow (four more
+  multi-process launches, ~3 CPU-minutes): -m slow."""
+  import shutil
+  monkeypatch.setattr(sys.modules[__name__], "OVERRIDES", {**OVERRIDES, **FIT_OVERRIDES})
+  wds = [str(tmp_path / "one"), str(tmp_path / "two")]
+  for wd in wds:
+    shutil.copytree(runs[0], wd, ignore=shutil.ignore_patterns("eval", ".lock-*"))
+  for mode in ("fit_prior", "fit_dequantizer"):  # the dequantizer fit uses the fitted prior
+    _wait(_start(mode, wds[0], 1, 2) + _start(mode, wds[1], 2, 1))
+  import checkpoints
+  for folder in ("dequantizer", "prior"):
+    metas = [checkpoints.read_tree_meta(os.path.join(wd, folder)) for wd in wds]
+    assert metas[0]["checksums"] == metas[1]["checksums"], folder
+  monkeypatch.setattr(sys.modules[__name__], "OVERRIDES",
+                      {**OVERRIDES, **FIT_OVERRIDES, "eval.dequantization": "variational"})
+  _wait(_start("eval", wds[1], 2, 1))
+  with open(os.path.join(wds[1], "eval", "report.json")) as f:
+    report = json.load(f)
+  assert report["dequantization"] == "variational" and np.isfinite(report["bound_bpd"])
