@@ -76,4 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   evaluate.bound = True
   evaluate.num_samples = 64
   evaluate.fid = False
+
+  # --mode=fit_dequantizer (ScoreFlow Sec. 5.2): measured on this config's 1000-step model, 1000
+  # steps of 32 images with 4 time samples of the bound at lr 3e-3 (~13 CPU-min) lower the test
+  # bound by 0.093 +- 0.006 bits/dim (paired); the default's 2000 x 64 x 16 would take hours here.
+  deq = config.dequantizer
+  deq.n_iters, deq.batch_size, deq.bound_time_samples, deq.lr = 1000, 32, 4, 3e-3
   return config
