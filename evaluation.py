@@ -300,12 +300,12 @@ class InceptionOutputs(NamedTuple):
 
 
 def inception_map(variables: Variables, batches, size: int = INCEPTION_SIZE,
-                  scale: float | None = None) -> InceptionOutputs:
+                  scale: float | None = None, on_batch=None) -> InceptionOutputs:
   """Pool3 features and logits of every example of a padded ``datasets.EvalBatch`` stream (this
   process's share; see ``parallel.map_dataset``): split over every device of every process, all
   rows returned to every process in example order, padding dropped. ``scale``: images are
   ``x * scale`` in [0, 1] (e.g. 1 / (L - 1) for grey levels); None: uint8 or [0, 1] floats as
-  they are."""
+  they are. ``on_batch(n)``: progress, as ``parallel.map_dataset``."""
   import parallel
 
   def features(v, x, keys):
@@ -313,7 +313,8 @@ def inception_map(variables: Variables, batches, size: int = INCEPTION_SIZE,
     pool3, logits = inception_apply(v, x if scale is None else x.astype(jnp.float32) * scale, size)
     return {"pool3": pool3, "logits": logits}
 
-  out = parallel.map_dataset(features, variables, batches, jax.random.PRNGKey(0))
+  out = parallel.map_dataset(features, variables, batches, jax.random.PRNGKey(0),
+                             on_batch=on_batch)
   return InceptionOutputs(np.asarray(out["pool3"]), np.asarray(out["logits"]))
 
 

@@ -94,10 +94,12 @@ def run_cell(sde_name: str, eps: float, weighting: str, scale: str, out: str):
 
 
 def paired_difference(a, b) -> tuple[float, float]:
-  """Mean of a - b over the examples both evaluated (finite in both) and its standard error."""
+  """Mean of a - b over the examples both evaluated (finite in both) and its standard error
+  (``likelihood.mean_and_stderr``)."""
+  import likelihood
   d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-  d = d[np.isfinite(d)]
-  return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+  mean, stderr = likelihood.mean_and_stderr(d[np.isfinite(d)])
+  return float(mean), float(stderr)
 
 
 def is_variance_ratio(config, workdir: str, draws: int) -> dict:

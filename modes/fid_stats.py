@@ -30,9 +30,8 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
         inception_weights.resolve_inception_weights(str(config.eval.inception_weights)))
     batches = datasets.get_eval_dataset(config, as_levels=True)  # this process's share
     with Progress("Inception features", batches.num_examples, "images") as p:
-      feats = evaluation.inception_map(variables, batches,
-                                       scale=1.0 / (info.num_grey_levels - 1)).pool3
-      p.update(len(feats))
+      feats = evaluation.inception_map(variables, batches, scale=1.0 / (info.num_grey_levels - 1),
+                                       on_batch=p.update).pool3
     path = os.path.join(workdir, f"fid_stats_{info.name}_{config.eval.split}.npz")
     if run_lib.is_main():
       evaluation.save_stats(path, *evaluation.compute_statistics(feats))
