@@ -264,7 +264,7 @@ SCHEMA: dict[str, Field] = {
     "eval.batch_size": _int("examples per likelihood batch", ge=1),
     "eval.checkpoint": _int("checkpoint step to evaluate (-1: latest)", ge=-1),
     "eval.use_ema": _bool("evaluate the EMA parameters"),
-    "eval.split": _str("image split evaluated"),
+    "eval.split": _str("image split evaluated, or a slice of it: 'test[:120]'"),
     "eval.bpd": _bool("exact log-likelihood (bits/dim) with the probability-flow ODE"),
     "eval.bound": _bool("ScoreFlow per-datapoint bound"),
     "eval.divergence": _choice(likelihood.DIVERGENCES, "ODE divergence: exact or Hutchinson"),
@@ -373,9 +373,9 @@ def _splits(config) -> None:
   known = datasets.split_names(config)
   for field, split in (("data.train_split", config["data"]["train_split"]),
                        ("eval.split", config["eval"]["split"])):
-    if known and split not in known:
-      raise ValueError(f"{field} must be a split of {config['data']['dataset']!r} {known}, "
-                       f"got {split!r}")
+    if known and datasets.parse_split(split)[0] not in known:
+      raise ValueError(f"{field} must be a split of {config['data']['dataset']!r} {known} or a "
+                       f"slice 'name[start:end]' of one, got {split!r}")
 
 
 def _ct_elbo_lambdas(config) -> None:

@@ -33,6 +33,7 @@ import dataclasses
 import math
 import os
 import queue
+import re
 import threading
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -133,6 +134,20 @@ def split_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   data."""
   spec = _spec(config)
   return () if spec is None else spec.splits
+
+
+_SLICED_SPLIT = re.compile(r"^(\w+)(?:\[(\d*):(\d*)\])?$")
+
+
+def parse_split(split: str) -> tuple[str, int | None, int | None]:
+  """``'test'`` or a TFDS-style slice of it, ``'test[:120]'`` / ``'test[100:200]'`` (example
+  indices, end exclusive) -> (base split name, start or None, end or None)."""
+  m = _SLICED_SPLIT.match(str(split))
+  if m is None:
+    raise ValueError(f"split {split!r} is neither a split name nor a slice 'name[start:end]' of one "
+                     f"(integer example indices, e.g. 'test[:120]')")
+  name, start, end = m.groups()
+  return name, int(start) if start else None, int(end) if end else None
 
 
 def _image_size(config: ml_collections.ConfigDict, spec: _ImageSpec) -> int:
@@ -241,9 +256,9 @@ def _tfds_levels(name: str, split: str, image_size: int, data_dir: str | None,
   import tensorflow as tf
   import tensorflow_datasets as tfds
   builder = _tfds_builder(name, data_dir)
-  if split not in builder.info.splits:  # base split names only ('train', 'test', ...)
+  if parse_split(split)[0] not in builder.info.splits:
     raise ValueError(f"split {split!r} not in {name!r} (splits: {list(builder.info.splits)})")
-  total = builder.info.splits[split].num_examples
+  total = builder.info.splits[split].num_examples  # TFDS resolves 'test[:120]' itself
   start, _ = even_shard(total, process_index, process_count)
   sub = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
   ds = builder.as_dataset(split=sub, shuffle_files=False,
@@ -280,9 +295,13 @@ def load_levels(config: ml_collections.ConfigDict, split: str, process_index: in
     return _tfds_levels(name, split, size, str(config.data.tfds_data_dir) or None,
                         process_index, process_count)
   splits = _digits_levels()
-  if split not in splits:
+  base, first, stop = parse_split(split)
+  if base not in splits:
     raise ValueError(f"split {split!r} not in 'digits' (splits: {list(splits)})")
-  levels = splits[split]
+  levels = splits[base][first:stop]
+  if len(levels) == 0:
+    raise ValueError(f"split {split!r} of 'digits' is empty ({base!r} has {len(splits[base])} "
+                     f"examples)")
   start, end = even_shard(len(levels), process_index, process_count)
   return levels[start:end], start, len(levels)
 
@@ -722,4 +741,4 @@ __all__: Sequence[str] = (
     "DatasetInfo", "DatasetNotPreparedError", "ArrayIterator", "EvalIterator", "EvalBatch",
     "ToyIterator", "ThreadedIterator", "DevicePrefetchIterator", "dataset_info", "get_dataset", "get_eval_dataset",
     "prefetch_to_device", "scale_images", "inverse_scale", "quantize",
-    "load_levels", "even_shard", "image_transform", "split_sizes", "split_names", "IMAGE_DATASETS")
+    "load_levels", "even_shard", "image_transform", "split_sizes", "split_names", "parse_split", "IMAGE_DATASETS")

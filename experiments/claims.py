@@ -1,6 +1,7 @@
 """The README's table "paper claim → printed → reproduced here → command", filled from the
 experiments' own outputs: every script in experiments/ with a ``summarize(result) -> rows``
-function is read against ``experiments/results/<script>/result.json`` (its default run, committed).
+function is read against ``experiments/results/<script>/result.json`` (its committed run; the command
+shows ``--long`` / ``--full`` when that run was not at the default scale).
 
   python experiments/claims.py            # rewrites the block between the README's markers
   python experiments/claims.py --check    # exits 1 when the README's block is not what it makes
@@ -45,9 +46,16 @@ def collect(results_dir: str) -> tuple[list[dict], list[str]]:
       missing.append(name)
       continue
     with open(result) as f:
-      for row in mod.summarize(json.load(f)):
-        rows.append(dict(row, results=os.path.relpath(os.path.dirname(result), ROOT)))
+      committed = json.load(f)
+    for row in mod.summarize(committed):
+      rows.append(dict(row, command=_at_scale(row["command"], committed.get("scale", "default")),
+                       results=os.path.relpath(os.path.dirname(result), ROOT)))
   return rows, missing
+
+
+def _at_scale(command: str, scale: str) -> str:
+  """The command that made the committed run: ``--long`` / ``--full`` when it was not the default."""
+  return command if scale == "default" else command.replace(" --out DIR", f" --{scale} --out DIR")
 
 
 def markdown(rows: list[dict], missing: list[str]) -> str:
@@ -57,7 +65,7 @@ def markdown(rows: list[dict], missing: list[str]) -> str:
     lines.append(f"| {r['claim']} | {r['paper']} | {r['printed']} | {r['reproduced']} | "
                  f"`{r['command']}` ([results]({r['results']}/table.md)) |")
   if missing:
-    lines += ["", "No committed default run yet: " + ", ".join(f"`{m}.py`" for m in missing)
+    lines += ["", "No committed run yet: " + ", ".join(f"`{m}.py`" for m in missing)
               + " (run it, copy DIR/result.json, table.md and the PNGs to "
               "experiments/results/<name>/, then `python experiments/claims.py`)."]
   return "\n".join(lines)

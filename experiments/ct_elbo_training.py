@@ -6,7 +6,11 @@ models trained with DSM (score_sde's sigma^2 weighting, biased as an ELBO), DSM 
 weighting and importance-sampled t (the debiased estimator of §6.2) and sliced score matching
 (SSM, likelihood weighting). On the Swiss roll (the paper's toy) and, with ``--digits``, on digits.
 
-  python experiments/ct_elbo_training.py --out DIR [--full | --smoke] [--digits]
+  python experiments/ct_elbo_training.py --out DIR [--smoke | --long | --full] [--digits]
+
+Default: the Swiss roll (~3 CPU-minutes); with ``--digits`` also digits at 300 steps, 3 checkpoints,
+the first 60 test images (~15 CPU-minutes in all). ``--long --digits``: 600 digits steps, 5
+checkpoints, all 360 test images.
 
 Each objective is a normal workdir DIR/<data>_<objective>/ trained by ``--mode=train`` with a
 checkpoint every n_iters / n_evals steps (all kept) and evaluated per checkpoint by ``--mode=eval``
@@ -24,12 +28,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments import scales  # noqa: E402
+
 OBJECTIVES = (("dsm_default", "dsm", "default"), ("dsm_lw_is", "dsm", "likelihood_is"),
               ("ssm_lw", "ssm", "likelihood"))
-SCALES = {  # steps and evaluated checkpoints per run (toy / digits), held-out points, time samples
-    "smoke": dict(toy_iters=40, n_evals=2, digits_iters=20, points=64, time_samples=4),
-    "default": dict(toy_iters=4000, n_evals=5, digits_iters=600, points=500, time_samples=64),
-    "full": dict(toy_iters=20000, n_evals=10, digits_iters=5000, points=2000, time_samples=256),
+SCALES = {  # steps and evaluated checkpoints per run (toy / digits), held-out toy points, time
+  # samples, the evaluated digits split
+    "smoke": dict(toy_iters=40, n_evals=2, digits_iters=20, digits_evals=2, points=64,
+                  time_samples=4, split="test"),
+    "default": dict(toy_iters=4000, n_evals=5, digits_iters=300, digits_evals=3, points=500,
+                    time_samples=64, split="test[:60]"),
+    "long": dict(toy_iters=4000, n_evals=5, digits_iters=600, digits_evals=5, points=500,
+                 time_samples=64, split="test"),
+    "full": dict(toy_iters=20000, n_evals=10, digits_iters=5000, digits_evals=10, points=2000,
+                 time_samples=256, split="test"),
 }
 
 
@@ -40,7 +52,10 @@ def run_config(data: str, target: str, weighting: str, scale: str):
   if data == "digits":
     from configs.digits_vp import get_config
     config = get_config()
-    n_iters = s["digits_iters"]
+    n_iters, n_evals = s["digits_iters"], s["digits_evals"]
+    config.eval.split = s["split"]
+    if scale == "default":
+      config.model.ema_rate = scales.SHORT_RUN_EMA_RATE
     config.eval.bound = False
     if scale == "smoke":
       config.model.nf, config.model.attn_resolutions = 8, ()
@@ -50,7 +65,7 @@ def run_config(data: str, target: str, weighting: str, scale: str):
   else:
     from configs.toy_swiss_roll import get_config
     config = get_config()
-    n_iters = s["toy_iters"]
+    n_iters, n_evals = s["toy_iters"], s["n_evals"]
     config.eval.divergence = "exact"  # 2-D: the ODE's NLL without Hutchinson noise
     # Every objective gets the same smooth network: with the config's ReLU MLP, SSM (LW) fell into
     # its trivial zero (all units dead, s = 0: loss exactly 0.0 from step ~1200, ODE NLL frozen
@@ -59,9 +74,9 @@ def run_config(data: str, target: str, weighting: str, scale: str):
     config.eval.num_likelihood_examples = s["points"]
   config.training.target, config.training.weighting = target, weighting
   config.training.n_iters = n_iters
-  every = max(1, n_iters // s["n_evals"])
+  every = max(1, n_iters // n_evals)
   config.training.snapshot_freq = config.training.snapshot_freq_for_preemption = every
-  config.training.max_to_keep = s["n_evals"] + 1
+  config.training.max_to_keep = n_evals + 1
   config.training.eval_freq = every
   config.eval.ct_elbo = True
   config.eval.bound_time_samples = s["time_samples"]
@@ -113,13 +128,16 @@ def summarize(result: dict) -> list[dict]:
            "command": "python experiments/ct_elbo_training.py --out DIR"}]
 
 
-def write(runs: list[dict], out: str, scale: str) -> None:
+def write(runs: list[dict], out: str, scale: str, seconds: float = float("nan")) -> None:
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump({"runs": runs, "scale": scale,
+    json.dump({"runs": runs, "scale": scale, "seconds": seconds,
+               "digits_eval_split": SCALES[scale]["split"],
                "claim": "Huang et al. §6.1 / Fig. 3: -CT-ELBO of the plug-in reverse SDE vs the "
                         "ODE's NLL through training, by iterations and by runtime"}, f, indent=2)
-  lines = ["| data | objective | step | train time (s) | ODE NLL | −CT-ELBO (ISM form) | "
+  lines = [f"Scale {scale!r}, {seconds / 60:.0f} min in all; digits evaluated on "
+           f"{SCALES[scale]['split']!r}.", "",
+           "| data | objective | step | train time (s) | ODE NLL | −CT-ELBO (ISM form) | "
            "−CT-ELBO (DSM form) | unit |", "|---|---|---|---|---|---|---|---|"]
   for r in runs:
     for p in r["points"]:
@@ -161,13 +179,14 @@ def _figure(runs: list[dict], out: str) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
-  parser.add_argument("--full", action="store_true", help="the paper's 20k toy steps, 10 evals")
-  parser.add_argument("--smoke", action="store_true", help="seconds-scale: 40 steps, 2 evals")
+  scales.add_flags(parser, ("smoke", "long", "full"), smoke="40 steps, 2 evals",
+                   long="digits: 600 steps, 5 evals, 360 test images",
+                   full="the paper's 20k toy steps, 10 evals")
   parser.add_argument("--digits", action="store_true", help="also on digits (slower)")
   args = parser.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
-  scale = "smoke" if args.smoke else "full" if args.full else "default"
+  scale = scales.chosen(args)
   runs, t0 = [], time.time()
   jobs = [(d, o) for d in (("swiss_roll", "digits") if args.digits else ("swiss_roll",))
           for o in OBJECTIVES]
@@ -176,7 +195,7 @@ def main(argv=None) -> None:
     last = runs[-1]["points"][-1]
     print(f"{data}/{name}: ODE {last['ode']:.4f}, -CT-ELBO {last['ct_elbo_ism']:.4f} "
           f"({i + 1}/{len(jobs)}, {time.time() - t0:.0f} s)", flush=True)
-    write(runs, args.out, scale)
+    write(runs, args.out, scale, seconds=time.time() - t0)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,12 @@ App. H.2 model, for users with the data): a score model trained per diffusion ti
 with the Gaussian p_noise and with a DPGMM auxiliary prior fitted concurrently (Sec. 3.1) and,
 with ``--sequential``, sequentially (Sec. 3.2, the probability-flow push-forward).
 
-  python experiments/diffusion_time_digits.py --out DIR [--full | --smoke] [--sequential]
+  python experiments/diffusion_time_digits.py --out DIR [--smoke | --long | --full] [--sequential]
+      [--ts 0.2,0.6]
+
+Default (~15 CPU-minutes): T in {0.2, 0.6, 1}, 400 steps per T, the first 120 test images, Fig. 4
+over 2 seeds; ``--long`` (the committed results): T in {0.2, 0.4, 0.6, 1}, 1000 steps, all 360 test
+images, 4 seeds. ``--ts`` runs the given T values and keeps DIR's other rows of the same scale.
 
 Per T, DIR/T<T>/ is a normal workdir (train / fit_prior / eval / sample with main.py) with one
 eval folder per prior. Writes DIR/result.json, DIR/table.md (bits/dim per prior, ODE NFE, reverse
@@ -26,16 +31,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-SCALES = {  # T grid, training steps, Fig. 4 T grid / seeds / samples, fit samples, SDE steps at T=1
+from experiments import scales  # noqa: E402
+
+SCALES = {  # T grid, training steps, Fig. 4 T grid / seeds / samples, fit samples, SDE steps at T=1,
+  # the evaluated split
     "smoke": dict(ts=(0.2, 0.4), n_iters=20, fig4_ts=(0.2, 1.0), seeds=2, n_fig4=400,
-                  n_fit=600, n_seq=40, sde_steps=50, seq_ts=(0.2, 0.4)),
-    "default": dict(ts=(0.2, 0.4, 0.6, 1.0), n_iters=1000,
-                    fig4_ts=(0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0),
-                    seeds=4, n_fig4=4000, n_fit=8000, n_seq=720, sde_steps=1000, seq_ts=(0.2, 0.4)),
+                  n_fit=600, n_seq=40, sde_steps=50, seq_ts=(0.2, 0.4), split="test"),
+    "default": dict(ts=(0.2, 0.6, 1.0), n_iters=400, fig4_ts=(0.02, 0.05, 0.1, 0.2, 0.6, 1.0),
+                    seeds=2, n_fig4=2000, n_fit=4000, n_seq=360, sde_steps=500, seq_ts=(0.2,),
+                    split="test[:120]"),
+    "long": dict(ts=(0.2, 0.4, 0.6, 1.0), n_iters=1000,
+                 fig4_ts=(0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0),
+                 seeds=4, n_fig4=4000, n_fit=8000, n_seq=720, sde_steps=1000, seq_ts=(0.2, 0.4),
+                 split="test"),
     "full": dict(ts=(0.2, 0.4, 0.6, 0.8, 1.0), n_iters=5000,
                  fig4_ts=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0),
                  seeds=4, n_fig4=10000, n_fit=20000, n_seq=2000, sde_steps=1000,
-                 seq_ts=(0.2, 0.4, 0.6, 0.8, 1.0)),
+                 seq_ts=(0.2, 0.4, 0.6, 0.8, 1.0), split="test"),
 }
 
 
@@ -55,6 +67,9 @@ def base_config(dataset: str, t_end: float, scale: str):
   config.training.snapshot_freq = config.training.snapshot_freq_for_preemption = s["n_iters"]
   config.training.eval_freq = max(1, s["n_iters"] // 4)
   config.eval.bound = False  # bits/dim of the ODE is the paper's metric; the bound is eval's job
+  config.eval.split = s["split"]
+  if scale == "default":
+    config.model.ema_rate = scales.SHORT_RUN_EMA_RATE
   config.sampling.method, config.sampling.c = "sde", 1.0  # Fig. 7: reverse SDE, steps ∝ T
   config.sampling.n_steps = max(2, int(round(s["sde_steps"] * t_end)))
   config.prior.n_fit_samples = s["n_fit"]
@@ -186,17 +201,21 @@ def summarize(result: dict) -> list[dict]:
            "command": "python experiments/diffusion_time_digits.py --out DIR"}]
 
 
-def write(rows: list[dict], fig4: list[dict], out: str, dataset: str) -> None:
+def write(rows: list[dict], fig4: list[dict], out: str, dataset: str, scale: str = "default",
+          seconds: float = float("nan")) -> None:
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump({"dataset": dataset, "rows": rows, "effective_components": fig4,
+    json.dump({"dataset": dataset, "rows": rows, "effective_components": fig4, "scale": scale,
+               "eval_split": SCALES[scale]["split"], "seconds": seconds,
                "units": {"bpd": "bits/dim", "cross_entropy": "nats/dim"},
                "claim": "Franzese et al. Tables 2/4: at small T an auxiliary prior fitted to "
                         "p(x, T) lowers bits/dim below the Gaussian prior's (MNIST 1.75 -> 1.33 "
                         "at T = 0.2); Fig. 4: p(x, T) needs more mixture components at small T"},
               f, indent=2)
   used = [(k, h) for k, h in PRIORS if any(f"{k}_bpd" in r for r in rows)]
-  lines = ["| T | " + " | ".join(f"bits/dim, {h}" for _, h in used) + " | ODE NFE (Gaussian) | "
+  lines = [f"Scale {scale!r}: bits/dim of the probability-flow ODE on {SCALES[scale]['split']!r}; "
+           f"{seconds / 60:.0f} min in all (this invocation).", "",
+           "| T | " + " | ".join(f"bits/dim, {h}" for _, h in used) + " | ODE NFE (Gaussian) | "
            "reverse-SDE steps | cross-entropy at T, Gaussian / DPGMM (nats/dim) | DPGMM effective "
            "components |", "|---|" + "---|" * (len(used) + 4)]
   for r in rows:
@@ -252,11 +271,21 @@ def _figures(rows, fig4, used, out: str) -> None:
   plt.close(fig)
 
 
+def _earlier_rows(out: str, scale: str, dataset: str, ts: list[float]) -> list[dict]:
+  """Rows of other T values already in DIR/result.json from the same scale and dataset, so that
+  ``--ts`` adds T values to a finished run instead of replacing its table."""
+  earlier = _read_json(os.path.join(out, "result.json"), {})
+  if earlier.get("scale", "default") != scale or earlier.get("dataset") != dataset:
+    return []
+  return [r for r in earlier.get("rows", []) if r["T"] not in ts]
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
-  parser.add_argument("--full", action="store_true", help="the paper's T grid, 5000 steps per T")
-  parser.add_argument("--smoke", action="store_true", help="minutes: tiny net, 20 steps, 2 T")
+  scales.add_flags(parser, ("smoke", "long", "full"), smoke="2 T values",
+                   long="T in {0.2, 0.4, 0.6, 1}, 1000 steps per T, 360 test images",
+                   full="the paper's T grid, 5000 steps per T")
   parser.add_argument("--sequential", action="store_true",
                       help="also the sequential DPGMM (ODE push-forward of training data)")
   parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
@@ -264,7 +293,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
-  scale = "smoke" if args.smoke else "full" if args.full else "default"
+  scale = scales.chosen(args)
   t0 = time.time()
   fig4_file = os.path.join(args.out, "fig4.json")
   if os.path.exists(fig4_file):  # a rerun reuses finished stages
@@ -274,14 +303,15 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(fig4_file, "w") as f:
       json.dump(fig4, f)
-  rows = []
   ts = [float(v) for v in args.ts.split(",")] if args.ts else list(SCALES[scale]["ts"])
+  rows = _earlier_rows(args.out, scale, args.dataset, ts)
   for i, t_end in enumerate(ts):
     rows.append(run_T(args.dataset, t_end, scale, args.out, args.sequential or args.full))
     print(f"T={t_end:g}: bits/dim Gaussian {rows[-1]['gaussian_bpd']:.4f}, DPGMM "
           f"{rows[-1]['dpgmm_concurrent_bpd']:.4f} ({i + 1}/{len(ts)}, {time.time() - t0:.0f} s)",
           flush=True)
-    write(sorted(rows, key=lambda r: r["T"]), fig4, args.out, args.dataset)
+    write(sorted(rows, key=lambda r: r["T"]), fig4, args.out, args.dataset, scale,
+          seconds=time.time() - t0)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ dequantization}, the probability-flow ODE's bits/dim and the ScoreFlow bound (eq
 correction) per cell, and importance sampling's variance reduction of the likelihood-weighted
 objective measured on one model (§5.1, eq. 12; the paper: 98.48 -> 0.068 on CIFAR-10).
 
-  python experiments/scoreflow_digits.py --out DIR [--full | --smoke]
+  python experiments/scoreflow_digits.py --out DIR [--smoke | --long | --full]
+
+Default (~15 CPU-minutes): the three VP cells, 300 training steps, 100 dequantizer steps, the first
+120 test images; ``--long`` (the committed results): VP and sub-VP, 500 steps, 400 dequantizer
+steps, all 360 test images (about 14 min per cell on 2 idle cores).
 
 Each (SDE, weighting) run is a normal workdir DIR/<sde>_<weighting>/ (``--mode=train``, then
 ``--mode=eval`` with ``eval.dequantization='uniform'``, ``--mode=fit_dequantizer`` and
@@ -29,17 +33,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from experiments import scales  # noqa: E402
+
 SDES = (("vpsde", 1e-5), ("subvpsde", 1e-2))  # ScoreFlow App. B: eps per SDE
 WEIGHTINGS = (("default", "sigma^2"), ("likelihood", "g^2"), ("likelihood_is", "g^2 + IS"))
 DEQUANTIZATIONS = ("uniform", "variational")
-SCALES = {  # training steps, network width, dequantizer fit (steps, batch, time samples, lr),
-  # bound time samples of eval, draws of the IS variance measurement
-  "smoke": dict(n_iters=20, nf=8, deq_steps=4, deq_batch=16, deq_t=2, deq_lr=1e-3, bound_t=2,
-                variance_draws=8),
-  "default": dict(n_iters=500, nf=32, deq_steps=400, deq_batch=32, deq_t=4, deq_lr=3e-3,
-                  bound_t=32, variance_draws=256),
-  "full": dict(n_iters=5000, nf=32, deq_steps=3000, deq_batch=64, deq_t=8, deq_lr=1e-3,
-               bound_t=1000, variance_draws=1024),
+SCALES = {  # the SDEs run, training steps, network width, dequantizer fit (steps, batch, time
+  # samples, lr), bound time samples of eval, draws of the IS variance measurement, evaluated split
+  "smoke": dict(sdes=("vpsde", "subvpsde"), n_iters=20, nf=8, deq_steps=4, deq_batch=16, deq_t=2,
+                deq_lr=1e-3, bound_t=2, variance_draws=8, split="test"),
+  "default": dict(sdes=("vpsde",), n_iters=300, nf=32, deq_steps=100, deq_batch=32, deq_t=4,
+                  deq_lr=3e-3, bound_t=32, variance_draws=256, split="test[:120]"),
+  "long": dict(sdes=("vpsde", "subvpsde"), n_iters=500, nf=32, deq_steps=400, deq_batch=32,
+               deq_t=4, deq_lr=3e-3, bound_t=32, variance_draws=256, split="test"),
+  "full": dict(sdes=("vpsde", "subvpsde"), n_iters=5000, nf=32, deq_steps=3000, deq_batch=64,
+               deq_t=8, deq_lr=1e-3, bound_t=1000, variance_draws=1024, split="test"),
 }
 
 
@@ -55,6 +63,9 @@ def cell_config(sde_name: str, eps: float, weighting: str, scale: str):
   config.training.eval_freq = max(1, s["n_iters"] // 4)
   config.model.nf = s["nf"]
   config.eval.bound_time_samples = s["bound_t"]
+  config.eval.split = s["split"]
+  if scale == "default":
+    config.model.ema_rate = scales.SHORT_RUN_EMA_RATE
   config.eval.num_samples = 16  # samples are not this experiment's metric
   d = config.dequantizer
   d.n_iters, d.batch_size, d.bound_time_samples, d.lr = (s["deq_steps"], s["deq_batch"], s["deq_t"],
@@ -149,18 +160,21 @@ def summarize(result: dict) -> list[dict]:
            "command": "python experiments/scoreflow_digits.py --out DIR"}]
 
 
-def write(rows: list[dict], variance: dict | None, out: str) -> None:
+def write(rows: list[dict], variance: dict | None, out: str, scale: str = "default",
+          seconds: float = float("nan")) -> None:
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump({"rows": rows, "is_variance": variance,
+    json.dump({"rows": rows, "is_variance": variance, "scale": scale, "seconds": seconds,
+               "eval_split": SCALES[scale]["split"],
                "units": {"bpd": "bits/dim", "variance": "(loss units)^2, reduce_mean loss"},
                "claim": "ScoreFlow Table 2: bound >= NLL in every cell; likelihood weighting (+ IS) "
                         "lowers the bound; variational dequantization lowers both (finding 5); "
                         "IS reduces the objective's variance (98.48 -> 0.068 on CIFAR-10)"},
               f, indent=2)
   names = dict(WEIGHTINGS)
-  lines = ["All in bits/dim on the 360 test images (mean ± standard error); Δ = variational − "
-           "uniform, paired per test image.", "",
+  lines = [f"Scale {scale!r}, {seconds / 60:.0f} min in all. All in bits/dim on "
+           f"{SCALES[scale]['split']!r} (mean ± standard error); Δ = variational − uniform, paired "
+           f"per test image.", "",
            "| SDE | weighting | ODE, uniform | bound, uniform | ODE, variational | "
            "bound, variational | Δ ODE | Δ bound | ODE NFE |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -204,14 +218,14 @@ def _figure(rows: list[dict], out: str) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
-  parser.add_argument("--full", action="store_true", help="5000 steps, nf 32, 1000 bound times")
-  parser.add_argument("--smoke", action="store_true", help="minutes: tiny nets, 20 steps")
+  scales.add_flags(parser, ("smoke", "long", "full"), long="VP and sub-VP, 500 steps",
+                   full="5000 steps, nf 32, 1000 bound times")
   args = parser.parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
-  scale = "smoke" if args.smoke else "full" if args.full else "default"
+  scale = scales.chosen(args)
   rows, variance, t0 = [], None, time.time()
-  cells = [(s, e, w) for s, e in SDES for w, _ in WEIGHTINGS]
+  cells = [(s, e, w) for s, e in SDES if s in SCALES[scale]["sdes"] for w, _ in WEIGHTINGS]
   for i, (sde_name, eps, weighting) in enumerate(cells):
     row, config, wd = run_cell(sde_name, eps, weighting, scale, args.out)
     rows.append(row)
@@ -220,7 +234,7 @@ def main(argv=None) -> None:
     print(f"{sde_name}/{weighting}: bits/dim {row['uniform_bpd']:.4f} (uniform) "
           f"{row['variational_bpd']:.4f} (variational) ({i + 1}/{len(cells)}, "
           f"{time.time() - t0:.0f} s)", flush=True)
-    write(rows, variance, args.out)
+    write(rows, variance, args.out, scale, seconds=time.time() - t0)
 
 
 if __name__ == "__main__":

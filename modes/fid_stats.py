@@ -32,7 +32,8 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
     with Progress("Inception features", batches.num_examples, "images") as p:
       feats = evaluation.inception_map(variables, batches, scale=1.0 / (info.num_grey_levels - 1),
                                        on_batch=p.update).pool3
-    path = os.path.join(workdir, f"fid_stats_{info.name}_{config.eval.split}.npz")
+    split_tag = "".join(ch if ch.isalnum() else "_" for ch in str(config.eval.split)).strip("_")
+    path = os.path.join(workdir, f"fid_stats_{info.name}_{split_tag}.npz")  # test[:120] -> test__120
     if run_lib.is_main():
       evaluation.save_stats(path, *evaluation.compute_statistics(feats))
   logging.info("FID statistics of %d %s/%s images written to %s", len(feats), info.name,

@@ -11,11 +11,13 @@ import glob
 import importlib
 import math
 import os
+import re
 
 import jax
 import numpy as np
 import pytest
 
+import config_schema
 import datasets
 from configs.default import get_default_config
 from conftest import N_MOCK, TEST_OFFSET
@@ -215,6 +217,35 @@ def test_digits_splits_fixed_and_disjoint():
   assert len(key(a["validation"]) & key(a["train_without_validation"])) <= 2  # dup images only
   all_levels = np.unique(np.concatenate([v.ravel() for v in a.values()]))
   np.testing.assert_array_equal(all_levels, np.arange(17))  # 17 grey levels 0..16
+
+
+def test_sliced_split_is_the_first_examples_of_its_split(mock_tfds):
+  """eval.split='test[a:b]' (TFDS slicing syntax) evaluates examples a..b-1 of the split: digits
+  (sliced here) and TFDS (sliced by TFDS), each sharded over processes like a whole split."""
+  digits = _config("digits")
+  whole = datasets._digits_levels()["test"]
+  levels, start, total = datasets.load_levels(digits, "test[:120]")
+  assert (start, total) == (0, 120)
+  np.testing.assert_array_equal(levels, whole[:120])
+  second, start, total = datasets.load_levels(digits, "test[100:200]", process_index=1,
+                                              process_count=2)
+  assert (start, total) == (50, 100)
+  np.testing.assert_array_equal(second, whole[150:200])
+  ev = datasets.get_dataset(_config("cifar10"), split="test[2:7]", shuffle=False, repeat=False,
+                            process_index=0, process_count=1)
+  ids = np.concatenate([_ids(b.image)[b.mask] for b in ev])
+  np.testing.assert_array_equal(ids, np.arange(TEST_OFFSET + 2, TEST_OFFSET + 7))
+  for bad, msg in (("test[a:b]", "neither a split name nor a slice"), ("tset[:3]", "not in 'digits'"),
+                   ("test[400:]", "is empty")):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+      datasets.load_levels(digits, bad)
+  from configs.digits_vp import get_config
+  digits = get_config()
+  digits.eval.split = "test[:120]"
+  config_schema.validate(digits)  # a slice of a known split is accepted before any work
+  digits.eval.split = "tset[:120]"
+  with pytest.raises(ValueError, match=r"eval\.split must be a split of 'digits'"):
+    config_schema.validate(digits)
 
 
 def test_digits_scaling_and_dequantization():

@@ -154,3 +154,45 @@ def test_scoreflow_digits_smoke(tmp_path):
     assert r["eps"] == (1e-2 if r["sde"] == "subvpsde" else 1e-5)
   assert result["is_variance"]["variance_ratio"] > 0
   assert os.path.getsize(os.path.join(out, "bpd_cells.png")) > 1000
+
+
+def test_scale_flags_and_sizes():
+  """``--smoke`` / ``--long`` / ``--full`` choose a size (mutually exclusive; none: the default);
+  every digits script's default evaluates a slice of the test split and trains fewer steps than its
+  ``--long`` run, which is the size of the committed results."""
+  import argparse
+  import importlib.util
+  from experiments import scales
+  parser = argparse.ArgumentParser()
+  scales.add_flags(parser, ("smoke", "long", "full"))
+  assert [scales.chosen(parser.parse_args(a)) for a in ([], ["--smoke"], ["--long"], ["--full"])] \
+      == ["default", "smoke", "long", "full"]
+  with pytest.raises(SystemExit):
+    parser.parse_args(["--long", "--full"])
+  for name in ("stf_digits", "diffusion_time_digits", "scoreflow_digits", "ct_elbo_training"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
+                                                                     f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    default, long = mod.SCALES["default"], mod.SCALES["long"]
+    assert default["split"].startswith("test[:") and long["split"] == "test", name
+    steps = "digits_iters" if name == "ct_elbo_training" else "n_iters"
+    assert default[steps] < long[steps], name
+    with open(os.path.join(REPO, "experiments", "results", name, "result.json")) as f:
+      committed = json.load(f)
+    if name != "ct_elbo_training":  # its committed run is the Swiss roll at the default size
+      assert committed["scale"] == "long", name
+
+
+def test_diffusion_time_digits_ts_adds_rows(tmp_path):
+  """``--ts`` keeps DIR's rows of other T values from a run of the same scale and dataset."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "diffusion_time_digits", os.path.join(REPO, "experiments", "diffusion_time_digits.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  with open(tmp_path / "result.json", "w") as f:
+    json.dump({"scale": "long", "dataset": "digits", "rows": [{"T": 0.2}, {"T": 0.6}]}, f)
+  assert mod._earlier_rows(str(tmp_path), "long", "digits", [0.6]) == [{"T": 0.2}]
+  assert mod._earlier_rows(str(tmp_path), "default", "digits", [0.6]) == []
+  assert mod._earlier_rows(str(tmp_path), "long", "mnist", [0.4]) == []
