@@ -307,19 +307,20 @@ def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str) -
   if reference is not None:
     out.update({f"hist_{k}": v for k, v in
                 evaluation.histogram_divergences(reference, samples).items()})
-  elif info.name == "digits":
+  images = np.clip(datasets.inverse_scale(np.asarray(samples), info.centered), 0, 1) \
+      if info.is_image else None  # as viewed and saved: in [0, 1]
+  if info.name == "digits":
     with Progress("digits classifier metrics", n, "samples"):
       levels, _, _ = datasets.load_levels(config, str(ev.split))
       out.update({f"digits_{k}": v for k, v in evaluation.digits_metrics(
-          evaluation.train_digits_classifier(), datasets.inverse_scale(samples, info.centered),
+          evaluation.train_digits_classifier(), images,
           levels.astype(np.float32) / (info.num_grey_levels - 1)).items()})
   if info.is_image and ev.fid:
     with Progress("FID / Inception Score", n, "samples"):
       variables = evaluation.load_inception_params(
           inception_weights.resolve_inception_weights(str(ev.inception_weights)))
       ref = evaluation.load_stats(str(ev.fid_stats)) if ev.fid_stats else None
-      out.update(evaluation.inception_metrics(
-          variables, np.clip(datasets.inverse_scale(samples, info.centered), 0, 1), ref))
+      out.update(evaluation.inception_metrics(variables, images, ref))
   return out
 
 

@@ -402,6 +402,27 @@ def test_digits_classifier_accuracy_and_feature_distance(digits):
   np.testing.assert_array_equal(clf.weights[0], clf2.weights[0])
 
 
+def test_eval_measures_digits_samples_as_images_in_the_unit_range(tmp_path, monkeypatch):
+  """eval's digits metrics see the samples as they are viewed and as FID sees them: mapped to
+  [0, 1] and clipped. A sampler that overshoots (a VP ODE near eps on a 300-step model: values to
+  +-75) gave feature distances in the thousands when measured unclipped."""
+  import run_lib
+  from configs.digits_vp import get_config
+  from modes import evaluate as evaluate_mode
+  config = get_config()
+  config.eval.num_samples = 40
+  levels = ev.load_digits_split()[2][:40].reshape(40, 8, 8, 1)  # test images in [0, 1]
+  overshoot = (2 * levels - 1) * 60.0  # centered data scaled far past [-1, 1]: (x + 1) / 2 = 60 k - 29.5
+  monkeypatch.setattr(run_lib, "generate", lambda config, model, n, key: (overshoot, 1))
+  out = evaluate_mode._samples_and_metrics(config, None, jax.random.PRNGKey(0), str(tmp_path))
+  import datasets
+  reference = datasets.load_levels(config, "test")[0].astype(np.float32) / 16
+  expected = ev.digits_metrics(ev.train_digits_classifier(), np.clip(60 * levels - 29.5, 0, 1),
+                               reference)
+  assert out["digits_feature_distance"] == pytest.approx(expected["feature_distance"], rel=1e-6)
+  assert out["digits_classifier_score"] == pytest.approx(expected["classifier_score"], rel=1e-6)
+
+
 # -------------------------------------------------------------------------- toy divergences
 
 def test_histogram_divergences_identical_samples_are_zero():
