@@ -135,7 +135,7 @@ def write(runs: list[dict], out: str, scale: str, seconds: float = float("nan"))
                "digits_eval_split": SCALES[scale]["split"],
                "claim": "Huang et al. §6.1 / Fig. 3: -CT-ELBO of the plug-in reverse SDE vs the "
                         "ODE's NLL through training, by iterations and by runtime"}, f, indent=2)
-  lines = [f"Scale {scale!r}, {seconds / 60:.0f} min in all; digits evaluated on "
+  lines = [f"Scale {scale!r}, {scales.duration(seconds)}; digits evaluated on "
            f"{SCALES[scale]['split']!r}.", "",
            "| data | objective | step | train time (s) | ODE NLL | −CT-ELBO (ISM form) | "
            "−CT-ELBO (DSM form) | unit |", "|---|---|---|---|---|---|---|---|"]

@@ -214,7 +214,7 @@ def write(rows: list[dict], fig4: list[dict], out: str, dataset: str, scale: str
               f, indent=2)
   used = [(k, h) for k, h in PRIORS if any(f"{k}_bpd" in r for r in rows)]
   lines = [f"Scale {scale!r}: bits/dim of the probability-flow ODE on {SCALES[scale]['split']!r}; "
-           f"{seconds / 60:.0f} min in all (this invocation).", "",
+           f"{scales.duration(seconds)} (this invocation).", "",
            "| T | " + " | ".join(f"bits/dim, {h}" for _, h in used) + " | ODE NFE (Gaussian) | "
            "reverse-SDE steps | cross-entropy at T, Gaussian / DPGMM (nats/dim) | DPGMM effective "
            "components |", "|---|" + "---|" * (len(used) + 4)]

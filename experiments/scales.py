@@ -41,3 +41,8 @@ def chosen(args: argparse.Namespace) -> str:
 # bits/dim where its raw parameters give 2.82 (stf_digits, VP, 300 steps, measured). 0.98 keeps
 # 0.2% at 300 steps (an average over the last ~50).
 SHORT_RUN_EMA_RATE = 0.98
+
+
+def duration(seconds: float) -> str:
+  """'12 min in all' for a table's header; runs committed before the time was recorded say so."""
+  return "run time not recorded" if seconds != seconds else f"{seconds / 60:.0f} min in all"

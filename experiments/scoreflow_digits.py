@@ -172,7 +172,7 @@ def write(rows: list[dict], variance: dict | None, out: str, scale: str = "defau
                         "IS reduces the objective's variance (98.48 -> 0.068 on CIFAR-10)"},
               f, indent=2)
   names = dict(WEIGHTINGS)
-  lines = [f"Scale {scale!r}, {seconds / 60:.0f} min in all. All in bits/dim on "
+  lines = [f"Scale {scale!r}, {scales.duration(seconds)}. All in bits/dim on "
            f"{SCALES[scale]['split']!r} (mean ± standard error); Δ = variational − uniform, paired "
            f"per test image.", "",
            "| SDE | weighting | ODE, uniform | bound, uniform | ODE, variational | "

@@ -128,7 +128,7 @@ def write(runs: list[dict], out: str, scale: str, seconds: float = float("nan"))
   with open(os.path.join(out, "result.json"), "w") as f:
     json.dump(result, f, indent=2)
   lines = [f"Scale {scale!r}: bits/dim of the probability-flow ODE on {SCALES[scale]['split']!r} "
-           f"(rtol = atol = {SCALES[scale]['tol']:g}); {seconds / 60:.0f} min in all.", "",
+           f"(rtol = atol = {SCALES[scale]['tol']:g}); {scales.duration(seconds)}.", "",
            "| SDE | weighting | target | n | steps | bits/dim (ODE) | ODE NFE | loss variance, 2nd half "
            "| loss mean, 2nd half | final held-out loss | feature distance ↓ |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -109,7 +109,7 @@ def write(reports: dict, out: str, scale: str = "default", seconds: float = floa
             "units": {"bpd": "bits/dim", "digits_mean_entropy": "nats"}}
   with open(os.path.join(out, "result.json"), "w") as f:
     json.dump(result, f, indent=2)
-  lines = [f"Scale {scale!r}, {seconds / 60:.0f} min in all.", "",
+  lines = [f"Scale {scale!r}, {scales.duration(seconds)}.", "",
            "| target | n (ref. batch) | steps | " + " | ".join(h for _, h in METRICS) + " |",
            "|---|---|---|" + "---|" * len(METRICS)]
   for t, r in reports.items():
