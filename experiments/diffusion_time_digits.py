@@ -237,8 +237,6 @@ def _figures(rows, fig4, used, out: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from PIL import Image
-  ts = [r["T"] for r in rows]
   fig, ax = plt.subplots(figsize=(5, 4))
   for k, h in used:
     have = [r for r in rows if f"{k}_bpd" in r]
@@ -250,14 +248,7 @@ def _figures(rows, fig4, used, out: str) -> None:
   fig.tight_layout()
   fig.savefig(os.path.join(out, "bpd_vs_T.png"), dpi=100)
   plt.close(fig)
-  fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6))
-  for ax, r in zip(np.atleast_1d(axes), rows):
-    ax.imshow(np.asarray(Image.open(r["samples_png"])), cmap="gray")
-    ax.set_title(f"T={r['T']:g}, {r['sde_steps']} SDE steps")
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "samples_vs_T.png"), dpi=100)
-  plt.close(fig)
+  _samples_figure(rows, os.path.join(out, "samples_vs_T.png"))
   fig, ax = plt.subplots(figsize=(5, 4))
   t4 = [r["T"] for r in fig4]
   ax.plot(t4, [r["median"] for r in fig4], "o-", label="median over seeds")
@@ -268,6 +259,26 @@ def _figures(rows, fig4, used, out: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out, "components_vs_T.png"), dpi=100)
+  plt.close(fig)
+
+
+def _samples_figure(rows: list[dict], path: str) -> None:
+  """Fig. 7 shape: each T's reverse-SDE samples side by side. Rows added to a finished DIR with
+  ``--ts`` whose earlier workdirs are gone leave an existing figure as it is."""
+  import matplotlib.pyplot as plt
+  from PIL import Image
+  have = [r for r in rows if os.path.exists(r["samples_png"])]
+  if not have or (len(have) < len(rows) and os.path.exists(path)):
+    print(f"{path}: kept (the samples of T = {[r['T'] for r in rows if r not in have]} are not in "
+          f"this DIR's workdirs)", flush=True)
+    return
+  fig, axes = plt.subplots(1, len(have), figsize=(3.2 * len(have), 3.6))
+  for ax, r in zip(np.atleast_1d(axes), have):
+    ax.imshow(np.asarray(Image.open(r["samples_png"])), cmap="gray")
+    ax.set_title(f"T={r['T']:g}, {r['sde_steps']} SDE steps")
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
