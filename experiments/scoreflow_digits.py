@@ -67,7 +67,6 @@ def cell_config(sde_name: str, eps: float, weighting: str, scale: str):
   if scale == "default":  # ~5 CPU-minutes a cell: train 1 min, fit q 1.5 min, two evals
     config.model.ema_rate = scales.SHORT_RUN_EMA_RATE
     config.eval.rtol = config.eval.atol = 1e-4  # the paired Δ compares two evals of one model
-    config.sampling.n_steps = 100  # samples are not this experiment's metric
   config.eval.num_samples = 16  # samples are not this experiment's metric
   d = config.dequantizer
   d.n_iters, d.batch_size, d.bound_time_samples, d.lr = (s["deq_steps"], s["deq_batch"], s["deq_t"],
