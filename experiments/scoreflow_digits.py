@@ -7,9 +7,10 @@ objective measured on one model (§5.1, eq. 12; the paper: 98.48 -> 0.068 on CIF
 
   python experiments/scoreflow_digits.py --out DIR [--smoke | --long | --full]
 
-Default (17 CPU-minutes measured): the three VP cells, 300 training steps, 100 dequantizer steps, the first
-120 test images, ODE tolerance 1e-4; ``--long`` (the committed results): VP and sub-VP, 500 steps, 400 dequantizer
-steps, all 360 test images (about 14 min per cell on 2 idle cores).
+Default (17 CPU-minutes measured): the three VP cells, 300 training steps, 100 dequantizer
+steps, the first 120 test images, ODE tolerance 1e-4; ``--long`` (the committed results): VP and
+sub-VP, 500 steps, 400 dequantizer steps, all 360 test images (about 14 min per cell on 2 idle
+cores).
 
 Each (SDE, weighting) run is a normal workdir DIR/<sde>_<weighting>/ (``--mode=train``, then
 ``--mode=eval`` with ``eval.dequantization='uniform'``, ``--mode=fit_dequantizer`` and
