@@ -1,7 +1,7 @@
 """The README's table "paper claim → printed → reproduced here → command", filled from the
 experiments' own outputs: every script in experiments/ with a ``summarize(result) -> rows``
-function is read against ``experiments/results/<script>/result.json`` (its committed run; the command
-shows ``--long`` / ``--full`` when that run was not at the default scale).
+function is read against ``experiments/results/<script>/result.json`` (its committed run; the
+command shows ``--long`` / ``--full`` when that run was not at the default scale).
 
   python experiments/claims.py            # rewrites the block between the README's markers
   python experiments/claims.py --check    # exits 1 when the README's block is not what it makes
@@ -54,7 +54,7 @@ def collect(results_dir: str) -> tuple[list[dict], list[str]]:
 
 
 def _at_scale(command: str, scale: str) -> str:
-  """The command that made the committed run: ``--long`` / ``--full`` when it was not the default."""
+  """The command that made the committed run (``--long`` / ``--full`` when not the default)."""
   return command if scale == "default" else command.replace(" --out DIR", f" --{scale} --out DIR")
 
 

@@ -8,9 +8,9 @@ weighting and importance-sampled t (the debiased estimator of §6.2) and sliced 
 
   python experiments/ct_elbo_training.py --out DIR [--smoke | --long | --full] [--digits]
 
-Default: the Swiss roll (~3 CPU-minutes); with ``--digits`` also digits at 300 steps, 3 checkpoints,
-the first 60 test images, ODE tolerance 1e-4 (~15 CPU-minutes in all). ``--long --digits``: 600 digits steps, 5
-checkpoints, all 360 test images.
+Default: the Swiss roll (~3 CPU-minutes); with ``--digits`` also digits at 300 steps, 3
+checkpoints, the first 60 test images, ODE tolerance 1e-4 (~15 CPU-minutes in all).
+``--long --digits``: 600 digits steps, 5 checkpoints, all 360 test images.
 
 Each objective is a normal workdir DIR/<data>_<objective>/ trained by ``--mode=train`` with a
 checkpoint every n_iters / n_evals steps (all kept) and evaluated per checkpoint by ``--mode=eval``

@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 
 from experiments import scales  # noqa: E402
 
-SCALES = {  # T grid, training steps, Fig. 4 T grid / seeds / samples, fit samples, SDE steps at T=1,
-  # the evaluated split
+SCALES = {  # T grid, training steps, Fig. 4 T grid / seeds / samples, fit samples, SDE steps at
+  # T = 1, the evaluated split
     "smoke": dict(ts=(0.2, 0.4), n_iters=20, fig4_ts=(0.2, 1.0), seeds=2, n_fig4=400,
                   n_fit=600, n_seq=40, sde_steps=50, seq_ts=(0.2, 0.4), split="test"),
     # n_fit 8000: with 4000 (3600 fitted) the 20 full-covariance components overfit p(x, 0.6)
