@@ -1,8 +1,8 @@
 """The run sizes every experiment script offers, chosen by one set of flags:
 
 * ``--smoke``: seconds to minutes, tiny networks; what ``tests/test_experiments.py`` runs.
-* default: about 15 minutes on a 2-core CPU, 6-18 measured (the digits scripts: fewer steps, a narrower
-  network where stated, the first 120 test images via ``eval.split='test[:120]'``).
+* default: about 15 minutes on a 2-core CPU, 6-18 measured (the digits scripts: fewer steps, a
+  narrower network where stated, the first 120 test images via ``eval.split='test[:120]'``).
 * ``--long``: the committed digits runs of ``results/`` (hours on 2 CPU cores; whole test split).
 * ``--full``: the paper's scale, for a GPU / TPU.
 
