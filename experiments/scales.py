@@ -18,12 +18,11 @@ HELP = {"smoke": "seconds to minutes: tiny networks (the test suite's size)",
         "full": "the paper's scale (GPU / TPU)"}
 
 
-def add_flags(parser: argparse.ArgumentParser, sizes: tuple[str, ...] = ("smoke", "full"),
-              **details: str) -> None:
-  """``--smoke`` / ``--long`` / ``--full`` (those in ``sizes``), mutually exclusive; the default is
-  ~15 CPU-minutes. ``details[name]`` is appended to that flag's help."""
+def add_flags(parser: argparse.ArgumentParser, **details: str) -> None:
+  """``--smoke`` / ``--long`` / ``--full``, mutually exclusive; the default is ~15 CPU-minutes.
+  ``details[name]`` is appended to that flag's help."""
   group = parser.add_mutually_exclusive_group()
-  for name in sizes:
+  for name in HELP:
     text = HELP[name] + (f" ({details[name]})" if name in details else "")
     group.add_argument(f"--{name}", action="store_true", help=text)
 

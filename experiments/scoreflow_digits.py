@@ -220,7 +220,7 @@ def _figure(rows: list[dict], out: str) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
-  scales.add_flags(parser, ("smoke", "long", "full"), long="VP and sub-VP, 500 steps",
+  scales.add_flags(parser, long="VP and sub-VP, 500 steps",
                    full="5000 steps, nf 32, 1000 bound times")
   args = parser.parse_args(argv)
   from absl import logging

@@ -164,7 +164,7 @@ def test_scale_flags_and_sizes():
   import importlib.util
   from experiments import scales
   parser = argparse.ArgumentParser()
-  scales.add_flags(parser, ("smoke", "long", "full"))
+  scales.add_flags(parser)
   assert [scales.chosen(parser.parse_args(a)) for a in ([], ["--smoke"], ["--long"], ["--full"])] \
       == ["default", "smoke", "long", "full"]
   with pytest.raises(SystemExit):
