@@ -156,43 +156,70 @@ def mixture_from_sklearn(model, event_shape: Sequence[int]) -> MixturePrior:
 
 def fit_dpgmm(samples: Array, key: Array, *, n_components: int = 20,
               covariance_type: str = "full", weight_concentration_prior: Optional[float] = None,
-              max_iter: int = 500, n_init: int = 1, tol: float = 1e-3, reg_covar: float = 1e-6,
-              init_params: str = "kmeans", threshold: float = 1e-2) -> tuple[MixturePrior, dict]:
+              max_iter: int = 500, tol: float = 1e-3, reg_covar: float = 1e-6,
+              init_params: str = "kmeans", threshold: float = 1e-2, chunk: int = 10,
+              callback: Optional[Callable[[int, dict], None]] = None) -> tuple[MixturePrior, dict]:
   """Fits a truncated Dirichlet-process GMM (stick-breaking, ``n_components`` = truncation level)
   by variational inference (scikit-learn ``BayesianGaussianMixture`` with
   ``weight_concentration_prior_type='dirichlet_process'``) on flattened float64 samples (N, *event).
 
+  The EM iterations run in warm-started chunks of ``chunk`` (one initialization, then each fit
+  continues from the last parameters and lower bound), which is exactly one fit of ``max_iter``
+  iterations; ``callback(iterations so far, {'lower_bound': ...})`` after each chunk shows progress.
   Returns ``(prior, info)`` with info ``effective_components`` (weights > ``threshold``),
   ``weights``, ``converged``, ``n_iter``, ``lower_bound``. The seed comes from ``key``.
   """
-  from sklearn.exceptions import ConvergenceWarning
   from sklearn.mixture import BayesianGaussianMixture
   x = np.asarray(samples, np.float64)
   n = x.shape[0]
-  flat = x.reshape(n, -1)
-  if int(n_components) < 1:
+  _check_dpgmm_args(n, int(n_components), covariance_type, int(max_iter), int(chunk))
+  seed = int(_numpy_rng(key).integers(0, 2**31 - 1))
+  model = BayesianGaussianMixture(
+      n_components=int(n_components), covariance_type=covariance_type,
+      weight_concentration_prior_type="dirichlet_process",
+      weight_concentration_prior=weight_concentration_prior, tol=tol, reg_covar=reg_covar,
+      init_params=init_params, random_state=seed, warm_start=True)
+  n_iter = _fit_in_chunks(model, x.reshape(n, -1), int(max_iter), int(chunk), callback)
+  prior = mixture_from_sklearn(model, x.shape[1:])
+  weights = np.asarray(prior.weights, np.float64)
+  info = dict(effective_components=int(np.sum(weights > threshold)), threshold=float(threshold),
+              weights=weights.tolist(), converged=bool(model.converged_), n_iter=n_iter,
+              lower_bound=float(model.lower_bound_))
+  return prior, info
+
+
+def _check_dpgmm_args(n: int, n_components: int, covariance_type: str, max_iter: int,
+                      chunk: int) -> None:
+  if n_components < 1:
     raise ValueError(f"prior.n_components must be >= 1, got {n_components}")
-  if int(n_components) > n:
+  if n_components > n:
     raise ValueError(f"prior.n_components={n_components} exceeds the number of fitting samples "
                      f"({n}); use fewer components or more samples")
   if covariance_type not in COVARIANCE_TYPES:
     raise ValueError(f"prior.covariance_type must be one of {COVARIANCE_TYPES}, "
                      f"got {covariance_type!r}")
-  seed = int(_numpy_rng(key).integers(0, 2**31 - 1))
-  model = BayesianGaussianMixture(
-      n_components=int(n_components), covariance_type=covariance_type,
-      weight_concentration_prior_type="dirichlet_process",
-      weight_concentration_prior=weight_concentration_prior, max_iter=int(max_iter),
-      n_init=int(n_init), tol=tol, reg_covar=reg_covar, init_params=init_params, random_state=seed)
-  with warnings.catch_warnings():  # non-convergence is reported in info['converged']
-    warnings.simplefilter("ignore", ConvergenceWarning)
-    model.fit(flat)
-  prior = mixture_from_sklearn(model, x.shape[1:])
-  weights = np.asarray(prior.weights, np.float64)
-  info = dict(effective_components=int(np.sum(weights > threshold)), threshold=float(threshold),
-              weights=weights.tolist(), converged=bool(model.converged_), n_iter=int(model.n_iter_),
-              lower_bound=float(model.lower_bound_))
-  return prior, info
+  if max_iter < 1 or chunk < 1:
+    raise ValueError(f"prior.max_iter={max_iter} and chunk={chunk} must be >= 1")
+
+
+def _fit_in_chunks(model, flat: np.ndarray, max_iter: int, chunk: int,
+                   callback: Optional[Callable[[int, dict], None]]) -> int:
+  """Runs ``model`` (``warm_start=True``) for up to ``max_iter`` EM iterations, ``chunk`` per
+  ``fit``, until it converges; returns the iterations run. scikit-learn's warm start keeps the
+  parameters and the lower bound between fits, so the chunks add up to one uninterrupted fit."""
+  from sklearn.exceptions import ConvergenceWarning
+  done = 0
+  while done < max_iter:
+    model.max_iter = min(chunk, max_iter - done)
+    with warnings.catch_warnings():  # non-convergence is reported in info['converged']
+      warnings.simplefilter("ignore", ConvergenceWarning)
+      model.fit(flat)
+    done += int(model.n_iter_)
+    if callback is not None:
+      callback(done, {"lower_bound": float(model.lower_bound_)})
+    if model.converged_:
+      break
+  return done
 
 
 # ---------------------------------------------------------------------------------------------------

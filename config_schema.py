@@ -296,6 +296,8 @@ SCHEMA: dict[str, Field] = {
     "prior.covariance_type": _choice(auxiliary.COVARIANCE_TYPES, "DPGMM covariance"),
     "prior.weight_threshold": _float("DPGMM: a component is effective above this weight",
                                      gt=0, lt=1),
+    "prior.max_iter": _int("DPGMM: variational EM iterations at most (stops once converged)",
+                           ge=1),
     "prior.flow_layers": _int("flow: coupling layers (vectors) / steps per level (Glow)", ge=1),
     "prior.flow_hidden": _int("flow: conditioner width", ge=1),
     "prior.flow_levels": _int("flow: Glow levels (images)", ge=1),

@@ -139,6 +139,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   prior.n_components = 20  # DPGMM truncation level
   prior.covariance_type = "full"  # DPGMM: 'full' | 'diag'
   prior.weight_threshold = 1e-2  # DPGMM effective components: weight above this
+  prior.max_iter = 500  # DPGMM: variational EM iterations at most (stops once converged)
   prior.flow_layers = 6  # coupling layers (vectors) / steps per level (Glow, images)
   prior.flow_hidden = 64  # conditioner width
   prior.flow_levels = 2  # Glow levels (images)

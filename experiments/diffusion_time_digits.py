@@ -171,6 +171,7 @@ def effective_components(dataset: str, scale: str, out: str) -> list[dict]:
       _, info = auxiliary.fit_prior("dpgmm", x_t, k_fit,
                                     n_components=int(config.prior.n_components),
                                     covariance_type=FIG4_COVARIANCE,
+                                    max_iter=int(config.prior.max_iter),
                                     threshold=float(config.prior.weight_threshold))
       counts.append(int(info["effective_components"]))
     rows.append({"T": float(t_end), "effective_components": counts,

@@ -45,8 +45,8 @@ def fit_prior(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   with checkpoints.workdir_lock(workdir, run_lib.PRIOR_DIR):
     k_data, k_fit = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x9F10))
     x_t = prior_samples(config, sde, workdir, k_data)
-    with Progress(f"fit prior ({p.kind}, {p.fit})", p.flow_steps if p.kind == "flow" else None,
-                  "steps") as progress:
+    total, unit = (p.flow_steps, "steps") if p.kind == "flow" else (p.max_iter, "EM iterations")
+    with Progress(f"fit prior ({p.kind}, {p.fit})", int(total), unit) as progress:
       prior, info = auxiliary.fit_prior(p.kind, x_t, k_fit, sde=sde,
                                         heldout_fraction=float(p.heldout_fraction),
                                         threshold=float(p.weight_threshold),
@@ -68,9 +68,18 @@ def fit_prior(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
 
 def _options(config, event_shape, progress: Progress) -> dict[str, Any]:
+  """Fit options of ``prior.kind``; the fit's callback advances ``progress`` (for the DPGMM the
+  total is ``prior.max_iter``, an upper bound: the fit stops early once converged)."""
   p = config.prior
+  last = [0]
+
+  def callback(step: int, metrics: dict) -> None:
+    progress.update(step - last[0], **{k: float(v) for k, v in metrics.items()})
+    last[0] = step
+
   if p.kind == "dpgmm":
-    return dict(n_components=int(p.n_components), covariance_type=str(p.covariance_type))
+    return dict(n_components=int(p.n_components), covariance_type=str(p.covariance_type),
+                max_iter=int(p.max_iter), callback=callback)
   if len(event_shape) == 1:
     spec = flows.default_flow_spec(event_shape, num_layers=int(p.flow_layers),
                                              hidden=[int(p.flow_hidden)] * 2)
@@ -78,12 +87,6 @@ def _options(config, event_shape, progress: Progress) -> dict[str, Any]:
     spec = flows.default_flow_spec(event_shape, num_levels=int(p.flow_levels),
                                              num_steps=int(p.flow_layers),
                                              hidden=int(p.flow_hidden))
-  last = [0]
-
-  def callback(step: int, metrics: dict) -> None:
-    progress.update(step - last[0], **{k: float(v) for k, v in metrics.items()})
-    last[0] = step
-
   return dict(flow=spec, steps=int(p.flow_steps), lr=float(p.flow_lr),
               batch_size=int(p.flow_batch_size), callback=callback)
 

@@ -111,6 +111,33 @@ def test_dpgmm_log_prob_is_normalised():
   np.testing.assert_allclose(np.trapezoid(dens, grid[:, 0]), 1.0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("cov,max_iter", [("full", 23), ("diag", 400)])
+def test_dpgmm_chunked_fit_equals_one_fit(cov, max_iter):
+  """The warm-started chunks (progress after each) are exactly one scikit-learn fit of the same
+  iterations: bitwise equal weights, means, covariances and lower bound, the same iteration count
+  and convergence; the callback sees the cumulative count. 23 iterations stop unconverged mid-chunk
+  (chunks 10, 10, 3); 400 converge inside a chunk. fit_dpgmm reports the same."""
+  from sklearn.mixture import BayesianGaussianMixture
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(0, 0.3, (150, 2)), rng.normal(2, 0.5, (150, 2))])
+  key = jax.random.PRNGKey(3)
+  kw = dict(n_components=6, covariance_type=cov, weight_concentration_prior_type="dirichlet_process",
+            tol=1e-3, reg_covar=1e-6, random_state=int(aux._numpy_rng(key).integers(0, 2**31 - 1)))
+  one = BayesianGaussianMixture(max_iter=max_iter, **kw).fit(x)
+  chunked, seen = BayesianGaussianMixture(warm_start=True, **kw), []
+  n_iter = aux._fit_in_chunks(chunked, x, max_iter, 10,
+                              lambda n, m: seen.append((n, m["lower_bound"])))
+  for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "lower_bound_"):
+    np.testing.assert_array_equal(getattr(chunked, name), getattr(one, name), err_msg=name)
+  assert n_iter == one.n_iter_ and chunked.converged_ == one.converged_ == (max_iter == 400)
+  assert [n for n, _ in seen] == list(range(10, n_iter, 10)) + [n_iter]
+  assert seen[-1][1] == one.lower_bound_
+  _, info = aux.fit_dpgmm(x, key, n_components=6, covariance_type=cov, max_iter=max_iter, chunk=10)
+  assert (info["n_iter"], info["converged"], info["lower_bound"]) == (
+      one.n_iter_, one.converged_, one.lower_bound_)
+
+
 def test_errors_name_the_field():
   """Bad options fail with a ValueError naming the config field (prior.*) or the shape."""
   x = np.random.default_rng(0).normal(size=(10, 2))

@@ -111,3 +111,19 @@ def test_sequential_fit_pushes_data_through_the_ode(trained, tmp_path):
   rep = fit_prior(c, wd)
   assert rep["fit"] == "sequential" and rep["n_fit"] + rep["n_heldout"] == 256
   assert rep["cross_entropy"] < rep["gaussian_cross_entropy"]
+
+
+def test_dpgmm_fit_reports_em_iterations(tmp_path, caplog):
+  """--mode=fit_prior with prior.kind='dpgmm' shows EM iterations out of prior.max_iter (rate and
+  ETA): the progress total is prior.max_iter, it advances after every chunk and ends at the fit's
+  n_iter (here unconverged: all 12 iterations)."""
+  import logging
+  c = _config("dpgmm")
+  c.prior.n_fit_samples, c.prior.max_iter = 200, 12
+  with caplog.at_level(logging.INFO, logger="absl"):
+    rep = fit_prior(c, str(tmp_path / "wd"))
+  assert rep["n_iter"] == 12 and not rep["converged"]
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit prior (dpgmm")]
+  assert "started (12 EM iterations)" in lines[0], lines
+  assert any("12/12 EM iterations (100%), ETA 0 s" in m for m in lines), lines
+  assert "done after 12 EM iterations" in lines[-1], lines
