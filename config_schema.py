@@ -232,6 +232,8 @@ SCHEMA: dict[str, Field] = {
     "data.image_size": _int("image height = width (0 for toy data)", ge=0),
     "data.num_channels": _int("image channels (0 for toy data)", ge=0),
     "data.tfds_data_dir": _str("prepared TFDS datasets ('' = TFDS default)"),
+    "data.download": _bool("download missing TFDS datasets and FID Inception weights on first "
+                           "use (process 0); False: never, fail at once"),
     "data.train_split": _str("image split trained on"),
     # -- sampling -------------------------------------------------------------------------------------
     "sampling.method": _choice(samplers.registered_samplers, "sampler (samplers registry)"),

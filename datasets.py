@@ -43,6 +43,9 @@ import ml_collections
 from absl import logging
 import numpy as np
 
+import downloads
+from progress import Progress
+
 # --------------------------------------------------------------------------------------------------
 # Dataset registry
 # --------------------------------------------------------------------------------------------------
@@ -55,14 +58,18 @@ class _ImageSpec:
   num_grey_levels: int
   splits: tuple[str, ...]
   tfds: bool
+  source_url: str = ""  # where TFDS downloads it from (probed for network before a download)
 
 
 _IMAGE_DATASETS: dict[str, _ImageSpec] = {
     "digits": _ImageSpec((8, 8), 1, 17, ("train", "test", "validation", "train_without_validation"),
                          tfds=False),
-    "mnist": _ImageSpec((28, 28), 1, 256, ("train", "test"), tfds=True),
-    "cifar10": _ImageSpec((32, 32), 3, 256, ("train", "test"), tfds=True),
-    "celeb_a": _ImageSpec((218, 178), 3, 256, ("train", "validation", "test"), tfds=True),
+    "mnist": _ImageSpec((28, 28), 1, 256, ("train", "test"), tfds=True,
+                        source_url="https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    "cifar10": _ImageSpec((32, 32), 3, 256, ("train", "test"), tfds=True,
+                          source_url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"),
+    "celeb_a": _ImageSpec((218, 178), 3, 256, ("train", "validation", "test"), tfds=True,
+                          source_url="https://drive.google.com/"),
 }
 IMAGE_DATASETS = tuple(sorted(_IMAGE_DATASETS))
 CELEBA_CROP = 140  # score_sde / Song & Ermon (2020): central 140x140 crop, then resize
@@ -207,7 +214,8 @@ def quantize(x, info: DatasetInfo, dequantized: bool | None = None):
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-  """A TFDS dataset is not prepared in the data directory (and this code never downloads)."""
+  """A TFDS dataset is not prepared in the data directory and could not be (or, with
+  ``data.download=False``, was not to be) downloaded."""
 
 
 def even_shard(n: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -230,8 +238,11 @@ def _digits_levels() -> dict[str, np.ndarray]:
           "train_without_validation": levels[train[:-DIGITS_NUM_VALIDATION]]}
 
 
-def _tfds_builder(name: str, data_dir: str | None):
-  """The TFDS builder of ``name``; DatasetNotPreparedError at once if it is not prepared."""
+def _tfds_builder(name: str, data_dir: str | None, download: bool):
+  """The TFDS builder of ``name``, prepared in ``data_dir`` (or the TFDS default). When it is not
+  prepared and ``download`` (``data.download``), process 0 downloads and prepares it there (the
+  others wait); offline that fails within ``downloads.PROBE_TIMEOUT_S`` seconds. Otherwise
+  DatasetNotPreparedError at once, saying how to provide it."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
   try:
@@ -239,23 +250,61 @@ def _tfds_builder(name: str, data_dir: str | None):
   except RuntimeError:  # TF devices already initialized by the caller
     pass
   builder = tfds.builder(name, data_dir=data_dir or None)
-  if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    where = data_dir or "the TFDS default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-    raise DatasetNotPreparedError(
-        f"TFDS dataset {name!r} (config.data.dataset) is not prepared in {where} (looked for "
-        f"{builder.data_dir}); scorelab never downloads. On a machine with network run "
-        f"`tfds build {name} --data_dir=DIR` (or `python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.load('{name}', data_dir='DIR')\"`), copy DIR here and pass "
-        f"--config.data.tfds_data_dir=DIR. The offline default is --config.data.dataset=digits.")
+  if download and (jax.process_count() > 1 or not _is_prepared(builder)):
+    downloads.once_per_run(lambda: _download_and_prepare(builder, name, data_dir), f"tfds {name}")
+    builder = tfds.builder(name, data_dir=data_dir or None)  # reads the prepared metadata
+  if not _is_prepared(builder):
+    raise DatasetNotPreparedError(_not_prepared_message(
+        name, data_dir, builder, "data.download=False" if not download else
+        "process 0 prepared it in a folder this process does not see; put data.tfds_data_dir on "
+        "a filesystem every host shares"))
   return builder
 
 
-def _tfds_levels(name: str, split: str, image_size: int, data_dir: str | None,
+def _is_prepared(builder) -> bool:
+  import tensorflow as tf
+  return tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+
+
+def _not_prepared_message(name: str, data_dir: str | None, builder, reason: str) -> str:
+  where = data_dir or "the TFDS default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+  return (f"TFDS dataset {name!r} (config.data.dataset) is not prepared in {where} (looked for "
+          f"{builder.data_dir}) and was not downloaded: {reason}. With network, leave "
+          f"data.download=True (the default) to download and prepare it there. Offline, run "
+          f"`tfds build {name} --data_dir=DIR` (or `python -c \"import tensorflow_datasets as "
+          f"tfds; tfds.load('{name}', data_dir='DIR')\"`) on a machine with network, copy DIR "
+          f"here and pass --config.data.tfds_data_dir=DIR. The offline default is "
+          f"--config.data.dataset=digits.")
+
+
+def _download_and_prepare(builder, name: str, data_dir: str | None) -> None:
+  """Downloads and prepares ``builder`` (score_sde does the same through ``tfds.load``) after a
+  bounded network probe of the dataset's source; DatasetNotPreparedError naming data.download
+  when offline or when the download fails. TFDS shows its own download / generation bars."""
+  if _is_prepared(builder):  # process 0 of a multi-process run that finds it prepared
+    return
+  url = _IMAGE_DATASETS[name].source_url
+  reason = downloads.unreachable(url)
+  if reason is not None:
+    raise DatasetNotPreparedError(_not_prepared_message(
+        name, data_dir, builder, f"no network: {url} is unreachable ({reason})"))
+  logging.info("TFDS dataset %r is not prepared in %s: downloading from %s and preparing it",
+               name, builder.data_dir, url)
+  with Progress(f"download and prepare {name}", 1, "datasets") as progress:
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # noqa: BLE001  (network, quota, disk: one clear error)
+      raise DatasetNotPreparedError(_not_prepared_message(
+          name, data_dir, builder, f"the download failed ({type(e).__name__}: {e})")) from e
+    progress.update(1)
+
+
+def _tfds_levels(name: str, split: str, image_size: int, data_dir: str | None, download: bool,
                  process_index: int, process_count: int) -> tuple[np.ndarray, int, int]:
   """This process's shard of a TFDS split as uint8 (n, S, S, C); returns (levels, start, total)."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
-  builder = _tfds_builder(name, data_dir)
+  builder = _tfds_builder(name, data_dir, download)
   if parse_split(split)[0] not in builder.info.splits:
     raise ValueError(f"split {split!r} not in {name!r} (splits: {list(builder.info.splits)})")
   total = builder.info.splits[split].num_examples  # TFDS resolves 'test[:120]' itself
@@ -293,7 +342,7 @@ def load_levels(config: ml_collections.ConfigDict, split: str, process_index: in
   size = _image_size(config, spec)
   if spec.tfds:
     return _tfds_levels(name, split, size, str(config.data.tfds_data_dir) or None,
-                        process_index, process_count)
+                        bool(config.data.download), process_index, process_count)
   splits = _digits_levels()
   base, first, stop = parse_split(split)
   if base not in splits:
@@ -733,7 +782,8 @@ def split_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
     raise ValueError(f"data.dataset={config.data.dataset!r} is a toy distribution (no splits)")
   if not spec.tfds:
     return {k: len(v) for k, v in _digits_levels().items()}
-  builder = _tfds_builder(str(config.data.dataset), str(config.data.tfds_data_dir) or None)
+  builder = _tfds_builder(str(config.data.dataset), str(config.data.tfds_data_dir) or None,
+                          bool(config.data.download))
   return {k: v.num_examples for k, v in builder.info.splits.items()}
 
 

@@ -436,7 +436,8 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """Reads ``(mu, sigma)`` from an .npz with keys ``mu`` and ``sigma``."""
   if not path or not os.path.exists(path):
     raise FileNotFoundError(f"FID statistics file {path!r} (config.eval.fid_stats) not found; "
-                            "compute it with main.py --mode=fid_stats (docs/fid.md).")
+                            "compute it with main.py --mode=fid_stats (docs/fid.md; it downloads "
+                            "the dataset and the Inception weights when data.download=True).")
   with np.load(path) as data:
     if "mu" not in data.files or "sigma" not in data.files:
       raise ValueError(f"FID statistics file {path!r} must contain arrays 'mu' and 'sigma', "

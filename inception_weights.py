@@ -4,7 +4,8 @@ and converted to ``evaluation``'s ``.npz`` layout (docs/fid.md).
 
 ``resolve_inception_weights(path, cache_dir)`` is what eval and fid_stats call: an explicit
 ``eval.inception_weights`` file is used as it is; with ``''`` the converted file in the cache is used,
-and made on first use (download, sha256 check, conversion) when the machine has network. Reading
+and made on first use (download, sha256 check, conversion) when the machine has network and
+``data.download`` is True (process 0 downloads, the others wait). Reading
 the ``.pth`` needs torch, an optional extra (``pip install .[fid]``), never a core dependency; an
 ``.npz`` export of the state dict needs nothing. Offline, the error names the file, the cache path
 and the one command that prepares it on another machine.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -25,7 +27,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+import downloads
 import evaluation
+from progress import Progress
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -145,24 +149,42 @@ def sha256_of(path: str) -> str:
   return h.hexdigest()
 
 
+def _offline_message(target: str, url: str, reason: str) -> str:
+  return (f"FID Inception weights: {target} does not exist and {url} was not downloaded: "
+          f"{reason}. With network, leave data.download=True (the default) to fetch it on first "
+          f"use. Offline, run `{PREPARE_COMMAND}` on a machine with network and copy the file to "
+          f"{target} (or set --config.eval.inception_weights=FILE).")
+
+
+def _download(url: str, path: str, timeout_s: float) -> None:
+  """Streams ``url`` to ``path``; every blocking read waits at most ``timeout_s`` seconds."""
+  with urllib.request.urlopen(url, timeout=timeout_s) as response, open(path, "wb") as f:
+    shutil.copyfileobj(response, f, 1 << 20)
+
+
 def fetch_inception_weights(cache_dir: str, url: str = FID_WEIGHTS_URL,
-                            sha256_prefix: str = FID_WEIGHTS_SHA256_PREFIX) -> str:
+                            sha256_prefix: str = FID_WEIGHTS_SHA256_PREFIX,
+                            timeout_s: float | None = None) -> str:
   """Downloads ``url`` into ``cache_dir``, checks that its sha256 starts with ``sha256_prefix``,
   converts it and writes ``cache_dir/inception_fid.npz`` (the download is deleted afterwards).
-  Returns the converted path. Offline: FileNotFoundError naming the URL, the cache path and
+  Returns the converted path. Offline (a network probe, then the download, each bounded by
+  ``timeout_s`` seconds): FileNotFoundError naming the URL, the cache path, ``data.download`` and
   ``PREPARE_COMMAND``; a checksum mismatch: ValueError, nothing kept."""
   target = os.path.join(cache_dir, CONVERTED_NAME)
+  timeout_s = downloads.PROBE_TIMEOUT_S if timeout_s is None else float(timeout_s)
+  reason = downloads.unreachable(url, timeout_s)
+  if reason is not None:
+    raise FileNotFoundError(_offline_message(target, url, f"no network ({reason})"))
   os.makedirs(cache_dir, exist_ok=True)
   name = os.path.basename(url.split("?")[0])
   download = os.path.join(cache_dir, name + ".part")
   try:
-    try:
-      urllib.request.urlretrieve(url, download)
-    except (urllib.error.URLError, OSError) as e:
-      raise FileNotFoundError(
-          f"FID Inception weights: {target} does not exist and {url} could not be downloaded "
-          f"({e}). On a machine with network run `{PREPARE_COMMAND}` and copy the file to "
-          f"{target} (or set --config.eval.inception_weights=FILE).") from e
+    with Progress(f"download FID Inception weights ({url})", 1, "files") as progress:
+      try:
+        _download(url, download, timeout_s)
+      except (urllib.error.URLError, OSError) as e:
+        raise FileNotFoundError(_offline_message(target, url, f"the download failed ({e})")) from e
+      progress.update(1)
     digest = sha256_of(download)
     if not digest.startswith(sha256_prefix):
       raise ValueError(f"FID Inception weights downloaded from {url}: sha256 {digest} does not "
@@ -179,9 +201,11 @@ def fetch_inception_weights(cache_dir: str, url: str = FID_WEIGHTS_URL,
   return target
 
 
-def resolve_inception_weights(path: str, cache_dir: Optional[str] = None, **fetch_kwargs) -> str:
+def resolve_inception_weights(path: str, cache_dir: Optional[str] = None, download: bool = True,
+                              **fetch_kwargs) -> str:
   """The converted weights file eval / fid_stats load: ``path`` (``eval.inception_weights``) when
-  set (it must exist), else ``<cache>/inception_fid.npz``, fetched and converted on first use."""
+  set (it must exist), else ``<cache>/inception_fid.npz``, fetched and converted on first use when
+  ``download`` (``data.download``; by process 0, the others wait: every process calls this)."""
   if path:
     if not os.path.exists(path):
       raise FileNotFoundError(
@@ -190,6 +214,16 @@ def resolve_inception_weights(path: str, cache_dir: Optional[str] = None, **fetc
     return path
   cache_dir = cache_dir or default_cache_dir()
   target = os.path.join(cache_dir, CONVERTED_NAME)
-  if os.path.exists(target):
-    return target
-  return fetch_inception_weights(cache_dir, **fetch_kwargs)
+  if not download:
+    if os.path.exists(target):
+      return target
+    raise FileNotFoundError(_offline_message(
+        target, fetch_kwargs.get("url", FID_WEIGHTS_URL), "data.download=False"))
+  downloads.once_per_run(
+      lambda: None if os.path.exists(target) else fetch_inception_weights(cache_dir, **fetch_kwargs),
+      "FID Inception weights")
+  if not os.path.exists(target):  # a process that does not see process 0's cache folder
+    raise FileNotFoundError(_offline_message(
+        target, fetch_kwargs.get("url", FID_WEIGHTS_URL), "process 0 fetched it into a cache "
+        "this process does not see; set $SCORELAB_CACHE to a folder every host shares"))
+  return target

@@ -88,6 +88,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   data.image_size = 8  # image height = width (0 for toy data)
   data.num_channels = 1  # (0 for toy data)
   data.tfds_data_dir = ""  # where prepared TFDS datasets live ('' = TFDS default)
+  # Download what is missing on first use (TFDS datasets into data.tfds_data_dir, the FID Inception
+  # weights into the cache; process 0 only); False: never download, fail at once saying how to
+  # provide it. Offline, a download fails within seconds either way.
+  data.download = True
   data.train_split = "train"  # image split trained on
 
   # Generation. c is the generative diffusion coefficient h^2 = c g^2 (Cao et al.):

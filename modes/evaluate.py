@@ -33,6 +33,7 @@ from progress import Progress
 def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str = "eval"):
   """Evaluates the checkpoint; returns the report (also ``workdir/<eval_folder>/report.json``)."""
   dequantizer = _load_dequantizer(config, workdir)  # before any output: fails naming the mode
+  fid_weights = _fid_weights(config)  # fetched (or a clear error) before any work
   with run_lib.model_outputs(config, workdir, eval_folder) as (model, out_dir):
     k_ll, k_bound, k_sample = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1), 3)
@@ -44,7 +45,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str =
         report.update(_toy_likelihood(config, model, k_ll, k_bound))
       report.update(_prior_terms(config, model, jax.random.fold_in(k_bound, 1)))
       report.update(_ct_elbo(config, model, jax.random.fold_in(k_bound, 2)))
-    report.update(_samples_and_metrics(config, model, k_sample, out_dir))
+    report.update(_samples_and_metrics(config, model, k_sample, out_dir, fid_weights))
     run_lib.write_json(os.path.join(out_dir, "report.json"), report)
     for k in sorted(report):
       if not k.endswith(("failed_indices", "per_example")):
@@ -291,10 +292,26 @@ def _check_failures(config, report: dict[str, Any]) -> None:
           "eval.atol, or set eval.max_failed_fraction (the report is written).")
 
 
-def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str) -> dict[str, Any]:
-  """Samples (npz + PNG) with NFE, and what can be measured on them."""
+def _fid_weights(config) -> str | None:
+  """The FID Inception weights file when FID is measured (``inception_weights.
+  resolve_inception_weights``: downloaded on first use when ``data.download``), and a check that
+  ``eval.fid_stats`` exists; None without FID."""
   import evaluation
   import inception_weights
+  ev = config.eval
+  if not (ev.fid and datasets.dataset_info(config).is_image):
+    return None
+  if ev.fid_stats:
+    evaluation.load_stats(str(ev.fid_stats))
+  return inception_weights.resolve_inception_weights(str(ev.inception_weights),
+                                                     download=bool(config.data.download))
+
+
+def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str,
+                         fid_weights: str | None) -> dict[str, Any]:
+  """Samples (npz + PNG) with NFE, and what can be measured on them (FID / IS with the Inception
+  weights ``fid_weights``)."""
+  import evaluation
   ev = config.eval
   info = datasets.dataset_info(config)
   n = int(ev.num_samples)
@@ -315,10 +332,9 @@ def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str) -
       out.update({f"digits_{k}": v for k, v in evaluation.digits_metrics(
           evaluation.train_digits_classifier(), images,
           levels.astype(np.float32) / (info.num_grey_levels - 1)).items()})
-  if info.is_image and ev.fid:
+  if fid_weights is not None:
     with Progress("FID / Inception Score", n, "samples"):
-      variables = evaluation.load_inception_params(
-          inception_weights.resolve_inception_weights(str(ev.inception_weights)))
+      variables = evaluation.load_inception_params(fid_weights)
       ref = evaluation.load_stats(str(ev.fid_stats)) if ev.fid_stats else None
       out.update(evaluation.inception_metrics(variables, images, ref))
   return out

@@ -27,7 +27,8 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
   checkpoints.check_writable(workdir)
   with checkpoints.workdir_lock(workdir, "fid_stats"):
     variables = evaluation.load_inception_params(
-        inception_weights.resolve_inception_weights(str(config.eval.inception_weights)))
+        inception_weights.resolve_inception_weights(str(config.eval.inception_weights),
+                                                    download=bool(config.data.download)))
     batches = datasets.get_eval_dataset(config, as_levels=True)  # this process's share
     with Progress("Inception features", batches.num_examples, "images") as p:
       feats = evaluation.inception_map(variables, batches, scale=1.0 / (info.num_grey_levels - 1),

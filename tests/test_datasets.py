@@ -177,20 +177,132 @@ def test_prefetch_to_device_shards_over_the_mesh():
   np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_not_prepared_fails_at_once(tmp_path, monkeypatch):
+def test_not_prepared_with_download_false_fails_at_once(tmp_path, monkeypatch):
+  """data.download=False keeps the refusal: no probe, no download, nothing written, and the message
+  names the dataset, the folder, the flag and how to provide the data."""
+  import downloads
   import tensorflow_datasets as tfds
 
-  def no_download(*args, **kwargs):
-    raise AssertionError("a download was attempted")
+  def no_network(*args, **kwargs):
+    raise AssertionError("the network was used")
 
-  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
-  config = _config("cifar10", tfds_data_dir=str(tmp_path))
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
+  monkeypatch.setattr(downloads, "unreachable", no_network)
+  config = _config("cifar10", tfds_data_dir=str(tmp_path), download=False)
   with pytest.raises(datasets.DatasetNotPreparedError) as err:
     datasets.get_dataset(config, split="train", shuffle=True, process_index=0, process_count=1)
   msg = str(err.value)
   assert "'cifar10'" in msg and "tfds build cifar10" in msg and "tfds_data_dir" in msg
-  assert str(tmp_path) in msg
+  assert "data.download=False" in msg and str(tmp_path) in msg
   assert os.listdir(tmp_path) == []  # nothing was written
+
+
+class _StubBuilder:
+  """Stands in for a TFDS builder: ``download_and_prepare`` writes the metadata file that marks a
+  prepared dataset (or raises ``fail``) and counts its calls."""
+  calls: list = []
+  fail: Exception | None = None
+
+  def __init__(self, name, data_dir=None):
+    self.name, self.data_dir = name, os.path.join(data_dir, name, "1.0.0")
+
+  def download_and_prepare(self):
+    type(self).calls.append(self.data_dir)
+    if self.fail is not None:
+      raise self.fail
+    os.makedirs(self.data_dir, exist_ok=True)
+    with open(os.path.join(self.data_dir, "dataset_info.json"), "w") as f:
+      f.write("{}")
+
+
+@pytest.fixture
+def stub_tfds(monkeypatch):
+  """tfds.builder -> _StubBuilder (fresh call list, no failure)."""
+  import tensorflow_datasets as tfds
+  monkeypatch.setattr(tfds, "builder", _StubBuilder)
+  monkeypatch.setattr(_StubBuilder, "calls", [])
+  monkeypatch.setattr(_StubBuilder, "fail", None)
+  return _StubBuilder
+
+
+def _online(monkeypatch):
+  import downloads
+  monkeypatch.setattr(downloads, "unreachable", lambda url, timeout_s=None: None)
+
+
+def test_missing_dataset_is_downloaded_once_then_used_as_prepared(tmp_path, stub_tfds, monkeypatch):
+  """data.download=True (the default): a dataset that is not prepared is downloaded and prepared
+  into data.tfds_data_dir; once prepared, it is used without a network probe or a download."""
+  import downloads
+  assert get_default_config().data.download is True
+  _online(monkeypatch)
+  builder = datasets._tfds_builder("cifar10", str(tmp_path), True)
+  assert stub_tfds.calls == [builder.data_dir] and builder.data_dir.startswith(str(tmp_path))
+  monkeypatch.setattr(stub_tfds, "fail", AssertionError("downloaded a prepared dataset"))
+  monkeypatch.setattr(downloads, "unreachable", stub_tfds.download_and_prepare)
+  assert datasets._tfds_builder("cifar10", str(tmp_path), True).data_dir == builder.data_dir
+  assert len(stub_tfds.calls) == 1
+
+
+def test_offline_download_fails_fast_naming_the_flag(tmp_path, stub_tfds, monkeypatch):
+  """Offline (a source host that never answers: DNS or firewall), the probe gives up after
+  downloads.PROBE_TIMEOUT_S and the error names data.download, the URL and how to provide the data;
+  no download is attempted. A download that fails half-way gives the same error, chained."""
+  import socket
+  import time
+  import downloads
+  monkeypatch.setattr(downloads, "PROBE_TIMEOUT_S", 0.5)
+  monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(5))
+  t0 = time.time()
+  with pytest.raises(datasets.DatasetNotPreparedError) as err:
+    datasets._tfds_builder("cifar10", str(tmp_path), True)
+  assert time.time() - t0 < 3.0
+  msg = str(err.value)
+  assert "data.download" in msg and "did not answer within 0.5 s" in msg and "tfds build" in msg
+  assert "www.cs.toronto.edu" in msg and stub_tfds.calls == []
+  _online(monkeypatch)
+  monkeypatch.setattr(stub_tfds, "fail", ConnectionError("reset by peer"))
+  with pytest.raises(datasets.DatasetNotPreparedError, match="download failed.*reset by peer") as err:
+    datasets._tfds_builder("mnist", str(tmp_path), True)
+  assert isinstance(err.value.__cause__, ConnectionError) and "data.download" in str(err.value)
+
+
+def test_probe_is_bounded_and_follows_the_proxy(monkeypatch):
+  """A name that cannot resolve (.invalid, RFC 2606) is unreachable within the timeout, on any
+  machine; file:// needs no network; with https_proxy set the proxy is probed, not the host."""
+  import time
+  import downloads
+  t0 = time.time()
+  assert downloads.unreachable("https://scorelab.invalid/x", 2.0) is not None
+  assert time.time() - t0 < 3.0
+  assert downloads.unreachable("file:///tmp/x") is None
+  for k in ("no_proxy", "NO_PROXY", "https_proxy", "HTTPS_PROXY"):
+    monkeypatch.delenv(k, raising=False)
+  assert downloads._endpoint("https://www.cs.toronto.edu/a.tgz") == ("www.cs.toronto.edu", 443)
+  monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+  assert downloads._endpoint("https://www.cs.toronto.edu/a.tgz") == ("proxy.example", 3128)
+
+
+def test_only_process_0_downloads(tmp_path, stub_tfds, monkeypatch):
+  """Several processes: process 0 downloads, every process meets at the barrier (also when process
+  0 fails, which then raises); a process that cannot see the prepared folder says so."""
+  from jax.experimental import multihost_utils
+  barriers = []
+  _online(monkeypatch)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(datasets.DatasetNotPreparedError, match="filesystem every host shares"):
+    datasets._tfds_builder("cifar10", str(tmp_path), True)
+  assert stub_tfds.calls == [] and barriers == ["downloads: tfds cifar10"]
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(stub_tfds, "fail", ConnectionError("down"))
+  with pytest.raises(datasets.DatasetNotPreparedError, match="download failed"):
+    datasets._tfds_builder("cifar10", str(tmp_path), True)
+  assert len(stub_tfds.calls) == 1 and len(barriers) == 2
+  monkeypatch.setattr(stub_tfds, "fail", None)
+  datasets._tfds_builder("cifar10", str(tmp_path), True)
+  assert len(stub_tfds.calls) == 2 and len(barriers) == 3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -374,6 +374,32 @@ def test_fid_weights_fetched_checked_converted_once_into_the_cache(tmp_path, ran
     iw.resolve_inception_weights("nope.npz", cache)
 
 
+def test_fid_weights_follow_data_download(tmp_path, monkeypatch):
+  """data.download=False: a missing cache fails at once naming the flag, with no network use (a
+  filled cache is used). Offline (the probe gives up after its timeout), the error names the flag,
+  the URL and the command, and no download starts."""
+  import downloads
+  import inception_weights as iw
+
+  def no_network(*args, **kwargs):
+    raise AssertionError("the network was used")
+
+  monkeypatch.setattr(iw, "_download", no_network)
+  monkeypatch.setattr(downloads, "unreachable", no_network)
+  cache = str(tmp_path / "cache")
+  with pytest.raises(FileNotFoundError, match="data.download=False") as e:
+    iw.resolve_inception_weights("", cache, download=False)
+  assert iw.FID_WEIGHTS_URL in str(e.value) and "convert_inception_weights.py" in str(e.value)
+  monkeypatch.setattr(downloads, "unreachable", lambda url, timeout_s=None: "x: no answer in 0.5 s")
+  with pytest.raises(FileNotFoundError, match="no network .x: no answer in 0.5 s") as e:
+    iw.resolve_inception_weights("", cache)
+  assert "data.download" in str(e.value) and not os.path.exists(cache)
+  os.makedirs(cache)
+  open(os.path.join(cache, iw.CONVERTED_NAME), "w").close()
+  assert iw.resolve_inception_weights("", cache, download=False) == os.path.join(
+      cache, iw.CONVERTED_NAME)
+
+
 # ----------------------------------------------------------------------------------------- digits
 
 @pytest.fixture(scope="module")
@@ -414,7 +440,7 @@ def test_eval_measures_digits_samples_as_images_in_the_unit_range(tmp_path, monk
   levels = ev.load_digits_split()[2][:40].reshape(40, 8, 8, 1)  # test images in [0, 1]
   overshoot = (2 * levels - 1) * 60.0  # centered data scaled far past [-1, 1]: (x + 1) / 2 = 60 k - 29.5
   monkeypatch.setattr(run_lib, "generate", lambda config, model, n, key: (overshoot, 1))
-  out = evaluate_mode._samples_and_metrics(config, None, jax.random.PRNGKey(0), str(tmp_path))
+  out = evaluate_mode._samples_and_metrics(config, None, jax.random.PRNGKey(0), str(tmp_path), None)
   import datasets
   reference = datasets.load_levels(config, "test")[0].astype(np.float32) / 16
   expected = ev.digits_metrics(ev.train_digits_classifier(), np.clip(60 * levels - 29.5, 0, 1),
