@@ -18,6 +18,11 @@ and ``checksums`` {tree path: sha256 of dtype, shape and bytes} of every saved l
   store renames the damaged newer ones ``<step>.damaged`` (kept for inspection, out of orbax's
   view: never "latest", never counted by the policy, their steps can be saved again). Nothing is
   renamed when none is intact (e.g. a changed model makes every restore fail) or when read-only.
+* A full disk (ENOSPC / EDQUOT) during a save (orbax writes in the background; its failure
+  surfaces at the next ``save``, ``wait_until_finished`` or ``close``) raises one
+  ``DiskFullError`` naming the failed step, the directory and the newest intact checkpoint; the
+  partial ``<step>.orbax-checkpoint-tmp`` is removed, nothing older is touched, orbax's threads
+  are closed quietly (their tracebacks are not logged), and a rerun resumes from that checkpoint.
 * Legacy workdirs (``checkpoints-meta/`` + ``checkpoints/`` without checksums) still restore:
   both are candidates, newest first; a checkpoint whose meta lacks checksums is restored after
   the finiteness check only, with a warning. New saves go to ``checkpoints/`` (whose legacy steps
@@ -27,11 +32,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
+import glob
 import hashlib
 import json
+import logging as pylogging
 import os
+import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -52,6 +62,79 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWarning(UserWarning):
   """A checkpoint was skipped, or restored without checksum verification."""
+
+
+class DiskFullError(OSError):
+  """A checkpoint save ran out of disk space (or quota); its partial directory is removed and the
+  earlier checkpoints are untouched. ``step`` failed; ``newest`` is the newest intact step."""
+
+  def __init__(self, message: str, step: int | None, directory: str, newest: int | None):
+    super().__init__(message)
+    self.errno, self.step, self.directory, self.newest = errno.ENOSPC, step, directory, newest
+
+
+# tensorstore reports a full disk as ValueError('RESOURCE_EXHAUSTED: ... No space left on device
+# [os_error_code=\'28\']'); Python writes raise OSError(ENOSPC / EDQUOT).
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os_error_code='28'",
+                   "os_error_code='122'")
+
+
+def _disk_full(error: BaseException | None) -> bool:
+  """Whether ``error`` (or an exception it was raised from) says the disk or quota is full."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      return True
+    if any(t in str(error) for t in _DISK_FULL_TEXT):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _QuietDiskFull(pylogging.Filter):
+  """Drops orbax's own error records about a full disk (a traceback from each of its save
+  threads, hundreds of lines): ``CheckpointStore`` raises one ``DiskFullError`` for them."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    if record.levelno < pylogging.WARNING or "/orbax/" not in record.pathname:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_disk_full(exc) or any(t in record.getMessage() for t in _DISK_FULL_TEXT))
+
+
+pylogging.getLogger("absl").addFilter(_QuietDiskFull())  # orbax logs through absl's logger
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed save, tensorstore writes still in flight finish after orbax closed their
+  asyncio loop; each reports 'RuntimeError: Event loop is closed' as an unraisable exception (a
+  traceback on stderr, nothing to act on). Wraps ``sys.unraisablehook`` (once) to drop exactly
+  those and pass everything else on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "scorelab_quiet", False):
+    return
+
+  def hook(args) -> None:
+    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+      return
+    previous(args)
+
+  hook.scorelab_quiet = True
+  sys.unraisablehook = hook
+
+
+def _disk_full_reason(error: BaseException) -> str:
+  """'No space left on device' / 'Disk quota exceeded' as the error chain says it."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      return os.strerror(error.errno)
+    for text in _DISK_FULL_TEXT[:2]:
+      if text in str(error):
+        return text
+    error = error.__cause__ or error.__context__
+  return os.strerror(errno.ENOSPC)
 
 
 def _warn(msg: str) -> None:
@@ -116,6 +199,8 @@ class CheckpointStore:
     if keep_every < 1 or max_to_keep < 1:
       raise ValueError(f"keep_every={keep_every} and max_to_keep={max_to_keep} must be >= 1")
     self.workdir, self.read_only, self._pinned = os.path.abspath(workdir), read_only, _Pinned(set())
+    self._pending, self._failed = None, False  # step of the save in flight; a disk-full failure
+    _quiet_closed_loop_callbacks()
     policy = cm.AnyPreservationPolicy([cm.LatestN(1), cm.EveryNSteps(keep_every,
                                        max_to_keep=max_to_keep), self._pinned])
     ro = dict(read_only=True, create=False)
@@ -147,9 +232,48 @@ class CheckpointStore:
       raise FloatingPointError(
           f"refusing to save step {step}: non-finite values in "
           f"{', '.join(sorted({_field(p) for p in bad}))} (first: {jax.tree_util.keystr(bad[0])})")
-    self._mgr.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(saveable),
-        meta=ocp.args.JsonSave({**meta, "step": int(step), "checksums": sums})))
+    self._settle()  # the previous (asynchronous) save: a full disk is reported for its step
+    try:
+      self._mgr.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(saveable),
+          meta=ocp.args.JsonSave({**meta, "step": int(step), "checksums": sums})))
+    except Exception as e:  # noqa: BLE001  (re-raised unless the disk is full)
+      self._raise_if_disk_full(e, step)
+      raise
+    self._pending = int(step)
+
+  def _settle(self) -> None:
+    """Waits for the pending save; DiskFullError (one message, naming its step) if it failed for
+    lack of space."""
+    try:
+      self._mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  (re-raised unless the disk is full)
+      self._raise_if_disk_full(e, self._pending)
+      raise
+    self._pending = None
+
+  def _raise_if_disk_full(self, error: Exception, step: int | None) -> None:
+    """For a full disk: removes the partial save of ``step`` (process 0) and raises one
+    DiskFullError naming the step, the directory and the newest intact checkpoint."""
+    if not _disk_full(error):
+      return
+    self._failed = True
+    directory = os.path.join(self.workdir, DIR)
+    if jax.process_index() == 0:
+      for partial in glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(partial, ignore_errors=True)
+    self._mgr.reload()
+    newest = max((s for s in self.all_steps() if s != step), default=None)
+    free = shutil.disk_usage(directory).free / 2**20 if os.path.isdir(directory) else float("nan")
+    kept = (f"the newest intact checkpoint is step {newest} ({os.path.join(directory, str(newest))}"
+            "), untouched: free space and run the same command again to resume from it"
+            if newest is not None else "there is no earlier checkpoint: free space and run the "
+            "same command again to start from step 0")
+    raise DiskFullError(
+        f"disk full: saving checkpoint step {step} to {directory} failed "
+        f"({_disk_full_reason(error)}; {free:.1f} MiB free now). The partial save was removed; "
+        f"{kept}.",
+        step, directory, newest) from None
 
   def _verified(self, mgr, step: int, abstract, where: str):
     """The restored saveable state of ``step``; raises on any damage."""
@@ -218,13 +342,22 @@ class CheckpointStore:
         m.reload()
 
   def wait_until_finished(self) -> None:
-    self._mgr.wait_until_finished()
+    """Waits for the pending save (DiskFullError if the disk filled up during it)."""
+    self._settle()
 
   def close(self) -> None:
-    """Waits for pending saves and closes the managers."""
-    for m in (self._mgr, self._legacy):
-      if m is not None:
-        m.close()
+    """Waits for pending saves and closes the managers; after a DiskFullError, quietly."""
+    try:
+      if not self._failed:
+        self._settle()
+    finally:
+      for m in (self._mgr, self._legacy):
+        if m is not None:
+          try:
+            m.close()
+          except Exception as e:  # noqa: BLE001  (the failure already reported, once)
+            if not (self._failed and _disk_full(e)):
+              raise
 
   def __enter__(self) -> "CheckpointStore":
     return self

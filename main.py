@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 import jax
 
+import checkpoints
 import modes
 import parallel
 import run_lib
@@ -85,7 +86,10 @@ def main(argv) -> None:
   if FLAGS.checkpoint and FLAGS.mode != "import":
     raise app.UsageError("--checkpoint is only used by --mode=import")
   extra = {"checkpoint": FLAGS.checkpoint or ""} if FLAGS.mode == "import" else {}
-  modes.get_mode(FLAGS.mode)(config, FLAGS.workdir, **extra)
+  try:
+    modes.get_mode(FLAGS.mode)(config, FLAGS.workdir, **extra)
+  except checkpoints.DiskFullError as e:  # one line, exit status 1 (nothing else was changed)
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
