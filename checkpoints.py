@@ -21,8 +21,9 @@ and ``checksums`` {tree path: sha256 of dtype, shape and bytes} of every saved l
 * A full disk (ENOSPC / EDQUOT) during a save (orbax writes in the background; its failure
   surfaces at the next ``save``, ``wait_until_finished`` or ``close``) raises one
   ``DiskFullError`` naming the failed step, the directory and the newest intact checkpoint; the
-  partial ``<step>.orbax-checkpoint-tmp`` is removed, nothing older is touched, orbax's threads
-  are closed quietly (their tracebacks are not logged), and a rerun resumes from that checkpoint.
+  partial ``<step>.orbax-checkpoint-tmp`` is never a step (the next store deletes it), nothing
+  older is touched, orbax's threads close quietly (their tracebacks are not logged), and a rerun
+  resumes from that checkpoint.
 * Legacy workdirs (``checkpoints-meta/`` + ``checkpoints/`` without checksums) still restore:
   both are candidates, newest first; a checkpoint whose meta lacks checksums is restored after
   the finiteness check only, with a warning. New saves go to ``checkpoints/`` (whose legacy steps
@@ -43,6 +44,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from typing import Any, Iterator
@@ -65,8 +67,8 @@ class CheckpointWarning(UserWarning):
 
 
 class DiskFullError(OSError):
-  """A checkpoint save ran out of disk space (or quota); its partial directory is removed and the
-  earlier checkpoints are untouched. ``step`` failed; ``newest`` is the newest intact step."""
+  """A checkpoint save ran out of disk space (or quota); the earlier checkpoints are untouched.
+  ``step`` failed; ``newest`` is the newest intact step."""
 
   def __init__(self, message: str, step: int | None, directory: str, newest: int | None):
     super().__init__(message)
@@ -123,6 +125,14 @@ def _quiet_closed_loop_callbacks() -> None:
 
   hook.scorelab_quiet = True
   sys.unraisablehook = hook
+
+
+def _join_orbax_threads(timeout_s: float = 60.0) -> None:
+  """Waits (at most ``timeout_s`` seconds in all) for orbax's save threads still running."""
+  deadline = time.time() + timeout_s
+  for thread in threading.enumerate():
+    if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
+      thread.join(max(deadline - time.time(), 0.0))
 
 
 def _disk_full_reason(error: BaseException) -> str:
@@ -253,26 +263,30 @@ class CheckpointStore:
     self._pending = None
 
   def _raise_if_disk_full(self, error: Exception, step: int | None) -> None:
-    """For a full disk: removes the partial save of ``step`` (process 0) and raises one
-    DiskFullError naming the step, the directory and the newest intact checkpoint."""
+    """For a full disk: one DiskFullError naming the step, the directory and the newest intact
+    checkpoint, once orbax's writer threads still running have ended (the first failure stops
+    the save, not the other writes in flight). The partial save stays as orbax left it,
+    ``<step>.orbax-checkpoint-tmp``: never a step to restore; the next store opened on the
+    workdir deletes it."""
     if not _disk_full(error):
       return
     self._failed = True
+    _join_orbax_threads()
     directory = os.path.join(self.workdir, DIR)
-    if jax.process_index() == 0:
-      for partial in glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")):
-        shutil.rmtree(partial, ignore_errors=True)
     self._mgr.reload()
     newest = max((s for s in self.all_steps() if s != step), default=None)
     free = shutil.disk_usage(directory).free / 2**20 if os.path.isdir(directory) else float("nan")
+    partial = sorted(glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")))
     kept = (f"the newest intact checkpoint is step {newest} ({os.path.join(directory, str(newest))}"
             "), untouched: free space and run the same command again to resume from it"
             if newest is not None else "there is no earlier checkpoint: free space and run the "
             "same command again to start from step 0")
     raise DiskFullError(
         f"disk full: saving checkpoint step {step} to {directory} failed "
-        f"({_disk_full_reason(error)}; {free:.1f} MiB free now). The partial save was removed; "
-        f"{kept}.",
+        f"({_disk_full_reason(error)}; {free:.1f} MiB free now). "
+        + (f"The partial save {', '.join(partial)} is incomplete (never restored; orbax "
+           "deletes it when the run starts again); " if partial else "")
+        + f"{kept}.",
         step, directory, newest) from None
 
   def _verified(self, mgr, step: int, abstract, where: str):

@@ -113,6 +113,69 @@ def test_empty_workdir_and_missing_step(tmp_path):
   assert_same(state, make_state(1))
 
 
+def fill_disk_at(monkeypatch, step: int, error=None) -> None:
+  """Makes orbax's (background) write of the meta item of ``step`` fail as a full disk does:
+  ``OSError(ENOSPC)`` by default."""
+  import errno
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch
+  real = jch.JsonCheckpointHandler._save_fn
+
+  async def save_fn(self, item, directory):
+    if item.get("step") == step:
+      raise error or OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await real(self, item, directory)
+
+  monkeypatch.setattr(jch.JsonCheckpointHandler, "_save_fn", save_fn)
+
+
+@pytest.mark.parametrize("tensorstore_text", [False, True])
+def test_disk_full_during_save_is_one_error_and_loses_nothing(tmp_path, monkeypatch, caplog,
+                                                              tensorstore_text):
+  """A full disk during the asynchronous save of step 3 (an OSError(ENOSPC), or tensorstore's
+  ValueError text) raises one DiskFullError at the next save naming step 3, the directory and the
+  newest intact step 2; orbax logs no error of its own; the partial step 3 is never a step to
+  restore, the store closes quietly, step 2 restores bit-identical and step 3 saves anew once
+  space is back."""
+  import logging
+  fill_disk_at(monkeypatch, 3, ValueError(
+      "RESOURCE_EXHAUSTED: Error writing x: Failed to write 8 bytes to file 8: No space left on "
+      "device [os_error_code='28']") if tensorstore_text else None)
+  with caplog.at_level(logging.INFO), pytest.raises(checkpoints.DiskFullError) as err:
+    with CheckpointStore(tmp_path, keep_every=1, max_to_keep=10) as store:
+      for s in (1, 2, 3, 4):
+        store.save(s, make_state(s), {"data_position": s})
+  e, directory = err.value, os.path.join(str(tmp_path), checkpoints.DIR)
+  assert (e.step, e.newest, e.directory) == (3, 2, directory)
+  msg = str(e)
+  assert msg.startswith(f"disk full: saving checkpoint step 3 to {directory} failed (No space left "
+                        "on device;") and "\n" not in msg
+  assert f"newest intact checkpoint is step 2 ({step_dir(tmp_path, 2)}), untouched" in msg
+  partial = os.path.join(directory, "3.orbax-checkpoint-tmp")
+  assert f"The partial save {partial} is incomplete" in msg
+  assert sorted(os.listdir(directory)) == ["1", "2", "3.orbax-checkpoint-tmp"]  # 4 never started
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
+  state, step, warned = restore(tmp_path)
+  assert step == 2 and not warned
+  assert_same(state, make_state(2))
+  monkeypatch.undo()
+  write(tmp_path, [3])
+  assert restore(tmp_path)[1] == 3
+
+
+def test_other_save_errors_are_not_disk_full(tmp_path, monkeypatch):
+  """Only ENOSPC / EDQUOT become DiskFullError; another OSError passes unchanged."""
+  import errno
+  fill_disk_at(monkeypatch, 2, OSError(errno.EACCES, "Permission denied"))
+  with pytest.raises(PermissionError):
+    with CheckpointStore(tmp_path, keep_every=1, max_to_keep=10) as store:
+      store.save(1, make_state(1), {})
+      store.save(2, make_state(2), {})
+      store.wait_until_finished()
+  assert not checkpoints._disk_full(OSError(errno.EACCES, "x"))
+  assert checkpoints._disk_full(RuntimeError("y").with_traceback(None)) is False
+  assert checkpoints._disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+
+
 @pytest.mark.parametrize("how", ["random_bytes", "truncated", "deleted_metadata", "deleted_meta",
                                  "wrong_data"])
 def test_damaged_newest_falls_back_with_warning(tmp_path, how):
