@@ -78,21 +78,23 @@ class DiskFullError(OSError):
 # tensorstore reports a full disk as ValueError('RESOURCE_EXHAUSTED: ... No space left on device
 # [os_error_code=\'28\']'); Python writes raise OSError(ENOSPC / EDQUOT).
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os_error_code='28'",
-                   "os_error_code='122'")
+_DISK_FULL_TEXT = {text: os.strerror(code) for code in _DISK_FULL_ERRNOS
+                   for text in (os.strerror(code), f"os_error_code='{code}'")}
 
 
-def _disk_full(error: BaseException | None) -> bool:
-  """Whether ``error`` (or an exception it was raised from) says the disk or quota is full."""
+def _disk_full(error: BaseException | None) -> str | None:
+  """'No space left on device' / 'Disk quota exceeded' when ``error`` (or an exception it was
+  raised from) says the disk or quota is full; else None."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
-      return True
-    if any(t in str(error) for t in _DISK_FULL_TEXT):
-      return True
+      return os.strerror(error.errno)
+    for text, reason in _DISK_FULL_TEXT.items():
+      if text in str(error):
+        return reason
     error = error.__cause__ or error.__context__
-  return False
+  return None
 
 
 class _QuietDiskFull(pylogging.Filter):
@@ -103,7 +105,7 @@ class _QuietDiskFull(pylogging.Filter):
     if record.levelno < pylogging.WARNING or "/orbax/" not in record.pathname:
       return True
     exc = record.exc_info[1] if record.exc_info else None
-    return not (_disk_full(exc) or any(t in record.getMessage() for t in _DISK_FULL_TEXT))
+    return not (_disk_full(exc) is not None or any(t in record.getMessage() for t in _DISK_FULL_TEXT))
 
 
 pylogging.getLogger("absl").addFilter(_QuietDiskFull())  # orbax logs through absl's logger
@@ -133,18 +135,6 @@ def _join_orbax_threads(timeout_s: float = 60.0) -> None:
   for thread in threading.enumerate():
     if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread():
       thread.join(max(deadline - time.time(), 0.0))
-
-
-def _disk_full_reason(error: BaseException) -> str:
-  """'No space left on device' / 'Disk quota exceeded' as the error chain says it."""
-  while error is not None:
-    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
-      return os.strerror(error.errno)
-    for text in _DISK_FULL_TEXT[:2]:
-      if text in str(error):
-        return text
-    error = error.__cause__ or error.__context__
-  return os.strerror(errno.ENOSPC)
 
 
 def _warn(msg: str) -> None:
@@ -268,7 +258,8 @@ class CheckpointStore:
     the save, not the other writes in flight). The partial save stays as orbax left it,
     ``<step>.orbax-checkpoint-tmp``: never a step to restore; the next store opened on the
     workdir deletes it."""
-    if not _disk_full(error):
+    reason = _disk_full(error)
+    if reason is None:
       return
     self._failed = True
     _join_orbax_threads()
@@ -283,7 +274,7 @@ class CheckpointStore:
             "same command again to start from step 0")
     raise DiskFullError(
         f"disk full: saving checkpoint step {step} to {directory} failed "
-        f"({_disk_full_reason(error)}; {free:.1f} MiB free now). "
+        f"({reason}; {free:.1f} MiB free now). "
         + (f"The partial save {', '.join(partial)} is incomplete (never restored; orbax "
            "deletes it when the run starts again); " if partial else "")
         + f"{kept}.",
@@ -370,7 +361,7 @@ class CheckpointStore:
           try:
             m.close()
           except Exception as e:  # noqa: BLE001  (the failure already reported, once)
-            if not (self._failed and _disk_full(e)):
+            if not (self._failed and _disk_full(e) is not None):
               raise
 
   def __enter__(self) -> "CheckpointStore":

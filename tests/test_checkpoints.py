@@ -171,9 +171,13 @@ def test_other_save_errors_are_not_disk_full(tmp_path, monkeypatch):
       store.save(1, make_state(1), {})
       store.save(2, make_state(2), {})
       store.wait_until_finished()
-  assert not checkpoints._disk_full(OSError(errno.EACCES, "x"))
-  assert checkpoints._disk_full(RuntimeError("y").with_traceback(None)) is False
-  assert checkpoints._disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+  assert checkpoints._disk_full(OSError(errno.EACCES, "x")) is None
+  assert checkpoints._disk_full(RuntimeError("y")) is None
+  assert checkpoints._disk_full(OSError(errno.EDQUOT, "q")) == "Disk quota exceeded"
+  try:  # tensorstore's text, raised from another error
+    raise RuntimeError("save failed") from ValueError("RESOURCE_EXHAUSTED [os_error_code='28']")
+  except RuntimeError as e:
+    assert checkpoints._disk_full(e) == "No space left on device"
 
 
 @pytest.mark.parametrize("how", ["random_bytes", "truncated", "deleted_metadata", "deleted_meta",
