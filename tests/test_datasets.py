@@ -252,7 +252,12 @@ def test_offline_download_fails_fast_naming_the_flag(tmp_path, stub_tfds, monkey
   import time
   import downloads
   monkeypatch.setattr(downloads, "PROBE_TIMEOUT_S", 0.5)
-  monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(5))
+
+  def hang(*args, **kwargs):  # a firewall dropping packets: no answer for a long time
+    time.sleep(5)
+    raise TimeoutError("timed out")
+
+  monkeypatch.setattr(socket, "create_connection", hang)
   t0 = time.time()
   with pytest.raises(datasets.DatasetNotPreparedError) as err:
     datasets._tfds_builder("cifar10", str(tmp_path), True)
