@@ -8,12 +8,31 @@
   own key, never of its batch companions, so a result does not depend on the batch size, the
   device count or the process count (example i always uses ``fold_in(key, i)``);
 * ``map_dataset``: a ``sharded_map`` over a process's padded ``EvalBatch`` stream, padding
-  masked, the per-example results of every process gathered in example order.
+  masked, the per-example results of every process gathered in example order;
+* process-wide XLA setup, done once when this module is first imported (every scorelab module
+  imports it, directly or through ``sde_lib``):
+
+  - the fast CPU compile options ``CPU_COMPILER_OPTIONS`` are appended to ``XLA_FLAGS``, so they
+    reach every program of the process, a user's own ``jax.jit(samplers.pc_sampler ...)``
+    included, not only those given ``compiler_options(mesh)``. XLA reads ``XLA_FLAGS`` once, when
+    JAX starts its backends (the first computation, ``jax.devices()``, ...; importing jax is not
+    enough to start them): imported after that, scorelab warns that plain ``jax.jit`` programs
+    keep XLA's defaults (its own CLI programs still pass the options explicitly). A value of the
+    flag already in ``XLA_FLAGS`` wins (the user's choice; also the way to opt out). CPU only in
+    effect (GPU / TPU compilers ignore ``xla_cpu_*`` flags); jaxlib < 0.10 is left alone (an XLA
+    that does not know a flag in ``XLA_FLAGS`` aborts the process);
+  - JAX's persistent compilation cache (``set_compilation_cache``): on by default under
+    ``~/.cache/scorelab/xla``; the environment variable ``SCORELAB_COMPILATION_CACHE_DIR`` moves
+    it ('' turns it off), as ``main.py --compilation_cache_dir`` does; a directory the user gave
+    JAX (``JAX_COMPILATION_CACHE_DIR``) is kept.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import os
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import jax
@@ -107,6 +126,70 @@ def compiler_options(mesh: Mesh) -> dict | None:
   if mesh.devices.flat[0].platform == "cpu" and _cpu_options_supported():
     return dict(CPU_COMPILER_OPTIONS)
   return None
+
+
+# -- process-wide XLA setup ------------------------------------------------------------------------
+CACHE_DIR_ENV = "SCORELAB_COMPILATION_CACHE_DIR"
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "scorelab", "xla")
+# A size cap turns on JAX's file lock around every cache read and write (jax._src.lru_cache): JAX
+# writes an entry in place (no temporary file and rename), so without the lock a process could read
+# another's half-written entry. Least recently used entries are evicted beyond the cap.
+CACHE_MAX_BYTES = 16 << 30
+
+
+def _xla_flags_entry() -> str:
+  return " ".join(f"--{k}={v}" for k, v in CPU_COMPILER_OPTIONS.items())
+
+
+def set_process_xla_flags() -> bool:
+  """Appends ``CPU_COMPILER_OPTIONS`` to ``XLA_FLAGS`` (see the module docstring). Returns whether
+  programs compiled from now on get them (or the user's own value of the flag)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if all(f"--{k}=" in flags for k in CPU_COMPILER_OPTIONS):
+    return True
+  if jax.__version_info__ < (0, 10):
+    return False
+  from jax._src import xla_bridge  # JAX has no public test for started backends
+  if xla_bridge.backends_are_initialized():
+    warnings.warn("scorelab was imported after JAX started its backends: XLA_FLAGS is read once, "
+                  "so programs compiled with a plain jax.jit keep XLA's CPU defaults (slower "
+                  "convolution gradients). Import scorelab modules before the first JAX "
+                  f"computation, or start Python with XLA_FLAGS='{_xla_flags_entry()}'.",
+                  stacklevel=2)
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {_xla_flags_entry()}".strip()
+  return True
+
+
+def set_compilation_cache(path: str | None = None) -> str | None:
+  """Turns JAX's persistent compilation cache on at ``path`` ('' turns it off; None: the
+  ``SCORELAB_COMPILATION_CACHE_DIR`` environment variable, else ``DEFAULT_CACHE_DIR``). Safe with
+  several processes sharing the directory (file lock, ``CACHE_MAX_BYTES``). Programs that compile
+  in under ``jax_persistent_cache_min_compile_time_secs`` (JAX's default 1 s; environment variable
+  ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) are not written: they compile faster than an
+  entry is written. Call it before the first compile to move the cache (``main.py
+  --compilation_cache_dir``). Returns the directory, None when off."""
+  from jax.experimental.compilation_cache import compilation_cache
+  if path is None:
+    path = os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)
+  compilation_cache.reset_cache()  # a cache JAX already opened would keep its old directory
+  if not path:
+    jax.config.update("jax_compilation_cache_dir", None)
+    return None
+  path = os.path.abspath(os.path.expanduser(path))
+  jax.config.update("jax_compilation_cache_dir", path)
+  if importlib.util.find_spec("filelock") is not None:  # JAX needs it for a size cap (the lock)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  return path
+
+
+def _set_process_defaults() -> None:
+  set_process_xla_flags()
+  if jax.config.jax_compilation_cache_dir is None:  # not already chosen by the user for JAX
+    set_compilation_cache()
+
+
+_set_process_defaults()
 
 
 def shard_batch(batch: Array, mesh: Mesh) -> Array:
