@@ -22,7 +22,8 @@
     effect (GPU / TPU compilers ignore ``xla_cpu_*`` flags); jaxlib < 0.10 is left alone (an XLA
     that does not know a flag in ``XLA_FLAGS`` aborts the process);
   - JAX's persistent compilation cache (``set_compilation_cache``): on by default under
-    ``~/.cache/scorelab/xla``; the environment variable ``SCORELAB_COMPILATION_CACHE_DIR`` moves
+    ``~/.cache/scorelab/xla`` (``$SCORELAB_CACHE/xla`` or ``$XDG_CACHE_HOME/scorelab/xla`` when
+    set, as for the Inception weights); the environment variable ``SCORELAB_COMPILATION_CACHE_DIR`` moves
     it ('' turns it off), as ``main.py --compilation_cache_dir`` does; a directory the user gave
     JAX (``JAX_COMPILATION_CACHE_DIR``) is kept.
 """
@@ -130,7 +131,11 @@ def compiler_options(mesh: Mesh) -> dict | None:
 
 # -- process-wide XLA setup ------------------------------------------------------------------------
 CACHE_DIR_ENV = "SCORELAB_COMPILATION_CACHE_DIR"
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "scorelab", "xla")
+# scorelab's cache folder as inception_weights.default_cache_dir finds it, then xla/.
+DEFAULT_CACHE_DIR = os.path.join(
+    os.environ.get("SCORELAB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "scorelab"), "xla")
 # A size cap turns on JAX's file lock around every cache read and write (jax._src.lru_cache): JAX
 # writes an entry in place (no temporary file and rename), so without the lock a process could read
 # another's half-written entry. Least recently used entries are evicted beyond the cap.
@@ -259,6 +264,15 @@ def example_keys(key: Array, index) -> np.ndarray:
   return np.asarray(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(index)))
 
 
+@functools.lru_cache(maxsize=4)  # a few: each holds its fn (and what fn closes over)
+def _mapped_program(fn: Callable, mesh: Mesh) -> Callable:
+  """The jitted ``shard_map`` of ``fn`` over ``mesh``, one per (fn, mesh): calling ``sharded_map``
+  / ``map_dataset`` again with the same ``fn`` reuses its compiled program."""
+  rows, repl = PartitionSpec(DATA_AXIS), PartitionSpec()
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(repl, rows, rows), out_specs=rows,
+                               check_vma=False), compiler_options=compiler_options(mesh))
+
+
 def sharded_map(fn: Callable, mesh: Optional[Mesh] = None) -> Callable:
   """``fn(consts, xs, keys) -> pytree of (B, ...)`` (per example: row i depends only on xs[i],
   keys[i] and ``consts``) -> ``g(consts, x_local, index_local, key) -> numpy pytree of this
@@ -267,9 +281,7 @@ def sharded_map(fn: Callable, mesh: Optional[Mesh] = None) -> Callable:
   ``consts`` (parameters) replicated. Every process calls ``g`` together with the same number of
   rows, a multiple of its local device count."""
   mesh = make_mesh() if mesh is None else mesh
-  rows, repl = PartitionSpec(DATA_AXIS), PartitionSpec()
-  mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(repl, rows, rows), out_specs=rows,
-                                 check_vma=False), compiler_options=compiler_options(mesh))
+  mapped = _mapped_program(fn, mesh)
 
   def g(consts, x_local, index_local, key):
     keys = example_keys(key, index_local)
