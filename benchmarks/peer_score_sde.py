@@ -116,7 +116,7 @@ def _scorelab_worker(spec: dict) -> None:
                              event_shape=(32, 32, 3), step=int(imported["step"]),
                              prior=sde.prior(), params=params, apply=apply)
   per_sample = run_lib.per_sample_fn(config, model)
-  per_example_logp = parallel.per_example(_likelihood_fns(config, model)[0])
+  per_example_logp = parallel.per_example(_likelihood_fns(config, model)[0])  # --mode=eval's
   y = 2 * test_images(spec["examples"]) - 1  # centered data
   key = jax.random.PRNGKey(0)
 
@@ -230,7 +230,8 @@ def run(args) -> dict:
          "sampling": f"PC, {args.steps} steps, 1 corrector step (snr {SNR}), denoised, "
                      f"{args.samples} samples",
          "likelihood": f"probability-flow ODE, RK45/Dopri5 rtol=atol={TOL}, Hutchinson "
-                       f"(Rademacher), {args.examples} examples, one per solve"}
+                       f"(Rademacher), {args.examples} examples, one per solve"
+                       if args.examples else "not run (--examples 0)"}
   workers = {}
   for side in ("scorelab", "peer"):
     workers[side] = Worker(side, spec)
@@ -239,7 +240,7 @@ def run(args) -> dict:
   out["load_average_rounds"] = []
   for r in range(args.rounds):
     order = ("scorelab", "peer") if r % 2 == 0 else ("peer", "scorelab")
-    for task in ("sample", "likelihood"):
+    for task in ("sample", "likelihood") if args.examples else ("sample",):
       for side in order:
         got = workers[side].ask(task, r)
         out["sides"][side][task].append(got)
@@ -258,6 +259,8 @@ def summarize(out: dict, samples: int, examples: int) -> None:
   for side in out["sides"].values():
     side["sample_s_median"] = statistics.median(g["seconds"] for g in side["sample"])
     side["images_per_s"] = samples / side["sample_s_median"]
+    if not examples:  # --examples 0: sampling only
+      continue
     side["likelihood_s_per_example_median"] = statistics.median(
         g["seconds"] / examples for g in side["likelihood"])
     bpd = np.array([g["bpd"] for g in side["likelihood"]])  # (rounds, examples)
@@ -266,6 +269,8 @@ def summarize(out: dict, samples: int, examples: int) -> None:
     side["nfe_median"] = float(np.median([g["nfe"] for g in side["likelihood"]]))
   a, b = out["sides"]["scorelab"], out["sides"]["peer"]
   out["images_per_s_ratio"] = a["images_per_s"] / b["images_per_s"]
+  if not examples:
+    return
   out["likelihood_speedup"] = b["likelihood_s_per_example_median"] / a[
       "likelihood_s_per_example_median"]
   if a["bpd_hutchinson_std"] is not None:
@@ -285,7 +290,9 @@ def markdown(out: dict) -> str:
       f"rounds; 1-min load average after each round: {', '.join(loads)}; medians.", "",
       "| | scorelab | score_sde_pytorch | scorelab / peer |", "|---|---|---|---|",
       f"| sampling, images/s | {a['images_per_s']:.3f} | {b['images_per_s']:.3f} | "
-      f"{out['images_per_s_ratio']:.2f}× |",
+      f"{out['images_per_s_ratio']:.2f}× |"]
+  if "likelihood_speedup" in out:
+    rows += [
       f"| likelihood, s per example | {a['likelihood_s_per_example_median']:.1f} | "
       f"{b['likelihood_s_per_example_median']:.1f} | {out['likelihood_speedup']:.2f}× faster |",
       f"| likelihood NFE (median) | {a['nfe_median']:.0f} | {b['nfe_median']:.0f} | |",
@@ -309,7 +316,8 @@ def main(argv=None) -> None:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--samples", type=int, default=16)
   p.add_argument("--steps", type=int, default=200, help="PC predictor steps")
-  p.add_argument("--examples", type=int, default=2, help="likelihood examples per round")
+  p.add_argument("--examples", type=int, default=2,
+                 help="likelihood examples per round (0: sampling only)")
   p.add_argument("--threads", type=int, default=2, help="torch threads")
   p.add_argument("--out", default=os.path.join(RESULTS, "peer_score_sde.json"))
   p.add_argument("--worker", choices=("scorelab", "peer"), help=argparse.SUPPRESS)
