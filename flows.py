@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
+import parallel  # noqa: F401  (process-wide XLA options and compilation cache: parallel.py)
+
 
 def _import_distrax():
   """distrax imports tensorflow_probability, which, when TensorFlow is already imported (a TFDS

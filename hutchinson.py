@@ -18,6 +18,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+import parallel  # noqa: F401  (process-wide XLA options and compilation cache: parallel.py)
+
 Array = jax.Array
 PROBES = ("rademacher", "gaussian")  # random probe distributions
 DIVERGENCE_PROBES = PROBES + ("exact",)  # 'exact': the trace from D Jacobian columns

@@ -37,6 +37,9 @@ flags.DEFINE_enum("distributed", "off", ["off", "auto"], "Several processes (jax
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_string("compilation_cache_dir", None, "Directory of JAX's persistent compilation "
+                    "cache, shared safely by several processes; '' turns it off. Default: "
+                    f"${parallel.CACHE_DIR_ENV}, else {parallel.DEFAULT_CACHE_DIR}.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -76,6 +79,8 @@ def _check_config_args(argv: list[str]) -> None:
 def main(argv) -> None:
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.compilation_cache_dir is not None:
+    parallel.set_compilation_cache(FLAGS.compilation_cache_dir)
   if parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                      FLAGS.process_id, auto=FLAGS.distributed == "auto"):
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),

@@ -8,12 +8,32 @@
   own key, never of its batch companions, so a result does not depend on the batch size, the
   device count or the process count (example i always uses ``fold_in(key, i)``);
 * ``map_dataset``: a ``sharded_map`` over a process's padded ``EvalBatch`` stream, padding
-  masked, the per-example results of every process gathered in example order.
+  masked, the per-example results of every process gathered in example order;
+* process-wide XLA setup, done once when this module is first imported (every scorelab module
+  imports it, directly or through ``sde_lib``):
+
+  - the fast CPU compile options ``CPU_COMPILER_OPTIONS`` are appended to ``XLA_FLAGS``, so they
+    reach every program of the process, a user's own ``jax.jit(samplers.pc_sampler ...)``
+    included, not only those given ``compiler_options(mesh)``. XLA reads ``XLA_FLAGS`` once, when
+    JAX starts its backends (the first computation, ``jax.devices()``, ...; importing jax is not
+    enough to start them): imported after that, scorelab warns that plain ``jax.jit`` programs
+    keep XLA's defaults (its own CLI programs still pass the options explicitly). A value of the
+    flag already in ``XLA_FLAGS`` wins (the user's choice; also the way to opt out). CPU only in
+    effect (GPU / TPU compilers ignore ``xla_cpu_*`` flags); jaxlib < 0.10 is left alone (an XLA
+    that does not know a flag in ``XLA_FLAGS`` aborts the process);
+  - JAX's persistent compilation cache (``set_compilation_cache``): on by default under
+    ``~/.cache/scorelab/xla`` (``$SCORELAB_CACHE/xla`` or ``$XDG_CACHE_HOME/scorelab/xla`` when
+    set, as for the Inception weights); the environment variable ``SCORELAB_COMPILATION_CACHE_DIR`` moves
+    it ('' turns it off), as ``main.py --compilation_cache_dir`` does; a directory the user gave
+    JAX (``JAX_COMPILATION_CACHE_DIR``) is kept.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import os
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import jax
@@ -109,6 +129,74 @@ def compiler_options(mesh: Mesh) -> dict | None:
   return None
 
 
+# -- process-wide XLA setup ------------------------------------------------------------------------
+CACHE_DIR_ENV = "SCORELAB_COMPILATION_CACHE_DIR"
+# scorelab's cache folder as inception_weights.default_cache_dir finds it, then xla/.
+DEFAULT_CACHE_DIR = os.path.join(
+    os.environ.get("SCORELAB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "scorelab"), "xla")
+# A size cap turns on JAX's file lock around every cache read and write (jax._src.lru_cache): JAX
+# writes an entry in place (no temporary file and rename), so without the lock a process could read
+# another's half-written entry. Least recently used entries are evicted beyond the cap.
+CACHE_MAX_BYTES = 16 << 30
+
+
+def _xla_flags_entry() -> str:
+  return " ".join(f"--{k}={v}" for k, v in CPU_COMPILER_OPTIONS.items())
+
+
+def set_process_xla_flags() -> bool:
+  """Appends ``CPU_COMPILER_OPTIONS`` to ``XLA_FLAGS`` (see the module docstring). Returns whether
+  programs compiled from now on get them (or the user's own value of the flag)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if all(f"--{k}=" in flags for k in CPU_COMPILER_OPTIONS):
+    return True
+  if jax.__version_info__ < (0, 10):
+    return False
+  from jax._src import xla_bridge  # JAX has no public test for started backends
+  if xla_bridge.backends_are_initialized():
+    warnings.warn("scorelab was imported after JAX started its backends: XLA_FLAGS is read once, "
+                  "so programs compiled with a plain jax.jit keep XLA's CPU defaults (slower "
+                  "convolution gradients). Import scorelab modules before the first JAX "
+                  f"computation, or start Python with XLA_FLAGS='{_xla_flags_entry()}'.",
+                  stacklevel=2)
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {_xla_flags_entry()}".strip()
+  return True
+
+
+def set_compilation_cache(path: str | None = None) -> str | None:
+  """Turns JAX's persistent compilation cache on at ``path`` ('' turns it off; None: the
+  ``SCORELAB_COMPILATION_CACHE_DIR`` environment variable, else ``DEFAULT_CACHE_DIR``). Safe with
+  several processes sharing the directory (file lock, ``CACHE_MAX_BYTES``). Programs that compile
+  in under ``jax_persistent_cache_min_compile_time_secs`` (JAX's default 1 s; environment variable
+  ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) are not written: they compile faster than an
+  entry is written. Call it before the first compile to move the cache (``main.py
+  --compilation_cache_dir``). Returns the directory, None when off."""
+  from jax.experimental.compilation_cache import compilation_cache
+  if path is None:
+    path = os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)
+  compilation_cache.reset_cache()  # a cache JAX already opened would keep its old directory
+  if not path:
+    jax.config.update("jax_compilation_cache_dir", None)
+    return None
+  path = os.path.abspath(os.path.expanduser(path))
+  jax.config.update("jax_compilation_cache_dir", path)
+  if importlib.util.find_spec("filelock") is not None:  # JAX needs it for a size cap (the lock)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  return path
+
+
+def _set_process_defaults() -> None:
+  set_process_xla_flags()
+  if jax.config.jax_compilation_cache_dir is None:  # not already chosen by the user for JAX
+    set_compilation_cache()
+
+
+_set_process_defaults()
+
+
 def shard_batch(batch: Array, mesh: Mesh) -> Array:
   """Places a batch sharded along its first axis over the mesh axis 'data'. One process: ``batch``
   is the global batch (N, ...). Several processes: each passes its own rows (N / process_count),
@@ -176,6 +264,15 @@ def example_keys(key: Array, index) -> np.ndarray:
   return np.asarray(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(index)))
 
 
+@functools.lru_cache(maxsize=4)  # a few: each holds its fn (and what fn closes over)
+def _mapped_program(fn: Callable, mesh: Mesh) -> Callable:
+  """The jitted ``shard_map`` of ``fn`` over ``mesh``, one per (fn, mesh): calling ``sharded_map``
+  / ``map_dataset`` again with the same ``fn`` reuses its compiled program."""
+  rows, repl = PartitionSpec(DATA_AXIS), PartitionSpec()
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(repl, rows, rows), out_specs=rows,
+                               check_vma=False), compiler_options=compiler_options(mesh))
+
+
 def sharded_map(fn: Callable, mesh: Optional[Mesh] = None) -> Callable:
   """``fn(consts, xs, keys) -> pytree of (B, ...)`` (per example: row i depends only on xs[i],
   keys[i] and ``consts``) -> ``g(consts, x_local, index_local, key) -> numpy pytree of this
@@ -184,9 +281,7 @@ def sharded_map(fn: Callable, mesh: Optional[Mesh] = None) -> Callable:
   ``consts`` (parameters) replicated. Every process calls ``g`` together with the same number of
   rows, a multiple of its local device count."""
   mesh = make_mesh() if mesh is None else mesh
-  rows, repl = PartitionSpec(DATA_AXIS), PartitionSpec()
-  mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(repl, rows, rows), out_specs=rows,
-                                 check_vma=False), compiler_options=compiler_options(mesh))
+  mapped = _mapped_program(fn, mesh)
 
   def g(consts, x_local, index_local, key):
     keys = example_keys(key, index_local)

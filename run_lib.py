@@ -345,17 +345,12 @@ def model_outputs(config: ml_collections.ConfigDict, workdir: str, folder: str):
     yield load_score_model(config, workdir), out_dir
 
 
-def generate(config: ml_collections.ConfigDict, model: ScoreModel, n: int, key: Array, mesh=None):
-  """n samples of the configured sampler, started from ``model.prior``, in global batches of
-  ``sampling.batch_size`` spread over every device of every process (``parallel.sharded_map``).
-  Sample i is the sampler run on its own from the key fold_in(key, i) (vmapped), so the samples do
-  not depend on the batch size or the device / process count. (samples (n, ...) on every process,
-  mean NFE per sample)."""
+def per_sample_fn(config: ml_collections.ConfigDict, model: ScoreModel) -> Callable:
+  """The configured sampler as a per-example function ``(params, _, keys) -> dict(x, nfe)`` of
+  ``parallel.sharded_map``: sample i is the sampler run on its own (a batch of one, vmapped) from
+  its own key, so it does not depend on the batch size or the device / process count (PC's
+  Langevin step size averages norms over the sampler's batch: here over the sample alone)."""
   import samplers
-  bs = int(config.sampling.batch_size)
-  n_proc, proc = jax.process_count(), jax.process_index()
-  if bs % n_proc:
-    raise ValueError(f"sampling.batch_size={bs} must be a multiple of the process count ({n_proc})")
   one = samplers.get_sampler(config, model.sde, (1,) + model.event_shape, prior=model.prior)
 
   def per_sample(params, _, keys):
@@ -363,7 +358,21 @@ def generate(config: ml_collections.ConfigDict, model: ScoreModel, n: int, key: 
       x, stats = one(model.bound_score(params), k)
       return {"x": x[0], "nfe": jnp.mean(jnp.asarray(stats["nfe"], jnp.float32))}
     return jax.vmap(single)(keys)
+  return per_sample
 
+
+def generate(config: ml_collections.ConfigDict, model: ScoreModel, n: int, key: Array, mesh=None,
+             per_sample: Optional[Callable] = None):
+  """n samples of the configured sampler, started from ``model.prior``, in global batches of
+  ``sampling.batch_size`` spread over every device of every process (``parallel.sharded_map``).
+  Sample i is ``per_sample_fn`` run from the key fold_in(key, i), so the samples do not depend on
+  the batch size or the device / process count. Passing the same ``per_sample`` again reuses its
+  compiled program. (samples (n, ...) on every process, mean NFE per sample)."""
+  bs = int(config.sampling.batch_size)
+  n_proc, proc = jax.process_count(), jax.process_index()
+  if bs % n_proc:
+    raise ValueError(f"sampling.batch_size={bs} must be a multiple of the process count ({n_proc})")
+  per_sample = per_sample_fn(config, model) if per_sample is None else per_sample
   local = bs // n_proc
 
   def batches():

@@ -34,6 +34,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import parallel  # noqa: F401  (process-wide XLA options and compilation cache: parallel.py)
 import pytrees
 
 Array = jax.Array

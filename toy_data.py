@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve, solve_triangular
 from jax.scipy.special import logsumexp
 
+import parallel  # noqa: F401  (process-wide XLA options and compilation cache: parallel.py)
 import pytrees
 
 Array = jax.Array

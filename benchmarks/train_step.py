@@ -47,6 +47,10 @@ sys.path.insert(0, REPO)
 SHAPES = {"small": dict(nf=32, num_res_blocks=1, batch=16, params=1_771_203, pytorch=79.6),
           "large": dict(nf=64, num_res_blocks=2, batch=32, params=9_864_771, pytorch=24.4)}
 _NO_YNN_CONV = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+# XLA:CPU's own default, given explicitly to variants that do not set the flag: importing scorelab
+# would otherwise add parallel.CPU_COMPILER_OPTIONS (eigen_conv's effect) to every worker.
+_XLA_DEFAULT_YNN = ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_REDUCE")
 # Knob name -> the change it makes: config overrides ("section.field": value), environment of the
 # worker, donate (make_train_step's donate_argnums for the state).
 KNOBS = {
@@ -145,6 +149,8 @@ class Worker:
   def __init__(self, spec: dict, devices: int = 1):
     env = dict(os.environ, **spec["env"])
     flags = list(spec["xla"]) + [f"--xla_force_host_platform_device_count={devices}"]
+    if not any(f.startswith("--xla_cpu_experimental_ynn_fusion_type=") for f in flags):
+      flags.append(_XLA_DEFAULT_YNN)
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     self.spec = spec

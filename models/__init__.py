@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+import parallel  # noqa: F401  (process-wide XLA options and compilation cache: parallel.py)
+
 _MODELS: dict[str, Any] = {}
 
 

@@ -1,5 +1,5 @@
 """Test-suite setup: 4 simulated CPU devices (for the sharded train step) before JAX is imported,
-and a mocked TFDS (``tfds.testing.mock_data``) for the cifar10 / mnist / celeb_a code path.
+no persistent compilation cache, and a mocked TFDS (``tfds.testing.mock_data``) for the cifar10 / mnist / celeb_a code path.
 
 The mock has a small metadata directory (train 20 / test 9 examples) and an ``as_dataset``
 replacement that honours the requested (sub)split, so per-process sharding is real. Every mock
@@ -11,6 +11,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache (parallel.set_compilation_cache) unless the developer asks for one:
+# the suite's timing stays that of a fresh clone, and it never writes to ~/.cache. test_parallel.py
+# turns it on in subprocesses, in a temporary directory.
+os.environ.setdefault("SCORELAB_COMPILATION_CACHE_DIR", "")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -7,6 +7,10 @@ bit for bit; integer outputs (NFE) and adaptive step counts must agree exactly.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +136,108 @@ def test_distributed_flags_all_or_none():
     parallel.initialize_distributed(coordinator_address="127.0.0.1:1234")
   with pytest.raises(ValueError, match="--process_id=2 not in"):
     parallel.initialize_distributed("127.0.0.1:1234", 2, 2)
+
+
+# -- process-wide XLA setup ------------------------------------------------------------------------
+# A serialized CPU executable carries its HLO module's DebugOptions; xla_cpu_experimental_ynn_fusion_type
+# is field 422 of DebugOptions (xla/xla.proto), a packed repeated enum: tag bytes b"\xb2\x1a", a length
+# byte, then the values (LIBRARY_FUSION_TYPE_REDUCE 3, INDIVIDUAL_DOT 4, INDIVIDUAL_CONVOLUTION 5).
+_YNN_TAG = b"\xb2\x1a"
+_FUSION_TYPES = {"LIBRARY_FUSION_TYPE_REDUCE": 3, "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT": 4,
+                 "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION": 5}
+_XLA_DEFAULT = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,"
+                "LIBRARY_FUSION_TYPE_REDUCE")  # what XLA:CPU 0.10.2 uses when not told
+
+
+def _packed(option: str) -> bytes:
+  values = bytes(_FUSION_TYPES[v] for v in option.split(","))
+  return _YNN_TAG + bytes([len(values)]) + values
+
+
+def _ynn_fusion_options_of(compiled) -> set[str]:
+  """Which of the two values the executable's DebugOptions hold (it keeps two copies: the compile
+  options, from XLA_FLAGS, and its HLO module's, after a jit's ``compiler_options``)."""
+  blob = compiled.runtime_executable().serialize()
+  return {name for name, v in (("fast", parallel.CPU_COMPILER_OPTIONS[_YNN_NAME]),
+                               ("xla_default", _XLA_DEFAULT)) if _packed(v) in blob}
+
+
+_YNN_NAME = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_directly_jitted_sampler_gets_the_fast_cpu_options():
+  """A plain ``jax.jit`` of ``samplers.pc_sampler`` (no ``compiler_options``, as in a notebook) is
+  compiled with ``parallel.CPU_COMPILER_OPTIONS``: importing scorelab put them in XLA_FLAGS. The
+  reading tells the values apart: XLA's default, given explicitly, reads as the default."""
+  import samplers
+  assert jax.devices()[0].platform == "cpu"
+  sde = sde_lib.VPSDE()
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 1, 1)) * 0.1
+
+  def score(x, t):
+    conv = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv - x * sde_lib.bcast(t, x)
+
+  def sample(key):
+    return samplers.pc_sampler(score, sde, key, (1, 4, 4, 1), n_steps=1, n_corrector_steps=0)[0]
+
+  key = jax.random.PRNGKey(1)
+  assert _ynn_fusion_options_of(jax.jit(sample).lower(key).compile()) == {"fast"}
+  default = jax.jit(sample, compiler_options={_YNN_NAME: _XLA_DEFAULT}).lower(key).compile()
+  assert "xla_default" in _ynn_fusion_options_of(default)
+
+
+def test_xla_flags_after_backend_start_warn_and_change_nothing(monkeypatch):
+  """Once JAX's backends run, XLA_FLAGS is not read again: scorelab warns and leaves it alone;
+  a value of the flag the user set is kept as it is."""
+  jax.devices()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  with pytest.warns(UserWarning, match="imported after JAX started its backends"):
+    assert not parallel.set_process_xla_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+  mine = f"--{_YNN_NAME}=LIBRARY_FUSION_TYPE_REDUCE"
+  monkeypatch.setenv("XLA_FLAGS", mine)
+  assert parallel.set_process_xla_flags()
+  assert os.environ["XLA_FLAGS"] == mine
+
+
+_CACHE_CHILD = """
+import jax
+import parallel
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+jax.jit(lambda x: jax.numpy.sin(x) @ x)(jax.numpy.ones((3, 3))).block_until_ready()
+print(jax.config.jax_compilation_cache_dir, events.count("/jax/compilation_cache/cache_hits"),
+      events.count("/jax/compilation_cache/cache_misses"))
+"""
+
+
+def test_compilation_cache_shared_by_processes(tmp_path):
+  """SCORELAB_COMPILATION_CACHE_DIR turns JAX's persistent cache on there: two processes started
+  together both compile a program (cache misses) and write it under the file lock; a third
+  process reads it (a hit, no miss). '' turns it off."""
+  cache = tmp_path / "xla"
+  env = dict(os.environ, SCORELAB_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def start(env):
+    return subprocess.Popen([sys.executable, "-c", _CACHE_CHILD], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  def result(p):
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    where, hits, misses = out.split()
+    return where, int(hits), int(misses)
+
+  for where, hits, misses in map(result, [start(env), start(env)]):
+    assert where == str(cache) and misses >= 1
+  assert any(f.name.endswith("-cache") for f in cache.iterdir())
+  assert os.path.exists(cache / ".lockfile")  # writes and reads go through JAX's file lock
+  again, off = start(env), start(dict(env, SCORELAB_COMPILATION_CACHE_DIR=""))
+  where, hits, misses = result(again)
+  assert hits >= 1 and misses == 0
+  where, hits, misses = result(off)
+  assert where == "None" and hits == misses == 0

@@ -404,3 +404,22 @@ def test_import_mode_then_eval_bits_per_dim(mock_tfds, tmp_path):
   config.eval.batch_size, config.eval.rtol, config.eval.atol = 9, 0.1, 0.1
   report = evaluate(config, wd)
   assert report["step"] == 123456 and report["bpd_n_examples"] == 9 and np.isfinite(report["bpd"])
+
+
+def test_peer_benchmark_skips_with_a_clear_message(tmp_path, capsys):
+  """benchmarks/peer_score_sde.py (not in CI) measures nothing without torch or a snapshot of
+  score_sde_pytorch, and says which is missing."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                      "peer_score_sde.py")
+  spec = importlib.util.spec_from_file_location("peer_score_sde", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  bench.main(["--peer_dir", str(tmp_path), "--out", str(tmp_path / "out.json")])
+  out = capsys.readouterr().out
+  assert out.startswith("peer_score_sde: skipped, "), out
+  if importlib.util.find_spec("torch") is None:
+    assert "torch is not installed" in out
+  else:
+    assert f"--peer_dir={tmp_path} is not a score_sde_pytorch snapshot (missing sampling.py" in out
+  assert not (tmp_path / "out.json").exists()
