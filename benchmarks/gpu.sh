@@ -16,5 +16,7 @@ PY="${PYTHON:-python}"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" || true
 fi
-# 8 minutes = 480 s: phases start only while 420 s of the budget remain; the hard stop leaves 10 s spare.
-timeout --signal=INT --kill-after=5 465 "$PY" benchmarks/gpu_bench.py --out-dir "$OUT" --budget-s 420 "$@"
+# 8 minutes = 480 s: phases start only while 420 s of the budget remain; the hard stop (TIMEOUT_S, default
+# 465 s) leaves 10 s spare. Later options override these (e.g. --tiny --budget-s 3600 for a CPU smoke run).
+timeout --signal=INT --kill-after=5 "${TIMEOUT_S:-465}" "$PY" benchmarks/gpu_bench.py --out-dir "$OUT" \
+  --budget-s 420 "$@"

@@ -65,14 +65,22 @@ def measure(model: str, program: str, batch: int, tiny: bool, dtype: str, mesh,
   ``fast_compile``: LLVM at -O0 (``FAST_COMPILE``), same memory analysis, not its compile time."""
   config = programs.get_config(model, tiny, model__dtype=dtype)
   prog = programs.PROGRAMS[program](config, batch, mesh)
-  t0 = time.perf_counter()
-  lowered = prog.fn.lower(*prog.abstract)
-  t1 = time.perf_counter()
-  compiled = lowered.compile(FAST_COMPILE if fast_compile else None)
-  t2 = time.perf_counter()
+  compiled, times = compile_timed(prog, FAST_COMPILE if fast_compile else None)
   return dict(model=model, program=program, batch=batch, dtype=dtype, tiny=tiny,
-              params=prog.params, lower_s=t1 - t0, compile_s=t2 - t1, fast_compile=fast_compile,
-              **memory_stats(compiled), load_average=os.getloadavg())
+              params=prog.params, fast_compile=fast_compile, **times, **memory_stats(compiled),
+              load_average=os.getloadavg())
+
+
+def compile_timed(prog, options: dict | None = None):
+  """(executable, lowering and compile seconds, wall and CPU of this process) of a Program
+  compiled from its abstract arguments."""
+  t0, c0 = time.perf_counter(), time.process_time()
+  lowered = prog.fn.lower(*prog.abstract)
+  t1, c1 = time.perf_counter(), time.process_time()
+  compiled = lowered.compile(options)
+  t2, c2 = time.perf_counter(), time.process_time()
+  return compiled, dict(lower_s=t1 - t0, compile_s=t2 - t1, lower_cpu_s=c1 - c0,
+                        compile_cpu_s=c2 - c1)
 
 
 def fit(rows: list[dict], usable: float, capacities=CAPACITIES_GIB) -> dict:
@@ -116,7 +124,7 @@ def markdown(result: dict) -> str:
   fits, entries = result["fits"], result["entries"]
   lines = [
       "| model | program | dtype | params | per-device batch: peak GiB (temp GiB) | compile s "
-      "(mean) | fit: fixed GiB + MiB / example | max batch 16 / 40 / 80 GiB |",
+      "wall (CPU) | fit: fixed GiB + MiB / example | max batch 16 / 40 / 80 GiB |",
       "|---|---|---|---|---|---|---|---|"]
   groups: dict[str, list] = {}
   for e in entries:
@@ -126,8 +134,10 @@ def markdown(result: dict) -> str:
     r0 = rows[0]
     cells = ", ".join(f"{r['batch']}: {_gib(r['peak_bytes'])} ({_gib(r['temp_bytes'])})"
                       for r in rows)
-    cold = [r["compile_s"] + r["lower_s"] for r in rows if not r.get("fast_compile")]
-    comp = f"{np.mean(cold):.0f}" if cold else "(-O0)"
+    cold = [r for r in rows if not r.get("fast_compile")]
+    comp = (f"{np.mean([r['compile_s'] + r['lower_s'] for r in cold]):.0f}" if cold else "(-O0)")
+    cpu = [r["compile_cpu_s"] + r["lower_cpu_s"] for r in cold if "compile_cpu_s" in r]
+    comp += f" ({np.mean(cpu):.0f} CPU s)" if cpu else ""
     f = fits.get(key)
     fit_cell = (f"{_gib(f['fixed_bytes'])} + {f['bytes_per_example'] / 2**20:.1f}"
                 if f else "one batch only")

@@ -43,7 +43,7 @@ MODELS = {
 }
 # A network and image small enough to compile and run in seconds on one CPU core.
 TINY = {"model.nf": 8, "model.ch_mult": (1,), "model.num_res_blocks": 1,
-        "model.attn_resolutions": (), "data.image_size": 8}
+        "model.attn_resolutions": (), "model.dropout": 0.0, "data.image_size": 8}
 
 
 def override(config, values: dict) -> Any:

@@ -42,9 +42,9 @@ def _run_gpu_bench(tmp_path, phases: str) -> dict:
 
 
 def test_gpu_bench_tiny(tmp_path, monkeypatch):
-  """One train phase (STF target, bfloat16), bits/dim, PC sampling and the peer's skip reason."""
+  """One train phase (STF target, bfloat16), bits/dim and the peer's skip reason."""
   monkeypatch.delenv("PEER_DIR", raising=False)
-  res = _run_gpu_bench(tmp_path, "train_stf_bf16,bpd,pc,peer")
+  res = _run_gpu_bench(tmp_path, "train_stf_bf16,bpd,peer")
   r = res["phases"]["train_stf_bf16"]
   assert r["dtype"] == "bfloat16" and r["rows_per_step"] == 8  # the tiny reference batch
   assert res["phases"]["peer"]["skipped"]
@@ -52,7 +52,9 @@ def test_gpu_bench_tiny(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_gpu_bench_tiny_all_phases(tmp_path):
-  _run_gpu_bench(tmp_path, "train_dsm_f32,train_stf_f32,train_dsm_bf16,train_stf_bf16,bpd,pc,heun")
+  res = _run_gpu_bench(tmp_path, "train_dsm_f32,train_stf_f32,train_dsm_bf16,train_stf_bf16,bpd,pc,"
+                             "heun")
+  assert res["phases"]["heun"]["nfe_per_image"] == 3  # 2 Heun steps, the last Euler only
 
 
 def test_memory_tiny(tmp_path):
