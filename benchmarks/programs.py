@@ -1,0 +1,183 @@
+"""The published-size programs that benchmarks/memory.py compiles and benchmarks/gpu_bench.py runs,
+built as the CLI builds them (one place, so both measure the same programs).
+
+* ``train_program``: ``modes/train.py``'s step: the config's network, ``losses.get_loss_fn``, the
+  optimizer of ``losses.make_optimizer``, ``losses.make_train_step`` on a mesh (state replicated,
+  batch sharded; no donation, as modes/train.py);
+* ``likelihood_program``: the per-example probability-flow ODE log-likelihood of
+  ``--mode=eval`` (``modes.evaluate._likelihood_fns``' batch function under
+  ``parallel.per_example``: per-example adaptive Dopri5, ``eval.divergence`` / tolerances);
+* ``sample_program``: ``run_lib.generate``'s per-sample program (the configured sampler on a batch
+  of one, vmapped over the samples' keys).
+
+Each returns a ``Program``: the jitted function, its arguments as ``jax.ShapeDtypeStruct`` trees
+(``jax.eval_shape``: nothing of full size is allocated; ``fn.lower(*abstract).compile()``) and a
+``make_args()`` that allocates real ones. The published configurations are ``MODELS``; ``tiny``
+shrinks any of them (network, image size) for CPU smoke runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import sys
+from typing import Any, Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Published sizes: name -> (config module in configs/, overrides "section.field": value, what it is).
+MODELS = {
+    "ddpmpp": ("cifar_vp_dsm", {}, "DDPM++ cont. (VP), CIFAR-10, 61.8M"),
+    "ddpmpp_deep": ("cifar_vp_dsm", {"model.num_res_blocks": 8},
+                    "DDPM++ cont. deep (8 blocks), CIFAR-10, 106.6M"),
+    "ncsnpp": ("cifar_ve_dsm", {}, "NCSN++ cont. (VE), CIFAR-10, 62.8M"),
+    "edm": ("cifar_edm_dsm", {}, "EDM DDPM++ (ch_mult 2,2,2), CIFAR-10"),
+    "celeba64": ("celeba64_ve_dsm", {}, "NCSN++ cont. (VE), CelebA 64x64"),
+    "ddpmpp_stf": ("cifar_vp_stf", {}, "DDPM++ cont. (VP), STF target, reference batch 4096"),
+}
+# A network and image small enough to compile and run in seconds on one CPU core.
+TINY = {"model.nf": 8, "model.ch_mult": (1,), "model.num_res_blocks": 1,
+        "model.attn_resolutions": (), "model.dropout": 0.0, "data.image_size": 8}
+
+
+def override(config, values: dict) -> Any:
+  """``config`` with ``{"section.field": value}`` set (fields must exist), in place."""
+  for dotted, value in values.items():
+    section, field = dotted.split(".")
+    if field not in config[section]:
+      raise KeyError(f"unknown config field {dotted!r}")
+    config[section][field] = value
+  return config
+
+
+def get_config(model: str, tiny: bool = False, **values):
+  """The config of ``MODELS[model]`` (``tiny``: with ``TINY``), then ``values`` ("section__field"
+  keyword names are accepted as "section.field")."""
+  if model not in MODELS:
+    raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+  module, fixed, _ = MODELS[model]
+  config = importlib.import_module(f"configs.{module}").get_config()
+  override(config, fixed)
+  if tiny:
+    override(config, TINY)
+  return override(config, {k.replace("__", "."): v for k, v in values.items()})
+
+
+@dataclasses.dataclass
+class Program:
+  """A jitted program, its abstract arguments, real arguments on demand, items (images or
+  examples) per call and the parameter count of its network."""
+  name: str
+  fn: Callable
+  abstract: tuple
+  make_args: Callable[[], tuple]
+  items: int
+  params: int
+
+  def compile(self):
+    """``fn.lower(*abstract).compile()``: the XLA executable (nothing of full size allocated)."""
+    return self.fn.lower(*self.abstract).compile()
+
+
+def _network(config):
+  """(sde, score_fn(params, x, t, rng), event shape, abstract params, params maker, count)."""
+  import datasets
+  import sde_lib
+  from models import get_model
+  from models.utils import init_model, score_fn_from_config
+  sde = sde_lib.get_sde(config)
+  model = get_model(config)
+  event = tuple(datasets.dataset_info(config).shape)
+  init = lambda: init_model(model, jax.random.PRNGKey(0), (1,) + event)  # noqa: E731
+  abstract = jax.eval_shape(init)
+  count = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
+  return sde, score_fn_from_config(config, sde, model), event, abstract, init, count
+
+
+def _data(shape) -> np.ndarray:
+  return np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+
+
+def train_program(config, batch: int, mesh) -> Program:
+  """``modes/train.py``'s train step at global batch ``batch`` (STF: the reference batch is
+  ``training.ref_batch_size``, at least ``batch``) on ``mesh``."""
+  import losses
+  import run_lib
+  tr = config.training
+  tr.batch_size = batch
+  tr.ref_batch_size = max(int(tr.ref_batch_size), batch) if tr.target == "stf" else batch
+  sde, score_fn, event, abstract_params, init, count = _network(config)
+  optimizer = losses.make_optimizer(config)
+  key = jax.random.PRNGKey(1)
+  step = losses.make_train_step(losses.get_loss_fn(config, sde, score_fn), optimizer,
+                                config.model.ema_rate, mesh=mesh)
+  rows = (run_lib.train_batch_rows(config),) + event
+  state = jax.eval_shape(lambda p: losses.init_train_state(p, optimizer, key), abstract_params)
+
+  def make_args():
+    real = losses.init_train_state(init(), optimizer, key, mesh=mesh)
+    return real, losses.shard_batch(_data(rows), mesh)
+
+  return Program("train", step, (state, jax.ShapeDtypeStruct(rows, jnp.float32)), make_args,
+                 batch, count)
+
+
+def score_model(config, params):
+  """A ``run_lib.ScoreModel`` of fresh parameters (abstract or real) of the config's network,
+  with the SDE's Gaussian prior: what sample / eval load from a checkpoint."""
+  import run_lib
+  sde, score_fn, event, _, _, _ = _network(config)
+  return run_lib.ScoreModel(sde=sde, score_fn=lambda x, t: score_fn(params, x, t), event_shape=event,
+                            step=0, prior=sde.prior(), params=params, apply=score_fn)
+
+
+def _per_example_program(name: str, config, batch: int, mesh, fn, x_shape) -> Program:
+  """jit of the per-example ``fn(params, xs, keys)`` (one device's share of ``parallel.
+  sharded_map``, with its compiler options) at ``batch`` rows."""
+  import parallel
+  _, _, _, abstract_params, init, count = _network(config)
+  keys = jax.eval_shape(lambda: jax.vmap(jax.random.PRNGKey)(jnp.arange(batch)))
+  jitted = jax.jit(fn, compiler_options=parallel.compiler_options(mesh))
+
+  def make_args():
+    return init(), _data((batch,) + x_shape), jax.vmap(jax.random.PRNGKey)(jnp.arange(batch))
+
+  return Program(name, jitted, (abstract_params, jax.ShapeDtypeStruct((batch,) + x_shape,
+                                                                      jnp.float32), keys),
+                 make_args, batch, count)
+
+
+def likelihood_program(config, batch: int, mesh) -> Program:
+  """``--mode=eval``'s per-example ODE log-likelihood (eval.divergence, rtol / atol, max_steps)
+  of ``batch`` examples on one device."""
+  import parallel
+  from modes import evaluate
+  model = score_model(config, None)
+  logp_fn, _ = evaluate._likelihood_fns(config, model)
+  return _per_example_program("likelihood", config, batch, mesh, parallel.per_example(logp_fn),
+                              model.event_shape)
+
+
+def sample_program(config, batch: int, mesh) -> Program:
+  """``run_lib.generate``'s per-sample program: the configured sampler (``sampling.method``) run
+  on a batch of one per key, vmapped over ``batch`` keys, on one device."""
+  import samplers
+  model = score_model(config, None)
+  one = samplers.get_sampler(config, model.sde, (1,) + model.event_shape, prior=model.prior)
+
+  def per_sample(params, _, keys):
+    def single(k):
+      x, stats = one(model.bound_score(params), k)
+      return {"x": x[0], "nfe": jnp.mean(jnp.asarray(stats["nfe"], jnp.float32))}
+    return jax.vmap(single)(keys)
+
+  return _per_example_program("sample", config, batch, mesh, per_sample, ())
+
+
+PROGRAMS = {"train": train_program, "likelihood": likelihood_program, "sample": sample_program}
