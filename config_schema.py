@@ -517,10 +517,11 @@ _KIND_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "ints": tup
                "floats": tuple[float, ...]}
 
 
-def _section_to_dict(self) -> dict[str, Any]:
-  """The fields the config set (a network family's fields of another family are None: left out)."""
-  return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-          if getattr(self, f.name) is not None}
+def _to_dict(self) -> dict[str, Any]:
+  """A typed config or section as a nested dict of the fields that are set (None: a network
+  family's field of another family, or a section not validated, is left out)."""
+  return {f.name: (v.to_dict() if hasattr(v, "to_dict") else v)
+          for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
 
 
 def _section_class(section: str) -> type:
@@ -528,16 +529,11 @@ def _section_class(section: str) -> type:
   fields = [(key, Optional[_KIND_TYPES[SCHEMA[f"{section}.{key}"].kind]],
              dataclasses.field(default=None)) for key in _known(section)]
   return dataclasses.make_dataclass(f"{section.capitalize()}Section", fields, frozen=True,
-                                    namespace={"to_dict": _section_to_dict,
+                                    namespace={"to_dict": _to_dict,
                                                "__doc__": f"Typed config.{section} (SCHEMA)."})
 
 
 SECTION_CLASSES: dict[str, type] = {s: _section_class(s) for s in SECTIONS}
-
-
-def _config_to_dict(self) -> dict[str, Any]:
-  return {f.name: (v.to_dict() if hasattr(v, "to_dict") else v)
-          for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
 
 
 # A validated config: ``seed`` and one typed, frozen section per SECTIONS entry (None when not
@@ -545,7 +541,7 @@ def _config_to_dict(self) -> dict[str, Any]:
 Config = dataclasses.make_dataclass(
     "Config", [("seed", Optional[int], dataclasses.field(default=None))]
     + [(s, Any, dataclasses.field(default=None)) for s in SECTIONS], frozen=True,
-    namespace={"to_dict": _config_to_dict, "__doc__": "A validated config of typed sections "
+    namespace={"to_dict": _to_dict, "__doc__": "A validated config of typed sections "
                "(config_schema.validate): seed and one frozen dataclass per section."})
 
 
@@ -560,8 +556,8 @@ def typed(config, sections: Optional[Sequence[str]] = None) -> Config:
   """``config`` as a ``Config`` of typed sections (each value cast to its SCHEMA kind); no checks:
   call ``validate``, which returns this, at the boundary."""
   selected = TOP_LEVEL if sections is None else tuple(sections)
-  return Config(**{s: (int(config[s]) if s in SCHEMA else _typed_section(config, s))
-                   for s in selected})
+  return Config(**{s: (_CASTS[SCHEMA[s].kind](config[s]) if s in SCHEMA
+                      else _typed_section(config, s)) for s in selected})
 
 
 def describe() -> str:

@@ -34,24 +34,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str =
   """Evaluates the checkpoint; returns the report (also ``workdir/<eval_folder>/report.json``)."""
   dequantizer = _load_dequantizer(config, workdir)  # before any output: fails naming the mode
   # The typed sections (config_schema.Config); the ConfigDict is compared with config.json.
-  raw, config = config, run_lib.validate_config(config)
-  with run_lib.model_outputs(raw, workdir, eval_folder) as (model, out_dir):
+  cfg = run_lib.validate_config(config)
+  with run_lib.model_outputs(config, workdir, eval_folder) as (model, out_dir):
     k_ll, k_bound, k_sample = jax.random.split(
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1), 3)
-    report: dict[str, Any] = _header(config, model)
-    with jax.enable_x64(config.eval.float64):
-      if datasets.dataset_info(config).is_image:
-        report.update(_image_likelihood(config, model, k_ll, k_bound, dequantizer))
+        jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xE7A1), 3)
+    report: dict[str, Any] = _header(cfg, model)
+    with jax.enable_x64(cfg.eval.float64):
+      if datasets.dataset_info(cfg).is_image:
+        report.update(_image_likelihood(cfg, model, k_ll, k_bound, dequantizer))
       else:
-        report.update(_toy_likelihood(config, model, k_ll, k_bound))
-      report.update(_prior_terms(config, model, jax.random.fold_in(k_bound, 1)))
-      report.update(_ct_elbo(config, model, jax.random.fold_in(k_bound, 2)))
-    report.update(_samples_and_metrics(config, model, k_sample, out_dir))
+        report.update(_toy_likelihood(cfg, model, k_ll, k_bound))
+      report.update(_prior_terms(cfg, model, jax.random.fold_in(k_bound, 1)))
+      report.update(_ct_elbo(cfg, model, jax.random.fold_in(k_bound, 2)))
+    report.update(_samples_and_metrics(cfg, model, k_sample, out_dir))
     run_lib.write_json(os.path.join(out_dir, "report.json"), report)
     for k in sorted(report):
       if not k.endswith(("failed_indices", "per_example")):
         logging.info("eval %s = %s", k, report[k])
-    _check_failures(config, report)
+    _check_failures(cfg, report)
   return report
 
 

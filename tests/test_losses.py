@@ -307,7 +307,7 @@ def test_sharded_train_step_matches_single_device(target):
   config = _config(target=target, batch_size=b, ref_batch_size=n, weighting="likelihood_is")
   config.optim.warmup = 2
   config.optim.lr = 1e-2
-  config = config_schema.validate(config)
+  config = config_schema.validate(config, sections=("training", "optim"))
   loss_fn = losses.get_loss_fn(config.training, sde, score_fn)
   optimizer = losses.make_optimizer(config.optim)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
