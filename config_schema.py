@@ -5,7 +5,12 @@
 lists come from the module that owns them (losses, samplers, likelihood, models, sde_lib, datasets,
 toy_data). ``model.*`` fields with ``models`` set belong to those networks only. ``RULES`` are the
 cross-field rules. ``validate(config)`` is the one config check of scorelab: it raises
-``ValueError`` whose message starts with the dotted field name, reads no file and builds no model.
+``ValueError`` whose message starts with the dotted field name, reads no file and builds no model,
+and returns the config as a ``Config`` of typed, frozen sections (``Config.training``,
+``Config.sampling``, ...: one dataclass per section, built from SCHEMA, every value cast to its
+declared kind). The entry (``run_lib``, ``modes/``) validates once and hands these sections down;
+the science modules (losses, samplers, ...) read their attributes and never import this module
+(the arrow points down: DESIGN.md, "Import rules"; tests/test_layering.py).
 Defaults live in configs/default.py (shared), default_toy.py (MLP) and default_image.py (U-Nets).
 """
 from __future__ import annotations
@@ -322,52 +327,53 @@ SCHEMA: dict[str, Field] = {
 # -- cross-field rules ------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """A check across fields; it reads only ``sections`` and raises ValueError naming a field."""
+  """A check across fields of the typed ``Config`` (every field of ``sections`` already has its
+  kind and range); it reads only ``sections`` and raises ValueError naming a field."""
   sections: tuple[str, ...]
   doc: str
   check: Callable[[Any], None]
 
 
 def _ref_batch(config) -> None:
-  tr = config["training"]
-  if tr["ref_batch_size"] < tr["batch_size"]:
+  tr = config.training
+  if tr.ref_batch_size < tr.batch_size:
     raise ValueError(f"training.ref_batch_size must be >= training.batch_size="
-                     f"{tr['batch_size']}, got {tr['ref_batch_size']}")
+                     f"{tr.batch_size}, got {tr.ref_batch_size}")
 
 
 def _model_fields(config) -> None:
-  m = config["model"]
-  name = m["name"]
+  m = config.model
   for dotted, field in SCHEMA.items():
     key = dotted.split(".", 1)[1] if dotted.startswith("model.") else None
     if key is None or field.models is None:
       continue
-    if name in field.models and key not in m:
-      raise ValueError(f"{dotted}: missing config field (model.name={name!r} uses it)")
-    if name not in field.models and key in m:
-      raise ValueError(f"{dotted}: not a field of model.name={name!r} (only of {field.models}); "
+    given = getattr(m, key) is not None
+    if m.name in field.models and not given:
+      raise ValueError(f"{dotted}: missing config field (model.name={m.name!r} uses it)")
+    if m.name not in field.models and given:
+      raise ValueError(f"{dotted}: not a field of model.name={m.name!r} (only of {field.models}); "
                        "remove it or change model.name")
 
 
 def _model_data(config) -> None:
-  m, info = config["model"], datasets.dataset_info(config)
-  if m["name"] in IMAGE_MODELS and not info.is_image:
-    raise ValueError(f"model.name={m['name']!r} needs image data, got data.dataset={info.name!r}")
-  if m["name"] in VECTOR_MODELS and info.is_image:
-    raise ValueError(f"model.name={m['name']!r} needs vector (toy) data, got "
+  m, info = config.model, datasets.dataset_info(config)
+  if m.name in IMAGE_MODELS and not info.is_image:
+    raise ValueError(f"model.name={m.name!r} needs image data, got data.dataset={info.name!r}")
+  if m.name in VECTOR_MODELS and info.is_image:
+    raise ValueError(f"model.name={m.name!r} needs vector (toy) data, got "
                      f"data.dataset={info.name!r}")
-  if m["name"] in IMAGE_MODELS:
-    factor = 2 ** (len(m["ch_mult"]) - 1)
+  if m.name in IMAGE_MODELS:
+    factor = 2 ** (len(m.ch_mult) - 1)
     if info.shape[0] % factor:
-      raise ValueError(f"model.ch_mult has {len(m['ch_mult'])} resolutions: data.image_size="
+      raise ValueError(f"model.ch_mult has {len(m.ch_mult)} resolutions: data.image_size="
                        f"{info.shape[0]} must be divisible by {factor}")
-    if m["center_input"] and info.centered:
+    if m.center_input and info.centered:
       raise ValueError("model.center_input maps x -> 2x - 1 and needs data in [0, 1], got "
                        "data.centered=True")
 
 
 def _edm_weighting(config) -> None:
-  weighting, sde = config["training"]["weighting"], config["sde"]["name"]
+  weighting, sde = config.training.weighting, config.sde.name
   if weighting == "edm" and sde != "edm":
     raise ValueError(f"training.weighting='edm' (log-normal sigma, Karras et al. 2022) needs "
                      f"sde.name='edm', got sde.name={sde!r}")
@@ -375,18 +381,18 @@ def _edm_weighting(config) -> None:
 
 def _splits(config) -> None:
   known = datasets.split_names(config)
-  for field, split in (("data.train_split", config["data"]["train_split"]),
-                       ("eval.split", config["eval"]["split"])):
+  for field, split in (("data.train_split", config.data.train_split),
+                       ("eval.split", config.eval.split)):
     if known and datasets.parse_split(split)[0] not in known:
-      raise ValueError(f"{field} must be a split of {config['data']['dataset']!r} {known} or a "
+      raise ValueError(f"{field} must be a split of {config.data.dataset!r} {known} or a "
                        f"slice 'name[start:end]' of one, got {split!r}")
 
 
 def _ct_elbo_lambdas(config) -> None:
-  lambdas, dataset = tuple(config["eval"]["ct_elbo_lambdas"]), config["data"]["dataset"]
+  lambdas, dataset = config.eval.ct_elbo_lambdas, config.data.dataset
   if not lambdas:
     return
-  if not config["eval"]["ct_elbo"]:
+  if not config.eval.ct_elbo:
     raise ValueError(f"eval.ct_elbo_lambdas={lambdas} needs eval.ct_elbo=True")
   dist = (toy_data.get_toy_distribution(dataset) if dataset in toy_data.TOY_DISTRIBUTIONS
           else None)
@@ -424,7 +430,7 @@ RULES: tuple[Rule, ...] = (
          lambda c: losses.check_objective(c.training.target, c.training.weighting,
                                           c.training.n_probes)),
     Rule(("sde",), "sde.T > sde.eps; beta_max >= beta_min (VP, sub-VP); sigma_max > sigma_min (VE)"
-         " (sde_lib.get_sde)", lambda c: sde_lib.get_sde(c)),
+         " (sde_lib.get_sde)", lambda c: sde_lib.get_sde(c.sde)),
     Rule(("model",), "model.* fields of a network family: required when model.name uses them, "
          "refused otherwise", _model_fields),
     Rule(("training", "sde"), "training.weighting='edm' only with sde.name='edm'", _edm_weighting),
@@ -438,10 +444,11 @@ RULES: tuple[Rule, ...] = (
          "vectors; model.center_input needs data.centered=False", _model_data),
     Rule(("model", "sde"), "the score wrapper takes model.parameterization for this SDE "
          "(models.utils.get_score_fn; no network is built)",
-         lambda c: get_score_fn(sde_lib.get_sde(c), None, c.model.parameterization,
-                                bool(c.model.input_scaling))),
+         lambda c: get_score_fn(sde_lib.get_sde(c.sde), None, c.model.parameterization,
+                                c.model.input_scaling)),
     Rule(("sampling", "sde"), "the sampler of sampling.method honours every sampling.* setting "
-         "(samplers.sampler_kwargs)", lambda c: samplers.sampler_kwargs(c, sde_lib.get_sde(c))),
+         "(samplers.sampler_kwargs)",
+         lambda c: samplers.sampler_kwargs(c.sampling, sde_lib.get_sde(c.sde))),
 )
 
 
@@ -479,10 +486,11 @@ def _check_structure(config, selected: Sequence[str]) -> None:
                          f"({SCHEMA[section + '.' + key].doc})")
 
 
-def validate(config, sections: Optional[Sequence[str]] = None) -> None:
+def validate(config, sections: Optional[Sequence[str]] = None) -> "Config":
   """Checks ``config`` (a ConfigDict or a nested dict) against SCHEMA and RULES; raises ValueError
   whose message starts with the dotted field name. ``sections`` (e.g. ``("training",)``) limits
-  the check to those sections and the rules that read only them. Reads no file, builds no model."""
+  the check to those sections and the rules that read only them (the others are None in the
+  result). Reads no file, builds no model. Returns the typed ``Config`` (``typed``)."""
   if isinstance(config, dict):
     config = ml_collections.ConfigDict(config)
   selected = TOP_LEVEL if sections is None else tuple(sections)
@@ -498,9 +506,62 @@ def validate(config, sections: Optional[Sequence[str]] = None) -> None:
       field.check(name, config[name])
     elif key in config[section]:
       field.check(name, config[section][key])
+  checked = typed(config, selected)
   for rule in RULES:
     if set(rule.sections) <= set(selected):
-      rule.check(config)
+      rule.check(checked)
+  return checked
+
+
+# -- typed sections --------------------------------------------------------------------------------
+_CASTS: dict[str, Callable[[Any], Any]] = {
+    "int": int, "float": float, "bool": bool, "str": str,
+    "ints": lambda v: tuple(int(e) for e in v), "floats": lambda v: tuple(float(e) for e in v)}
+_KIND_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "ints": tuple[int, ...],
+               "floats": tuple[float, ...]}
+
+
+def _to_dict(self) -> dict[str, Any]:
+  """A typed config or section as a nested dict of the fields that are set (None: a network
+  family's field of another family, or a section not validated, is left out)."""
+  return {f.name: (v.to_dict() if hasattr(v, "to_dict") else v)
+          for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+
+def _section_class(section: str) -> type:
+  """A frozen dataclass of the fields of ``section`` in SCHEMA (model family fields may be None)."""
+  fields = [(key, Optional[_KIND_TYPES[SCHEMA[f"{section}.{key}"].kind]],
+             dataclasses.field(default=None)) for key in _known(section)]
+  return dataclasses.make_dataclass(f"{section.capitalize()}Section", fields, frozen=True,
+                                    namespace={"to_dict": _to_dict,
+                                               "__doc__": f"Typed config.{section} (SCHEMA)."})
+
+
+SECTION_CLASSES: dict[str, type] = {s: _section_class(s) for s in SECTIONS}
+
+
+# A validated config: ``seed`` and one typed, frozen section per SECTIONS entry (None when not
+# validated). What the lower floors take, e.g. ``losses.get_loss_fn(cfg.training, ...)``.
+Config = dataclasses.make_dataclass(
+    "Config", [("seed", Optional[int], dataclasses.field(default=None))]
+    + [(s, Any, dataclasses.field(default=None)) for s in SECTIONS], frozen=True,
+    namespace={"to_dict": _to_dict, "__doc__": "A validated config of typed sections "
+               "(config_schema.validate): seed and one frozen dataclass per section."})
+
+
+def _typed_section(config, section: str):
+  values = config[section]
+  return SECTION_CLASSES[section](**{
+      key: _CASTS[SCHEMA[f"{section}.{key}"].kind](values[key]) for key in _known(section)
+      if key in values})
+
+
+def typed(config, sections: Optional[Sequence[str]] = None) -> Config:
+  """``config`` as a ``Config`` of typed sections (each value cast to its SCHEMA kind); no checks:
+  call ``validate``, which returns this, at the boundary."""
+  selected = TOP_LEVEL if sections is None else tuple(sections)
+  return Config(**{s: (_CASTS[SCHEMA[s].kind](config[s]) if s in SCHEMA
+                      else _typed_section(config, s)) for s in selected})
 
 
 def describe() -> str:

@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import hutchinson
 import parallel
 import pytrees
+import sde_lib
 from sde_lib import bcast, sum_except_batch
 
 Array = jax.Array
@@ -82,13 +83,13 @@ def loss_weight(sde, t: Array, weighting: str) -> Array:
   if weighting == "data_driven":
     return sigma**2 / (0.25 + sigma)
   if weighting == "edm":
-    return _edm_sde(sde).denoiser_weight(sigma) * sigma**4
+    return _edm_sde(sde).score_matching_weight(sigma)
   raise ValueError(f"training.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
 def _edm_sde(sde):
   """``sde`` if it is the EDM formulation, else ValueError naming training.weighting."""
-  if not hasattr(sde, "lognormal_sample_t"):
+  if not isinstance(sde, sde_lib.EDM):
     raise ValueError(f"training.weighting='edm' needs sde.name='edm', got {type(sde).__name__}")
   return sde
 
@@ -254,6 +255,8 @@ def check_objective(target: str, weighting: str, n_probes: int = 1) -> None:
   weighting of the same score error on [eps, T] and works with every target."""
   if target not in TARGETS:
     raise ValueError(f"training.target must be one of {TARGETS}, got {target!r}")
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"training.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
   if target not in IMPLICIT_TARGETS and n_probes != 1:
     raise ValueError(f"training.n_probes={n_probes} is used by training.target 'ism' / 'ssm' only; "
                      f"set it to 1 with training.target={target!r}")
@@ -308,26 +311,23 @@ def v_stf(sde, x0: Array, ref: Array, t: Array, key: Array,
 
 
 # -- config-driven loss ---------------------------------------------------------------------------------
-def get_loss_fn(config, sde, score_fn: TrainScoreFn, train: bool = True) -> LossFn:
-  """loss_fn(params, batch, key) -> (loss, metrics) from ``config.training`` (weighting, target,
-  batch_size B, ref_batch_size n, reduce_mean, n_probes, hutchinson_probe). The batch is
+def get_loss_fn(training, sde, score_fn: TrainScoreFn, train: bool = True) -> LossFn:
+  """loss_fn(params, batch, key) -> (loss, metrics) from the ``training`` config section (a typed
+  section, ``config_schema.validate(config).training``: weighting, target, batch_size B,
+  ref_batch_size n, reduce_mean, n_probes, hutchinson_probe, prng_impl). The batch is
   (N, *event): DSM / ISM / SSM train on its first B rows; STF needs N = n, trains on the first B
   rows and uses all n as the reference batch (Xu et al., Algorithm 1). 'ism' / 'ssm' estimate the
   divergence with ``training.n_probes`` ``training.hutchinson_probe`` probes per example (Huang et
   al., eq. 25 and Appendix A); the other targets do not use those two fields. ``train=False`` calls
   score_fn with rng=None (no dropout). The key is first mapped to ``training.prng_impl``
-  (``step_key``), so t, the noise and the dropout masks all come from that PRNG. The training
-  section is checked by config_schema (ValueError naming the field; ``check_objective`` for the
-  target / weighting pair)."""
-  import config_schema  # deferred: the schema imports this module's choice lists
-  config_schema.validate(config, sections=("training",))
-  tr = config.training
-  weighting, target = str(tr.weighting), str(tr.target)
-  b = int(tr.batch_size)
-  n = int(tr.ref_batch_size)
-  reduce_mean = bool(tr.reduce_mean)
-  n_probes, probe = int(tr.n_probes), str(tr.hutchinson_probe)
-  prng_impl = str(tr.prng_impl)
+  (``step_key``), so t, the noise and the dropout masks all come from that PRNG. Field kinds and
+  ranges are the schema's (checked at the boundary); the target / weighting pair is checked here
+  too (``check_objective``, ValueError naming the field)."""
+  tr = training
+  check_objective(tr.target, tr.weighting, tr.n_probes)
+  weighting, target, b, n = tr.weighting, tr.target, tr.batch_size, tr.ref_batch_size
+  reduce_mean, n_probes, probe, prng_impl = (tr.reduce_mean, tr.n_probes, tr.hutchinson_probe,
+                                             tr.prng_impl)
   implicit = {"ism": ism_loss, "ssm": ssm_loss}.get(target)
 
   def loss_fn(params: Params, batch: Array, key: Array) -> tuple[Array, dict]:
@@ -377,15 +377,14 @@ class TrainState:
   rng: Array
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """optax chain: clip_by_global_norm(optim.grad_clip) (skipped if 0), Adam(optim.beta1,
-  optim.eps), decoupled weight decay if optim.weight_decay > 0, learning rate optim.lr with linear
-  warmup lr * min((step + 1) / optim.warmup, 1) (score_sde's schedule, first step nonzero). The
-  optim section is checked by config_schema ('adam' and 'adamw' build the same chain)."""
-  import config_schema  # deferred: the schema imports this module's choice lists
-  config_schema.validate(config, sections=("optim",))
-  o = config.optim
-  lr, warmup, clip, wd = float(o.lr), int(o.warmup), float(o.grad_clip), float(o.weight_decay)
+def make_optimizer(optim) -> optax.GradientTransformation:
+  """optax chain from the ``optim`` config section (typed, ``config_schema.validate(config).optim``):
+  clip_by_global_norm(optim.grad_clip) (skipped if 0), Adam(optim.beta1, optim.beta2, optim.eps),
+  decoupled weight decay if optim.weight_decay > 0, learning rate optim.lr with linear warmup
+  lr * min((step + 1) / optim.warmup, 1) (score_sde's schedule, first step nonzero). 'adam' and
+  'adamw' build the same chain."""
+  o = optim
+  lr, warmup, clip, wd = o.lr, o.warmup, o.grad_clip, o.weight_decay
 
   def schedule(count):
     if warmup == 0:
@@ -393,7 +392,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return lr * jnp.minimum((count + 1) / warmup, 1.0)
 
   parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-  parts.append(optax.scale_by_adam(b1=float(o.beta1), b2=float(o.beta2), eps=float(o.eps)))
+  parts.append(optax.scale_by_adam(b1=o.beta1, b2=o.beta2, eps=o.eps))
   if wd > 0:
     parts.append(optax.add_decayed_weights(wd))
   parts.append(optax.scale_by_learning_rate(schedule))

@@ -1,6 +1,7 @@
 """What every mode of ``main.py`` shares (the modes themselves live in ``modes/``, one file each):
 
-* the config: ``validate_config`` (the schema of ``config_schema``, before any file is touched),
+* the config: ``validate_config`` (the schema of ``config_schema``, before any file is touched;
+  it returns the typed ``config_schema.Config`` whose sections the science modules take),
   ``check_resumable`` (a restart may change only ``RESUMABLE_FIELDS`` / ``RESUMABLE_SECTIONS``),
   ``write_config`` (``config.json`` on first start);
 * the data stream: ``get_data_sampler`` and ``data_stream_batch`` (a pure function of (seed, step),
@@ -58,11 +59,13 @@ EVAL_FILE = "eval_loss.csv"
 
 
 # -- configuration --------------------------------------------------------------------------------
-def validate_config(config: ml_collections.ConfigDict) -> sde_lib._SDE:
+def validate_config(config: ml_collections.ConfigDict) -> config_schema.Config:
   """Checks every field against ``config_schema`` (ValueError naming the dotted field) and returns
-  the SDE. Touches no file, so it runs before the workdir is created or modified."""
-  config_schema.validate(config)
-  return sde_lib.get_sde(config)
+  the typed config (``config_schema.Config``: frozen sections, values of their declared kinds),
+  what the lower floors take (``sde_lib.get_sde(cfg.sde)``, ``losses.get_loss_fn(cfg.training,
+  ...)``, ``samplers.get_sampler(cfg.sampling, ...)``). Touches no file, so it runs before the
+  workdir is created or modified. Files (config.json, resumption checks) keep the ConfigDict."""
+  return config_schema.validate(config)
 
 
 def _flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
@@ -122,8 +125,8 @@ def open_checkpoints(config, workdir: str, read_only: bool = False) -> checkpoin
   """The workdir's checkpoint store: the latest every ``snapshot_freq_for_preemption`` steps, and
   ``max_to_keep`` kept every ``snapshot_freq`` (``checkpoints.CheckpointStore``)."""
   tr = config.training
-  return checkpoints.CheckpointStore(workdir, keep_every=int(tr.snapshot_freq),
-                                     max_to_keep=int(tr.max_to_keep), read_only=read_only)
+  return checkpoints.CheckpointStore(workdir, keep_every=tr.snapshot_freq,
+                                     max_to_keep=tr.max_to_keep, read_only=read_only)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -139,8 +142,8 @@ def get_data_sampler(config, split: str | None = None):
   rows = train_batch_rows(config)
   if config.data.dataset in toy_data.TOY_DISTRIBUTIONS:
     return datasets.get_dataset(config, batch_size=rows,
-                                seed=int(config.seed) + (0 if split is None else 1))
-  split = str(config.data.train_split) if split is None else split
+                                seed=config.seed + (0 if split is None else 1))
+  split = config.data.train_split if split is None else split
   return datasets.get_dataset(config, split=split, shuffle=True, batch_size=rows)
 
 
@@ -262,17 +265,18 @@ class ScoreModel:
     return self.score_fn if self.apply is None else functools.partial(self.apply, params)
 
 
-def init_state(config, sde, key: Array):
-  """(model, score_fn(params, x, t, rng), fresh TrainState) of the config."""
+def init_state(config: config_schema.Config, sde, key: Array):
+  """(model, score_fn(params, x, t, rng), fresh TrainState) of the typed config
+  (``validate_config``)."""
   import losses
   from models import get_model
   from models.utils import init_model, score_fn_from_config
   model = get_model(config)
-  score_fn = score_fn_from_config(config, sde, model)
+  score_fn = score_fn_from_config(config.model, sde, model)
   event_shape = tuple(datasets.dataset_info(config).shape)
   init_key, state_key = jax.random.split(key)
   params = init_model(model, init_key, (1,) + event_shape)
-  state = losses.init_train_state(params, losses.make_optimizer(config), state_key)
+  state = losses.init_train_state(params, losses.make_optimizer(config.optim), state_key)
   return model, score_fn, state
 
 
@@ -281,7 +285,7 @@ def load_prior(config, sde, workdir: str):
   or the nu_phi fitted by ``--mode=fit_prior`` in ``workdir/prior`` (verified), which must be of
   ``prior.kind`` and fitted for this SDE and T; a clear error names what to run otherwise."""
   import auxiliary
-  kind = str(config.prior.kind)
+  kind = config.prior.kind
   if kind == "gaussian":
     return sde.prior()
   where = os.path.join(workdir, PRIOR_DIR)
@@ -291,7 +295,7 @@ def load_prior(config, sde, workdir: str):
     raise FileNotFoundError(f"prior.kind={kind!r}: no fitted prior in {where}; run --mode=fit_prior "
                             "with this config first") from e
   fitted = (meta["spec"]["kind"], meta["sde"], float(meta["T"]))
-  wanted = (kind, str(config.sde.name), float(sde.T))
+  wanted = (kind, config.sde.name, float(sde.T))
   if fitted[:2] != wanted[:2] or not math.isclose(fitted[2], wanted[2], rel_tol=1e-9):
     raise ValueError(f"prior.kind={kind!r}: the prior in {where} was fitted as kind={fitted[0]!r} "
                      f"for sde.name={fitted[1]!r}, sde.T={fitted[2]:g}, not for {wanted}; run "
@@ -310,22 +314,24 @@ def require_checkpoint(workdir: str) -> None:
 def load_score_model(config: ml_collections.ConfigDict, workdir: str,
                      fitted_prior: bool = True) -> ScoreModel:
   """The workdir's checkpoint (the newest intact one, or step ``eval.checkpoint`` when >= 0; EMA
-  parameters when ``eval.use_ema``) as a ``ScoreModel``. Read-only."""
-  sde = validate_config(config)
+  parameters when ``eval.use_ema``) as a ``ScoreModel``. ``config`` is the ConfigDict (compared
+  with the workdir's config.json). Read-only."""
+  cfg = validate_config(config)
+  sde = sde_lib.get_sde(cfg.sde)
   check_resumable(config, workdir, action="evaluate or sample")
   # Before the (slower) checkpoint: fail fast. Without ``fitted_prior``, p_noise (what
   # --mode=fit_prior uses while it fits the prior).
-  prior = load_prior(config, sde, workdir) if fitted_prior else sde.prior()
-  _, score_fn, state = init_state(config, sde, jax.random.PRNGKey(config.seed))
-  want = int(config.eval.checkpoint)
-  with open_checkpoints(config, workdir, read_only=True) as store:
+  prior = load_prior(cfg, sde, workdir) if fitted_prior else sde.prior()
+  _, score_fn, state = init_state(cfg, sde, jax.random.PRNGKey(cfg.seed))
+  want = cfg.eval.checkpoint
+  with open_checkpoints(cfg, workdir, read_only=True) as store:
     state, step = store.restore(state, step=None if want < 0 else want)
   if step == 0:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, checkpoints.DIR)}: "
                             "run --mode=train first")
-  params = state.ema_params if config.eval.use_ema else state.params
+  params = state.ema_params if cfg.eval.use_ema else state.params
   bound = lambda x, t: score_fn(params, x, t)  # noqa: E731  (eval mode: no dropout)
-  return ScoreModel(sde=sde, score_fn=bound, event_shape=tuple(datasets.dataset_info(config).shape),
+  return ScoreModel(sde=sde, score_fn=bound, event_shape=tuple(datasets.dataset_info(cfg).shape),
                     step=step, prior=prior, params=params, apply=score_fn)
 
 
@@ -333,11 +339,11 @@ def load_score_model(config: ml_collections.ConfigDict, workdir: str,
 def model_outputs(config: ml_collections.ConfigDict, workdir: str, folder: str):
   """What eval and sample do first: validate the config, require a checkpoint, check
   ``workdir/folder`` writable, take its lock, load the model. Yields (model, output folder)."""
-  validate_config(config)
-  for field in ("sampling.batch_size", "eval.batch_size"):  # each process takes its share
-    section, name = field.split(".")
-    if int(config[section][name]) % jax.process_count():
-      raise ValueError(f"{field}={config[section][name]} must be a multiple of the process count "
+  cfg = validate_config(config)
+  for field, size in (("sampling.batch_size", cfg.sampling.batch_size),
+                      ("eval.batch_size", cfg.eval.batch_size)):  # each process takes its share
+    if size % jax.process_count():
+      raise ValueError(f"{field}={size} must be a multiple of the process count "
                        f"({jax.process_count()})")
   require_checkpoint(workdir)
   out_dir = checkpoints.check_writable(os.path.join(workdir, folder))
@@ -345,13 +351,15 @@ def model_outputs(config: ml_collections.ConfigDict, workdir: str, folder: str):
     yield load_score_model(config, workdir), out_dir
 
 
-def per_sample_fn(config: ml_collections.ConfigDict, model: ScoreModel) -> Callable:
-  """The configured sampler as a per-example function ``(params, _, keys) -> dict(x, nfe)`` of
-  ``parallel.sharded_map``: sample i is the sampler run on its own (a batch of one, vmapped) from
-  its own key, so it does not depend on the batch size or the device / process count (PC's
-  Langevin step size averages norms over the sampler's batch: here over the sample alone)."""
+def per_sample_fn(config: config_schema.Config, model: ScoreModel) -> Callable:
+  """The sampler of the typed config's ``sampling`` section as a per-example function
+  ``(params, _, keys) -> dict(x, nfe)`` of ``parallel.sharded_map``: sample i is the sampler run on
+  its own (a batch of one, vmapped) from its own key, so it does not depend on the batch size or
+  the device / process count (PC's Langevin step size averages norms over the sampler's batch:
+  here over the sample alone)."""
   import samplers
-  one = samplers.get_sampler(config, model.sde, (1,) + model.event_shape, prior=model.prior)
+  one = samplers.get_sampler(config.sampling, model.sde, (1,) + model.event_shape,
+                             prior=model.prior)
 
   def per_sample(params, _, keys):
     def single(k):
@@ -361,14 +369,14 @@ def per_sample_fn(config: ml_collections.ConfigDict, model: ScoreModel) -> Calla
   return per_sample
 
 
-def generate(config: ml_collections.ConfigDict, model: ScoreModel, n: int, key: Array, mesh=None,
+def generate(config: config_schema.Config, model: ScoreModel, n: int, key: Array, mesh=None,
              per_sample: Optional[Callable] = None):
-  """n samples of the configured sampler, started from ``model.prior``, in global batches of
+  """n samples of the sampler of the typed config's ``sampling`` section, started from ``model.prior``, in global batches of
   ``sampling.batch_size`` spread over every device of every process (``parallel.sharded_map``).
   Sample i is ``per_sample_fn`` run from the key fold_in(key, i), so the samples do not depend on
   the batch size or the device / process count. Passing the same ``per_sample`` again reuses its
   compiled program. (samples (n, ...) on every process, mean NFE per sample)."""
-  bs = int(config.sampling.batch_size)
+  bs = config.sampling.batch_size
   n_proc, proc = jax.process_count(), jax.process_index()
   if bs % n_proc:
     raise ValueError(f"sampling.batch_size={bs} must be a multiple of the process count ({n_proc})")

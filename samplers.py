@@ -617,7 +617,7 @@ def _fixed_steps_only(cfg, method: str) -> None:
 
 def _deterministic_only(cfg, method: str) -> None:
   """The probability-flow ODE samplers are c = 0 by definition: refuse any other sampling.c."""
-  if float(cfg.c) != 0.0:
+  if cfg.c != 0.0:
     raise ValueError(f"sampling.c must be 0 for method {method!r} (it integrates the "
                      f"probability-flow ODE, h = 0); use method 'sde', 'pc' or 'exponential' "
                      f"for c > 0, got {cfg.c!r}")
@@ -630,19 +630,18 @@ def _ode_options(cfg, sde):
     raise ValueError(f"sampling.solver must be one of {sorted(ODE_SOLVERS)} for method 'ode', "
                      f"got {cfg.solver!r}")
   _deterministic_only(cfg, "ode")
-  return ode_sampler, dict(solver=str(cfg.solver), rtol=float(cfg.rtol), atol=float(cfg.atol),
-                           max_steps=int(cfg.max_steps))
+  return ode_sampler, dict(solver=cfg.solver, rtol=cfg.rtol, atol=cfg.atol,
+                           max_steps=cfg.max_steps)
 
 
 @register_sampler("sde")
 def _sde_options(cfg, sde):
   """Generative SDE family in c; adaptive steps use sampling.rtol, atol and max_steps."""
-  solver = "euler" if cfg.solver in ODE_SOLVERS else str(cfg.solver)
-  adaptive = bool(cfg.adaptive)
-  _check_sde_solver(solver, adaptive)
-  kwargs = dict(c=float(cfg.c), n_steps=int(cfg.n_steps), solver=solver, adaptive=adaptive)
-  if adaptive:
-    kwargs.update(rtol=float(cfg.rtol), atol=float(cfg.atol), max_steps=int(cfg.max_steps))
+  solver = "euler" if cfg.solver in ODE_SOLVERS else cfg.solver
+  _check_sde_solver(solver, cfg.adaptive)
+  kwargs = dict(c=cfg.c, n_steps=cfg.n_steps, solver=solver, adaptive=cfg.adaptive)
+  if cfg.adaptive:
+    kwargs.update(rtol=cfg.rtol, atol=cfg.atol, max_steps=cfg.max_steps)
   return sde_sampler, kwargs
 
 
@@ -650,8 +649,8 @@ def _sde_options(cfg, sde):
 def _pc_options(cfg, sde):
   """Predictor-corrector; the predictor steps the generative family with h^2 = sampling.c g^2."""
   _fixed_steps_only(cfg, "pc")
-  return pc_sampler, dict(c=float(cfg.c), n_steps=int(cfg.n_steps), predictor=str(cfg.predictor),
-                          snr=float(cfg.snr), n_corrector_steps=int(cfg.n_corrector_steps))
+  return pc_sampler, dict(c=cfg.c, n_steps=cfg.n_steps, predictor=cfg.predictor, snr=cfg.snr,
+                          n_corrector_steps=cfg.n_corrector_steps)
 
 
 @register_sampler("exponential")
@@ -661,7 +660,7 @@ def _exponential_options(cfg, sde):
     raise ValueError(f"sampling.method='exponential' needs sde.name in {EXPONENTIAL_SDES}, got "
                      f"{type(sde).__name__}")
   _fixed_steps_only(cfg, "exponential")
-  return exponential_integrator_sampler, dict(c=float(cfg.c), n_steps=int(cfg.n_steps))
+  return exponential_integrator_sampler, dict(c=cfg.c, n_steps=cfg.n_steps)
 
 
 @register_sampler("heun")
@@ -671,13 +670,12 @@ def _heun_options(cfg, sde):
   sampling.c must be 0; solver is not used)."""
   _fixed_steps_only(cfg, "heun")
   _deterministic_only(cfg, "heun")
-  if int(cfg.n_steps) < 2:
+  if cfg.n_steps < 2:
     raise ValueError(f"sampling.n_steps must be >= 2 for method 'heun', got {cfg.n_steps!r}")
-  if float(cfg.S_min) > float(cfg.S_max):
+  if cfg.S_min > cfg.S_max:
     raise ValueError(f"sampling.S_max must be >= sampling.S_min={cfg.S_min!r}, got {cfg.S_max!r}")
-  return heun_sampler, dict(n_steps=int(cfg.n_steps), s_churn=float(cfg.S_churn),
-                            s_min=float(cfg.S_min), s_max=float(cfg.S_max),
-                            s_noise=float(cfg.S_noise))
+  return heun_sampler, dict(n_steps=cfg.n_steps, s_churn=cfg.S_churn, s_min=cfg.S_min,
+                            s_max=cfg.S_max, s_noise=cfg.S_noise)
 
 
 @register_sampler("ddim")
@@ -686,23 +684,23 @@ def _ddim_options(cfg, sde):
   sampling.n_steps steps."""
   _fixed_steps_only(cfg, "ddim")
   _deterministic_only(cfg, "ddim")
-  return ddim_sampler, dict(n_steps=int(cfg.n_steps))
+  return ddim_sampler, dict(n_steps=cfg.n_steps)
 
 
 SAMPLING_METHODS = registered_samplers()  # the built-in methods
 
 
 def perturbation_options(cfg) -> Optional[tuple[str, float, Optional[float]]]:
-  """(case, epsilon, edge) of the eq. 44 score error selected by ``config.sampling`` (None for
-  'none'), for ``pulse_perturbed_score``. Refuses, naming the field, an epsilon without a case, a
-  case without an epsilon, and a pulse edge for a case without a pulse (edge 0: the paper's)."""
-  case, epsilon, edge = str(cfg.perturbation), float(cfg.perturbation_epsilon), float(
-      cfg.perturbation_edge)
+  """(case, epsilon, edge) of the eq. 44 score error selected by the ``sampling`` section (None
+  for 'none'), for ``pulse_perturbed_score``. Refuses, naming the field, an epsilon without a case,
+  a case without an epsilon, and a pulse edge for a case without a pulse (edge 0: the paper's)."""
+  case, epsilon, edge = cfg.perturbation, cfg.perturbation_epsilon, cfg.perturbation_edge
   if case == "none":
     if epsilon != 0.0 or edge != 0.0:
-      field = "perturbation_epsilon" if epsilon != 0.0 else "perturbation_edge"
+      field, value = (("perturbation_epsilon", epsilon) if epsilon != 0.0
+                      else ("perturbation_edge", edge))
       raise ValueError(f"sampling.{field} must be 0 with sampling.perturbation='none', got "
-                       f"{cfg[field]!r}")
+                       f"{value!r}")
     return None
   if epsilon == 0.0:
     raise ValueError(f"sampling.perturbation_epsilon must be non-zero with sampling.perturbation="
@@ -713,33 +711,33 @@ def perturbation_options(cfg) -> Optional[tuple[str, float, Optional[float]]]:
   return case, epsilon, (edge if edge != 0.0 else None) if case in PULSE_EDGES else None
 
 
-def sampler_kwargs(config, sde) -> tuple[Callable[..., tuple[Array, Stats]], dict]:
-  """(sampler, options) for ``config.sampling`` from the registry: the method's own options plus
+def sampler_kwargs(sampling, sde) -> tuple[Callable[..., tuple[Array, Stats]], dict]:
+  """(sampler, options) for the ``sampling`` config section (typed,
+  ``config_schema.validate(config).sampling``) from the registry: the method's own options plus
   ``denoise``. ValueError names a field the sampler cannot honour (call outside jit); the score
   perturbation fields are checked here too (every sampler honours them, see get_sampler)."""
-  cfg = config.sampling
-  if cfg.method not in _SAMPLERS:
-    raise ValueError(f"sampling.method must be one of {registered_samplers()}, got {cfg.method!r}")
-  perturbation_options(cfg)
-  fn, kwargs = _SAMPLERS[cfg.method](cfg, sde)
-  return fn, dict(kwargs, denoise=bool(cfg.denoise))
+  if sampling.method not in _SAMPLERS:
+    raise ValueError(f"sampling.method must be one of {registered_samplers()}, got "
+                     f"{sampling.method!r}")
+  perturbation_options(sampling)
+  fn, kwargs = _SAMPLERS[sampling.method](sampling, sde)
+  return fn, dict(kwargs, denoise=sampling.denoise)
 
 
-def get_sampler(config, sde, shape: Sequence[int], prior: Optional[Prior] = None,
+def get_sampler(sampling, sde, shape: Sequence[int], prior: Optional[Prior] = None,
                 score_perturbation: Optional[ScoreFn] = None,
                 epsilon: Array | float = 0.0) -> Callable[..., tuple[Array, Stats]]:
-  """``sample_fn(score_fn, key, sde=sde) -> (samples, stats)`` from ``config.sampling`` (checked
-  by config_schema, then mapped to the sampler's options by the builder registered for
-  ``sampling.method``). Passing ``sde`` to a jitted ``sample_fn`` sweeps T without recompiling.
+  """``sample_fn(score_fn, key, sde=sde) -> (samples, stats)`` from the ``sampling`` config
+  section (typed, ``config_schema.validate(config).sampling``: field kinds and ranges are checked
+  at that boundary), mapped to the sampler's options by the builder registered for
+  ``sampling.method``. Passing ``sde`` to a jitted ``sample_fn`` sweeps T without recompiling.
   ``sampling.perturbation`` (not 'none') replaces the score by the eq. 44 error of Cao et al.,
   (1 + perturbation_epsilon m(T - t)) s (``pulse_perturbed_score``); it cannot be combined with an
-  explicit ``score_perturbation``. Invalid values raise ValueError naming the field (call outside
-  jit).
+  explicit ``score_perturbation``. Settings the sampler cannot honour raise ValueError naming the
+  field (call outside jit).
   """
-  import config_schema  # deferred: the schema imports this module's choice lists
-  config_schema.validate(config, sections=("sampling",))
-  fn, kwargs = sampler_kwargs(config, sde)
-  pulse = perturbation_options(config.sampling)
+  fn, kwargs = sampler_kwargs(sampling, sde)
+  pulse = perturbation_options(sampling)
   if pulse is not None and score_perturbation is not None:
     raise ValueError(f"sampling.perturbation={pulse[0]!r} and an explicit score_perturbation "
                      "cannot be combined; set sampling.perturbation='none'")

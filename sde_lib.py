@@ -432,6 +432,19 @@ class EDM(_SDE):
     sigma = jnp.asarray(sigma)
     return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
+  def denoiser_score(self, output: Array, x: Array, sigma: Array) -> Array:
+    """The score of network output F at (x, sigma) under the preconditioning:
+    s = (D - x) / sigma^2 = c_out F / sigma^2 - x / (sigma^2 + sigma_data^2) (Tweedie; Karras et
+    al. 2022, eq. 3 and Table 1), in this form to avoid the cancellation in D - x at small sigma.
+    ``sigma`` is per example (B,)."""
+    _, c_out, _, _ = self.preconditioning(sigma)
+    return bcast(c_out / sigma**2, x) * output - x / bcast(sigma**2 + self.sigma_data**2, x)
+
+  def score_matching_weight(self, sigma: Array) -> Array:
+    """lambda(sigma) sigma^4: EDM's loss E lambda ||D - x_0||^2 as a score-matching weight, since
+    D - x_0 = sigma^2 (s - grad log p_{0t}) (Karras et al. 2022, Table 1; losses 'edm')."""
+    return self.denoiser_weight(sigma) * jnp.asarray(sigma)**4
+
   def lognormal_sample_t(self, key: Array, shape) -> Array:
     """Training noise levels ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1)."""
     return jnp.exp(self.P_mean + self.P_std * jax.random.normal(key, shape))
@@ -460,14 +473,13 @@ class EDM(_SDE):
 SDES = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE, "edm": EDM}
 
 
-def get_sde(config) -> _SDE:
-  """Builds and validates the SDE named by ``config.sde.name`` (ml_collections ConfigDict)."""
-  cfg = config.sde
-  name = str(cfg.name).lower()
+def get_sde(cfg) -> _SDE:
+  """Builds and validates the SDE named by ``cfg.name`` from an ``sde`` config section: any object
+  with the fields as attributes, e.g. ``config_schema.validate(config).sde`` (typed, floats)."""
+  name = cfg.name.lower()
   if name not in SDES:
     raise ValueError(f"sde.name must be one of {sorted(SDES)}, got {cfg.name!r}")
   cls = SDES[name]
-  fields = {f: cfg[f] for f in cls.__dataclass_fields__ if f in cfg}
-  sde = cls(**{k: float(v) for k, v in fields.items()})
+  sde = cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__ if hasattr(cfg, f)})
   sde.validate()
   return sde

@@ -33,12 +33,14 @@ import datasets  # noqa: E402
 import likelihood  # noqa: E402
 import parallel  # noqa: E402
 import run_lib  # noqa: E402
+import sde_lib  # noqa: E402
 
 
 def _model(config):
   """A ScoreModel of the config with freshly initialised parameters (throughput only)."""
-  sde = run_lib.validate_config(config)
-  _, score_fn, state = run_lib.init_state(config, sde, jax.random.PRNGKey(0))
+  cfg = run_lib.validate_config(config)
+  sde = sde_lib.get_sde(cfg.sde)
+  _, score_fn, state = run_lib.init_state(cfg, sde, jax.random.PRNGKey(0))
   return run_lib.ScoreModel(sde=sde, score_fn=lambda x, t: score_fn(state.params, x, t),
                             event_shape=tuple(datasets.dataset_info(config).shape), step=0,
                             prior=sde.prior(), params=state.params, apply=score_fn)

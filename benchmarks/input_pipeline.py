@@ -127,9 +127,10 @@ def bench_train_prefetch(config_name: str, steps: int, rounds: int) -> dict:
   import contextlib
   import jax
   import run_lib
+  import sde_lib
   from modes import train as train_mode
-  config = importlib.import_module(f"configs.{config_name}").get_config()
-  run = train_mode._build(config, run_lib.validate_config(config))
+  config = run_lib.validate_config(importlib.import_module(f"configs.{config_name}").get_config())
+  run = train_mode._build(config, sde_lib.get_sde(config.sde))
   state = run.state
   state, m = run.train_step(state, run.shard(run_lib.data_stream_batch(run.sample, 0)))  # compile
   jax.block_until_ready(m["loss"])

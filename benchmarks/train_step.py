@@ -92,6 +92,7 @@ def _worker(spec: dict) -> None:
   import jax
   import numpy as np
 
+  import config_schema
   import datasets
   import losses
   import sde_lib
@@ -106,18 +107,19 @@ def _worker(spec: dict) -> None:
   for dotted, value in spec["cfg"].items():
     section, field = dotted.split(".")
     config[section][field] = value
+  config = config_schema.validate(config)  # the typed sections
   tr = config.training
-  sde = sde_lib.get_sde(config)
+  sde = sde_lib.get_sde(config.sde)
   model = get_model(config)
-  score_fn = score_fn_from_config(config, sde, model)
+  score_fn = score_fn_from_config(config.model, sde, model)
   event = tuple(datasets.dataset_info(config).shape)
   key = jax.random.PRNGKey(0)
   params = init_model(model, key, (1,) + event)
   n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-  optimizer = losses.make_optimizer(config)
+  optimizer = losses.make_optimizer(config.optim)
   mesh = losses.make_mesh()
   state = losses.init_train_state(params, optimizer, key, mesh=mesh)
-  step_fn = losses.make_train_step(losses.get_loss_fn(config, sde, score_fn), optimizer,
+  step_fn = losses.make_train_step(losses.get_loss_fn(config.training, sde, score_fn), optimizer,
                                    config.model.ema_rate, mesh=mesh, donate=spec["donate"])
   rows = tr.ref_batch_size if tr.target == "stf" else tr.batch_size
   data = np.random.default_rng(0).uniform(-1, 1, (rows,) + event).astype(np.float32)

@@ -156,13 +156,14 @@ def effective_components(dataset: str, scale: str, out: str) -> list[dict]:
   """
   import jax
   import auxiliary
+  import config_schema
   import sde_lib
   from modes.fit_prior import prior_samples
   s = SCALES[scale]
   rows = []
   for t_end in s["fig4_ts"]:
     config = base_config(dataset, t_end, scale)
-    sde = sde_lib.get_sde(config)
+    sde = sde_lib.get_sde(config_schema.validate(config).sde)
     config.prior.n_fit_samples, config.prior.fit = s["n_fig4"], "concurrent"
     counts = []
     for seed in range(s["seeds"]):

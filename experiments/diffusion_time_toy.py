@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 import auxiliary  # noqa: E402
 import likelihood  # noqa: E402
+import config_schema  # noqa: E402
 import sde_lib  # noqa: E402
 import toy_data  # noqa: E402
 from configs.toy_gmm_1d_diffusion_time import get_config  # noqa: E402
@@ -34,7 +35,7 @@ def elbo_terms(t_end: float, n_x: int, n_fit: int, seed: int) -> dict:
   """ELBO terms at T = t_end with p_noise and with a DPGMM fitted to forward samples of p(x, T)."""
   config = get_config()
   config.sde.T = float(t_end)
-  sde = sde_lib.get_sde(config)
+  sde = sde_lib.get_sde(config_schema.validate(config).sde)
   dist = toy_data.get_toy_distribution(config.data.dataset)
   key = jax.random.PRNGKey(seed)
   k_fit, k_x, k_t, k_elbo = jax.random.split(key, 4)

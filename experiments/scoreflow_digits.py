@@ -131,7 +131,8 @@ def is_variance_ratio(config, workdir: str, draws: int) -> dict:
   for weighting in ("likelihood", "likelihood_is"):
     cfg = config.copy_and_resolve_references()
     cfg.training.weighting = weighting
-    loss_fn = jax.jit(losses.get_loss_fn(cfg, model.sde, score, train=False))
+    training = run_lib.validate_config(cfg).training
+    loss_fn = jax.jit(losses.get_loss_fn(training, model.sde, score, train=False))
     keys = jax.random.split(jax.random.PRNGKey(7), draws)
     values = np.asarray([float(loss_fn(None, batch, k)[0]) for k in keys], np.float64)
     out[weighting] = {"mean": float(values.mean()), "variance": float(values.var(ddof=1))}

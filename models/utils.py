@@ -12,8 +12,9 @@ Parameterizations (DESIGN.md, Contracts):
   Chosen by score_sde_import for imported VE checkpoints, so their score is score_sde's exactly.
 * 'edm' (sde 'edm' only): EDM preconditioning (Karras et al. 2022, Table 1, eq. 7), the network is
   F in D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), fed c_in x and c_noise = ln(sigma) / 4;
-  s = (D - x) / sigma^2 = c_out F / sigma^2 - x / (sigma^2 + sigma_data^2) (Tweedie), computed in
-  this form to avoid the cancellation in D - x at small sigma. c_in is built in (no input_scaling).
+  s = (D - x) / sigma^2 = c_out F / sigma^2 - x / (sigma^2 + sigma_data^2) (Tweedie). The
+  preconditioning and that score are ``sde_lib.EDM``'s (``preconditioning``, ``denoiser_score``:
+  the EDM parameterization lives there). c_in is built in (no input_scaling).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import sde_lib
 from sde_lib import bcast
 
 Array = jax.Array
@@ -55,7 +57,7 @@ def get_score_fn(sde, model: nn.Module, parameterization: str = "score",
   if parameterization not in PARAMETERIZATIONS:
     raise ValueError(f"model.parameterization must be one of {PARAMETERIZATIONS}, "
                      f"got {parameterization!r}")
-  if parameterization == "scale_by_sigma" and not hasattr(sde, "sigma"):
+  if parameterization == "scale_by_sigma" and not isinstance(sde, sde_lib.VESDE):
     raise ValueError("model.parameterization 'scale_by_sigma' divides by the VE noise scale "
                      f"sigma(t); sde {type(sde).__name__} has none (use 'noise')")
   if parameterization == "edm":
@@ -79,7 +81,7 @@ def get_score_fn(sde, model: nn.Module, parameterization: str = "score",
 
 def _edm_score_fn(sde, model: nn.Module, input_scaling: bool) -> TrainScoreFn:
   """score_fn of the 'edm' parameterization (Karras et al. 2022, Table 1 preconditioning)."""
-  if not hasattr(sde, "preconditioning"):
+  if not isinstance(sde, sde_lib.EDM):
     raise ValueError("model.parameterization 'edm' needs sde.name='edm' (sigma_data and the EDM "
                      f"preconditioning), got sde {type(sde).__name__}")
   if input_scaling:
@@ -88,18 +90,18 @@ def _edm_score_fn(sde, model: nn.Module, input_scaling: bool) -> TrainScoreFn:
 
   def score_fn(params, x: Array, t: Array, rng: Optional[Array] = None) -> Array:
     sigma = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-    _, c_out, c_in, c_noise = sde.preconditioning(sigma)
+    _, _, c_in, c_noise = sde.preconditioning(sigma)
     out = apply_model(model, params, bcast(c_in, x) * x, c_noise, rng)
-    return (bcast(c_out / sigma**2, x) * out
-            - x / bcast(sigma**2 + sde.sigma_data**2, x))
+    return sde.denoiser_score(out, x, sigma)
 
   return score_fn
 
 
-def score_fn_from_config(config, sde, model: nn.Module) -> TrainScoreFn:
-  """get_score_fn with ``config.model.parameterization`` and ``config.model.input_scaling``:
-  what training used, so evaluation and sampling must build it the same way."""
-  return get_score_fn(sde, model, config.model.parameterization, bool(config.model.input_scaling))
+def score_fn_from_config(model_cfg, sde, model: nn.Module) -> TrainScoreFn:
+  """get_score_fn with the ``model`` config section's ``parameterization`` and ``input_scaling``
+  (a typed section, ``config_schema.validate(config).model``): what training used, so evaluation
+  and sampling must build it the same way."""
+  return get_score_fn(sde, model, model_cfg.parameterization, model_cfg.input_scaling)
 
 
 def init_model(model: nn.Module, key: Array, sample_shape: Sequence[int]):

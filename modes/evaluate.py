@@ -33,33 +33,35 @@ from progress import Progress
 def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str = "eval"):
   """Evaluates the checkpoint; returns the report (also ``workdir/<eval_folder>/report.json``)."""
   dequantizer = _load_dequantizer(config, workdir)  # before any output: fails naming the mode
-  fid_weights = _fid_weights(config)  # fetched (or a clear error) before any work
+  # The typed sections (config_schema.Config); the ConfigDict is compared with config.json.
+  cfg = run_lib.validate_config(config)
+  fid_weights = _fid_weights(cfg)  # fetched (or a clear error) before any work
   with run_lib.model_outputs(config, workdir, eval_folder) as (model, out_dir):
     k_ll, k_bound, k_sample = jax.random.split(
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xE7A1), 3)
-    report: dict[str, Any] = _header(config, model)
-    with jax.enable_x64(bool(config.eval.float64)):
-      if datasets.dataset_info(config).is_image:
-        report.update(_image_likelihood(config, model, k_ll, k_bound, dequantizer))
+        jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xE7A1), 3)
+    report: dict[str, Any] = _header(cfg, model)
+    with jax.enable_x64(cfg.eval.float64):
+      if datasets.dataset_info(cfg).is_image:
+        report.update(_image_likelihood(cfg, model, k_ll, k_bound, dequantizer))
       else:
-        report.update(_toy_likelihood(config, model, k_ll, k_bound))
-      report.update(_prior_terms(config, model, jax.random.fold_in(k_bound, 1)))
-      report.update(_ct_elbo(config, model, jax.random.fold_in(k_bound, 2)))
-    report.update(_samples_and_metrics(config, model, k_sample, out_dir, fid_weights))
+        report.update(_toy_likelihood(cfg, model, k_ll, k_bound))
+      report.update(_prior_terms(cfg, model, jax.random.fold_in(k_bound, 1)))
+      report.update(_ct_elbo(cfg, model, jax.random.fold_in(k_bound, 2)))
+    report.update(_samples_and_metrics(cfg, model, k_sample, out_dir, fid_weights))
     run_lib.write_json(os.path.join(out_dir, "report.json"), report)
     for k in sorted(report):
       if not k.endswith(("failed_indices", "per_example")):
         logging.info("eval %s = %s", k, report[k])
-    _check_failures(config, report)
+    _check_failures(cfg, report)
   return report
 
 
 def _header(config, model: run_lib.ScoreModel) -> dict[str, Any]:
   ev = config.eval
-  return {"step": model.step, "dataset": config.data.dataset, "split": str(ev.split),
-          "sde": config.sde.name, "T": float(config.sde.T), "eps": float(config.sde.eps),
-          "likelihood_divergence": str(ev.divergence), "likelihood_dtype":
-          "float64" if ev.float64 else "float32", "dequantization": str(ev.dequantization)}
+  return {"step": model.step, "dataset": config.data.dataset, "split": ev.split,
+          "sde": config.sde.name, "T": config.sde.T, "eps": config.sde.eps,
+          "likelihood_divergence": ev.divergence, "likelihood_dtype":
+          "float64" if ev.float64 else "float32", "dequantization": ev.dequantization}
 
 
 def _load_dequantizer(config, workdir: str):
@@ -80,15 +82,14 @@ def _likelihood_fns(config, model: run_lib.ScoreModel):
 
   def logp_fn(params, y, k):
     out = likelihood.log_likelihood(model.bound_score(params), model.sde, y, k, prior=model.prior,
-                                    divergence=str(ev.divergence), probe=str(ev.hutchinson_probe),
-                                    rtol=float(ev.rtol), atol=float(ev.atol),
-                                    max_steps=int(ev.max_steps))
+                                    divergence=ev.divergence, probe=ev.hutchinson_probe,
+                                    rtol=ev.rtol, atol=ev.atol, max_steps=ev.max_steps)
     return {"logp": out["logp"], "nfe": out["nfe"].astype(jnp.float32)}
 
   def neg_bound_fn(params, y, k):
     return {"logp": -likelihood.scoreflow_bound(
         model.bound_score(params), model.sde, y, k, prior=model.prior,
-        n_time_samples=int(ev.bound_time_samples))["nll_bound"]}
+        n_time_samples=ev.bound_time_samples)["nll_bound"]}
 
   return logp_fn, neg_bound_fn
 
@@ -140,7 +141,7 @@ def _toy_points(config) -> np.ndarray:
   """The held-out toy points of eval (``eval.num_likelihood_examples``, ``run_lib.toy_reference``)
   in the likelihood dtype."""
   ev = config.eval
-  x = run_lib.toy_reference(config, int(ev.num_likelihood_examples))
+  x = run_lib.toy_reference(config, ev.num_likelihood_examples)
   return x.astype(np.float64 if ev.float64 else np.float32)
 
 
@@ -151,7 +152,7 @@ def _toy_map(config, model: run_lib.ScoreModel, batch_fn, key, title: str,
   import parallel
   with Progress(title, len(x), "points") as p:
     return parallel.map_dataset(parallel.per_example(batch_fn), model.params,
-                                datasets.array_eval_batches(x, int(config.eval.batch_size),
+                                datasets.array_eval_batches(x, config.eval.batch_size,
                                                             "eval.batch_size"), key,
                                 on_batch=p.update)
 
@@ -166,11 +167,11 @@ def _prior_terms(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
   from modes.fit_prior import data_samples
   k_x, k_t, k_elbo = jax.random.split(key, 3)
   with Progress("prior cross-entropy at T", None, "terms"):
-    n = int(config.eval.num_likelihood_examples)
+    n = config.eval.num_likelihood_examples
     x_t = auxiliary.forward_samples(model.sde, data_samples(config, k_x, n), k_t)
     ce = auxiliary.cross_entropy(model.prior, x_t)
     ce_gauss = auxiliary.cross_entropy(model.sde.prior(), x_t)
-  out = {"prior_kind": str(config.prior.kind), "prior_cross_entropy": ce,
+  out = {"prior_kind": config.prior.kind, "prior_cross_entropy": ce,
          "gaussian_cross_entropy": ce_gauss, "prior_kl_reduction": ce_gauss - ce,
          "prior_terms_unit": "nats/dim"}
   dist = (toy_data.get_toy_distribution(config.data.dataset)
@@ -233,8 +234,8 @@ def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
   ev = config.eval
   if not ev.ct_elbo:
     return {}
-  probe = "exact" if str(ev.divergence) == "exact" else str(ev.hutchinson_probe)
-  n_t = int(ev.bound_time_samples)
+  probe = "exact" if ev.divergence == "exact" else ev.hutchinson_probe
+  n_t = ev.bound_time_samples
 
   def elbo_fn(form):
     return lambda params, y, k: {"logp": likelihood.ct_elbo(
@@ -255,7 +256,7 @@ def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
     r = _toy_map(config, model, elbo_fn(form), jax.random.fold_in(key, i),
                  f"NLL CT-ELBO ({form.upper()} form)", x)
     out.update(_toy_stage(f"ct_elbo_{form}_nll", -np.asarray(r["logp"], np.float64)))
-  lambdas = tuple(float(v) for v in ev.ct_elbo_lambdas)
+  lambdas = ev.ct_elbo_lambdas
   if lambdas:
     dist = toy_data.get_toy_distribution(config.data.dataset)
 
@@ -277,7 +278,7 @@ def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
 
 def _check_failures(config, report: dict[str, Any]) -> None:
   """Raises when a likelihood stage lost more than ``eval.max_failed_fraction`` of its examples."""
-  limit = float(config.eval.max_failed_fraction)
+  limit = config.eval.max_failed_fraction
   for key in sorted(k for k in report if k.endswith("_n_failed")):
     stage = key[:-len("_n_failed")]
     failed, total = report[key], report[key] + report[f"{stage}_n_examples"]
@@ -302,9 +303,9 @@ def _fid_weights(config) -> str | None:
   if not (ev.fid and datasets.dataset_info(config).is_image):
     return None
   if ev.fid_stats:
-    evaluation.load_stats(str(ev.fid_stats))
-  return inception_weights.resolve_inception_weights(str(ev.inception_weights),
-                                                     download=bool(config.data.download))
+    evaluation.load_stats(ev.fid_stats)
+  return inception_weights.resolve_inception_weights(ev.inception_weights,
+                                                     download=config.data.download)
 
 
 def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str,
@@ -314,10 +315,10 @@ def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str,
   import evaluation
   ev = config.eval
   info = datasets.dataset_info(config)
-  n = int(ev.num_samples)
+  n = ev.num_samples
   samples, nfe = run_lib.generate(config, model, n, key)
   out: dict[str, Any] = dict(sampling_method=config.sampling.method,
-                             sampling_c=float(config.sampling.c), sampling_nfe=nfe, n_samples=n)
+                             sampling_c=config.sampling.c, sampling_nfe=nfe, n_samples=n)
   run_lib.save_samples_npz(os.path.join(out_dir, "samples.npz"), samples)
   reference = run_lib.toy_reference(config, n)
   run_lib.save_samples_png(os.path.join(out_dir, "samples.png"), samples, config, reference)
@@ -328,14 +329,14 @@ def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str,
       if info.is_image else None  # as viewed and saved: in [0, 1]
   if info.name == "digits":
     with Progress("digits classifier metrics", n, "samples"):
-      levels, _, _ = datasets.load_levels(config, str(ev.split))
+      levels, _, _ = datasets.load_levels(config, ev.split)
       out.update({f"digits_{k}": v for k, v in evaluation.digits_metrics(
           evaluation.train_digits_classifier(), images,
           levels.astype(np.float32) / (info.num_grey_levels - 1)).items()})
   if fid_weights is not None:
     with Progress("FID / Inception Score", n, "samples"):
       variables = evaluation.load_inception_params(fid_weights)
-      ref = evaluation.load_stats(str(ev.fid_stats)) if ev.fid_stats else None
+      ref = evaluation.load_stats(ev.fid_stats) if ev.fid_stats else None
       out.update(evaluation.inception_metrics(variables, images, ref))
   return out
 
@@ -363,7 +364,7 @@ def gmm_baseline_bpd(config, n_components=(1, 2, 4, 8, 16)) -> dict[str, Any]:
     return GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=0).fit(y)
 
   train, val, test = (split(s) for s in ("train_without_validation", "validation",
-                                         str(config.eval.split)))
+                                         config.eval.split))
   scores = {k: bpd(fit(k, train), val) for k in n_components}
   best = min(scores, key=scores.get)
   return {"gmm_bpd": bpd(fit(best, np.concatenate([train, val])), test),

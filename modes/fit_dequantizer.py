@@ -32,6 +32,7 @@ import checkpoints
 import datasets
 import dequantization
 import run_lib
+import sde_lib
 from modes import register_mode
 from progress import Progress
 
@@ -61,7 +62,7 @@ def _require_images(config) -> datasets.DatasetInfo:
 def fit_dequantizer(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fits q_phi(u | k) by [SF] eq. 13 + eq. 39 with the score model frozen; returns the report."""
   import likelihood
-  sde = run_lib.validate_config(config)
+  sde = sde_lib.get_sde(run_lib.validate_config(config).sde)
   info = _require_images(config)
   run_lib.require_checkpoint(workdir)
   d = config.dequantizer
@@ -213,7 +214,7 @@ class FittedDequantizer:
 def load_dequantizer(config: ml_collections.ConfigDict, workdir: str) -> FittedDequantizer:
   """The q_phi(u | k) of ``workdir/dequantizer`` (verified); a clear error names
   ``--mode=fit_dequantizer`` when there is none, or it was fitted for another model."""
-  sde = run_lib.validate_config(config)
+  sde = sde_lib.get_sde(run_lib.validate_config(config).sde)
   info = _require_images(config)
   where = os.path.join(workdir, DEQUANTIZER_DIR)
   try:

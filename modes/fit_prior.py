@@ -26,6 +26,7 @@ import checkpoints
 import datasets
 import flows
 import run_lib
+import sde_lib
 import toy_data
 from modes import register_mode
 from progress import Progress
@@ -34,7 +35,7 @@ from progress import Progress
 @register_mode("fit_prior")
 def fit_prior(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fits ``prior.kind`` to samples of p(x, T); returns the fit report."""
-  sde = run_lib.validate_config(config)
+  sde = sde_lib.get_sde(run_lib.validate_config(config).sde)
   p = config.prior
   if p.kind == "gaussian":
     raise ValueError("prior.kind='gaussian' is the SDE's own p_noise: nothing to fit (set "

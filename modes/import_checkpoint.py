@@ -18,6 +18,7 @@ from absl import logging
 
 import checkpoints
 import run_lib
+import sde_lib
 from modes import register_mode
 
 
@@ -38,9 +39,9 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoin
           else score_sde_import.import_flax_checkpoint)
   imported = load(config, checkpoint)  # every tensor mapped, or an error naming it
   config = score_sde_import.apply_overrides(config, imported["config_overrides"])
-  sde = run_lib.validate_config(config)
-  _, _, state = run_lib.init_state(config, sde, jax.random.PRNGKey(config.seed))
-  state = _with_params(config, state, imported)
+  cfg = run_lib.validate_config(config)
+  _, _, state = run_lib.init_state(cfg, sde_lib.get_sde(cfg.sde), jax.random.PRNGKey(cfg.seed))
+  state = _with_params(cfg, state, imported)
   checkpoints.check_writable(workdir)
   with checkpoints.workdir_lock(workdir, "train"):
     run_lib.write_config(config, workdir)
@@ -57,12 +58,12 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoin
   return report
 
 
-def _with_params(config, state, imported):
+def _with_params(cfg, state, imported):
   """The fresh TrainState with the imported params, EMA params and step (optimizer state fresh,
   initialised on the imported params)."""
   import losses
   params = jax.tree.map(jnp.asarray, imported["params"])
   ema = jax.tree.map(jnp.asarray, imported["ema_params"])
   jax.tree.map(lambda a, b: None, params, state.params)  # same tree, or an error
-  fresh = losses.init_train_state(params, losses.make_optimizer(config), state.rng)
+  fresh = losses.init_train_state(params, losses.make_optimizer(cfg.optim), state.rng)
   return fresh.replace(ema_params=ema, step=jnp.asarray(imported["step"], fresh.step.dtype))

@@ -26,6 +26,7 @@ from absl import logging
 import checkpoints
 import datasets
 import run_lib
+import sde_lib
 from modes import register_mode
 from progress import Progress
 
@@ -47,22 +48,23 @@ class _Run:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in ``workdir``; returns ``{'losses': {step: loss}, 'eval':
   {step: loss}, 'step': final step, 'start_step': restored step, 'state': final state}``."""
-  sde = run_lib.validate_config(config)
-  _check_divisible(config)
+  cfg = run_lib.validate_config(config)  # the typed sections (config itself goes to files)
+  sde = sde_lib.get_sde(cfg.sde)
+  _check_divisible(cfg)
   run_lib.check_resumable(config, workdir)
-  run = _build(config, sde)
+  run = _build(cfg, sde)
   checkpoints.check_writable(workdir)
   with checkpoints.workdir_lock(workdir, "train"):
     run_lib.write_config(config, workdir)
-    with run_lib.open_checkpoints(config, workdir) as store:
+    with run_lib.open_checkpoints(cfg, workdir) as store:
       state, start_step = _restore(store, run.state, workdir)
       log = run_lib.LossLog(workdir, start_step)
       try:
-        state, step = _loop(config, run, state, start_step, store, log)
+        state, step = _loop(cfg, run, state, start_step, store, log)
         store.wait_until_finished()
       finally:
         log.close()
-  if step >= config.training.n_iters and run_lib.is_main():
+  if step >= cfg.training.n_iters and run_lib.is_main():
     path = _plot_loss_curve(workdir, log.train, log.eval)
     logging.info("Finished at step %d; loss curve: %s", step, path)
   return {"losses": log.new, "eval": log.new_eval, "step": step, "start_step": start_step,
@@ -79,28 +81,29 @@ def _check_divisible(config) -> None:
 
 
 def _build(config, sde) -> _Run:
-  """Model, optimizer, jitted (sharded) train / eval steps and data sources; all from config.seed."""
+  """Model, optimizer, jitted (sharded) train / eval steps and data sources of the typed config
+  (``run_lib.validate_config``); all from config.seed."""
   import losses
   from models import get_model
   from models.utils import init_model, score_fn_from_config
   init_key, state_key, _, _, eval_key = jax.random.split(
       jax.random.PRNGKey(config.seed), 5)
   model = get_model(config)
-  score_fn = score_fn_from_config(config, sde, model)
+  score_fn = score_fn_from_config(config.model, sde, model)
   event_shape = tuple(datasets.dataset_info(config).shape)
-  optimizer = losses.make_optimizer(config)
+  optimizer = losses.make_optimizer(config.optim)
   mesh = losses.make_mesh()
   state = losses.init_train_state(init_model(model, init_key, (1,) + event_shape), optimizer,
                                   state_key)
   sample = run_lib.get_data_sampler(config)
   # Held-out batches: a separate toy stream, or the evaluation split of an image dataset.
-  heldout = run_lib.get_data_sampler(config, split=str(config.eval.split))
+  heldout = run_lib.get_data_sampler(config, split=config.eval.split)
   return _Run(
       state=losses.replicate(state, mesh),
-      train_step=losses.make_train_step(losses.get_loss_fn(config, sde, score_fn), optimizer,
-                                        config.model.ema_rate, mesh=mesh),
-      eval_step=losses.make_eval_step(losses.get_loss_fn(config, sde, score_fn, train=False),
-                                      mesh=mesh),
+      train_step=losses.make_train_step(losses.get_loss_fn(config.training, sde, score_fn),
+                                        optimizer, config.model.ema_rate, mesh=mesh),
+      eval_step=losses.make_eval_step(
+          losses.get_loss_fn(config.training, sde, score_fn, train=False), mesh=mesh),
       shard=lambda b: losses.shard_batch(b, mesh), sample=sample, heldout=heldout,
       n_rows=run_lib.train_batch_rows(config), eval_key=eval_key)
 
@@ -119,7 +122,7 @@ def _loop(config, run: _Run, state, start_step: int, store, log: run_lib.LossLog
   tr = config.training
   heldout = _HeldOut(run, config)
   step, window = start_step, _RateWindow(start_step)
-  batches = datasets.ThreadedIterator(_StepBatches(run, start_step, int(tr.n_iters)), 2)
+  batches = datasets.ThreadedIterator(_StepBatches(run, start_step, tr.n_iters), 2)
   with _Preemption() as preempt, Progress("train", tr.n_iters - start_step, "steps") as progress, \
       contextlib.closing(batches):
     while step < tr.n_iters:

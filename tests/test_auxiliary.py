@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import auxiliary as aux
+import config_schema
 import flows
 import likelihood
 import samplers
@@ -191,7 +192,7 @@ def toy():
   p(x, T) (forward_samples), a DPGMM fitted on them, and a fresh held-out set of p(x, T)."""
   config = get_config()
   config.sde.T = T_TOY
-  sde = sde_lib.get_sde(config)
+  sde = sde_lib.get_sde(config_schema.validate(config).sde)
   dist = toy_data.get_toy_distribution("gmm_1d_diffusion_time")
   k = jax.random.split(jax.random.PRNGKey(0), 5)
   x_T = aux.forward_samples(sde, dist.sample(k[0], 8192), k[1])
@@ -270,7 +271,7 @@ def test_sampler_from_fitted_prior(toy, method):
   mean, var = float(p_eps.mean()[0]), float(p_eps.cov()[0, 0])
 
   def moments(prior):
-    fn = samplers.get_sampler(config, sde, (n, 1), prior=prior)
+    fn = samplers.get_sampler(config_schema.validate(config).sampling, sde, (n, 1), prior=prior)
     x, stats = jax.jit(lambda nu, k: fn(dist.score_fn(sde), k))(prior, jax.random.PRNGKey(12))
     x = np.asarray(x[:, 0], np.float64)
     se_mean = x.std() / math.sqrt(n)
@@ -294,7 +295,7 @@ def test_digits_fitted_prior_beats_p_noise_at_small_T(kind):
   from modes.fit_prior import data_samples
   config = digits_config()
   config.sde.T = 0.2
-  sde = sde_lib.get_sde(config)
+  sde = sde_lib.get_sde(config_schema.validate(config).sde)
   k_x, k_t, k_fit = jax.random.split(jax.random.PRNGKey(0), 3)
   x_t = aux.forward_samples(sde, data_samples(config, k_x, 3000), k_t)
   if kind == "dpgmm":

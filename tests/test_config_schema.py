@@ -225,3 +225,25 @@ def test_sampler_registry_matches_schema():
   assert set(samplers.SAMPLING_METHODS) <= set(samplers.registered_samplers())
   with pytest.raises(ValueError, match="registered twice"):
     samplers.register_sampler("ode")(lambda cfg, sde: None)
+
+
+def test_validate_returns_typed_frozen_sections():
+  """validate returns the config as typed, frozen sections (what run_lib hands the science
+  modules): every SCHEMA field is an attribute of its section, cast to its declared kind (an int
+  where a float is declared becomes a float, a list of ints a tuple), a network family's fields of
+  another family are None, unvalidated sections are None, and a section cannot be changed."""
+  config = _with(_with(_load("digits_vp"), "sde.T", 1), "model.ch_mult", [1, 2])
+  cfg = validate(config)
+  assert type(cfg.sde.T) is float and cfg.sde.T == 1.0
+  assert type(cfg.model.ch_mult) is tuple and cfg.model.ch_mult == (1, 2)
+  assert cfg.model.widths is None and "widths" not in cfg.model.to_dict()  # an MLP field
+  assert cfg.seed == config.seed and type(cfg.training.batch_size) is int
+  kinds = {"int": int, "float": float, "bool": bool, "str": str, "ints": tuple, "floats": tuple}
+  for name, field in SCHEMA.items():
+    section, _, key = name.partition(".")
+    value = getattr(getattr(cfg, section), key) if key else getattr(cfg, section)
+    assert value is None and field.models or type(value) is kinds[field.kind], name
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.sampling.c = 1.0
+  partial = validate(config, sections=("training",))
+  assert partial.training == cfg.training and partial.sampling is None

@@ -82,7 +82,8 @@ def test_ism_ssm_equal_explicit_score_matching():
     for target, probe in (("ism", "gaussian"), ("ssm", "rademacher")):
       config = get_default_config()
       config.training.update(target=target, hutchinson_probe=probe, n_probes=2, batch_size=b)
-      loss_fn = losses.get_loss_fn(config, sde, score_fn)
+      loss_fn = losses.get_loss_fn(
+          config_schema.validate(config, sections=("training",)).training, sde, score_fn)
       per_c = jax.vmap(lambda c: jax.vmap(lambda x, k: loss_fn(c, x, k)[0])(x0, keys))
       vals = jax.jit(per_c)(jnp.asarray(cs))
       for c, v, w in zip(cs, vals, want):
@@ -141,8 +142,7 @@ def _toy_config(target: str, parameterization: str = "a"):
                          weighting="likelihood_is")
   if target in losses.IMPLICIT_TARGETS:
     config.training.n_probes = 2
-  config_schema.validate(config)
-  return config
+  return config_schema.validate(config)
 
 
 @pytest.mark.parametrize("target", ["dsm", "stf", "ism", "ssm"])
@@ -151,7 +151,7 @@ def test_a_parameterization_train_step(target):
   training.target on a toy config: the score is the network output over g(t), and one sharded
   train step gives a finite loss, finite gradients and new parameters."""
   config = _toy_config(target)
-  sde = sde_lib.get_sde(config)
+  sde = sde_lib.get_sde(config.sde)
   model, score_fn, state = run_lib.init_state(config, sde, jax.random.PRNGKey(0))
   x = jnp.asarray(toy_data.get_toy_distribution("gmm_2d").sample(jax.random.PRNGKey(1),
                                                                    run_lib.train_batch_rows(config)))
@@ -160,8 +160,9 @@ def test_a_parameterization_train_step(target):
   np.testing.assert_allclose(score_fn(state.params, x, t), out / sde.diffusion(t)[:, None],
                              rtol=1e-6)
   mesh = losses.make_mesh()
-  step = losses.make_train_step(losses.get_loss_fn(config, sde, score_fn),
-                                losses.make_optimizer(config), config.model.ema_rate, mesh=mesh)
+  step = losses.make_train_step(losses.get_loss_fn(config.training, sde, score_fn),
+                                losses.make_optimizer(config.optim), config.model.ema_rate,
+                                mesh=mesh)
   new, metrics = step(losses.replicate(state, mesh), losses.shard_batch(x, mesh))
   assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
   assert float(metrics["grad_norm"]) > 0
@@ -240,9 +241,11 @@ def _train_toy(target: str, dataset: str, steps: int, sharded: bool, seed: int =
   config.training.update(target=target, weighting="likelihood_is", batch_size=256,
                          ref_batch_size=256)
   config.optim.update(lr=3e-3, warmup=20)
-  sde = sde_lib.get_sde(config)
+  config = config_schema.validate(config)
+  sde = sde_lib.get_sde(config.sde)
   _, score_fn, state = run_lib.init_state(config, sde, jax.random.PRNGKey(seed))
-  loss_fn, optimizer = losses.get_loss_fn(config, sde, score_fn), losses.make_optimizer(config)
+  loss_fn = losses.get_loss_fn(config.training, sde, score_fn)
+  optimizer = losses.make_optimizer(config.optim)
   dist = toy_data.get_toy_distribution(dataset)
   data = dist.sample(jax.random.PRNGKey(100 + seed), (steps, 256, dist.dim))
   init = functools.partial(score_fn, state.params)
@@ -354,14 +357,13 @@ def test_eval_ct_elbo_stage_toy_exact_score():
   config.data.dataset = "gmm_1d_diffusion_time"
   config.sde.eps = 1e-3
   config.eval.update(num_likelihood_examples=256, bound_time_samples=32)
-  sde = sde_lib.get_sde(config)
+  sde = sde_lib.get_sde(config_schema.validate(config).sde)
   dist = toy_data.get_toy_distribution(config.data.dataset)
   model = run_lib.ScoreModel(sde=sde, score_fn=dist.score_fn(sde), event_shape=(1,), step=0,
                              prior=sde.prior())
-  assert evaluate._ct_elbo(config, model, jax.random.PRNGKey(0)) == {}
+  assert evaluate._ct_elbo(config_schema.validate(config), model, jax.random.PRNGKey(0)) == {}
   config.eval.update(ct_elbo=True, ct_elbo_lambdas=(-1.0, 0.0, 0.9))
-  config_schema.validate(config)
-  r = evaluate._ct_elbo(config, model, jax.random.PRNGKey(0))
+  r = evaluate._ct_elbo(config_schema.validate(config), model, jax.random.PRNGKey(0))
   x = run_lib.toy_reference(config, 256)
   exact = -float(np.mean(dist.log_prob(jnp.asarray(x))))
   print({k: v for k, v in r.items() if not k.endswith("indices")}, "exact NLL", exact)

@@ -74,7 +74,7 @@ def test_edm_sde_closed_forms_and_validation():
   config = toy_config()
   config.sde.name, config.sde.sigma_min, config.sde.sigma_max = "edm", 0.002, 80.0
   config.sde.eps, config.sde.T = 0.002, 80.0
-  assert isinstance(sde_lib.get_sde(config), sde_lib.EDM)
+  assert isinstance(sde_lib.get_sde(config_schema.validate(config).sde), sde_lib.EDM)
   for field, value, match in [("sde.T", 1.0, r"^sde\.T must equal sde\.sigma_max"),
                               ("sde.rho", -1.0, r"^sde\.rho must be"),
                               ("training.weighting", "edm", None),
@@ -213,18 +213,18 @@ def test_edm_stf_config_trains_and_samples():
   config.training.update(dict(weighting="edm", target="stf", batch_size=8, ref_batch_size=32))
   config.model.update(dict(parameterization="edm", widths=(16,)))
   config.sampling.update(dict(method="heun", n_steps=18, denoise=True, c=0.0))
-  config_schema.validate(config)
-  sde = sde_lib.get_sde(config)
+  config = config_schema.validate(config)
+  sde = sde_lib.get_sde(config.sde)
   model = models.get_model(config)
   params = init_model(model, jax.random.PRNGKey(0), (8, 2))
-  score_fn = score_fn_from_config(config, sde, model)
+  score_fn = score_fn_from_config(config.model, sde, model)
   batch = toy_data.ode_sde_gmm_2d().sample(jax.random.PRNGKey(1), 32)
-  loss_fn = losses.get_loss_fn(config, sde, score_fn)
+  loss_fn = losses.get_loss_fn(config.training, sde, score_fn)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       params, batch, jax.random.PRNGKey(2))
   assert np.isfinite(float(loss)) and float(metrics["stf_ess_mean"]) >= 1.0
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
-  sample_fn = samplers.get_sampler(config, sde, (16, 2))
+  sample_fn = samplers.get_sampler(config.sampling, sde, (16, 2))
   x, stats = jax.jit(lambda k: sample_fn(lambda y, t: score_fn(params, y, t), k))(
       jax.random.PRNGKey(3))
   assert int(stats["nfe"]) == 35 and np.all(np.isfinite(np.asarray(x)))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
+import config_schema
 import losses
 import sde_lib
 import toy_data
@@ -24,6 +25,11 @@ def _config(**training):
   for k, v in training.items():
     config.training[k] = v
   return config
+
+
+def _training(**training):
+  """The typed training section (config_schema.validate at the boundary, as run_lib does)."""
+  return config_schema.validate(_config(**training), sections=("training",)).training
 
 
 def _gaussian_data(dtype=jnp.float64):
@@ -59,21 +65,21 @@ def test_config_errors_name_the_field():
   sde = sde_lib.VPSDE()
   fn = lambda p, x, t, rng=None: x
   with pytest.raises(ValueError, match="training.weighting"):
-    losses.get_loss_fn(_config(weighting="uniform"), sde, fn)
+    losses.get_loss_fn(_training(weighting="uniform"), sde, fn)
   with pytest.raises(ValueError, match="training.target"):
-    losses.get_loss_fn(_config(target="ncsn"), sde, fn)
+    losses.get_loss_fn(_training(target="ncsn"), sde, fn)
   with pytest.raises(ValueError, match="training.ref_batch_size"):
-    losses.get_loss_fn(_config(target="stf", batch_size=16, ref_batch_size=8), sde, fn)
+    losses.get_loss_fn(_training(target="stf", batch_size=16, ref_batch_size=8), sde, fn)
   config = _config()
   config.optim.optimizer = "sgd"
   with pytest.raises(ValueError, match="optim.optimizer"):
-    losses.make_optimizer(config)
+    config_schema.validate(config, sections=("optim",))
   config = _config()
   config.optim.warmup = -1
   with pytest.raises(ValueError, match="optim.warmup"):
-    losses.make_optimizer(config)
+    config_schema.validate(config, sections=("optim",))
   # A wrongly sized STF batch fails when traced, naming the field.
-  loss_fn = losses.get_loss_fn(_config(target="stf", batch_size=2, ref_batch_size=4), sde, fn)
+  loss_fn = losses.get_loss_fn(_training(target="stf", batch_size=2, ref_batch_size=4), sde, fn)
   with pytest.raises(ValueError, match="training.ref_batch_size"):
     loss_fn({}, jnp.zeros((3, 2)), jax.random.PRNGKey(0))
 
@@ -91,8 +97,8 @@ def test_weightings_match_the_papers_formulas():
   fn = lambda p, x, t, rng=None: p * x
   x0 = jax.random.normal(jax.random.PRNGKey(0), (8, 3, 5))
   key = jax.random.PRNGKey(1)
-  total = losses.get_loss_fn(_config(batch_size=8), sde, fn)(-1.0, x0, key)[0]
-  mean = losses.get_loss_fn(_config(batch_size=8, reduce_mean=True), sde, fn)(-1.0, x0, key)[0]
+  total = losses.get_loss_fn(_training(batch_size=8), sde, fn)(-1.0, x0, key)[0]
+  mean = losses.get_loss_fn(_training(batch_size=8, reduce_mean=True), sde, fn)(-1.0, x0, key)[0]
   np.testing.assert_allclose(mean, total / 15, rtol=1e-6)
 
 
@@ -125,8 +131,8 @@ def test_stf_target_matches_bruteforce_and_n1_is_dsm(sde):
   # ... and the STF loss with n = B = 1 equals the DSM loss for the same key.
   fn = lambda p, x, t, rng=None: p * x
   key = jax.random.PRNGKey(3)
-  dsm = losses.get_loss_fn(_config(target="dsm", batch_size=1), sde, fn)(0.3, x0[:1], key)[0]
-  stf = losses.get_loss_fn(_config(target="stf", batch_size=1, ref_batch_size=1), sde, fn)(
+  dsm = losses.get_loss_fn(_training(target="dsm", batch_size=1), sde, fn)(0.3, x0[:1], key)[0]
+  stf = losses.get_loss_fn(_training(target="stf", batch_size=1, ref_batch_size=1), sde, fn)(
       0.3, x0[:1], key)[0]
   assert float(dsm) == float(stf)
 
@@ -213,7 +219,7 @@ def test_dsm_exact_score_is_minimizer_with_analytic_value(sde, weighting):
   with jax.enable_x64(True):
     mu, s, data = _gaussian_data()
     score_fn = _gaussian_score_fn(sde, mu, s)
-    loss_fn = losses.get_loss_fn(_config(weighting=weighting, batch_size=64), sde, score_fn)
+    loss_fn = losses.get_loss_fn(_training(weighting=weighting, batch_size=64), sde, score_fn)
     reps, b = 400, 64
     keys = jax.random.split(jax.random.PRNGKey(1), reps)
     batches = data.sample(jax.random.PRNGKey(2), reps * b).reshape(reps, b, 2)
@@ -246,7 +252,7 @@ def test_importance_sampled_time_is_unbiased_with_lower_variance():
     batches = data.sample(jax.random.PRNGKey(5), reps * b).reshape(reps, b, 2)
     out = {}
     for w in ("likelihood", "likelihood_is"):
-      loss_fn = losses.get_loss_fn(_config(weighting=w, batch_size=b), sde, score_fn)
+      loss_fn = losses.get_loss_fn(_training(weighting=w, batch_size=b), sde, score_fn)
       out[w] = np.asarray(_replicator(loss_fn)(2.0, batches, keys))
     (mu_u, se_u), (mu_i, se_i) = _mean_se(out["likelihood"]), _mean_se(out["likelihood_is"])
     ratio = out["likelihood"].var() / out["likelihood_is"].var()
@@ -301,8 +307,9 @@ def test_sharded_train_step_matches_single_device(target):
   config = _config(target=target, batch_size=b, ref_batch_size=n, weighting="likelihood_is")
   config.optim.warmup = 2
   config.optim.lr = 1e-2
-  loss_fn = losses.get_loss_fn(config, sde, score_fn)
-  optimizer = losses.make_optimizer(config)
+  config = config_schema.validate(config, sections=("training", "optim"))
+  loss_fn = losses.get_loss_fn(config.training, sde, score_fn)
+  optimizer = losses.make_optimizer(config.optim)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
   data = toy_data.ode_sde_gmm_2d()
   rows = n if target == "stf" else b
@@ -323,7 +330,7 @@ def test_sharded_train_step_matches_single_device(target):
                   jax.tree.leaves((sharded.params, sharded.ema_params))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=0)
   # The sharded eval step gives the loss of the plain function.
-  eval_loss = losses.get_loss_fn(config, sde, score_fn, train=False)
+  eval_loss = losses.get_loss_fn(config.training, sde, score_fn, train=False)
   eval_step = losses.make_eval_step(eval_loss, losses.make_mesh())
   key = jax.random.PRNGKey(9)
   got = eval_step(sharded.ema_params, losses.shard_batch(batches[0], losses.make_mesh()), key)

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import config_schema
 import sde_lib
 from configs.default_toy import get_default_toy_config
 import models
@@ -95,11 +96,11 @@ def test_input_scale():
   config.sde.name = "vesde"
   config.model.parameterization = "score"
   config.model.input_scaling = True
-  ve = sde_lib.get_sde(config)
+  ve = sde_lib.get_sde(config_schema.validate(config).sde)
   net = OracleNet(ve, "score", True)
   params = init_model(net, jax.random.PRNGKey(0), (4, 2))
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 2)) * 10
-  np.testing.assert_allclose(score_fn_from_config(config, ve, net)(params, x, 0.7),
+  np.testing.assert_allclose(score_fn_from_config(config_schema.validate(config).model, ve, net)(params, x, 0.7),
                              exact_score(ve, x, jnp.full((4,), 0.7)), rtol=1e-5)
 
 
@@ -116,7 +117,7 @@ def test_mlp_shapes_jit_grad_vmap(embedding):
   config.model.parameterization = "score"
   model = get_model(config)
   assert isinstance(model, MLPScore) and model.widths == (16, 16)
-  sde = sde_lib.get_sde(config)
+  sde = sde_lib.get_sde(config_schema.validate(config).sde)
   params = init_model(model, jax.random.PRNGKey(0), (4, 2))
   score_fn = get_score_fn(sde, model, "noise")
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 2))

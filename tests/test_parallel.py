@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import config_schema
 import datasets
 import likelihood
 import parallel
@@ -60,7 +61,7 @@ def _gaussian_image_model():
   """Data N(0, s0^2 I) on 8x8x1, VP SDE: the exact marginal score is -x / (alpha^2 s0^2 +
   sigma^2); its scale is the 'parameter' that sharded_map replicates."""
   config = get_default_toy_config()
-  sde = sde_lib.get_sde(config)
+  sde = sde_lib.get_sde(config_schema.validate(config).sde)
 
   def apply(params, x, t):
     alpha, sigma = sde.marginal_coeffs(t)

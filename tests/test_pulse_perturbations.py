@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
+import config_schema
 import sde_lib
 import samplers
 from configs.default import get_default_config
@@ -90,7 +91,8 @@ def test_config_perturbation_matches_closed_form_variance():
       config = get_default_config()
       config.sampling.update(dict(method=method, c=c, n_steps=1000, denoise=False,
                                   perturbation=case, perturbation_epsilon=eps))
-      sample_fn = samplers.get_sampler(config, sde, (n, 1), prior=prior)
+      sample_fn = samplers.get_sampler(
+          config_schema.validate(config, sections=("sampling",)).sampling, sde, (n, 1), prior=prior)
       x = np.asarray(jax.jit(sample_fn, static_argnums=0)(score, jax.random.PRNGKey(3))[0],
                      np.float64)
       v = closed_form_var(c, eps, m, T - eps_sde)

@@ -193,7 +193,8 @@ def _fresh_state(config):
   from models.utils import init_model
   model = get_model(config)
   params = init_model(model, jax.random.PRNGKey(0), (1, 2))
-  return losses.init_train_state(params, losses.make_optimizer(config), jax.random.PRNGKey(1))
+  return losses.init_train_state(params, losses.make_optimizer(run_lib.validate_config(config).optim),
+                                 jax.random.PRNGKey(1))
 
 
 def _set(config, field, value):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
+import config_schema
 import sde_lib
 import samplers
 import toy_data
@@ -504,10 +505,12 @@ def test_T_and_eps_respected_without_recompiling():
 
 
 def _cfg(**overrides):
+  """The typed sampling section of the default config with ``overrides``, validated at the
+  boundary (config_schema) as run_lib does: a bad field fails there, naming it."""
   config = get_default_config()
   for k, v in overrides.items():
     config.sampling[k] = v
-  return config
+  return config_schema.validate(config, sections=("sampling",)).sampling
 
 
 def test_get_sampler_methods_and_validation():

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import config_schema
 import models
 import score_sde_import as ssi
 import sde_lib
@@ -98,9 +99,10 @@ def test_imported_checkpoint_matches_score_sde_outputs(kind):
       "model.time_embedding_scale": 1.0 if ve else 999.0, "model.input_scaling": False,
       "model.center_input": ve, "model.ema_rate": 0.999 if ve else 0.9999}
 
-  sde = sde_lib.get_sde(config)
+  typed = config_schema.validate(config)
+  sde = sde_lib.get_sde(typed.sde)
   model = models.get_model(config)
-  score_fn = mutils.score_fn_from_config(config, sde, model)
+  score_fn = mutils.score_fn_from_config(typed.model, sde, model)
   x, t, labels = _nhwc(io["x"]), jnp.asarray(io["t"]), np.asarray(io["labels"])
   # score_sde's network input: log(labels) = log sigma(t) for VE, labels = 999 t for VP.
   cond = jnp.log(labels) if ve else jnp.asarray(labels) / config.model.time_embedding_scale

@@ -332,7 +332,7 @@ def _config(**kw):
   cfg.sde = ml_collections.ConfigDict(dict(name="vpsde", beta_min=0.1, beta_max=20.0, sigma_min=0.01,
                                            sigma_max=50.0, T=1.0, eps=1e-5))
   cfg.sde.update(kw)
-  return cfg
+  return cfg.sde  # get_sde reads the attributes of an sde section
 
 
 def test_get_sde_builds_and_validates():

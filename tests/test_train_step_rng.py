@@ -90,9 +90,10 @@ def test_loss_fn_honours_the_config():
   results = {}
   for impl in losses.PRNG_IMPLS:
     config = tiny_config(impl)
-    sde = sde_lib.get_sde(config)
+    typed = config_schema.validate(config)
+    sde = sde_lib.get_sde(typed.sde)
     model, params = _model_and_params(config)
-    loss_fn = losses.get_loss_fn(config, sde, score_fn_from_config(config, sde, model))
+    loss_fn = losses.get_loss_fn(typed.training, sde, score_fn_from_config(typed.model, sde, model))
     batch = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
     loss, metrics = jax.jit(loss_fn)(params, batch, jax.random.PRNGKey(4))
     assert np.isfinite(loss)

@@ -1,0 +1,125 @@
+"""The import rules of ../shared/DESIGN.md ("Import rules"), read from the source with ``ast``.
+
+Every import counts, also the deferred ones inside functions (``import config_schema`` in a
+function body is still an arrow) and ``importlib.import_module("name")`` with a literal name. The
+floors: entry (main, modes/, run_lib) > schema (config_schema, configs/) > science, networks
+(models/), data, evaluation, import > infrastructure. The rules checked:
+
+* science (sde_lib, losses, samplers, likelihood, auxiliary, hutchinson, dequantization, flows,
+  controllable) never imports the schema or the entry: the math takes typed sections
+  (``config_schema.validate`` at the boundary) and validates no ConfigDict;
+* networks (models/) and data (datasets, toy_data) never import the entry;
+* the schema never imports the entry;
+* infrastructure (checkpoints, parallel, progress, pytrees) never imports science, networks, data
+  or evaluation.
+"""
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ENTRY = {"main", "run_lib", "modes"}
+SCHEMA = {"config_schema", "configs"}
+SCIENCE = {"sde_lib", "losses", "samplers", "likelihood", "auxiliary", "hutchinson",
+           "dequantization", "flows", "controllable"}
+NETWORKS = {"models"}
+DATA = {"datasets", "toy_data"}
+EVALUATION = {"evaluation", "inception_weights"}
+INFRASTRUCTURE = {"checkpoints", "parallel", "progress", "pytrees"}
+OPTIONAL = {"controllable"}  # planned (DESIGN.md): checked once it exists
+
+# (floor of the importing module, floors it must not import, why)
+RULES = (
+    (SCIENCE, SCHEMA | ENTRY, "science takes typed config sections; it never reads the schema or "
+     "the entry"),
+    (NETWORKS | DATA, ENTRY, "networks and data never import the entry"),
+    (SCHEMA, ENTRY, "the schema never imports the entry"),
+    (INFRASTRUCTURE, SCIENCE | NETWORKS | DATA | EVALUATION, "infrastructure never imports the "
+     "science, networks, data or evaluation"),
+)
+
+
+def _package(path: str) -> str:
+  """The top-level project name of a module path: 'losses.py' -> 'losses', 'models/mlp.py' ->
+  'models'."""
+  return os.path.relpath(path, ROOT).split(os.sep)[0].removesuffix(".py")
+
+
+def imported_names(source: str, package: str = "") -> set[str]:
+  """Top-level names of every module ``source`` imports, at any depth of the tree (deferred imports
+  in function bodies too); relative imports resolve to ``package``."""
+  names = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      names.update(alias.name.split(".")[0] for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      names.add(package if node.level else node.module.split(".")[0])
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "import_module" and node.args
+          and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+      names.add(node.args[0].value.split(".")[0])
+  return names
+
+
+def _modules() -> dict[str, list[str]]:
+  """Project name -> its source files (top-level modules, and the models / modes / configs
+  packages)."""
+  out: dict[str, list[str]] = {}
+  for entry in sorted(os.listdir(ROOT)):
+    path = os.path.join(ROOT, entry)
+    if entry.endswith(".py"):
+      out.setdefault(entry[:-3], []).append(path)
+    elif entry in ("models", "modes", "configs"):
+      out[entry] = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".py")]
+  return out
+
+
+def violations(files: list[str]) -> list[str]:
+  """'file imports name (rule)' for every import of ``files`` that a rule forbids."""
+  found = []
+  for path in files:
+    package = _package(path)
+    with open(path) as f:
+      names = imported_names(f.read(), package)
+    for floor, forbidden, why in RULES:
+      if package in floor:
+        found += [f"{os.path.relpath(path, ROOT)} imports {n} ({why})"
+                  for n in sorted(names & forbidden) if n != package]
+  return found
+
+
+def test_every_layered_module_exists():
+  """The floors name real modules (a rename must update this test, not silently skip a file)."""
+  present = set(_modules())
+  layered = ENTRY | SCHEMA | SCIENCE | NETWORKS | DATA | EVALUATION | INFRASTRUCTURE
+  assert layered - OPTIONAL <= present, sorted(layered - OPTIONAL - present)
+
+
+@pytest.mark.parametrize("floor", ["science", "networks_and_data", "schema", "infrastructure"])
+def test_import_rules(floor):
+  """No module imports a floor that DESIGN.md's import rules forbid it (deferred imports count)."""
+  members = {"science": SCIENCE, "networks_and_data": NETWORKS | DATA, "schema": SCHEMA,
+             "infrastructure": INFRASTRUCTURE}[floor]
+  files = [p for name, paths in _modules().items() if name in members for p in paths]
+  assert files
+  assert violations(files) == []
+
+
+def test_the_reader_sees_deferred_and_dynamic_imports():
+  """The import reader finds a deferred import in a function body, ``from`` imports, relative
+  imports and ``importlib.import_module`` with a literal name: the rules can fail."""
+  source = (
+      "import jax\n"
+      "from sde_lib import bcast\n"
+      "def f():\n"
+      "  if True:\n"
+      "    import config_schema  # deferred\n"
+      "  from modes.train import train\n"
+      "  from . import utils\n"
+      "  return importlib.import_module('run_lib.x')\n")
+  assert imported_names(source, "models") == {"jax", "sde_lib", "config_schema", "modes", "models",
+                                              "run_lib"}
