@@ -400,6 +400,24 @@ def test_fid_weights_follow_data_download(tmp_path, monkeypatch):
       cache, iw.CONVERTED_NAME)
 
 
+def test_eval_resolves_fid_inputs_before_any_work(tmp_path, monkeypatch):
+  """--mode=eval with eval.fid on images checks eval.fid_stats and gets the Inception weights
+  (here: data.download=False and an empty cache) before it loads a model: errors name the field."""
+  from configs.cifar_vp_dsm import get_config
+  from modes import evaluate as evaluate_mode
+  monkeypatch.setenv("SCORELAB_CACHE", str(tmp_path / "cache"))
+  config = get_config()
+  config.eval.fid, config.data.download = True, False
+  with pytest.raises(FileNotFoundError, match="data.download=False"):
+    evaluate_mode.evaluate(config, str(tmp_path / "no_workdir"))
+  config.eval.fid_stats = str(tmp_path / "missing_stats.npz")
+  with pytest.raises(FileNotFoundError, match="config.eval.fid_stats"):
+    evaluate_mode.evaluate(config, str(tmp_path / "no_workdir"))
+  assert not os.path.exists(tmp_path / "no_workdir")
+  config.eval.fid = False
+  assert evaluate_mode._fid_weights(config) is None
+
+
 # ----------------------------------------------------------------------------------------- digits
 
 @pytest.fixture(scope="module")
