@@ -5,9 +5,10 @@ DDPM++ with the STF target), program (``train`` step, per-example ``likelihood``
 per-device batch, the program is lowered and compiled on ONE device from abstract arguments
 (``jax.ShapeDtypeStruct`` via ``jax.eval_shape``: nothing of full size is allocated) and
 ``compiled.memory_analysis()`` is recorded: argument, output, alias, temporary and generated-code
-bytes, and the peak = argument + output + temp - alias (XLA's ``peak_memory_in_bytes``). From two
-or more batches the script fits bytes = a + b * batch (least squares) and gives the largest
-per-device batch whose predicted peak fits ``--usable-fraction`` of 16 / 40 / 80 GiB. Compile
+bytes, and the peak = argument + output + temp - alias (XLA's own ``peak_memory_in_bytes`` is
+recorded beside it). From two or more batches the script fits bytes = a + b * batch (least
+squares) and gives the largest per-device batch whose peak fits ``--usable-fraction`` of 16 / 40 /
+80 GiB, read off the compiled peaks joined by straight lines (``fit``). Compile
 times (lowering and XLA compilation apart) are recorded too; JAX's persistent compilation cache is
 switched off in this process so they are cold compiles.
 
