@@ -5,9 +5,10 @@ DDPM++ with the STF target), program (``train`` step, per-example ``likelihood``
 per-device batch, the program is lowered and compiled on ONE device from abstract arguments
 (``jax.ShapeDtypeStruct`` via ``jax.eval_shape``: nothing of full size is allocated) and
 ``compiled.memory_analysis()`` is recorded: argument, output, alias, temporary and generated-code
-bytes, and the peak = argument + output + temp - alias (XLA's ``peak_memory_in_bytes``). From two
-or more batches the script fits bytes = a + b * batch (least squares) and gives the largest
-per-device batch whose predicted peak fits ``--usable-fraction`` of 16 / 40 / 80 GiB. Compile
+bytes, and the peak = argument + output + temp - alias (XLA's own ``peak_memory_in_bytes`` is
+recorded beside it). From two or more batches the script fits bytes = a + b * batch (least
+squares) and gives the largest per-device batch whose peak fits ``--usable-fraction`` of 16 / 40 /
+80 GiB, read off the compiled peaks joined by straight lines (``fit``). Compile
 times (lowering and XLA compilation apart) are recorded too; JAX's persistent compilation cache is
 switched off in this process so they are cold compiles.
 
@@ -84,18 +85,27 @@ def compile_timed(prog, options: dict | None = None):
 
 
 def fit(rows: list[dict], usable: float, capacities=CAPACITIES_GIB) -> dict:
-  """bytes = a + b * batch by least squares over ``rows`` (>= 2 batches); the largest per-device
-  batch with a + b * batch <= usable * capacity for each capacity (GiB); max relative residual."""
+  """bytes = a + b * batch by least squares over ``rows`` (>= 2 batches) and its max relative
+  residual; and the largest per-device batch whose peak fits ``usable`` x capacity (GiB), read off
+  the measured peaks joined by straight lines (beyond the largest compiled batch: the slope of the
+  last two, marked as extrapolated). XLA:CPU's bytes per example grow with the batch (see
+  benchmarks/README.md), so the piecewise curve, not the single line, decides."""
   batch = np.array([r["batch"] for r in rows], float)
   peak = np.array([r["peak_bytes"] for r in rows], float)
   b, a = np.polyfit(batch, peak, 1)
-  resid = float(np.max(np.abs(a + b * batch - peak) / peak))
-  fits = {}
+  fits, extrapolated = {}, {}
   for cap in capacities:
-    room = usable * cap * GIB - a
-    fits[f"{cap}GiB"] = int(room // b) if b > 0 and room > 0 else 0
-  return dict(fixed_bytes=float(a), bytes_per_example=float(b), max_rel_residual=resid,
-              batches=[int(v) for v in batch], max_batch=fits, usable_fraction=usable)
+    room = usable * cap * GIB
+    i = int(np.searchsorted(peak, room))  # first measured peak above the room
+    j = min(max(i, 1), len(batch) - 1)  # the segment (j - 1, j) that holds or extends to it
+    slope = (peak[j] - peak[j - 1]) / (batch[j] - batch[j - 1])
+    best = batch[j - 1] + (room - peak[j - 1]) / slope if slope > 0 else np.inf
+    fits[f"{cap}GiB"] = max(int(best), 0) if np.isfinite(best) else None
+    extrapolated[f"{cap}GiB"] = bool(i == len(batch) or i == 0)
+  return dict(fixed_bytes=float(a), bytes_per_example=float(b),
+              max_rel_residual=float(np.max(np.abs(a + b * batch - peak) / peak)),
+              batches=[int(v) for v in batch], max_batch=fits, extrapolated=extrapolated,
+              usable_fraction=usable)
 
 
 def summarize(entries: list[dict], usable: float) -> dict:
@@ -140,17 +150,22 @@ def markdown(result: dict) -> str:
     comp += f" ({np.mean(cpu):.0f} CPU s)" if cpu else ""
     f = fits.get(key)
     fit_cell = (f"{_gib(f['fixed_bytes'])} + {f['bytes_per_example'] / 2**20:.1f}"
-                if f else "one batch only")
-    caps = " / ".join(str(v) for v in f["max_batch"].values()) if f else "–"
+                + (f" (off by up to {100 * f['max_rel_residual']:.0f} %)"
+                   if f["max_rel_residual"] > 0.01 else "") if f else "one batch only")
+    caps = " / ".join(f"{v}{'*' if f['extrapolated'][k] else ''}"
+                      for k, v in f["max_batch"].items()) if f else "–"
     name = r0["model"] + (" (tiny)" if r0["tiny"] else "")
     lines.append(f"| {name} | {r0['program']} | {r0['dtype']} | {r0['params'] / 1e6:.2f}M | "
                  f"{cells} | {comp} | {fit_cell} | {caps} |")
   usable = result.get("usable_fraction", USABLE_FRACTION)
   lines += ["", f"Peak = argument + output + temp - alias bytes of XLA:{result.get('backend', 'cpu')}"
-            f"'s memory analysis on one device; max batch: largest per-device batch with fixed + "
-            f"per-example * batch <= {usable:.2f} x capacity (JAX's default GPU preallocation), "
-            "from the linear fit. Compile s = lowering + XLA compilation, cold (no persistent "
-            "cache), on the machine and load recorded in memory.json."]
+            f"'s memory analysis on one device; fit: least-squares line over the compiled "
+            f"batches; max batch: largest per-device batch whose peak is <= {usable:.2f} x "
+            "capacity (JAX's default GPU preallocation), read off the compiled batches' peaks "
+            "joined by straight lines (* = beyond the compiled batches: extrapolated with the "
+            "last segment's slope). Compile s = lowering + XLA compilation, cold (no "
+            "persistent cache), wall (CPU seconds of the process), on the machine and load "
+            "recorded in memory.json; (-O0) = compiled with --fast-compile, time not comparable."]
   return "\n".join(lines) + "\n"
 
 

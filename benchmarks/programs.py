@@ -120,9 +120,9 @@ def train_program(config, batch: int, mesh) -> Program:
   rows = (run_lib.train_batch_rows(config),) + event
   state = jax.eval_shape(lambda p: losses.init_train_state(p, optimizer, key), abstract_params)
 
-  def make_args():
-    real = losses.init_train_state(init(), optimizer, key, mesh=mesh)
-    return real, losses.shard_batch(_data(rows), mesh)
+  def make_args():  # one jitted init (eager per-leaf ops would each compile)
+    real = jax.jit(lambda p: losses.init_train_state(p, optimizer, key))(init())
+    return losses.replicate(real, mesh), losses.shard_batch(_data(rows), mesh)
 
   return Program("train", step, (state, jax.ShapeDtypeStruct(rows, jnp.float32)), make_args,
                  batch, count)
