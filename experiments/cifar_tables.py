@@ -65,7 +65,7 @@ _SF_COLS = ("nll_uniform", "bound_uniform", "nll_variational", "bound_variationa
 _STF_T1 = "Table 1: CIFAR-10 sample quality (FID, Inception)"
 _STF_COLS = ("inception_score", "fid", "nfe")
 _FR_T3 = "Table 3: Experimental results on CIFAR10"
-_FR_COLS = ("fid", "bpd", "nfe_sde", "nfe_ode")
+FRANZESE_COLUMNS = ("fid", "bpd", "nfe_sde", "nfe_ode")
 
 PRINTED: dict[str, dict[str, PrintedRow]] = {
     "cao": {c: PrintedRow(CAO, _CAO_T1, f"$h^2/g^2 = {c}$", CAO_STEPS, v) for c, v in {
@@ -93,7 +93,7 @@ PRINTED: dict[str, dict[str, PrintedRow]] = {
         "stf_ddpmpp": ("STF (ours) - Heun, DDPM++", ("9.79", "1.92", "35")),
         "dsm_ncsnpp": ("DSM - Heun, NCSN++", ("9.82", "1.98", "35")),
         "stf_ncsnpp": ("STF (ours) - Heun, NCSN++", ("9.93", "1.90", "35"))}.items()},
-    "franzese": {k: PrintedRow(FRANZESE, _FR_T3, label, _FR_COLS, v) for k, (label, v) in {
+    "franzese": {k: PrintedRow(FRANZESE, _FR_T3, label, FRANZESE_COLUMNS, v) for k, (label, v) in {
         "gaussian_1.0": ("ScoreSDE [29]", ("3.64", "3.09", "1000", "221")),
         "gaussian_0.6": ("ScoreSDE (T = 0.6)", ("5.74", "3.07", "600", "200")),
         "gaussian_0.4": ("ScoreSDE (T = 0.4)", ("24.91", "3.09", "400", "187")),

@@ -91,16 +91,19 @@ def figure(result: dict, path: str) -> None:
   plt.close(fig)
 
 
-def summarize(result: dict) -> list[dict]:
-  """The claims row (experiments/claims.py) of a committed run."""
-  cells = result["cells"]
-  best = min(cells.values(), key=lambda r: r["measured"]["fid"])
-  return [{"claim": "at enough steps the SDE (c > 0) samples better than the ODE on a published "
-                    "CIFAR-10 model", "paper": "Cao et al., Table 1",
-           "printed": "FID 6.89 (c = 0, 1000 steps) vs 6.70 (c = 1) / 6.69 (c = 2, 3000 steps)",
-           "reproduced": f"best FID {best['measured']['fid']:.2f} at {best['params']['steps']} "
-                         f"steps, c = {best['params']['c']} ({len(cells)} cells)",
-           "command": "python experiments/ode_vs_sde_cifar.py --checkpoint FILE --out DIR"}]
+TABLE = {"table": "Cao et al., Table 1: FID vs Euler-Maruyama steps and c = h²/g² (28 cells)",
+         "checkpoint": "score_sde's vp/cifar10_ddpmpp_continuous (yang-song/score_sde and "
+                       "score_sde_pytorch READMEs link the checkpoints)",
+         "command": "python experiments/ode_vs_sde_cifar.py --checkpoint FILE --out DIR",
+         "printed": "FID 6.89 (c = 0, 1000 steps) vs 6.70 (c = 1) / 6.69 (c = 2, 3000 steps)"}
+
+
+def reproduced(result: dict) -> str:
+  """The 'reproduced' cell of the README's CIFAR-10 tables block (experiments/claims.py)."""
+  cells = result["cells"].values()
+  best = min(cells, key=lambda r: r["measured"]["fid"])
+  return (f"best FID {best['measured']['fid']:.2f} at {best['params']['steps']} steps, "
+          f"c = {best['params']['c']} ({len(result['cells'])} cells)")
 
 
 def main(argv=None):
