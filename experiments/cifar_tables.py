@@ -356,7 +356,7 @@ def seconds_per_evaluation(config, batch: int, repeats: int = 3) -> tuple[float,
     f(state.params, x, t).block_until_ready()
   seconds = (time.perf_counter() - t0) / repeats / batch
   dev = jax.devices()[0]
-  return seconds, f"{dev.platform} {getattr(dev, 'device_kind', '')} x{jax.device_count()}"
+  return seconds, f"{dev.platform} ({getattr(dev, 'device_kind', '?')}) x{jax.device_count()}"
 
 
 def dry_run(cells: Sequence[Cell], config, batch: int, out: str = "") -> list[dict[str, Any]]:

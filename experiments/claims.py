@@ -34,6 +34,7 @@ TABLE_FIELDS = ("table", "checkpoint", "command", "device_time", "printed")
 def _module(path: str):
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   mod = importlib.util.module_from_spec(spec)
+  sys.modules.setdefault(spec.name, mod)  # dataclasses look their module up there
   spec.loader.exec_module(mod)
   return mod
 
