@@ -189,13 +189,16 @@ def reference_stats(config, net: FeatureNet, out: str, given: str = ""):
   import evaluation
   if given:
     return evaluation.load_stats(given)
+  import run_lib
   path = os.path.join(out, f"fid_ref_{net.tag}_{config.data.dataset}_train.npz")
-  if not os.path.exists(path):
-    levels, _, _ = datasets.load_levels(config, str(config.data.train_split))
-    scale = 1.0 / (datasets.dataset_info(config).num_grey_levels - 1)
-    evaluation.save_stats(path, *evaluation.compute_statistics(
-        net.features(levels.astype(np.float32) * scale)[0]))
-  return evaluation.load_stats(path)
+  if os.path.exists(path):
+    return evaluation.load_stats(path)
+  levels, _, _ = datasets.load_levels(config, str(config.data.train_split))
+  scale = 1.0 / (datasets.dataset_info(config).num_grey_levels - 1)
+  stats = evaluation.compute_statistics(net.features(levels.astype(np.float32) * scale)[0])
+  if run_lib.is_main():  # every process computed them (features are split over all of them)
+    evaluation.save_stats(path, *stats)
+  return stats
 
 
 def fid_of(samples: np.ndarray, config, net: FeatureNet, ref) -> dict[str, float]:
@@ -523,5 +526,5 @@ def finish(run: Run, cells: Sequence[Cell], config, columns, header: str,
   key, title = columns[0]
   figure_printed_vs_reproduced(results, key, title, os.path.join(out, f"{key}_printed_vs_"
                                                                       "reproduced.png"))
-  print(open(os.path.join(out, "table.md")).read())
+  print(table_markdown(results, columns, header))
   return result
