@@ -117,7 +117,7 @@ def printed_numbers_in_paper(row: PrintedRow) -> list[str]:
   raise ValueError(f"{row.paper}: no line starting with {row.label!r} after {row.table!r}")
 
 
-# -- the FID protocol of each paper ---------------------------------------------------------------
+# -- the FID protocol of each paper ----------------------------------------------------------------
 INCEPTION = ("the inception-2015-12-05 Inception-v3, pool3 (2048-D); scorelab runs pytorch-fid's "
              "port of that graph (docs/fid.md: bilinear resize to 299 without antialiasing)")
 FID_PROTOCOL = {
@@ -127,8 +127,9 @@ FID_PROTOCOL = {
                       "TF-GAN's Inception-v3 pool_3 against the training-set statistics)"),
     "scoreflow": dict(n_samples=50_000, reference="CIFAR-10 training set (50,000 images)",
                       paper="App. 'Sample quality': 'FID values are computed on 50000 samples from "
-                            "p_ODE ... between samples and training/test data for CIFAR-10/ImageNet'"
-                            "; the network is not named (score_flow's code: TF-GAN's Inception-v3)"),
+                            "p_ODE ... between samples and training/test data for CIFAR-10/"
+                            "ImageNet'; the network is not named (score_flow's code: TF-GAN's "
+                            "Inception-v3)"),
     "stf": dict(n_samples=50_000, reference="CIFAR-10 training set (50,000 images)",
                 paper="App. D.1: EDM's protocol, 'per 2.5M images on 50k samples as in Karras et "
                       "al.'; EDM's fid.py uses the same 2015-12-05 graph (its own port)"),
@@ -145,7 +146,7 @@ def fid_note(paper: str) -> str:
           "sampling seed; differences between cells are what the table compares.")
 
 
-# -- FID --------------------------------------------------------------------------------------------
+# -- FID -------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class FeatureNet:
   """``features(images in [0, 1], NHWC) -> (pool features (N, D), logits (N, K) or None)``."""
@@ -214,7 +215,7 @@ def fid_of(samples: np.ndarray, config, net: FeatureNet, ref) -> dict[str, float
   return out
 
 
-# -- configs ----------------------------------------------------------------------------------------
+# -- configs ---------------------------------------------------------------------------------------
 def with_fields(config, **fields):
   """A copy of ``config`` with dotted fields set: ``with_fields(c, **{'sampling.c': 2.0})``."""
   config = copy.deepcopy(config)
@@ -233,7 +234,7 @@ def smoke_fields() -> dict[str, Any]:
           "eval.fid": False}
 
 
-# -- the grid ---------------------------------------------------------------------------------------
+# -- the grid --------------------------------------------------------------------------------------
 # Cost of one network evaluation of each kind relative to a forward pass (assumed, not measured):
 # training and fitting a dequantizer back-propagate (forward + backward ~ 3 forwards); a
 # likelihood ODE step evaluates the score and one vector-Jacobian product (Hutchinson).
@@ -339,7 +340,7 @@ def write_outputs(out: str, results: dict, columns, header: str, extra: dict) ->
   return result
 
 
-# -- dry run ----------------------------------------------------------------------------------------
+# -- dry run ---------------------------------------------------------------------------------------
 def seconds_per_evaluation(config, batch: int, repeats: int = 3) -> tuple[float, str]:
   """Measured seconds per image per network forward pass of ``config``'s network (random
   parameters: the cost does not depend on them) at ``batch`` images, on this machine's default
@@ -385,7 +386,7 @@ def dry_run(cells: Sequence[Cell], config, batch: int, out: str = "") -> list[di
   return rows
 
 
-# -- stages -----------------------------------------------------------------------------------------
+# -- stages ----------------------------------------------------------------------------------------
 def prepare_model(config, workdir: str, checkpoint: str = ""):
   """The model of ``workdir``: imported from ``checkpoint`` once (``--mode=import``; its
   ``import.json`` marks it done), else trained (``--mode=train``, resuming from the workdir's
@@ -442,7 +443,7 @@ def fit_prior_once(config, workdir: str) -> None:
     fit_prior(config, workdir)
 
 
-# -- command line -----------------------------------------------------------------------------------
+# -- command line ----------------------------------------------------------------------------------
 def add_flags(parser: argparse.ArgumentParser, checkpoint_help: str) -> None:
   """The flags every table script takes."""
   parser.add_argument("--out", required=True, help="output folder (cells resume inside it)")

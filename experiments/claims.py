@@ -131,8 +131,8 @@ def main(argv=None) -> int:
   parser.add_argument("--results", default=os.path.join(HERE, "results"))
   parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
   parser.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
-  parser.add_argument("--tables", default="", help="file with the CIFAR-10 tables block "
-                      "(default: the README if it has the markers, else experiments/CIFAR_TABLES.md)")
+  parser.add_argument("--tables", default="", help="file with the CIFAR-10 tables block (default: "
+                      "the README if it has the markers, else experiments/CIFAR_TABLES.md)")
   args = parser.parse_args(argv)
   status = 0
   blocks = {args.readme: [(markdown(*collect(args.results)), BEGIN, END)]}
