@@ -94,6 +94,8 @@ def main(argv=None):
   parser.add_argument("--eval-step", type=int, default=-1,
                       help="checkpoint step to sample (-1: the last)")
   run = ct.parse(parser, argv, n_checkpoints=2)
+  if run.args.ref_batch and run.scale != "full":
+    parser.error("--ref-batch sets the STF training's reference batch: it needs --full")
   header = (f"Xu et al. Table 1, EDM + DDPM++ rows (Heun, 35 NFE; printed NCSN++ rows: DSM 1.98, "
             f"STF 1.90), scale {run.scale!r}. {ct.fid_note('stf')}")
   columns = [("fid", "FID"), ("inception_score", "Inception Score"), ("nfe", "NFE")]
