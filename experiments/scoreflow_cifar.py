@@ -34,7 +34,7 @@ DEQUANTIZER_ITERS = 300_000  # ScoreFlow App. B: the dequantizer trained for 300
 SMOKE_DEQUANTIZER = {"dequantizer.n_iters": 2, "dequantizer.batch_size": 4,
                      "dequantizer.bound_time_samples": 1, "dequantizer.flow_steps": 1,
                      "dequantizer.flow_hidden": 8, "dequantizer.context_features": 4,
-                     "dequantizer.save_freq": 1}
+                     "dequantizer.save_freq": 1, "sampling.rtol": 1e-2, "sampling.atol": 1e-2}
 
 
 def row_config(row: str, run: ct.Run):
