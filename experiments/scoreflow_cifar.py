@@ -31,7 +31,7 @@ DEFAULT_ROW = "Baseline + LW + IS, VP"
 WEIGHTING = {"": "default", " + LW": "likelihood", " + LW + IS": "likelihood_is"}
 ODE_NFE = 550.0  # an estimate for the dry run: ScoreFlow §6, 'around 550' score evaluations
 DEQUANTIZER_ITERS = 300_000  # ScoreFlow App. B: the dequantizer trained for 300,000 iterations
-SMOKE_DEQUANTIZER = {"dequantizer.n_iters": 2, "dequantizer.batch_size": 4,
+SMOKE_FIELDS = {"dequantizer.n_iters": 2, "dequantizer.batch_size": 4,
                      "dequantizer.bound_time_samples": 1, "dequantizer.flow_steps": 1,
                      "dequantizer.flow_hidden": 8, "dequantizer.context_features": 4,
                      "dequantizer.save_freq": 1, "sampling.rtol": 1e-2, "sampling.atol": 1e-2}
@@ -53,7 +53,7 @@ def row_config(row: str, run: ct.Run):
   config = ct.with_fields(config, **fields)
   config.seed = ct.SEED
   if run.smoke:
-    config = ct.with_fields(config, **ct.smoke_fields(), **SMOKE_DEQUANTIZER)
+    config = ct.with_fields(config, **ct.smoke_fields(), **SMOKE_FIELDS)
   return config
 
 
