@@ -519,6 +519,10 @@ def finish(run: Run, cells: Sequence[Cell], config, columns, header: str,
     dry_run(cells, config, measure_batch(run, config), out)
     return None
   os.makedirs(out, exist_ok=True)
+  if run.smoke:
+    header += ("\n\n**Smoke run**: a few samples of the nf-16 fixture (random weights) on the data "
+               f"at hand, FID features: {smoke_net().name}. It tests the pipeline; its numbers "
+               "are not comparable with the printed ones.")
   t0 = time.time()
   results = run_grid(cells, out)
   result = write_outputs(out, results, columns, header,
