@@ -6,6 +6,11 @@ command shows ``--long`` / ``--full`` when that run was not at the default scale
   python experiments/claims.py            # rewrites the block between the README's markers
   python experiments/claims.py --check    # exits 1 when the README's block is not what it makes
 
+The CIFAR-10 table scripts (a module-level ``TABLE`` and ``reproduced(result)``, e.g.
+``ode_vs_sde_cifar.py``) fill a second block, "Reproducing the papers' CIFAR-10 tables", between
+its own markers in the README (or, until it is moved there, in experiments/CIFAR_TABLES.md):
+their "reproduced" cell is blank until ``results/<script>/result.json`` is committed.
+
 tests/test_experiments.py runs ``--check``, so the table cannot be typed by hand or go stale.
 """
 from __future__ import annotations
@@ -21,11 +26,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BEGIN, END = "<!-- claims:begin (experiments/claims.py) -->", "<!-- claims:end -->"
 COLUMNS = ("claim", "paper", "printed", "reproduced", "command")
+TABLES_BEGIN = "<!-- cifar-tables:begin (experiments/claims.py) -->"
+TABLES_END = "<!-- cifar-tables:end -->"
+TABLE_FIELDS = ("table", "checkpoint", "command", "device_time", "printed")
 
 
 def _module(path: str):
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   mod = importlib.util.module_from_spec(spec)
+  sys.modules.setdefault(spec.name, mod)  # dataclasses look their module up there
   spec.loader.exec_module(mod)
   return mod
 
@@ -53,6 +62,36 @@ def collect(results_dir: str) -> tuple[list[dict], list[str]]:
   return rows, missing
 
 
+def collect_tables(results_dir: str) -> list[dict]:
+  """The rows of the CIFAR-10 table scripts: their ``TABLE`` with ``reproduced`` from their
+  committed result.json (blank without one)."""
+  sys.path.insert(0, ROOT)
+  rows = []
+  for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+    name = os.path.basename(path)[:-3]
+    if name == "claims":
+      continue
+    mod = _module(path)
+    if not hasattr(mod, "TABLE"):
+      continue
+    result = os.path.join(results_dir, name, "result.json")
+    reproduced = ""
+    if os.path.exists(result):
+      with open(result) as f:
+        reproduced = mod.reproduced(json.load(f))
+    rows.append(dict(mod.TABLE, script=name, reproduced=reproduced))
+  return rows
+
+
+def tables_markdown(rows: list[dict]) -> str:
+  lines = ["| table | checkpoint (where the authors publish it) | command | device time | printed "
+           "| reproduced |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['table']} | {r['checkpoint']} | `{r['command']}` | {r['device_time']} | "
+                 f"{r['printed']} | {r['reproduced']} |")
+  return "\n".join(lines)
+
+
 def _at_scale(command: str, scale: str) -> str:
   """The command that made the committed run (``--long`` / ``--full`` when not the default)."""
   return command if scale == "default" else command.replace(" --out DIR", f" --{scale} --out DIR")
@@ -71,12 +110,20 @@ def markdown(rows: list[dict], missing: list[str]) -> str:
   return "\n".join(lines)
 
 
-def replace_block(text: str, block: str, source: str) -> str:
-  if BEGIN not in text or END not in text:
-    raise ValueError(f"{source} has no {BEGIN!r} ... {END!r} markers")
-  head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+def replace_block(text: str, block: str, source: str, begin: str = BEGIN, end: str = END) -> str:
+  if begin not in text or end not in text:
+    raise ValueError(f"{source} has no {begin!r} ... {end!r} markers")
+  head, rest = text.split(begin, 1)
+  _, tail = rest.split(end, 1)
+  return f"{head}{begin}\n{block}\n{end}{tail}"
+
+
+def _tables_file(readme: str) -> str:
+  """Where the CIFAR-10 tables block lives: the README once it has the markers, else
+  experiments/CIFAR_TABLES.md."""
+  with open(readme) as f:
+    in_readme = TABLES_BEGIN in f.read()
+  return readme if in_readme else os.path.join(HERE, "CIFAR_TABLES.md")
 
 
 def main(argv=None) -> int:
@@ -84,18 +131,28 @@ def main(argv=None) -> int:
   parser.add_argument("--results", default=os.path.join(HERE, "results"))
   parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
   parser.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
+  parser.add_argument("--tables", default="", help="file with the CIFAR-10 tables block (default: "
+                      "the README if it has the markers, else experiments/CIFAR_TABLES.md)")
   args = parser.parse_args(argv)
-  with open(args.readme) as f:
-    text = f.read()
-  new = replace_block(text, markdown(*collect(args.results)), args.readme)
-  if args.check:
-    if new != text:
-      print(f"{args.readme}: the claims table is stale; run python experiments/claims.py")
-      return 1
-    return 0
-  with open(args.readme, "w") as f:
-    f.write(new)
-  return 0
+  status = 0
+  blocks = {args.readme: [(markdown(*collect(args.results)), BEGIN, END)]}
+  tables = args.tables or _tables_file(args.readme)
+  blocks.setdefault(tables, []).append((tables_markdown(collect_tables(args.results)),
+                                        TABLES_BEGIN, TABLES_END))
+  for path, parts in blocks.items():
+    with open(path) as f:
+      text = f.read()
+    new = text
+    for block, begin, end in parts:
+      new = replace_block(new, block, path, begin, end)
+    if args.check:
+      if new != text:
+        print(f"{path}: a generated table is stale; run python experiments/claims.py")
+        status = 1
+    elif new != text:
+      with open(path, "w") as f:
+        f.write(new)
+  return status
 
 
 if __name__ == "__main__":

@@ -49,9 +49,8 @@ def mock_tfds_metadata(tmp_path_factory) -> str:
   return meta
 
 
-@pytest.fixture
-def mock_tfds(mock_tfds_metadata):
-  """Mocked TFDS (active for one test) with the small split metadata above."""
+def mock_tfds_context(metadata_dir: str):
+  """``tfds.testing.mock_data`` with the small split metadata of ``mock_tfds_metadata``."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
 
@@ -62,8 +61,21 @@ def mock_tfds(mock_tfds_metadata):
     idx = np.concatenate([np.arange(f.skip, f.skip + f.take) for f in instructions])
     return tf.data.Dataset.from_tensor_slices({"image": _mock_images(self.name, idx, which)})
 
-  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=mock_tfds_metadata,
-                              as_dataset_fn=as_dataset_fn):
+  return tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=metadata_dir,
+                                as_dataset_fn=as_dataset_fn)
+
+
+@pytest.fixture
+def mock_tfds(mock_tfds_metadata):
+  """Mocked TFDS (active for one test) with the small split metadata above."""
+  with mock_tfds_context(mock_tfds_metadata):
+    yield
+
+
+@pytest.fixture(scope="module")
+def mock_tfds_module(mock_tfds_metadata):
+  """Mocked TFDS active for a whole test module (one smoke run shared by its tests)."""
+  with mock_tfds_context(mock_tfds_metadata):
     yield
 
 
