@@ -30,7 +30,7 @@ from models import mlp, ncsnpp
 from models.utils import PARAMETERIZATIONS, get_score_fn
 
 SECTIONS = ("training", "sde", "model", "optim", "data", "sampling", "eval", "prior",
-            "dequantizer")
+            "dequantizer", "classifier")
 TOP_LEVEL = ("seed",) + SECTIONS
 VECTOR_MODELS = ("mlp",)  # networks of (B, D) vectors (toy data)
 IMAGE_MODELS = ("ncsnpp", "ddpmpp", "unet")  # NCSN++-backbone U-Nets of (B, H, W, C) images
@@ -312,6 +312,20 @@ SCHEMA: dict[str, Field] = {
     "dequantizer.batch_size": _int("images per step", ge=1),
     "dequantizer.bound_time_samples": _int("time samples per example of the ScoreFlow bound", ge=1),
     "dequantizer.save_freq": _int("steps between saves (resume point)", ge=1),
+    # noise-conditional classifier p_t(y | x_t) (Song et al. 2021 Sec. 5; --mode=train_classifier)
+    "classifier.widths": Field("ints", "channels per resolution (halved in between): the width",
+                               ge=1, nonempty=True),
+    "classifier.num_res_blocks": _int("time-conditioned residual blocks per resolution", ge=1),
+    "classifier.embedding_dim": _int("noise-level embedding size", ge=2),
+    "classifier.n_iters": _int("training steps", ge=1),
+    "classifier.batch_size": _int("global training batch", ge=1),
+    "classifier.lr": _float("peak learning rate", gt=0),
+    "classifier.warmup": _int("linear warmup steps (0: none)", ge=0),
+    "classifier.ema_rate": _float("EMA decay of the parameters", ge=0, le=1),
+    "classifier.use_ema": _bool("guided sampling uses the EMA parameters"),
+    "classifier.log_freq": _int("steps between metric lines", ge=1),
+    "classifier.snapshot_freq": _int("steps between checkpoints", ge=1),
+    "classifier.curve_times": _int("t values of the held-out accuracy-vs-t curve", ge=1),
 }
 
 

@@ -44,7 +44,7 @@ Array = jax.Array
 RESUMABLE_FIELDS = ("training.n_iters", "training.log_freq", "training.eval_freq",
                     "training.snapshot_freq", "training.snapshot_freq_for_preemption",
                     "training.max_to_keep")
-RESUMABLE_SECTIONS = ("sampling.", "eval.", "prior.", "dequantizer.")
+RESUMABLE_SECTIONS = ("sampling.", "eval.", "prior.", "dequantizer.", "classifier.")
 # What eval / sample rebuild from a workdir: these fields must match its config.json (sde.T and
 # sde.eps may differ: one trained model is evaluated over diffusion times, Franzese et al.).
 MODEL_FIELDS = ("model.", "sde.", "data.dataset", "data.image_size", "data.num_channels",
@@ -87,23 +87,32 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str,
   """Refuses (ValueError naming the field) a config that differs from ``workdir/config.json`` in a
   field that changes the run (or the model that eval / sample rebuild). A workdir without
   config.json is accepted."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  if action == "resume":
+    compared = lambda k: not (k in RESUMABLE_FIELDS or k.startswith(RESUMABLE_SECTIONS))  # noqa: E731
+  else:
+    compared = lambda k: k.startswith(MODEL_FIELDS) and k not in FREE_AT_EVAL  # noqa: E731
+  check_same_config(config, workdir, compared, action)
+
+
+def check_same_config(config: ml_collections.ConfigDict, folder: str,
+                      compared: Callable[[str], bool], action: str) -> None:
+  """ValueError naming the first dotted field with ``compared(field)`` whose value in ``config``
+  differs from ``folder/config.json`` (absent file: nothing to compare)."""
+  path = os.path.join(folder, CONFIG_FILE)
   if not os.path.exists(path):
     return
   with open(path) as f:
     saved = _flat_config(json.load(f))
   given = _flat_config(config)
   for key in sorted(set(saved) | set(given)):
-    if key in RESUMABLE_FIELDS or key.startswith(RESUMABLE_SECTIONS):
-      continue
-    if action != "resume" and (not key.startswith(MODEL_FIELDS) or key in FREE_AT_EVAL):
+    if not compared(key):
       continue
     if key not in saved:  # a field added to scorelab after this run started
-      logging.warning("config field %s is not in %s: resuming with %r", key, path, given[key])
+      logging.warning("config field %s is not in %s: continuing with %r", key, path, given[key])
       continue
     a, b = saved[key], given.get(key, "<absent>")
     if a != b:
-      raise ValueError(f"config field {key} differs from the run in {workdir} (saved {a!r}, "
+      raise ValueError(f"config field {key} differs from the run in {folder} (saved {a!r}, "
                        f"given {b!r}); {action} with the same value"
                        + (" or use a new workdir" if action == "resume" else ""))
 
@@ -327,6 +336,80 @@ def load_score_model(config: ml_collections.ConfigDict, workdir: str,
   bound = lambda x, t: score_fn(params, x, t)  # noqa: E731  (eval mode: no dropout)
   return ScoreModel(sde=sde, score_fn=bound, event_shape=tuple(datasets.dataset_info(config).shape),
                     step=step, prior=prior, params=params, apply=score_fn)
+
+
+# -- the noise-conditional classifier of a workdir (--mode=train_classifier) -----------------------
+CLASSIFIER_DIR = "classifier"
+# What load_classifier rebuilds: these fields must match classifier/config.json (sde.T, sde.eps free).
+CLASSIFIER_FIELDS = ("classifier.widths", "classifier.num_res_blocks", "classifier.embedding_dim",
+                     "sde.", "data.dataset", "data.image_size", "data.num_channels",
+                     "data.centered")
+# What a classifier run depends on (a resumed run must match), less what may change on resume.
+CLASSIFIER_RUN_FIELDS = ("seed", "classifier.", "sde.", "data.", "optim.", "eval.split")
+CLASSIFIER_RESUMABLE = ("classifier.n_iters", "classifier.log_freq", "classifier.snapshot_freq",
+                        "classifier.curve_times", "classifier.use_ema")
+
+
+def classifier_classes(config) -> int:
+  """Number of classes of ``data.dataset``; ValueError naming data.dataset when it has no labels
+  (toy data, celeb_a): a class-conditional classifier needs labelled images."""
+  info = datasets.dataset_info(config)
+  if not info.num_classes:
+    raise ValueError(f"data.dataset={info.name!r} has no class labels: the noise-conditional "
+                     "classifier (classifier section, --mode=train_classifier) needs a labelled "
+                     f"image dataset (one of {datasets.LABELLED_DATASETS})")
+  return info.num_classes
+
+
+def classifier_optimizer(config):
+  """The score model's optimizer chain (``losses.make_optimizer``: the optim section's Adam,
+  clipping, weight decay) with ``classifier.lr`` and ``classifier.warmup``."""
+  import losses
+  optim = dict(config.optim.to_dict(), lr=float(config.classifier.lr),
+               warmup=int(config.classifier.warmup))
+  return losses.make_optimizer(ml_collections.ConfigDict({"optim": optim}))
+
+
+def init_classifier(config, sde, key: Array):
+  """(logits(params, x, t), fresh TrainState, optimizer) of the config's classifier."""
+  import losses
+  from models import classifier
+  model = classifier.NoiseConditionalClassifier.from_config(config, classifier_classes(config))
+  init_key, state_key = jax.random.split(key)
+  params = classifier.init_params(model, init_key, datasets.dataset_info(config).shape)
+  optimizer = classifier_optimizer(config)
+  return (classifier.logits_fn(sde, model), losses.init_train_state(params, optimizer, state_key),
+          optimizer)
+
+
+def open_classifier_checkpoints(config, workdir: str,
+                                read_only: bool = False) -> checkpoints.CheckpointStore:
+  """``workdir/classifier/checkpoints``: the latest every ``classifier.snapshot_freq`` steps."""
+  return checkpoints.CheckpointStore(os.path.join(workdir, CLASSIFIER_DIR),
+                                     keep_every=int(config.classifier.snapshot_freq), max_to_keep=1,
+                                     read_only=read_only)
+
+
+def load_classifier(config: ml_collections.ConfigDict, workdir: str) -> Callable[[Array, Array], Array]:
+  """``logits_fn(x, t) -> (B, n_classes)``: unnormalized log p_t(y | x_t) of the classifier that
+  --mode=train_classifier trained in ``workdir/classifier/`` (newest intact checkpoint; EMA
+  parameters when ``classifier.use_ema``), parameters bound; pure, jit / vmap / grad-safe. Errors
+  name the field (unlabelled data.dataset, a changed classifier / SDE field) or the mode to run."""
+  sde = validate_config(config)
+  classifier_classes(config)
+  folder = os.path.join(workdir, CLASSIFIER_DIR)
+  ckpt_dir = os.path.join(folder, checkpoints.DIR)
+  if not (os.path.isdir(ckpt_dir) and any(s.isdigit() for s in os.listdir(ckpt_dir))):
+    raise FileNotFoundError(f"no classifier checkpoint in {ckpt_dir}: run --mode=train_classifier "
+                            "with this config first")
+  check_same_config(config, folder, lambda k: k.startswith(CLASSIFIER_FIELDS)
+                    and k not in FREE_AT_EVAL, "load the classifier")
+  logits, state, _ = init_classifier(config, sde, jax.random.PRNGKey(config.seed))
+  with open_classifier_checkpoints(config, workdir, read_only=True) as store:
+    state, step = store.restore(state)
+  logging.info("classifier of %s: step %d", folder, step)
+  params = state.ema_params if config.classifier.use_ema else state.params
+  return functools.partial(logits, params)
 
 
 @contextlib.contextmanager

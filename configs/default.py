@@ -160,6 +160,24 @@ def get_default_config() -> ml_collections.ConfigDict:
   dequantizer.bound_time_samples = 16  # time samples per example of the bound in the objective
   dequantizer.save_freq = 250  # steps between saves (a restart resumes from the last one)
 
+  # Noise-conditional classifier p_t(y | x_t) of class-guided sampling (Song et al. 2021, Sec. 5 and
+  # App. I.1), trained on forward-noised data, t ~ U(eps, T), by --mode=train_classifier into
+  # DIR/classifier/ (image data with class labels; models/classifier.py). Its Adam takes beta1,
+  # beta2, eps, grad_clip and weight_decay from the optim section, lr and warmup from here.
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.widths = (32, 64)  # channels per resolution, halved in between (the net's width)
+  classifier.num_res_blocks = 1  # time-conditioned residual blocks per resolution (its depth)
+  classifier.embedding_dim = 64  # noise-level embedding size
+  classifier.n_iters = 2000  # training steps
+  classifier.batch_size = 128  # global batch (training split data.train_split)
+  classifier.lr = 1e-3  # peak learning rate
+  classifier.warmup = 100  # linear warmup steps; 0 = none
+  classifier.ema_rate = 0.999  # EMA decay of the parameters
+  classifier.use_ema = True  # load_classifier (guided sampling) uses the EMA parameters
+  classifier.log_freq = 100  # steps between metric lines (loss, accuracy, rate, ETA)
+  classifier.snapshot_freq = 500  # steps between checkpoints (the latest is kept)
+  classifier.curve_times = 10  # t values (linear on [eps, T]) of the held-out accuracy-vs-t curve
+
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.batch_size = 256
   evaluate.checkpoint = -1  # step to evaluate; -1 = latest
