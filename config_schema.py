@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 import auxiliary
+import controllable
 import datasets
 import dequantization
 import likelihood
@@ -260,6 +261,13 @@ SCHEMA: dict[str, Field] = {
                                          ge=0, lt=1),
     "sampling.n_samples": _int("samples drawn by --mode=sample", ge=1),
     "sampling.batch_size": _int("samples per sampler call", ge=1),
+    "sampling.condition": _choice(controllable.CONDITIONS, "controllable generation (Song et al. "
+                                  "2021, App. I): class guidance, inpainting, colorization"),
+    "sampling.class_label": _int("'class': class drawn (-1: every class in turn)", ge=-1),
+    "sampling.guidance_scale": _float("'class': scale s of the classifier gradient (1: Bayes)",
+                                      ge=0),
+    "sampling.mask": _str("'inpaint': hidden part of the eval.split images: 'bottom_half', "
+                          "'centre' or 'random:<fraction kept>'"),
     # -- eval ---------------------------------------------------------------------------------------
     "eval.batch_size": _int("examples per likelihood batch", ge=1),
     "eval.checkpoint": _int("checkpoint step to evaluate (-1: latest)", ge=-1),
@@ -424,6 +432,38 @@ def _dequantizer(config) -> None:
                      f"must divide the image size {info.shape[0]}")
 
 
+def _condition(config) -> None:
+  """sampling.condition fits the data and the sampler; its own fields are used (not ignored)."""
+  cfg, info = config["sampling"], datasets.dataset_info(config)
+  condition = cfg["condition"]
+  controllable.parse_mask(cfg["mask"])
+  unused = [(f, cfg[f]) for f, default, used_by in (("class_label", -1, "class"),
+                                                    ("guidance_scale", 1.0, "class"),
+                                                    ("mask", "bottom_half", "inpaint"))
+            if condition != used_by and cfg[f] != default]
+  if unused:
+    f, v = unused[0]
+    raise ValueError(f"sampling.{f}={v!r} is only used with sampling.condition="
+                     f"{'inpaint' if f == 'mask' else 'class'!r}, got sampling.condition="
+                     f"{condition!r}")
+  if condition == "none":
+    return
+  if not info.is_image:
+    raise ValueError(f"sampling.condition={condition!r} needs image data, got data.dataset="
+                     f"{info.name!r} (toy data have no images to mask, colour or label)")
+  if condition == "class" and not info.num_classes:
+    raise ValueError(f"sampling.condition='class' needs a labelled dataset (a classifier of "
+                     f"--mode=train_classifier), got data.dataset={info.name!r}")
+  if condition == "class" and cfg["class_label"] >= info.num_classes:
+    raise ValueError(f"sampling.class_label must be < {info.num_classes} (the classes of "
+                     f"{info.name!r}) or -1, got {cfg['class_label']}")
+  if condition == "colorize" and info.shape[-1] != 3:
+    raise ValueError(f"sampling.condition='colorize' needs RGB images (data.num_channels=3), got "
+                     f"data.num_channels={info.shape[-1]} ({info.name!r})")
+  if condition in ("inpaint", "colorize"):
+    samplers.check_step_hook(cfg)
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("prior",), "prior.n_components <= the DPGMM's fitting samples", _prior_fit),
     Rule(("data", "eval", "dequantizer"), "eval.dequantization='variational' needs images; "
@@ -450,6 +490,9 @@ RULES: tuple[Rule, ...] = (
          "(models.utils.get_score_fn; no network is built)",
          lambda c: get_score_fn(sde_lib.get_sde(c), None, c.model.parameterization,
                                 bool(c.model.input_scaling))),
+    Rule(("sampling", "data"), "sampling.condition: images (labelled for 'class', RGB for "
+         "'colorize'), a fixed-step method for 'inpaint' / 'colorize'; class_label, "
+         "guidance_scale, mask only with their condition", _condition),
     Rule(("sampling", "sde"), "the sampler of sampling.method honours every sampling.* setting "
          "(samplers.sampler_kwargs)", lambda c: samplers.sampler_kwargs(c, sde_lib.get_sde(c))),
 )

@@ -37,7 +37,7 @@ CONDITIONS = ("none", "class", "inpaint", "colorize")  # sampling.condition
 MASKS = ("bottom_half", "centre", "random:<fraction>")  # sampling.mask for inpainting
 
 
-# -- class guidance ----------------------------------------------------------------------------------
+# -- class guidance --------------------------------------------------------------------------------
 def classifier_log_prob(logits_fn: LogitsFn, x: Array, t: Array, label: Array) -> Array:
   """log p_t(y | x_t) per example, shape (B,): the log-softmax of the logits at ``label`` (an int
   or per-example (B,) ints)."""

@@ -521,3 +521,61 @@ def save_samples_png(path: str, samples: np.ndarray, config,
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+# -- controllable generation (controllable.py; Song et al. 2021, Sec. 5 and App. I) ---------------
+def guided_model(model: ScoreModel, logits_fn: Callable[[Array, Array], Array], label: int,
+                 scale: float) -> ScoreModel:
+  """``model`` with the class-conditional score of ``label`` (controllable.class_conditional_score:
+  s + scale grad log p_t(label | x)) in place of its score, for ``generate``."""
+  import controllable
+
+  def apply(params, x: Array, t: Array) -> Array:
+    return controllable.class_conditional_score(model.bound_score(params), logits_fn, label,
+                                                scale)(x, t)
+
+  score = controllable.class_conditional_score(model.score_fn, logits_fn, label, scale)
+  return dataclasses.replace(model, apply=apply, score_fn=score)
+
+
+def eval_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
+  """The first ``n`` images of ``eval.split`` in model space (no dequantization), every process
+  holding all of them; ValueError naming sampling.n_samples when the split is smaller."""
+  info = datasets.dataset_info(config)
+  levels, _, total = datasets.load_levels(config, str(config.eval.split))
+  if n > total:
+    raise ValueError(f"sampling.n_samples={n} exceeds the {total} images of eval.split="
+                     f"{config.eval.split!r}")
+  return datasets.scale_images(levels[:n], info.num_grey_levels, info.centered)
+
+
+def impute(config: ml_collections.ConfigDict, model: ScoreModel, observations: np.ndarray,
+           known: np.ndarray, key: Array, basis: Optional[Array] = None, mesh=None):
+  """Imputations of ``observations`` (n, *event) whose entries ``known`` (bool, broadcast to the
+  observations; in ``basis`` coordinates of the channels for colorization) are kept (Song et al.
+  2021, App. I.2-I.3): the configured fixed-step sampler with ``controllable.imputation_hook``
+  from ``model.prior``, the known part set to the observation at the end. Example i uses
+  fold_in(key, i), over every device in global batches of ``sampling.batch_size``, as
+  ``generate``. (imputed (n, *event), mean NFE per example)."""
+  import controllable
+  import samplers
+  one = samplers.get_sampler(config, model.sde, (1,) + model.event_shape, prior=model.prior)
+
+  def per_example(params, pairs, keys):
+    def single(pair, k):
+      obs, mask = pair[0][None], pair[1][None] > 0.5
+      hook = controllable.imputation_hook(model.sde, obs, mask, basis)
+      x, stats = one(model.bound_score(params), k, step_hook=hook)
+      return {"x": controllable.replace_known(x, obs, mask, basis)[0],
+              "nfe": jnp.mean(jnp.asarray(stats["nfe"], jnp.float32))}
+    return jax.vmap(single)(pairs, keys)
+
+  observations = np.asarray(observations, np.float32)
+  mask = np.broadcast_to(np.asarray(known, np.float32), observations.shape)
+  batches = datasets.array_eval_batches(np.stack([observations, mask], axis=1),
+                                        int(config.sampling.batch_size), "sampling.batch_size")
+  with Progress(f"imputing ({config.sampling.method}, c={config.sampling.c})",
+                len(observations), "images") as p:
+    out = parallel.map_dataset(per_example, model.params, batches, key, mesh=mesh,
+                               on_batch=p.update)
+  return out["x"], float(np.mean(out["nfe"]))

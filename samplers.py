@@ -695,9 +695,11 @@ def _heun_step(sde, d: Callable, sigmas: Array, times: Array, key: Array, gamma:
     y_next = y + (sigma_next - sigma_hat) * d_cur
     if second_order:
       y_next = y + 0.5 * (sigma_next - sigma_hat) * (d_cur + d(y_next, sigma_next))
-    if hook is not None:
+    if hook is not None:  # entries the hook leaves alone stay bit for bit
       alpha_next = sde.marginal_coeffs(times[i + 1])[0]
-      y_next = hook(alpha_next * y_next, times[i + 1], i) / alpha_next
+      x_next = alpha_next * y_next
+      hooked = hook(x_next, times[i + 1], i)
+      y_next = jnp.where(hooked == x_next, y_next, hooked / alpha_next)
     t_hat = sde.inverse_noise_level(sigma_hat) if gamma > 0 else times[i]
     return y_next, _record(record, t_hat, sde.marginal_coeffs(t_hat)[0] * y,
                            lambda: y - sigma_hat * d_cur)  # D(y; sigma) = E[x_0 | x_t]
@@ -846,6 +848,16 @@ def _ddim_options(cfg, sde):
 
 
 SAMPLING_METHODS = registered_samplers()  # the built-in methods
+
+
+def check_step_hook(cfg) -> None:
+  """ValueError naming sampling.method unless ``config.sampling`` selects a sampler that takes a
+  ``step_hook`` (every fixed-step method; 'sde' with fixed Euler-Maruyama steps)."""
+  euler = cfg.solver in ODE_SOLVERS or cfg.solver == "euler"  # an ODE solver name means Euler
+  if cfg.method == "ode" or (cfg.method == "sde" and (cfg.adaptive or not euler)):
+    raise ValueError(f"sampling.method={cfg.method!r} (adaptive={cfg.adaptive}, solver="
+                     f"{cfg.solver!r}) takes no per-step hook (inpainting, colorization): use "
+                     "'pc', 'exponential', 'heun', 'ddim' or 'sde' with fixed Euler steps")
 
 
 def perturbation_options(cfg) -> Optional[tuple[str, float, Optional[float]]]:

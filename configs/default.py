@@ -124,6 +124,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   sampling.perturbation_edge = 0.0  # case4/case5 pulse edge / T; 0: the paper's 0.95 / 0.99
   sampling.n_samples = 64  # samples of --mode=sample
   sampling.batch_size = 64  # samples per sampler call
+  # Controllable generation (Song et al. 2021, Sec. 5 and App. I; controllable.py) by --mode=sample:
+  # 'none' | 'class' (guided by the classifier of --mode=train_classifier) | 'inpaint' (images of
+  # eval.split, the part hidden by sampling.mask imputed) | 'colorize' (RGB images of eval.split
+  # from their gray channel). 'inpaint' / 'colorize' need a fixed-step method (not 'ode').
+  sampling.condition = "none"
+  sampling.class_label = -1  # 'class': the class drawn; -1 = every class in turn
+  sampling.guidance_scale = 1.0  # 'class': s of grad log p_t(x) + s grad log p_t(y | x); 1 = Bayes
+  sampling.mask = "bottom_half"  # 'inpaint': hidden part, 'bottom_half' | 'centre' | 'random:<kept>'
 
   # Evaluation.
   # Prior of the generative process (Franzese et al., "How much is enough?", Sec. 3): the SDE's
