@@ -180,7 +180,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   classifier.batch_size = 128  # global batch (training split data.train_split)
   classifier.lr = 1e-3  # peak learning rate
   classifier.warmup = 100  # linear warmup steps; 0 = none
-  classifier.ema_rate = 0.999  # EMA decay of the parameters
+  classifier.ema_rate = 0.99  # EMA decay of the parameters (0.99^2000: nothing of the init left)
   classifier.use_ema = True  # load_classifier (guided sampling) uses the EMA parameters
   classifier.log_freq = 100  # steps between metric lines (loss, accuracy, rate, ETA)
   classifier.snapshot_freq = 500  # steps between checkpoints (the latest is kept)
