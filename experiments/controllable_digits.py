@@ -225,7 +225,8 @@ def run(scale: str, out: str, score_workdir: str | None) -> dict:
           "heldout_classifier_test_accuracy": clf_acc, "score_model_step": model.step,
           "score_workdir_reused": score_workdir is not None, "train_seconds": t_train,
           "n_steps": int(config.sampling.n_steps), "classifier_steps":
-          int(config.classifier.n_iters), "per_class": SCALES[scale]["per_class"]}
+          int(config.classifier.n_iters), "per_class": SCALES[scale]["per_class"],
+          "n_test": SCALES[scale]["n_test"]}
 
 
 def _strip(result: dict) -> dict:
@@ -270,8 +271,8 @@ def table_lines(r: dict) -> list[str]:
   for g in r["guided"].values():
     lines.append(f"| {g['c']:g} | {g['s']:g} | {g['accuracy']:.3f} ± {g['accuracy_stderr']:.3f} | "
                  + " | ".join(f"{a:.2f}" for a in g["per_class"]) + " |")
-  lines += ["", "Bottom-half inpainting of the test digits: label recovered by the judge; MSE of "
-            "the hidden half (grey levels in [0, 1])", "",
+  lines += ["", f"Bottom-half inpainting of the first {r['n_test']} test digits: label recovered "
+            "by the judge; MSE of the hidden half (grey levels in [0, 1])", "",
             "| image | label recovered | hidden-half MSE |", "|---|---|---|"]
   for name, v in r["inpainting"].items():
     lines.append(f"| {name} | {v['recovered']:.3f} ± {v['recovered_stderr']:.3f} | "
