@@ -9,6 +9,8 @@
   last checkpoint dropped at restart);
 * the trained model of a workdir (``load_score_model`` -> ``ScoreModel``: SDE, score_fn, event
   shape, step, prior) that sample and eval pass on, and ``generate``;
+* the noise-conditional classifier of a workdir (``load_classifier`` -> ``logits_fn(x, t)``, from
+  ``DIR/classifier/`` that ``--mode=train_classifier`` writes);
 * writing reports and figures (``write_json``, ``save_samples_png``).
 
 Only ``run_lib``, ``modes/``, ``checkpoints`` and ``main.py`` touch files.
