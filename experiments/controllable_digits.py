@@ -320,16 +320,19 @@ def summarize(result: dict) -> list[dict]:
   rec = ", ".join(f"c = {k.split('c=')[1]}: {v['recovered']:.2f}" for k, v in inp.items()
                   if k.startswith("inpainted"))
   return [{"claim": "a noise-conditional classifier makes the unconditional score model a "
-                    "class-conditional sampler (p_t(x | y) by Bayes' rule)",
+                    "class-conditional sampler (p_t(x \\| y) by Bayes' rule; s > 1: guidance)",
            "paper": "Song et al. 2021, §5, App. I.1", "printed": "qualitative (CIFAR-10 Fig. 4)",
-           "reproduced": "digits, share of guided samples of the requested digit (held-out "
-                         "judge): s = 1: " + ", ".join(f"c = {g['c']:g}: {g['accuracy']:.2f}"
+           "reproduced": f"digits (score model {result['score_model_step']} steps, classifier "
+                         f"{result['classifier_steps']}), share of guided samples of the requested "
+                         "digit (held-out judge): s = 1: " + ", ".join(f"c = {g['c']:g}: {g['accuracy']:.2f}"
                                                       for g in exact)
                          + f"; best {best['accuracy']:.2f} (c = {best['c']:g}, s = {best['s']:g})",
            "command": "python experiments/controllable_digits.py --out DIR"},
-          {"claim": "the replacement method inpaints with an unconditional score model",
+          {"claim": "the replacement method inpaints with an unconditional score model (does "
+                    "the digit survive? against filling in the mean image)",
            "paper": "Song et al. 2021, App. I.2", "printed": "qualitative (Fig. 5)",
-           "reproduced": f"digits, bottom half hidden, true label recovered: {rec}; mean fill "
+           "reproduced": f"digits, bottom half of {result['n_test']} test digits hidden, true "
+                         f"label recovered: {rec}; mean fill "
                          f"{inp['mean fill']['recovered']:.2f}, unconditional "
                          f"{inp['unconditional, c=1']['recovered']:.2f}, full image "
                          f"{inp['true image']['recovered']:.2f}",
