@@ -4,7 +4,7 @@ datasets.py they train on.
 
 A tiny classifier (one level of 8 channels) trained 40 steps on digits: held-out accuracy at the
 smallest t well above chance (10 %), near chance at t = T (where x_T carries no signal);
-20 + 20 steps with a resume are bit-identical to 40 straight.
+20 + 20 steps with a resume are bit-identical to 40 straight (slow: two more trainings).
 """
 from __future__ import annotations
 
@@ -34,13 +34,9 @@ def _config(**classifier):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """(workdir of 40 straight steps, its result, workdir resumed at 20, the resumed result)."""
+  """(workdir of 40 straight steps, its result)."""
   straight = str(tmp_path_factory.mktemp("clf") / "straight")
-  resumed = str(tmp_path_factory.mktemp("clf") / "resumed")
-  full = train_classifier(_config(), straight)
-  first = train_classifier(_config(n_iters=20), resumed)
-  second = train_classifier(_config(), resumed)
-  return straight, full, first, second
+  return straight, train_classifier(_config(), straight)
 
 
 def test_digits_labels_are_the_images_classes():
@@ -72,8 +68,8 @@ def test_tfds_labels(mock_tfds):
     datasets.load_labels(config, "test")
 
 
-def test_classifier_learns_and_resumes_bit_identically(trained):
-  straight, full, first, second = trained
+def test_classifier_learns(trained):
+  straight, full = trained
   curve = full["curve"]
   assert curve["n_images"] == 360 and curve["t"][0] == pytest.approx(1e-5)
   # Held-out accuracy at t = eps after 40 steps: far above chance 0.1 (measured 0.6-0.8);
@@ -82,13 +78,23 @@ def test_classifier_learns_and_resumes_bit_identically(trained):
   assert curve["accuracy"][-1] < 0.25, curve
   for ext in ("json", "png", "md"):
     assert os.path.exists(os.path.join(straight, "classifier", f"accuracy_vs_t.{ext}"))
+  with open(os.path.join(straight, "classifier", "train_log.csv")) as f:
+    assert [int(l.split(",")[0]) for l in f.readlines()[1:]] == [10, 20, 30, 40]
+
+
+@pytest.mark.slow  # two more trainings (~70 s on the loaded 2 cores)
+def test_classifier_resumes_bit_identically(trained, tmp_path):
+  _, full = trained
+  resumed = str(tmp_path / "resumed")
+  first = train_classifier(_config(n_iters=20), resumed)
+  second = train_classifier(_config(), resumed)
   assert (first["step"], first["curve"] is None, second["start_step"], second["step"]) == (
       20, False, 20, 40)
   same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), full["state"].params,
                       second["state"].params)
   assert all(jax.tree.leaves(same)), "resumed training differs from uninterrupted training"
-  assert second["curve"] == curve
-  with open(os.path.join(straight, "classifier", "train_log.csv")) as f:
+  assert second["curve"] == full["curve"]
+  with open(os.path.join(resumed, "classifier", "train_log.csv")) as f:
     assert [int(l.split(",")[0]) for l in f.readlines()[1:]] == [10, 20, 30, 40]
 
 
