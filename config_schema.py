@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 import auxiliary
+import controllable
 import datasets
 import dequantization
 import likelihood
@@ -35,7 +36,7 @@ from models import mlp, ncsnpp
 from models.utils import PARAMETERIZATIONS, get_score_fn
 
 SECTIONS = ("training", "sde", "model", "optim", "data", "sampling", "eval", "prior",
-            "dequantizer")
+            "dequantizer", "classifier")
 TOP_LEVEL = ("seed",) + SECTIONS
 VECTOR_MODELS = ("mlp",)  # networks of (B, D) vectors (toy data)
 IMAGE_MODELS = ("ncsnpp", "ddpmpp", "unet")  # NCSN++-backbone U-Nets of (B, H, W, C) images
@@ -267,6 +268,13 @@ SCHEMA: dict[str, Field] = {
                                          ge=0, lt=1),
     "sampling.n_samples": _int("samples drawn by --mode=sample", ge=1),
     "sampling.batch_size": _int("samples per sampler call", ge=1),
+    "sampling.condition": _choice(controllable.CONDITIONS, "controllable generation (Song et al. "
+                                  "2021, App. I): class guidance, inpainting, colorization"),
+    "sampling.class_label": _int("'class': class drawn (-1: every class in turn)", ge=-1),
+    "sampling.guidance_scale": _float("'class': scale s of the classifier gradient (1: Bayes)",
+                                      ge=0),
+    "sampling.mask": _str("'inpaint': hidden part of the eval.split images: 'bottom_half', "
+                          "'centre' or 'random:<fraction kept>'"),
     # -- eval ---------------------------------------------------------------------------------------
     "eval.batch_size": _int("examples per likelihood batch", ge=1),
     "eval.checkpoint": _int("checkpoint step to evaluate (-1: latest)", ge=-1),
@@ -321,6 +329,20 @@ SCHEMA: dict[str, Field] = {
     "dequantizer.batch_size": _int("images per step", ge=1),
     "dequantizer.bound_time_samples": _int("time samples per example of the ScoreFlow bound", ge=1),
     "dequantizer.save_freq": _int("steps between saves (resume point)", ge=1),
+    # noise-conditional classifier p_t(y | x_t) (Song et al. 2021 Sec. 5; --mode=train_classifier)
+    "classifier.widths": Field("ints", "channels per resolution (halved in between): the width",
+                               ge=1, nonempty=True),
+    "classifier.num_res_blocks": _int("time-conditioned residual blocks per resolution", ge=1),
+    "classifier.embedding_dim": _int("noise-level embedding size", ge=2),
+    "classifier.n_iters": _int("training steps", ge=1),
+    "classifier.batch_size": _int("global training batch", ge=1),
+    "classifier.lr": _float("peak learning rate", gt=0),
+    "classifier.warmup": _int("linear warmup steps (0: none)", ge=0),
+    "classifier.ema_rate": _float("EMA decay of the parameters", ge=0, le=1),
+    "classifier.use_ema": _bool("guided sampling uses the EMA parameters"),
+    "classifier.log_freq": _int("steps between metric lines", ge=1),
+    "classifier.snapshot_freq": _int("steps between checkpoints", ge=1),
+    "classifier.curve_times": _int("t values of the held-out accuracy-vs-t curve", ge=1),
 }
 
 
@@ -420,6 +442,38 @@ def _dequantizer(config) -> None:
                      f"must divide the image size {info.shape[0]}")
 
 
+def _condition(config) -> None:
+  """sampling.condition fits the data and the sampler; its own fields are used (not ignored)."""
+  cfg, info = config.sampling, datasets.dataset_info(config)
+  condition = cfg.condition
+  controllable.parse_mask(cfg.mask)
+  unused = [(f, getattr(cfg, f)) for f, default, used_by in (("class_label", -1, "class"),
+                                                             ("guidance_scale", 1.0, "class"),
+                                                             ("mask", "bottom_half", "inpaint"))
+            if condition != used_by and getattr(cfg, f) != default]
+  if unused:
+    f, v = unused[0]
+    raise ValueError(f"sampling.{f}={v!r} is only used with sampling.condition="
+                     f"{'inpaint' if f == 'mask' else 'class'!r}, got sampling.condition="
+                     f"{condition!r}")
+  if condition == "none":
+    return
+  if not info.is_image:
+    raise ValueError(f"sampling.condition={condition!r} needs image data, got data.dataset="
+                     f"{info.name!r} (toy data have no images to mask, colour or label)")
+  if condition == "class" and not info.num_classes:
+    raise ValueError(f"sampling.condition='class' needs a labelled dataset (a classifier of "
+                     f"--mode=train_classifier), got data.dataset={info.name!r}")
+  if condition == "class" and cfg.class_label >= info.num_classes:
+    raise ValueError(f"sampling.class_label must be < {info.num_classes} (the classes of "
+                     f"{info.name!r}) or -1, got {cfg.class_label}")
+  if condition == "colorize" and info.shape[-1] != 3:
+    raise ValueError(f"sampling.condition='colorize' needs RGB images (data.num_channels=3), got "
+                     f"data.num_channels={info.shape[-1]} ({info.name!r})")
+  if condition in ("inpaint", "colorize"):
+    samplers.check_step_hook(cfg)
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("prior",), "prior.n_components <= the DPGMM's fitting samples", _prior_fit),
     Rule(("data", "eval", "dequantizer"), "eval.dequantization='variational' needs images; "
@@ -446,6 +500,9 @@ RULES: tuple[Rule, ...] = (
          "(models.utils.get_score_fn; no network is built)",
          lambda c: get_score_fn(sde_lib.get_sde(c.sde), None, c.model.parameterization,
                                 c.model.input_scaling)),
+    Rule(("sampling", "data"), "sampling.condition: images (labelled for 'class', RGB for "
+         "'colorize'), a fixed-step method for 'inpaint' / 'colorize'; class_label, "
+         "guidance_scale, mask only with their condition", _condition),
     Rule(("sampling", "sde"), "the sampler of sampling.method honours every sampling.* setting "
          "(samplers.sampler_kwargs)",
          lambda c: samplers.sampler_kwargs(c.sampling, sde_lib.get_sde(c.sde))),

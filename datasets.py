@@ -59,19 +59,21 @@ class _ImageSpec:
   splits: tuple[str, ...]
   tfds: bool
   source_url: str = ""  # where TFDS downloads it from (probed for network before a download)
+  num_classes: int = 0  # class labels 0..num_classes-1 (``load_labels``); 0: unlabelled
 
 
 _IMAGE_DATASETS: dict[str, _ImageSpec] = {
     "digits": _ImageSpec((8, 8), 1, 17, ("train", "test", "validation", "train_without_validation"),
-                         tfds=False),
-    "mnist": _ImageSpec((28, 28), 1, 256, ("train", "test"), tfds=True,
+                         tfds=False, num_classes=10),
+    "mnist": _ImageSpec((28, 28), 1, 256, ("train", "test"), tfds=True, num_classes=10,
                         source_url="https://storage.googleapis.com/cvdf-datasets/mnist/"),
-    "cifar10": _ImageSpec((32, 32), 3, 256, ("train", "test"), tfds=True,
+    "cifar10": _ImageSpec((32, 32), 3, 256, ("train", "test"), tfds=True, num_classes=10,
                           source_url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"),
     "celeb_a": _ImageSpec((218, 178), 3, 256, ("train", "validation", "test"), tfds=True,
                           source_url="https://drive.google.com/"),
 }
 IMAGE_DATASETS = tuple(sorted(_IMAGE_DATASETS))
+LABELLED_DATASETS = tuple(sorted(n for n, s in _IMAGE_DATASETS.items() if s.num_classes))
 CELEBA_CROP = 140  # score_sde / Song & Ermon (2020): central 140x140 crop, then resize
 
 # digits: FIXED split of scikit-learn's 1,797 images, permutation of np.random.default_rng(0):
@@ -112,6 +114,7 @@ class DatasetInfo:
   num_grey_levels: int  # L (0 for continuous toy data)
   centered: bool  # data in [-1, 1] (True) or [0, 1]
   uniform_dequantization: bool  # training data dequantized as (k + u) / L
+  num_classes: int = 0  # class labels of the examples (``load_labels``); 0: none (toy, celeb_a)
 
   @property
   def dim(self) -> int:
@@ -133,7 +136,7 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     return DatasetInfo(name, (int(dist.dim),), False, 0, False, False)
   size = _image_size(config, spec)
   return DatasetInfo(name, (size, size, spec.num_channels), True, spec.num_grey_levels,
-                     bool(data.centered), bool(data.uniform_dequantization))
+                     bool(data.centered), bool(data.uniform_dequantization), spec.num_classes)
 
 
 def split_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -226,16 +229,18 @@ def even_shard(n: int, process_index: int, process_count: int) -> tuple[int, int
   return start, start + base + (1 if process_index < rem else 0)
 
 
-def _digits_levels() -> dict[str, np.ndarray]:
-  """All digits splits as uint8 arrays (N, 8, 8, 1) with values 0..16 (fixed split, see above)."""
+def _digits_levels(labels: bool = False) -> dict[str, np.ndarray]:
+  """All digits splits as uint8 arrays (N, 8, 8, 1) with values 0..16 (fixed split, see above);
+  ``labels``: their classes 0..9 instead, int32 (N,), in the same order."""
   from sklearn.datasets import load_digits
-  images = load_digits().images  # (1797, 8, 8) float64, integers 0..16
-  levels = np.rint(images).astype(np.uint8)[..., None]
-  perm = np.random.default_rng(DIGITS_SEED).permutation(len(levels))
+  digits = load_digits()  # images (1797, 8, 8) float64, integers 0..16; target (1797,)
+  arrays = (digits.target.astype(np.int32) if labels
+            else np.rint(digits.images).astype(np.uint8)[..., None])
+  perm = np.random.default_rng(DIGITS_SEED).permutation(len(arrays))
   test, train = perm[:DIGITS_NUM_TEST], perm[DIGITS_NUM_TEST:]
-  return {"train": levels[train], "test": levels[test],
-          "validation": levels[train[-DIGITS_NUM_VALIDATION:]],
-          "train_without_validation": levels[train[:-DIGITS_NUM_VALIDATION]]}
+  return {"train": arrays[train], "test": arrays[test],
+          "validation": arrays[train[-DIGITS_NUM_VALIDATION:]],
+          "train_without_validation": arrays[train[:-DIGITS_NUM_VALIDATION]]}
 
 
 def _tfds_builder(name: str, data_dir: str | None, download: bool):
@@ -299,9 +304,11 @@ def _download_and_prepare(builder, name: str, data_dir: str | None) -> None:
     progress.update(1)
 
 
-def _tfds_levels(name: str, split: str, image_size: int, data_dir: str | None, download: bool,
-                 process_index: int, process_count: int) -> tuple[np.ndarray, int, int]:
-  """This process's shard of a TFDS split as uint8 (n, S, S, C); returns (levels, start, total)."""
+def _tfds_arrays(name: str, split: str, data_dir: str | None, download: bool, process_index: int,
+                 process_count: int, prep: Callable, empty: np.ndarray,
+                 decoders: dict | None = None) -> tuple[np.ndarray, int, int]:
+  """``prep(example)`` of every example of this process's shard of a TFDS split, as one array
+  (the dataset downloaded first when ``download`` and not prepared); returns (array, start, total)."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
   builder = _tfds_builder(name, data_dir, download)
@@ -310,13 +317,22 @@ def _tfds_levels(name: str, split: str, image_size: int, data_dir: str | None, d
   total = builder.info.splits[split].num_examples  # TFDS resolves 'test[:120]' itself
   start, _ = even_shard(total, process_index, process_count)
   sub = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
-  ds = builder.as_dataset(split=sub, shuffle_files=False,
+  ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders,
                           read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(1024)
+  chunks = [np.asarray(b) for b in tfds.as_numpy(ds)]
+  return (np.concatenate(chunks) if chunks else empty), start, total
+
+
+def _tfds_levels(name: str, split: str, image_size: int, data_dir: str | None, download: bool,
+                 process_index: int, process_count: int) -> tuple[np.ndarray, int, int]:
+  """This process's shard of a TFDS split as uint8 (n, S, S, C); returns (levels, start, total)."""
+  import tensorflow as tf
   native = _IMAGE_DATASETS[name].native_size
 
   def prep(example):
     img = example["image"]
-    if name == "celeb_a":  # score_sde: central 140x140 crop, then antialiased bilinear resize
+    if name == "celeb_a":  # score_sde / Song & Ermon (2020): central 140x140 crop, then resize
       h, w = native
       top, left = (h - CELEBA_CROP) // 2, (w - CELEBA_CROP) // 2
       img = img[top:top + CELEBA_CROP, left:left + CELEBA_CROP]
@@ -325,34 +341,64 @@ def _tfds_levels(name: str, split: str, image_size: int, data_dir: str | None, d
       img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
     return img
 
-  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(1024)
-  chunks = [np.asarray(b) for b in tfds.as_numpy(ds)]
-  levels = (np.concatenate(chunks) if chunks
-            else np.zeros((0, image_size, image_size, _IMAGE_DATASETS[name].num_channels), np.uint8))
-  return levels, start, total
+  empty = np.zeros((0, image_size, image_size, _IMAGE_DATASETS[name].num_channels), np.uint8)
+  return _tfds_arrays(name, split, data_dir, download, process_index, process_count, prep, empty)
+
+
+def _tfds_labels(name: str, split: str, data_dir: str | None, download: bool,
+                 process_index: int, process_count: int) -> tuple[np.ndarray, int, int]:
+  """This process's shard of the ``label`` feature of a TFDS split, int32 (n,) (images are not
+  decoded); returns (labels, start, total)."""
+  import tensorflow_datasets as tfds
+  labels, start, total = _tfds_arrays(name, split, data_dir, download, process_index,
+                                      process_count,
+                                      lambda example: example["label"], np.zeros((0,), np.int32),
+                                      decoders={"image": tfds.decode.SkipDecoding()})
+  return labels.astype(np.int32), start, total
 
 
 def load_levels(config: ml_collections.ConfigDict, split: str, process_index: int = 0,
                 process_count: int = 1) -> tuple[np.ndarray, int, int]:
   """(uint8 levels of this process's shard, global index of its first example, split size)."""
+  return _load_split(config, split, process_index, process_count, labels=False)
+
+
+def load_labels(config: ml_collections.ConfigDict, split: str, process_index: int = 0,
+                process_count: int = 1) -> tuple[np.ndarray, int, int]:
+  """(int32 class labels (n,) of this process's shard, in the order of ``load_levels``, global
+  index of its first example, split size); ValueError naming data.dataset when it has none."""
+  spec = _spec(config)
+  if spec is None or not spec.num_classes:
+    raise ValueError(f"data.dataset={config.data.dataset!r} has no class labels (labelled: "
+                     f"{LABELLED_DATASETS})")
+  return _load_split(config, split, process_index, process_count, labels=True)
+
+
+def _load_split(config: ml_collections.ConfigDict, split: str, process_index: int,
+                process_count: int, labels: bool) -> tuple[np.ndarray, int, int]:
+  """This process's shard of the levels (or labels) of an image split (see ``load_levels``)."""
   spec = _spec(config)
   if spec is None:
     raise ValueError(f"data.dataset={config.data.dataset!r} is a toy distribution, not images")
   name = str(config.data.dataset)
   size = _image_size(config, spec)
+  data_dir = str(config.data.tfds_data_dir) or None
+  if spec.tfds and labels:
+    return _tfds_labels(name, split, data_dir, config.data.download, process_index,
+                        process_count)
   if spec.tfds:
-    return _tfds_levels(name, split, size, str(config.data.tfds_data_dir) or None,
-                        bool(config.data.download), process_index, process_count)
-  splits = _digits_levels()
+    return _tfds_levels(name, split, size, data_dir, config.data.download, process_index,
+                        process_count)
+  splits = _digits_levels(labels=labels)
   base, first, stop = parse_split(split)
   if base not in splits:
     raise ValueError(f"split {split!r} not in 'digits' (splits: {list(splits)})")
-  levels = splits[base][first:stop]
-  if len(levels) == 0:
+  arrays = splits[base][first:stop]
+  if len(arrays) == 0:
     raise ValueError(f"split {split!r} of 'digits' is empty ({base!r} has {len(splits[base])} "
                      f"examples)")
-  start, end = even_shard(len(levels), process_index, process_count)
-  return levels[start:end], start, len(levels)
+  start, end = even_shard(len(arrays), process_index, process_count)
+  return arrays[start:end], start, len(arrays)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -630,6 +676,32 @@ def get_dataset(config: ml_collections.ConfigDict, *, split: str = "train", shuf
                       transform=transform, seed=seed, process_index=process_index)
 
 
+class LabeledIterator:
+  """Infinite shuffled (images, labels) batches of an image split: two ``ArrayIterator`` of one
+  seed and order (the permutation depends only on (seed, epoch, n)), so row i of the labels is
+  the class of row i of the images; ``batch_at(step)`` as ``ArrayIterator.batch_at``."""
+
+  def __init__(self, images: ArrayIterator, labels: ArrayIterator):
+    self.images, self.labels = images, labels
+
+  def batch_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    return self.images.batch_at(step), self.labels.batch_at(step)
+
+
+def get_labeled_dataset(config: ml_collections.ConfigDict, *, split: str, batch_size: int,
+                        seed: int | None = None) -> LabeledIterator:
+  """Shuffled (images, int32 labels) training batches of ``split`` for this process, images as
+  ``get_dataset`` makes them (scaling, ``data.uniform_dequantization``, ``data.random_flip``);
+  ValueError naming data.dataset for data without labels."""
+  labels, _, _ = load_labels(config, split)
+  images = get_dataset(config, split=split, batch_size=batch_size, seed=seed)
+  seed = int(config.seed) if seed is None else int(seed)
+  label_stream = ArrayIterator(labels, int(batch_size), seed=seed, shuffle=True,
+                               transform=lambda a, rng: a, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  return LabeledIterator(images, label_stream)
+
+
 def get_eval_dataset(config: ml_collections.ConfigDict, *, split: str | None = None,
                      **kwargs) -> EvalIterator:
   """The finite padded pass over ``split`` (default ``eval.split``) with ``eval.batch_size``."""
@@ -791,4 +863,5 @@ __all__: Sequence[str] = (
     "DatasetInfo", "DatasetNotPreparedError", "ArrayIterator", "EvalIterator", "EvalBatch",
     "ToyIterator", "ThreadedIterator", "DevicePrefetchIterator", "dataset_info", "get_dataset", "get_eval_dataset",
     "prefetch_to_device", "scale_images", "inverse_scale", "quantize",
-    "load_levels", "even_shard", "image_transform", "split_sizes", "split_names", "parse_split", "IMAGE_DATASETS")
+    "load_levels", "load_labels", "get_labeled_dataset", "LabeledIterator", "even_shard", "image_transform", "split_sizes", "split_names", "parse_split", "IMAGE_DATASETS",
+    "LABELLED_DATASETS")

@@ -10,6 +10,8 @@
   last checkpoint dropped at restart);
 * the trained model of a workdir (``load_score_model`` -> ``ScoreModel``: SDE, score_fn, event
   shape, step, prior) that sample and eval pass on, and ``generate``;
+* the noise-conditional classifier of a workdir (``load_classifier`` -> ``logits_fn(x, t)``, from
+  ``DIR/classifier/`` that ``--mode=train_classifier`` writes);
 * writing reports and figures (``write_json``, ``save_samples_png``).
 
 Only ``run_lib``, ``modes/``, ``checkpoints`` and ``main.py`` touch files.
@@ -45,7 +47,7 @@ Array = jax.Array
 RESUMABLE_FIELDS = ("training.n_iters", "training.log_freq", "training.eval_freq",
                     "training.snapshot_freq", "training.snapshot_freq_for_preemption",
                     "training.max_to_keep")
-RESUMABLE_SECTIONS = ("sampling.", "eval.", "prior.", "dequantizer.")
+RESUMABLE_SECTIONS = ("sampling.", "eval.", "prior.", "dequantizer.", "classifier.")
 # What eval / sample rebuild from a workdir: these fields must match its config.json (sde.T and
 # sde.eps may differ: one trained model is evaluated over diffusion times, Franzese et al.).
 MODEL_FIELDS = ("model.", "sde.", "data.dataset", "data.image_size", "data.num_channels",
@@ -90,23 +92,32 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str,
   """Refuses (ValueError naming the field) a config that differs from ``workdir/config.json`` in a
   field that changes the run (or the model that eval / sample rebuild). A workdir without
   config.json is accepted."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  if action == "resume":
+    compared = lambda k: not (k in RESUMABLE_FIELDS or k.startswith(RESUMABLE_SECTIONS))  # noqa: E731
+  else:
+    compared = lambda k: k.startswith(MODEL_FIELDS) and k not in FREE_AT_EVAL  # noqa: E731
+  check_same_config(config, workdir, compared, action)
+
+
+def check_same_config(config: ml_collections.ConfigDict, folder: str,
+                      compared: Callable[[str], bool], action: str) -> None:
+  """ValueError naming the first dotted field with ``compared(field)`` whose value in ``config``
+  differs from ``folder/config.json`` (absent file: nothing to compare)."""
+  path = os.path.join(folder, CONFIG_FILE)
   if not os.path.exists(path):
     return
   with open(path) as f:
     saved = _flat_config(json.load(f))
   given = _flat_config(config)
   for key in sorted(set(saved) | set(given)):
-    if key in RESUMABLE_FIELDS or key.startswith(RESUMABLE_SECTIONS):
-      continue
-    if action != "resume" and (not key.startswith(MODEL_FIELDS) or key in FREE_AT_EVAL):
+    if not compared(key):
       continue
     if key not in saved:  # a field added to scorelab after this run started
-      logging.warning("config field %s is not in %s: resuming with %r", key, path, given[key])
+      logging.warning("config field %s is not in %s: continuing with %r", key, path, given[key])
       continue
     a, b = saved[key], given.get(key, "<absent>")
     if a != b:
-      raise ValueError(f"config field {key} differs from the run in {workdir} (saved {a!r}, "
+      raise ValueError(f"config field {key} differs from the run in {folder} (saved {a!r}, "
                        f"given {b!r}); {action} with the same value"
                        + (" or use a new workdir" if action == "resume" else ""))
 
@@ -335,6 +346,80 @@ def load_score_model(config: ml_collections.ConfigDict, workdir: str,
                     step=step, prior=prior, params=params, apply=score_fn)
 
 
+# -- the noise-conditional classifier of a workdir (--mode=train_classifier) -----------------------
+CLASSIFIER_DIR = "classifier"
+# What load_classifier rebuilds: these fields must match classifier/config.json (sde.T, sde.eps free).
+CLASSIFIER_FIELDS = ("classifier.widths", "classifier.num_res_blocks", "classifier.embedding_dim",
+                     "sde.", "data.dataset", "data.image_size", "data.num_channels",
+                     "data.centered")
+# What a classifier run depends on (a resumed run must match), less what may change on resume.
+CLASSIFIER_RUN_FIELDS = ("seed", "classifier.", "sde.", "data.", "optim.", "eval.split")
+CLASSIFIER_RESUMABLE = ("classifier.n_iters", "classifier.log_freq", "classifier.snapshot_freq",
+                        "classifier.curve_times", "classifier.use_ema")
+
+
+def classifier_classes(config) -> int:
+  """Number of classes of ``data.dataset``; ValueError naming data.dataset when it has no labels
+  (toy data, celeb_a): a class-conditional classifier needs labelled images."""
+  info = datasets.dataset_info(config)
+  if not info.num_classes:
+    raise ValueError(f"data.dataset={info.name!r} has no class labels: the noise-conditional "
+                     "classifier (classifier section, --mode=train_classifier) needs a labelled "
+                     f"image dataset (one of {datasets.LABELLED_DATASETS})")
+  return info.num_classes
+
+
+def classifier_optimizer(config):
+  """The score model's optimizer chain (``losses.make_optimizer``: the optim section's Adam,
+  clipping, weight decay) with ``classifier.lr`` and ``classifier.warmup``."""
+  import losses
+  return losses.make_optimizer(dataclasses.replace(config.optim, lr=config.classifier.lr,
+                                                   warmup=config.classifier.warmup))
+
+
+def init_classifier(config, sde, key: Array):
+  """(logits(params, x, t), fresh TrainState, optimizer) of the config's classifier."""
+  import losses
+  from models import classifier
+  model = classifier.NoiseConditionalClassifier.from_config(config, classifier_classes(config))
+  init_key, state_key = jax.random.split(key)
+  params = classifier.init_params(model, init_key, datasets.dataset_info(config).shape)
+  optimizer = classifier_optimizer(config)
+  return (classifier.logits_fn(sde, model), losses.init_train_state(params, optimizer, state_key),
+          optimizer)
+
+
+def open_classifier_checkpoints(config, workdir: str,
+                                read_only: bool = False) -> checkpoints.CheckpointStore:
+  """``workdir/classifier/checkpoints``: the latest every ``classifier.snapshot_freq`` steps."""
+  return checkpoints.CheckpointStore(os.path.join(workdir, CLASSIFIER_DIR),
+                                     keep_every=config.classifier.snapshot_freq, max_to_keep=1,
+                                     read_only=read_only)
+
+
+def load_classifier(config: ml_collections.ConfigDict, workdir: str) -> Callable[[Array, Array], Array]:
+  """``logits_fn(x, t) -> (B, n_classes)``: unnormalized log p_t(y | x_t) of the classifier that
+  --mode=train_classifier trained in ``workdir/classifier/`` (newest intact checkpoint; EMA
+  parameters when ``classifier.use_ema``), parameters bound; pure, jit / vmap / grad-safe. Errors
+  name the field (unlabelled data.dataset, a changed classifier / SDE field) or the mode to run."""
+  cfg = validate_config(config)
+  sde = sde_lib.get_sde(cfg.sde)
+  classifier_classes(cfg)
+  folder = os.path.join(workdir, CLASSIFIER_DIR)
+  ckpt_dir = os.path.join(folder, checkpoints.DIR)
+  if not (os.path.isdir(ckpt_dir) and any(s.isdigit() for s in os.listdir(ckpt_dir))):
+    raise FileNotFoundError(f"no classifier checkpoint in {ckpt_dir}: run --mode=train_classifier "
+                            "with this config first")
+  check_same_config(config, folder, lambda k: k.startswith(CLASSIFIER_FIELDS)
+                    and k not in FREE_AT_EVAL, "load the classifier")
+  logits, state, _ = init_classifier(cfg, sde, jax.random.PRNGKey(cfg.seed))
+  with open_classifier_checkpoints(cfg, workdir, read_only=True) as store:
+    state, step = store.restore(state)
+  logging.info("classifier of %s: step %d", folder, step)
+  params = state.ema_params if cfg.classifier.use_ema else state.params
+  return functools.partial(logits, params)
+
+
 @contextlib.contextmanager
 def model_outputs(config: ml_collections.ConfigDict, workdir: str, folder: str):
   """What eval and sample do first: validate the config, require a checkpoint, check
@@ -455,3 +540,62 @@ def save_samples_png(path: str, samples: np.ndarray, config,
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+# -- controllable generation (controllable.py; Song et al. 2021, Sec. 5 and App. I) ---------------
+def guided_model(model: ScoreModel, logits_fn: Callable[[Array, Array], Array], label: int,
+                 scale: float) -> ScoreModel:
+  """``model`` with the class-conditional score of ``label`` (controllable.class_conditional_score:
+  s + scale grad log p_t(label | x)) in place of its score, for ``generate``."""
+  import controllable
+
+  def apply(params, x: Array, t: Array) -> Array:
+    return controllable.class_conditional_score(model.bound_score(params), logits_fn, label,
+                                                scale)(x, t)
+
+  score = controllable.class_conditional_score(model.score_fn, logits_fn, label, scale)
+  return dataclasses.replace(model, apply=apply, score_fn=score)
+
+
+def eval_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
+  """The first ``n`` images of ``eval.split`` in model space (no dequantization), every process
+  holding all of them; ValueError naming sampling.n_samples when the split is smaller."""
+  info = datasets.dataset_info(config)
+  levels, _, total = datasets.load_levels(config, config.eval.split)
+  if n > total:
+    raise ValueError(f"sampling.n_samples={n} exceeds the {total} images of eval.split="
+                     f"{config.eval.split!r}")
+  return datasets.scale_images(levels[:n], info.num_grey_levels, info.centered)
+
+
+def impute(config: ml_collections.ConfigDict, model: ScoreModel, observations: np.ndarray,
+           known: np.ndarray, key: Array, basis: Optional[Array] = None, mesh=None):
+  """Imputations of ``observations`` (n, *event) whose entries ``known`` (bool, broadcast to the
+  observations; in ``basis`` coordinates of the channels for colorization) are kept (Song et al.
+  2021, App. I.2-I.3): the configured fixed-step sampler with ``controllable.imputation_hook``
+  from ``model.prior``, the known part set to the observation at the end. Example i uses
+  fold_in(key, i), over every device in global batches of ``sampling.batch_size``, as
+  ``generate``. (imputed (n, *event), mean NFE per example)."""
+  import controllable
+  import samplers
+  one = samplers.get_sampler(config.sampling, model.sde, (1,) + model.event_shape,
+                             prior=model.prior)
+
+  def per_example(params, pairs, keys):
+    def single(pair, k):
+      obs, mask = pair[0][None], pair[1][None] > 0.5
+      hook = controllable.imputation_hook(model.sde, obs, mask, basis)
+      x, stats = one(model.bound_score(params), k, step_hook=hook)
+      return {"x": controllable.replace_known(x, obs, mask, basis)[0],
+              "nfe": jnp.mean(jnp.asarray(stats["nfe"], jnp.float32))}
+    return jax.vmap(single)(pairs, keys)
+
+  observations = np.asarray(observations, np.float32)
+  mask = np.broadcast_to(np.asarray(known, np.float32), observations.shape)
+  batches = datasets.array_eval_batches(np.stack([observations, mask], axis=1),
+                                        config.sampling.batch_size, "sampling.batch_size")
+  with Progress(f"imputing ({config.sampling.method}, c={config.sampling.c})",
+                len(observations), "images") as p:
+    out = parallel.map_dataset(per_example, model.params, batches, key, mesh=mesh,
+                               on_batch=p.update)
+  return out["x"], float(np.mean(out["nfe"]))

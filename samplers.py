@@ -38,6 +38,24 @@ Options shared by all samplers:
   eq. 6; the pulse-shaped errors of their Section 3.4 and Appendix G). The eq. 44 errors E = m s
   (cases 1-5, ``pulse_perturbed_score``) are what ``sampling.perturbation`` selects in get_sampler.
 * ``x_init``: start from these values instead of a prior draw (e.g. for pathwise comparisons).
+
+Options of the fixed-step samplers (``pc_sampler``, ``exponential_integrator_sampler``,
+``heun_sampler``, ``ddim_sampler``; ``sde_sampler`` with fixed steps):
+* ``time_grid``: the times t_0 > t_1 > ... > t_N of the N steps, any 1-D array (k-diffusion's
+  ``sigmas`` argument, in time): ``uniform_time_grid(sde, n)`` (the default, N = n_steps) or
+  ``edm_time_grid(sde, n)`` (Karras et al. 2022, eq. 5; heun's default with n = n_steps noise
+  levels) or a user grid. The grid overrides ``n_steps``; NFE counts follow N.
+* ``step_hook(x, t, key, i) -> x``: applied inside the scan after step i, x then being at time
+  t = t_{i+1} (after a final denoising step: t = 0); the functional form of k-diffusion's
+  ``callback``. Its keys fold_in(fold_in(key, HOOK_STREAM), .) leave the sampler's own random
+  streams, so a hook that returns x unchanged changes nothing. controllable.py's imputation and
+  colorization are hooks. ('sde': fixed Euler-Maruyama steps only, run as
+  ``pc_sampler(predictor='euler_maruyama', n_corrector_steps=0)``, the same update.)
+* ``record_trajectory``: stats gain ``trajectory_t`` (N,), ``trajectory_x`` and
+  ``trajectory_denoised`` (N, *shape): the state each step starts from (heun: after its churn)
+  and E[x_0 | x_t] (Tweedie) from the score that step evaluates, at no extra NFE.
+The adaptive samplers ('ode', adaptive 'sde') refuse a hook or a grid with an error naming
+``sampling.method``.
 """
 from __future__ import annotations
 
@@ -150,8 +168,13 @@ def pulse_perturbed_score(score_fn: ScoreFn, sde, case: str, epsilon: Array | fl
 def tweedie_denoise(sde, score_fn: ScoreFn, x: Array, t: Array) -> Array:
   """E[x_0 | x_t] = (x_t + sigma_t^2 grad log p_t(x_t)) / alpha_t (Tweedie's formula for
   x_t = alpha_t x_0 + sigma_t z; one score evaluation)."""
+  return _tweedie(sde, x, t, score_fn(x, t))
+
+
+def _tweedie(sde, x: Array, t: Array, score: Array) -> Array:
+  """Tweedie's E[x_0 | x_t] from a score value already computed at (x, t)."""
   alpha, sigma = sde.marginal_coeffs(t)
-  return (x + bcast(sigma, x) ** 2 * score_fn(x, t)) / bcast(alpha, x)
+  return (x + bcast(sigma, x) ** 2 * score) / bcast(alpha, x)
 
 
 def _initial_state(sde, key: Array, shape: Sequence[int], prior: Optional[Prior],
@@ -162,10 +185,76 @@ def _initial_state(sde, key: Array, shape: Sequence[int], prior: Optional[Prior]
   return prior.sample(key, tuple(shape))
 
 
-def _finish(sde, score_fn: ScoreFn, x: Array, nfe: Array, denoise: bool) -> tuple[Array, Array]:
+def _finish(sde, score_fn: ScoreFn, x: Array, nfe: Array, denoise: bool,
+            hook: Optional[Callable] = None, i: int = 0) -> tuple[Array, Array]:
+  """Tweedie's denoising step at eps when ``denoise`` (then the step hook, as step i at t = 0)."""
   if denoise:
-    return tweedie_denoise(sde, score_fn, x, jnp.asarray(sde.eps)), nfe + 1
+    x = tweedie_denoise(sde, score_fn, x, jnp.asarray(sde.eps))
+    return (x if hook is None else hook(x, 0.0, i)), nfe + 1
   return x, nfe
+
+
+# -- fixed-step options: time grids, the per-step hook, trajectories ---------------------------------
+StepHook = Callable[[Array, Array, Array, Array], Array]  # (x, t, key, i) -> x
+HOOK_STREAM = 0x600C  # fold_in tag of the hook's keys (the samplers' own streams stay unchanged)
+
+
+def uniform_time_grid(sde, n_steps: int) -> Array:
+  """t_i = T - i (T - eps) / N for i < N and t_N = eps, shape (N + 1,): the fixed-step samplers'
+  default grid (Song et al. 2021's discretization)."""
+  if n_steps < 1:
+    raise ValueError(f"sampling.n_steps must be >= 1, got {n_steps}")
+  T, eps = jnp.asarray(sde.T), jnp.asarray(sde.eps)
+  dt = (T - eps) / n_steps
+  return jnp.append(T - dt * jnp.arange(n_steps), eps)
+
+
+def _check_grid(time_grid: Array) -> Array:
+  grid = jnp.asarray(time_grid)
+  if grid.ndim != 1 or grid.shape[0] < 2:
+    raise ValueError(f"time_grid must be a 1-D array of at least 2 decreasing times (T -> eps), "
+                     f"got shape {grid.shape}")
+  return grid
+
+
+def _grid_steps(sde, n_steps: int, time_grid: Optional[Array]) -> tuple[Array, Array, int]:
+  """(t_i, t_{i+1}) of every step and the number of steps N, from ``time_grid`` (default
+  ``uniform_time_grid(sde, n_steps)``)."""
+  grid = uniform_time_grid(sde, n_steps) if time_grid is None else _check_grid(time_grid)
+  return grid[:-1], grid[1:], grid.shape[0] - 1
+
+
+def _hook_fn(step_hook: Optional[StepHook], key: Optional[Array]) -> Callable:
+  """``apply(x, t, i, stage=0)`` = step_hook(x, t, its key, i) (the identity without a hook); the
+  key is fold_in(fold_in(key, HOOK_STREAM), 2 i + stage)."""
+  if step_hook is None:
+    return lambda x, t, i, stage=0: x
+  if key is None:
+    raise ValueError("a step_hook needs the sampler's key, got key=None")
+  base = jax.random.fold_in(key, HOOK_STREAM)
+
+  def apply(x: Array, t: Array, i: Array, stage: int = 0) -> Array:
+    k = jax.random.fold_in(base, 2 * i + stage)
+    return step_hook(x, jnp.asarray(t, x.dtype), k, i)
+
+  return apply
+
+
+def _record(record: bool, t: Array, x: Array, denoised: Callable[[], Array]) -> Optional[Stats]:
+  """One step's trajectory entry (t, x_t, E[x_0 | x_t]), if recorded (``denoised`` is lazy)."""
+  if not record:
+    return None
+  return {"trajectory_t": jnp.asarray(t), "trajectory_x": x, "trajectory_denoised": denoised()}
+
+
+def _refuse_hook(method: str, why: str, step_hook, time_grid, record_trajectory: bool) -> None:
+  """ValueError naming sampling.method for fixed-step options given to an adaptive sampler."""
+  given = [name for name, v in (("step_hook", step_hook), ("time_grid", time_grid),
+                                ("record_trajectory", record_trajectory or None)) if v is not None]
+  if given:
+    raise ValueError(f"sampling.method={method!r} ({why}) takes no {', '.join(given)}: use a "
+                     "fixed-step method ('pc', 'exponential', 'heun', 'ddim', or 'sde' with "
+                     "adaptive=False and solver 'euler')")
 
 
 def _forward_time_terms(sde, score_fn: ScoreFn, c: Array) -> tuple[Callable, Callable]:
@@ -198,13 +287,17 @@ def ode_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
                 max_steps: int = 100_000, dt0: Optional[Array | float] = None,
                 denoise: bool = False, prior: Optional[Prior] = None,
                 score_perturbation: Optional[ScoreFn] = None, epsilon: Array | float = 0.0,
-                x_init: Optional[Array] = None) -> tuple[Array, Stats]:
+                x_init: Optional[Array] = None, time_grid: Optional[Array] = None,
+                step_hook: Optional[StepHook] = None,
+                record_trajectory: bool = False) -> tuple[Array, Stats]:
   """Probability-flow ODE dx = [f - 1/2 g^2 s] dt (Song et al. 2021, eq. 13; Cao et al. eq. 2-3
   with h = 0) from T to eps with an adaptive diffrax solver (Tsit5 / Dopri5, PID rtol/atol).
 
   ``dt0`` is the first step size (default (T - eps) / 100; the controller adapts it). ``stats``:
   nfe, num_steps, num_accepted_steps, num_rejected_steps, success (False if max_steps was hit).
+  Adaptive: ``time_grid``, ``step_hook`` and ``record_trajectory`` are refused.
   """
+  _refuse_hook("ode", "adaptive steps", step_hook, time_grid, record_trajectory)
   if solver not in ODE_SOLVERS:
     raise ValueError(f"sampling.solver must be one of {sorted(ODE_SOLVERS)} for the ODE, got {solver!r}")
   score = perturbed_score(score_fn, score_perturbation, epsilon)
@@ -251,7 +344,9 @@ def sde_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
                 max_steps: Optional[int] = None, brownian_tol: Optional[float] = None,
                 denoise: bool = False, prior: Optional[Prior] = None,
                 score_perturbation: Optional[ScoreFn] = None, epsilon: Array | float = 0.0,
-                x_init: Optional[Array] = None) -> tuple[Array, Stats]:
+                x_init: Optional[Array] = None, time_grid: Optional[Array] = None,
+                step_hook: Optional[StepHook] = None,
+                record_trajectory: bool = False) -> tuple[Array, Stats]:
   """dx = [f - (1 + c)/2 g^2 s] dt + sqrt(c) g dw_bar from T to eps (Cao et al., eq. 2-3 with
   h^2 = c g^2), integrated by diffrax in forward time s = T - t.
 
@@ -262,9 +357,23 @@ def sde_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
   depend on x). ``adaptive=True``: PID step control with rtol/atol on a ``VirtualBrownianTree``
   (tolerance ``brownian_tol``, default (T - eps) * 2^-14), ``n_steps`` then sets the first step and
   ``max_steps`` (default 16 n_steps) bounds the work; Euler has no error estimate and is refused.
+  ``time_grid`` (fixed steps): diffrax steps to s = T - t_i. A ``step_hook`` or
+  ``record_trajectory`` (fixed Euler steps only) runs the same Euler-Maruyama update as a scan,
+  ``pc_sampler(predictor='euler_maruyama', n_corrector_steps=0)`` (its own random stream).
   """
   _check_sde_solver(solver, adaptive)
   _check_c(c)
+  if adaptive:
+    _refuse_hook("sde", "adaptive=True", step_hook, time_grid, record_trajectory)
+  if step_hook is not None or record_trajectory:
+    if solver != "euler":
+      raise ValueError(f"sampling.method='sde' takes a step_hook / record_trajectory with solver "
+                       f"'euler' (Euler-Maruyama) only, got sampling.solver={solver!r}")
+    return pc_sampler(score_fn, sde, key, shape, c=c, n_steps=n_steps, predictor="euler_maruyama",
+                      n_corrector_steps=0, denoise=denoise, prior=prior,
+                      score_perturbation=score_perturbation, epsilon=epsilon, x_init=x_init,
+                      time_grid=time_grid, step_hook=step_hook,
+                      record_trajectory=record_trajectory)
   c = jnp.asarray(c)
   score = perturbed_score(score_fn, score_perturbation, epsilon)
   k_prior, k_bm = jax.random.split(key)
@@ -282,17 +391,22 @@ def sde_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
     bm = diffrax.VirtualBrownianTree(0.0, s1, tol=tol, shape=bm_shape, key=k_bm, levy_area=levy)
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
     dt0 = s1 / n_steps
+    t0, t1 = 0.0, s1
     steps = 16 * n_steps if max_steps is None else max_steps
     adjoint = diffrax.RecursiveCheckpointAdjoint()
   else:
     bm = diffrax.UnsafeBrownianPath(shape=bm_shape, key=k_bm, levy_area=levy)
-    controller = diffrax.StepTo(ts=jnp.linspace(0.0, 1.0, n_steps + 1) * s1)
+    s_grid = (jnp.linspace(0.0, 1.0, n_steps + 1) * s1 if time_grid is None
+              else jnp.asarray(sde.T) - _check_grid(time_grid))
+    controller = diffrax.StepTo(ts=s_grid)
+    n_steps = s_grid.shape[0] - 1
+    t0, t1 = (0.0, s1) if time_grid is None else (s_grid[0], s_grid[-1])
     dt0 = None
     steps = n_steps if max_steps is None else max(max_steps, n_steps)
     adjoint = diffrax.ForwardMode()  # UnsafeBrownianPath is not reverse-differentiable
   terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion_vf, bm))
   sol = diffrax.diffeqsolve(
-      terms, SDE_SOLVERS[solver](), t0=0.0, t1=s1, dt0=dt0, y0=x0,
+      terms, SDE_SOLVERS[solver](), t0=t0, t1=t1, dt0=dt0, y0=x0,
       stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True), max_steps=steps,
       adjoint=adjoint, throw=False)
   stats = _int_stats(sol)
@@ -305,19 +419,12 @@ def sde_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
 # Predictor-corrector (Song et al. 2021, Algorithms 2-3)
 # ---------------------------------------------------------------------------------------------------
 
-def _time_grid(sde, n_steps: int) -> tuple[Array, Array]:
-  """t_i = T - i dt, i = 0..n_steps-1, with dt = (T - eps) / n_steps; the last step lands on eps."""
-  T, eps = jnp.asarray(sde.T), jnp.asarray(sde.eps)
-  dt = (T - eps) / n_steps
-  return T - dt * jnp.arange(n_steps), dt
-
-
-def _transition_coeffs(sde, t: Array, dt: Array) -> tuple[Array, Array]:
-  """(a, b^2) of the exact forward transition x_t = a x_{t-dt} + b z:
-  a = alpha_t / alpha_{t-dt}, b^2 = sigma_t^2 - a^2 sigma_{t-dt}^2 (for VP a^2 = 1 - beta_i of DDPM,
-  for VE b^2 = sigma_t^2 - sigma_{t-dt}^2 of NCSN: score_sde's discretizations)."""
+def _transition_coeffs(sde, t: Array, t_next: Array) -> tuple[Array, Array]:
+  """(a, b^2) of the exact forward transition x_t = a x_{t'} + b z from t' = t_next to t:
+  a = alpha_t / alpha_{t'}, b^2 = sigma_t^2 - a^2 sigma_{t'}^2 (for VP a^2 = 1 - beta_i of DDPM,
+  for VE b^2 = sigma_t^2 - sigma_{t'}^2 of NCSN: score_sde's discretizations)."""
   alpha_t, sigma_t = sde.marginal_coeffs(t)
-  alpha_s, sigma_s = sde.marginal_coeffs(t - dt)
+  alpha_s, sigma_s = sde.marginal_coeffs(t_next)
   a = alpha_t / alpha_s
   return a, jnp.maximum(sigma_t**2 - a**2 * sigma_s**2, 0.0)
 
@@ -327,22 +434,27 @@ def pc_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
                snr: Array | float = 0.16, n_corrector_steps: int = 1,
                denoise: bool = False, prior: Optional[Prior] = None,
                score_perturbation: Optional[ScoreFn] = None, epsilon: Array | float = 0.0,
-               x_init: Optional[Array] = None) -> tuple[Array, Stats]:
+               x_init: Optional[Array] = None, time_grid: Optional[Array] = None,
+               step_hook: Optional[StepHook] = None,
+               record_trajectory: bool = False) -> tuple[Array, Stats]:
   """Predictor-corrector sampling (Song et al. 2021, "Score-based generative modeling through
-  SDEs", Algorithms 2-3 and Appendix G), a ``lax.scan`` over n_steps, whose predictor steps the
-  generative process of Cao et al. (eq. 2-3) with h^2 = c g^2: drift f - (1 + c)/2 g^2 s, diffusion
-  sqrt(c) g (c = 1: score_sde's reverse SDE, bit for bit; c = 0: the probability-flow ODE).
+  SDEs", Algorithms 2-3 and Appendix G), a ``lax.scan`` over the steps t_i -> t_{i+1} of
+  ``time_grid`` (default: n_steps uniform steps), whose predictor steps the generative process of
+  Cao et al. (eq. 2-3) with h^2 = c g^2: drift f - (1 + c)/2 g^2 s, diffusion sqrt(c) g (c = 1:
+  score_sde's reverse SDE; c = 0: the probability-flow ODE).
 
   At each t_i: ``n_corrector_steps`` Langevin steps x <- x + e s + sqrt(2 e) z with
-  e = 2 a^2 (snr |z| / |s|)^2 (norms averaged over the batch, a^2 = alpha_t^2 / alpha_{t-dt}^2 as
-  score_sde's 1 - beta_i for VP and 1 for VE), then one predictor step to t_i - dt:
+  e = 2 a^2 (snr |z| / |s|)^2 (norms averaged over the batch, a^2 = alpha_t^2 / alpha_{t'}^2 as
+  score_sde's 1 - beta_i for VP and 1 for VE), then one predictor step to t' = t_{i+1}:
   'reverse_diffusion': x <- (2 - a) x + (1 + c)/2 b^2 s + sqrt(c) b z with the exact transition
   (a, b) of ``_transition_coeffs``: score_sde's ReverseDiffusionPredictor (DDPM/NCSN
   discretization, forward step x <- a x + b z, i.e. discrete drift (a - 1) x and diffusion b)
   with the reverse drift and diffusion of the c-family, x <- x - [(a - 1) x - (1 + c)/2 b^2 s]
-  + sqrt(c) b z; 'euler_maruyama': x <- x - [f - (1 + c)/2 g^2 s] dt + sqrt(c) g sqrt(dt) z.
-  The Langevin corrector targets p_t whatever c is.
-  NFE = n_steps (1 + n_corrector_steps) (+1 with denoise).
+  + sqrt(c) b z; 'euler_maruyama': x <- x - [f - (1 + c)/2 g^2 s] dt + sqrt(c) g sqrt(dt) z,
+  dt = t_i - t_{i+1} (with no corrector: the fixed-step Euler-Maruyama of the c-family).
+  The Langevin corrector targets p_t whatever c is. ``step_hook`` runs after the corrector (at
+  t_i) and after the predictor (at t_{i+1}), as score_sde's inpainter replaces after both.
+  NFE = N (1 + n_corrector_steps) (+1 with denoise).
   """
   if predictor not in PC_PREDICTORS:
     raise ValueError(f"sampling.predictor must be one of {PC_PREDICTORS}, got {predictor!r}")
@@ -353,9 +465,10 @@ def pc_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
   half_1pc = 0.5 * (1.0 + c)  # exactly 1.0 for c = 1: the c = 1 arithmetic is unchanged
   score = perturbed_score(score_fn, score_perturbation, epsilon)
   snr = jnp.asarray(snr)
+  hook = _hook_fn(step_hook, key)
   k_prior, k_loop = jax.random.split(key)
   x = _initial_state(sde, k_prior, shape, prior, x_init)
-  ts, dt = _time_grid(sde, n_steps)
+  ts, t_next, n = _grid_steps(sde, n_steps, time_grid)
 
   def batch_norm(v):
     return jnp.mean(jnp.sqrt(sde_lib.sum_except_batch(v**2)))
@@ -369,26 +482,29 @@ def pc_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *,
     x = x + step * s + jnp.sqrt(2.0 * step) * z
     return (x, t, a2, key), None
 
-  def one_step(carry, t):
+  def one_step(carry, inputs):
     x, key = carry
-    a, b2 = _transition_coeffs(sde, t, dt)
+    i, t, t_to = inputs
+    a, b2 = _transition_coeffs(sde, t, t_to)
     key, k_corr, k_pred = jax.random.split(key, 3)
     if n_corrector_steps > 0:
       (x, _, _, _), _ = jax.lax.scan(corrector, (x, t, a**2, k_corr), None,
                                      length=n_corrector_steps)
+      x = hook(x, t, i, 1)
     s = score(x, t)
     z = jax.random.normal(k_pred, x.shape, x.dtype)
     if predictor == "reverse_diffusion":
-      x = (2.0 - bcast(a, x)) * x + half_1pc * b2 * s + jnp.sqrt(c * b2) * z
+      x_to = (2.0 - bcast(a, x)) * x + half_1pc * b2 * s + jnp.sqrt(c * b2) * z
     else:
-      g = bcast(sde.diffusion(t), x)
-      x = x - (sde.drift(x, t) - half_1pc * g**2 * s) * dt + jnp.sqrt(c) * g * jnp.sqrt(dt) * z
-    return (x, key), None
+      g, dt = bcast(sde.diffusion(t), x), t - t_to
+      x_to = x - (sde.drift(x, t) - half_1pc * g**2 * s) * dt + jnp.sqrt(c) * g * jnp.sqrt(dt) * z
+    return (hook(x_to, t_to, i), key), _record(record_trajectory, t, x,
+                                               lambda: _tweedie(sde, x, t, s))
 
-  (x, _), _ = jax.lax.scan(one_step, (x, k_loop), ts)
-  nfe = jnp.asarray(n_steps * (1 + n_corrector_steps))
-  x, nfe = _finish(sde, score, x, nfe, denoise)
-  return x, {"nfe": nfe, "num_steps": jnp.asarray(n_steps)}
+  (x, _), recorded = jax.lax.scan(one_step, (x, k_loop), (jnp.arange(n), ts, t_next))
+  nfe = jnp.asarray(n * (1 + n_corrector_steps))
+  x, nfe = _finish(sde, score, x, nfe, denoise, hook, n)
+  return x, {"nfe": nfe, "num_steps": jnp.asarray(n), **(recorded or {})}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -438,15 +554,18 @@ def exponential_integrator_sampler(score_fn: ScoreFn, sde, key: Array, shape: Se
                                    denoise: bool = False, prior: Optional[Prior] = None,
                                    score_perturbation: Optional[ScoreFn] = None,
                                    epsilon: Array | float = 0.0,
-                                   x_init: Optional[Array] = None) -> tuple[Array, Stats]:
+                                   x_init: Optional[Array] = None,
+                                   time_grid: Optional[Array] = None,
+                                   step_hook: Optional[StepHook] = None,
+                                   record_trajectory: bool = False) -> tuple[Array, Stats]:
   """Exponential integrator of the generative family (Cao et al., Appendix H.4) for VP, sub-VP,
   VE and EDM: the linear part of the drift is integrated exactly and the score is frozen at the
   left end of each step, x <- gamma x + (1 + c) k s(x, t) + sqrt(c v) z with the closed forms
-  (gamma, k, v) of ``exponential_step_coeffs`` on the uniform grid t_i = T - i (T - eps) / N.
-  For VP this is the paper's Y_{k+1} = gamma_k Y_k + (1 + c)(gamma_k - 1) S_k +
-  sqrt(c (gamma_k^2 - 1)) Z_k (alpha^2 = c), valid for any T. It converges at first order to the
-  ODE (c = 0, pathwise) and SDE (in law) solutions. The z's are drawn inside the loop (memory
-  O(batch) for any n_steps). NFE = n_steps (+1 denoise).
+  (gamma, k, v) of ``exponential_step_coeffs`` on ``time_grid`` (default: the uniform grid
+  t_i = T - i (T - eps) / N). For VP this is the paper's Y_{k+1} = gamma_k Y_k +
+  (1 + c)(gamma_k - 1) S_k + sqrt(c (gamma_k^2 - 1)) Z_k (alpha^2 = c), valid for any T. It
+  converges at first order to the ODE (c = 0, pathwise) and SDE (in law) solutions. The z's are
+  drawn inside the loop (memory O(batch) for any n_steps). NFE = N (+1 denoise).
   """
   if not isinstance(sde, EXPONENTIAL_SDE_CLASSES):
     raise ValueError(f"the exponential integrator supports sde.name in {EXPONENTIAL_SDES}, got "
@@ -454,21 +573,22 @@ def exponential_integrator_sampler(score_fn: ScoreFn, sde, key: Array, shape: Se
   _check_c(c)
   c = jnp.asarray(c)
   score = perturbed_score(score_fn, score_perturbation, epsilon)
+  hook = _hook_fn(step_hook, key)
   k_prior, k_loop = jax.random.split(key)
   x = _initial_state(sde, k_prior, shape, prior, x_init)
-  ts, dt = _time_grid(sde, n_steps)
+  ts, t_next, n = _grid_steps(sde, n_steps, time_grid)
 
   def one_step(x, inputs):
-    i, t = inputs
+    i, t, t_to = inputs
     z = jax.random.normal(jax.random.fold_in(k_loop, i), x.shape, x.dtype)
-    gamma, k, v = exponential_step_coeffs(sde, t, dt)
-    x = gamma * x + (1.0 + c) * k * score(x, t) + jnp.sqrt(c * v) * z
-    return x, None
+    gamma, k, v = exponential_step_coeffs(sde, t, t - t_to)
+    s = score(x, t)
+    x_to = gamma * x + (1.0 + c) * k * s + jnp.sqrt(c * v) * z
+    return hook(x_to, t_to, i), _record(record_trajectory, t, x, lambda: _tweedie(sde, x, t, s))
 
-  x, _ = jax.lax.scan(one_step, x, (jnp.arange(n_steps), ts))
-  nfe = jnp.asarray(n_steps)
-  x, nfe = _finish(sde, score, x, nfe, denoise)
-  return x, {"nfe": nfe, "num_steps": jnp.asarray(n_steps)}
+  x, recorded = jax.lax.scan(one_step, x, (jnp.arange(n), ts, t_next))
+  x, nfe = _finish(sde, score, x, jnp.asarray(n), denoise, hook, n)
+  return x, {"nfe": nfe, "num_steps": jnp.asarray(n), **(recorded or {})}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -485,6 +605,17 @@ def edm_sigma_steps(sigma_max: Array | float, sigma_min: Array | float, n_steps:
   hi, lo = jnp.asarray(sigma_max) ** (1.0 / rho), jnp.asarray(sigma_min) ** (1.0 / rho)
   frac = jnp.arange(n_steps) / (n_steps - 1)
   return jnp.append((hi + frac * (lo - hi)) ** rho, 0.0)
+
+
+def edm_time_grid(sde, n_points: int, rho: Optional[Array | float] = None) -> Array:
+  """The times t_i = inverse_noise_level(sigma_i) of EDM's noise levels sigma_0 > ... > sigma_{n-1}
+  between noise_level(T) and noise_level(eps) (Karras et al. 2022, eq. 5; ``edm_sigma_steps``
+  without its sigma_N = 0), shape (n,); rho: ``sde.rho`` if the SDE has one, else EDM's 7. For the
+  EDM SDE (t = sigma) these are EDM's sigmas themselves."""
+  rho = getattr(sde, "rho", 7.0) if rho is None else rho
+  T, eps = jnp.asarray(sde.T), jnp.asarray(sde.eps)
+  sigmas = edm_sigma_steps(sde.noise_level(T), sde.noise_level(eps), n_points, rho)
+  return sde.inverse_noise_level(sigmas[:-1])
 
 
 def _sigma_derivative(sde, score: ScoreFn) -> Callable[[Array, Array], Array]:
@@ -506,34 +637,57 @@ def heun_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *, n_
                  s_noise: Array | float = 1.0, denoise: bool = True,
                  prior: Optional[Prior] = None, score_perturbation: Optional[ScoreFn] = None,
                  epsilon: Array | float = 0.0,
-                 x_init: Optional[Array] = None) -> tuple[Array, Stats]:
+                 x_init: Optional[Array] = None, time_grid: Optional[Array] = None,
+                 step_hook: Optional[StepHook] = None,
+                 record_trajectory: bool = False) -> tuple[Array, Stats]:
   """EDM's 2nd-order Heun sampler (Karras et al. 2022, Algorithm 1; Algorithm 2 when s_churn > 0)
   for any SDE, in y = x / alpha_t and sigma = noise_level(t) (``_sigma_derivative``; EDM and VE
-  have alpha = 1, EDM sigma = t), on the steps ``edm_sigma_steps(noise_level(T),
-  noise_level(eps), n_steps, rho)`` (rho: ``sde.rho`` if the SDE has one, else EDM's 7).
+  have alpha = 1, EDM sigma = t), on the noise levels sigma_i = noise_level(t_i) of ``time_grid``
+  (default ``edm_time_grid(sde, n_steps, rho)``: EDM's N = n_steps levels, eq. 5; rho:
+  ``sde.rho`` if the SDE has one, else EDM's 7) and sigma_N = 0.
 
   Each step from sigma_i: churn (gamma = min(s_churn / N, sqrt 2 - 1) where s_min <= sigma_i <=
   s_max, else 0; sigma^ = (1 + gamma) sigma_i, y += sqrt(sigma^2 - sigma_i^2) s_noise z), an Euler
   step to sigma_{i+1} and the trapezoidal correction. ``denoise=True`` (EDM): the last step goes
   to sigma_N = 0 with Euler only, which is Tweedie's E[x_0 | x_eps] (``tweedie_denoise``): NFE =
-  2 n_steps - 1 (18 steps: 35). ``denoise=False`` stops at sigma_{N-1} = noise_level(eps) and
-  returns x_eps: NFE = 2 (n_steps - 1). ``s_churn`` is a static float (0: deterministic).
+  2 N - 1 (18 levels: 35). ``denoise=False`` stops at sigma_{N-1} = noise_level(eps) and
+  returns x_eps: NFE = 2 (N - 1). ``s_churn`` is a static float (0: deterministic).
   """
   score = perturbed_score(score_fn, score_perturbation, epsilon)
+  hook = _hook_fn(step_hook, key)
   k_prior, k_loop = jax.random.split(key)
   x = _initial_state(sde, k_prior, shape, prior, x_init)
-  rho = getattr(sde, "rho", 7.0) if rho is None else rho
-  T, eps = jnp.asarray(sde.T, x.dtype), jnp.asarray(sde.eps, x.dtype)
-  sigmas = edm_sigma_steps(sde.noise_level(T), sde.noise_level(eps), n_steps, rho).astype(x.dtype)
-  d = _sigma_derivative(sde, score)
-  gamma = min(float(s_churn) / n_steps, math.sqrt(2.0) - 1.0)
+  grid = edm_time_grid(sde, n_steps, rho) if time_grid is None else _check_grid(time_grid)
+  n = grid.shape[0]
+  times = jnp.append(grid, 0.0).astype(x.dtype)  # sigma_N = 0 is t = 0
+  sigmas = jnp.append(sde.noise_level(grid), 0.0).astype(x.dtype)
+  step = _heun_step(sde, _sigma_derivative(sde, score), sigmas, times, k_loop,
+                    min(float(s_churn) / n, math.sqrt(2.0) - 1.0), s_min, s_max, s_noise,
+                    hook if step_hook is not None else None, record_trajectory)
+  y = x / sde.marginal_coeffs(times[0])[0]
+  y, recorded = jax.lax.scan(lambda y, i: step(y, i, True), y, jnp.arange(n - 1))
+  if denoise:
+    y, last = step(y, jnp.asarray(n - 1), False)
+    if record_trajectory:
+      recorded = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), recorded, last)
+    stats = {"nfe": jnp.asarray(2 * n - 1), "num_steps": jnp.asarray(n)}
+  else:
+    y = sde.marginal_coeffs(times[n - 1])[0] * y
+    stats = {"nfe": jnp.asarray(2 * (n - 1)), "num_steps": jnp.asarray(n - 1)}
+  return y, {**stats, **(recorded or {})}
 
-  def step(y: Array, i: Array, second_order: bool) -> Array:
+
+def _heun_step(sde, d: Callable, sigmas: Array, times: Array, key: Array, gamma: float,
+               s_min, s_max, s_noise, hook: Optional[Callable], record: bool) -> Callable:
+  """``step(y, i, second_order) -> (y_{i+1}, trajectory entry)`` of ``heun_sampler`` (y = x /
+  alpha_t); the hook sees x = alpha_t y at t_{i+1}."""
+
+  def step(y: Array, i: Array, second_order: bool) -> tuple[Array, Optional[Stats]]:
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     if gamma > 0:
       g = jnp.where((sigma >= s_min) & (sigma <= s_max), gamma, 0.0)
       sigma_hat = sigma * (1.0 + g)
-      z = jax.random.normal(jax.random.fold_in(k_loop, i), y.shape, y.dtype)
+      z = jax.random.normal(jax.random.fold_in(key, i), y.shape, y.dtype)
       y = y + sigma * jnp.sqrt(g * (2.0 + g)) * s_noise * z  # sqrt(sigma^2 - sigma_i^2), >= 0
     else:
       sigma_hat = sigma
@@ -541,45 +695,49 @@ def heun_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *, n_
     y_next = y + (sigma_next - sigma_hat) * d_cur
     if second_order:
       y_next = y + 0.5 * (sigma_next - sigma_hat) * (d_cur + d(y_next, sigma_next))
-    return y_next
+    if hook is not None:  # entries the hook leaves alone stay bit for bit
+      alpha_next = sde.marginal_coeffs(times[i + 1])[0]
+      x_next = alpha_next * y_next
+      hooked = hook(x_next, times[i + 1], i)
+      y_next = jnp.where(hooked == x_next, y_next, hooked / alpha_next)
+    t_hat = sde.inverse_noise_level(sigma_hat) if gamma > 0 else times[i]
+    return y_next, _record(record, t_hat, sde.marginal_coeffs(t_hat)[0] * y,
+                           lambda: y - sigma_hat * d_cur)  # D(y; sigma) = E[x_0 | x_t]
 
-  y = x / sde.marginal_coeffs(T)[0]
-  y, _ = jax.lax.scan(lambda y, i: (step(y, i, True), None), y, jnp.arange(n_steps - 1))
-  if denoise:
-    y = step(y, jnp.asarray(n_steps - 1), False)
-    return y, {"nfe": jnp.asarray(2 * n_steps - 1), "num_steps": jnp.asarray(n_steps)}
-  x = sde.marginal_coeffs(eps)[0] * y
-  return x, {"nfe": jnp.asarray(2 * (n_steps - 1)), "num_steps": jnp.asarray(n_steps - 1)}
+  return step
 
 
 def ddim_sampler(score_fn: ScoreFn, sde, key: Array, shape: Sequence[int], *, n_steps: int = 100,
                  denoise: bool = False, prior: Optional[Prior] = None,
                  score_perturbation: Optional[ScoreFn] = None, epsilon: Array | float = 0.0,
-                 x_init: Optional[Array] = None) -> tuple[Array, Stats]:
+                 x_init: Optional[Array] = None, time_grid: Optional[Array] = None,
+                 step_hook: Optional[StepHook] = None,
+                 record_trajectory: bool = False) -> tuple[Array, Stats]:
   """Deterministic DDIM (Song et al. 2021a, "Denoising diffusion implicit models", eq. 12 with
-  eta = 0) on t_i = T - i (T - eps) / N, i = 0..N: with eps^ = -sigma_t s(x_t, t) and
-  x0^ = (x_t + sigma_t^2 s) / alpha_t, x_{t'} = alpha_{t'} x0^ + sigma_{t'} eps^. It is Euler's
-  method for the probability-flow ODE in (x / alpha, sigma / alpha) (DDIM eq. 14; Karras et al.
-  2022, §3), so it converges to the ODE solution at first order; written for VP, it applies to
-  every SDE of sde_lib. NFE = n_steps (+1 with denoise, Tweedie at eps).
+  eta = 0) on ``time_grid`` (default t_i = T - i (T - eps) / N, i = 0..N): with
+  eps^ = -sigma_t s(x_t, t) and x0^ = (x_t + sigma_t^2 s) / alpha_t, x_{t'} = alpha_{t'} x0^ +
+  sigma_{t'} eps^. It is Euler's method for the probability-flow ODE in (x / alpha, sigma / alpha)
+  (DDIM eq. 14; Karras et al. 2022, §3), so it converges to the ODE solution at first order;
+  written for VP, it applies to every SDE of sde_lib. NFE = N (+1 with denoise, Tweedie at eps).
   """
   score = perturbed_score(score_fn, score_perturbation, epsilon)
+  hook = _hook_fn(step_hook, key)
   x = _initial_state(sde, key, shape, prior, x_init)
-  ts, _ = _time_grid(sde, n_steps)
-  ts = ts.astype(x.dtype)
-  t_next = jnp.append(ts[1:], jnp.asarray(sde.eps, x.dtype))
+  ts, t_next, n = _grid_steps(sde, n_steps, time_grid)
+  ts, t_next = ts.astype(x.dtype), t_next.astype(x.dtype)
 
-  def one_step(x: Array, times: tuple[Array, Array]) -> tuple[Array, None]:
-    t, s = times
+  def one_step(x: Array, inputs: tuple[Array, Array, Array]) -> tuple[Array, Optional[Stats]]:
+    i, t, s = inputs
     alpha_t, sigma_t = sde.marginal_coeffs(t)
     alpha_s, sigma_s = sde.marginal_coeffs(s)
     score_t = score(x, t)
     x0_hat = (x + sigma_t**2 * score_t) / alpha_t
-    return alpha_s * x0_hat - sigma_s * sigma_t * score_t, None
+    x_to = alpha_s * x0_hat - sigma_s * sigma_t * score_t
+    return hook(x_to, s, i), _record(record_trajectory, t, x, lambda: x0_hat)
 
-  x, _ = jax.lax.scan(one_step, x, (ts, t_next))
-  x, nfe = _finish(sde, score, x, jnp.asarray(n_steps), denoise)
-  return x, {"nfe": nfe, "num_steps": jnp.asarray(n_steps)}
+  x, recorded = jax.lax.scan(one_step, x, (jnp.arange(n), ts, t_next))
+  x, nfe = _finish(sde, score, x, jnp.asarray(n), denoise, hook, n)
+  return x, {"nfe": nfe, "num_steps": jnp.asarray(n), **(recorded or {})}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -690,6 +848,16 @@ def _ddim_options(cfg, sde):
 SAMPLING_METHODS = registered_samplers()  # the built-in methods
 
 
+def check_step_hook(cfg) -> None:
+  """ValueError naming sampling.method unless ``config.sampling`` selects a sampler that takes a
+  ``step_hook`` (every fixed-step method; 'sde' with fixed Euler-Maruyama steps)."""
+  euler = cfg.solver in ODE_SOLVERS or cfg.solver == "euler"  # an ODE solver name means Euler
+  if cfg.method == "ode" or (cfg.method == "sde" and (cfg.adaptive or not euler)):
+    raise ValueError(f"sampling.method={cfg.method!r} (adaptive={cfg.adaptive}, solver="
+                     f"{cfg.solver!r}) takes no per-step hook (inpainting, colorization): use "
+                     "'pc', 'exponential', 'heun', 'ddim' or 'sde' with fixed Euler steps")
+
+
 def perturbation_options(cfg) -> Optional[tuple[str, float, Optional[float]]]:
   """(case, epsilon, edge) of the eq. 44 score error selected by the ``sampling`` section (None
   for 'none'), for ``pulse_perturbed_score``. Refuses, naming the field, an epsilon without a case,
@@ -730,7 +898,8 @@ def get_sampler(sampling, sde, shape: Sequence[int], prior: Optional[Prior] = No
   """``sample_fn(score_fn, key, sde=sde) -> (samples, stats)`` from the ``sampling`` config
   section (typed, ``config_schema.validate(config).sampling``: field kinds and ranges are checked
   at that boundary), mapped to the sampler's options by the builder registered for
-  ``sampling.method``. Passing ``sde`` to a jitted ``sample_fn`` sweeps T without recompiling.
+  ``sampling.method``. Passing ``sde`` to a jitted ``sample_fn`` sweeps T without recompiling;
+  ``step_hook`` (fixed-step methods, e.g. controllable.py's imputation) is passed on.
   ``sampling.perturbation`` (not 'none') replaces the score by the eq. 44 error of Cao et al.,
   (1 + perturbation_epsilon m(T - t)) s (``pulse_perturbed_score``); it cannot be combined with an
   explicit ``score_perturbation``. Settings the sampler cannot honour raise ValueError naming the
@@ -745,10 +914,12 @@ def get_sampler(sampling, sde, shape: Sequence[int], prior: Optional[Prior] = No
   default_sde = sde
   shape = tuple(shape)
 
-  def sample_fn(score_fn: ScoreFn, key: Array, sde: Any = None) -> tuple[Array, Stats]:
+  def sample_fn(score_fn: ScoreFn, key: Array, sde: Any = None,
+                step_hook: Optional[StepHook] = None) -> tuple[Array, Stats]:
     sde = default_sde if sde is None else sde
     if pulse is not None:
       score_fn = pulse_perturbed_score(score_fn, sde, *pulse)
-    return fn(score_fn, sde, key, shape, **kwargs)
+    hook = {} if step_hook is None else {"step_hook": step_hook}
+    return fn(score_fn, sde, key, shape, **kwargs, **hook)
 
   return sample_fn

@@ -145,6 +145,19 @@ class GaussianMixture:
       return self.marginal(sde, t).score(x)
     return jax.vmap(lambda xi, ti: self.marginal(sde, ti).score(xi[None])[0])(x, t)
 
+  def marginal_logits(self, sde, x: Array, t: Array) -> Array:
+    """log w_k + log N(x; alpha_t mu_k, alpha_t^2 Sigma_k + sigma_t^2 I), shape (n, K): logits of
+    the exact noise-conditional classifier p_t(k | x_t), the component posterior under the forward
+    marginal (the oracle of class guidance, Song et al. 2021, App. I.1); ``t`` scalar or (n,)."""
+    t = jnp.asarray(t)
+    if t.ndim == 0:
+      return self.marginal(sde, t)._component_terms(x)[0].T
+    return jax.vmap(lambda xi, ti: self.marginal(sde, ti)._component_terms(xi[None])[0][:, 0])(x, t)
+
+  def component(self, k: int) -> "GaussianMixture":
+    """Component k alone, N(mu_k, Sigma_k), as a one-component mixture (p(x | y = k))."""
+    return GaussianMixture(jnp.ones((1,)), self.means[k:k + 1], self.covs[k:k + 1])
+
   def score_fn(self, sde) -> ScoreFn:
     """The exact score oracle as a plain ``(x, t) -> score`` for samplers and likelihood."""
     def fn(x: Array, t: Array) -> Array:

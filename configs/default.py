@@ -128,6 +128,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   sampling.perturbation_edge = 0.0  # case4/case5 pulse edge / T; 0: the paper's 0.95 / 0.99
   sampling.n_samples = 64  # samples of --mode=sample
   sampling.batch_size = 64  # samples per sampler call
+  # Controllable generation (Song et al. 2021, Sec. 5 and App. I; controllable.py) by --mode=sample:
+  # 'none' | 'class' (guided by the classifier of --mode=train_classifier) | 'inpaint' (images of
+  # eval.split, the part hidden by sampling.mask imputed) | 'colorize' (RGB images of eval.split
+  # from their gray channel). 'inpaint' / 'colorize' need a fixed-step method (not 'ode').
+  sampling.condition = "none"
+  sampling.class_label = -1  # 'class': the class drawn; -1 = every class in turn
+  sampling.guidance_scale = 1.0  # 'class': s of grad log p_t(x) + s grad log p_t(y | x); 1 = Bayes
+  sampling.mask = "bottom_half"  # 'inpaint': hidden part, 'bottom_half' | 'centre' | 'random:<kept>'
 
   # Evaluation.
   # Prior of the generative process (Franzese et al., "How much is enough?", Sec. 3): the SDE's
@@ -164,6 +172,24 @@ def get_default_config() -> ml_collections.ConfigDict:
   dequantizer.batch_size = 64
   dequantizer.bound_time_samples = 16  # time samples per example of the bound in the objective
   dequantizer.save_freq = 250  # steps between saves (a restart resumes from the last one)
+
+  # Noise-conditional classifier p_t(y | x_t) of class-guided sampling (Song et al. 2021, Sec. 5 and
+  # App. I.1), trained on forward-noised data, t ~ U(eps, T), by --mode=train_classifier into
+  # DIR/classifier/ (image data with class labels; models/classifier.py). Its Adam takes beta1,
+  # beta2, eps, grad_clip and weight_decay from the optim section, lr and warmup from here.
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.widths = (32, 64)  # channels per resolution, halved in between (the net's width)
+  classifier.num_res_blocks = 1  # time-conditioned residual blocks per resolution (its depth)
+  classifier.embedding_dim = 64  # noise-level embedding size
+  classifier.n_iters = 2000  # training steps
+  classifier.batch_size = 128  # global batch (training split data.train_split)
+  classifier.lr = 1e-3  # peak learning rate
+  classifier.warmup = 100  # linear warmup steps; 0 = none
+  classifier.ema_rate = 0.99  # EMA decay of the parameters (0.99^2000: nothing of the init left)
+  classifier.use_ema = True  # load_classifier (guided sampling) uses the EMA parameters
+  classifier.log_freq = 100  # steps between metric lines (loss, accuracy, rate, ETA)
+  classifier.snapshot_freq = 500  # steps between checkpoints (the latest is kept)
+  classifier.curve_times = 10  # t values (linear on [eps, T]) of the held-out accuracy-vs-t curve
 
   config.eval = evaluate = ml_collections.ConfigDict()
   evaluate.batch_size = 256

@@ -349,7 +349,7 @@ def seconds_per_evaluation(config, batch: int, repeats: int = 3) -> tuple[float,
   import jax.numpy as jnp
   import datasets
   import run_lib
-  sde = run_lib.validate_config(config)
+  sde = sde_lib.get_sde(run_lib.validate_config(config).sde)
   _, score_fn, state = run_lib.init_state(config, sde, jax.random.PRNGKey(0))
   shape = (batch,) + tuple(datasets.dataset_info(config).shape)
   x, t = jnp.zeros(shape), jnp.full((batch,), 0.5 * float(sde.T))

@@ -1,6 +1,7 @@
 """The README's table "paper claim → printed → reproduced here → command", filled from the
 experiments' own outputs: every script in experiments/ with a ``summarize(result) -> rows``
-function is read against ``experiments/results/<script>/result.json`` (its committed run; the
+function is read against ``experiments/results/<script>/result.json`` (its committed run, else the
+default-size run in ``experiments/results/<script>/default/``; the
 command shows ``--long`` / ``--full`` when that run was not at the default scale).
 
   python experiments/claims.py            # rewrites the block between the README's markers
@@ -51,6 +52,8 @@ def collect(results_dir: str) -> tuple[list[dict], list[str]]:
     if not hasattr(mod, "summarize"):
       continue
     result = os.path.join(results_dir, name, "result.json")
+    if not os.path.exists(result):  # only a default-size run committed (in default/)
+      result = os.path.join(results_dir, name, "default", "result.json")
     if not os.path.exists(result):
       missing.append(name)
       continue

@@ -11,7 +11,7 @@ from typing import Any, Callable
 Mode = Callable[[Any, str], Any]
 _MODES: dict[str, Mode] = {}
 _MODULES = ("train", "evaluate", "sample", "fid_stats", "import_checkpoint", "fit_prior",
-            "fit_dequantizer")
+            "fit_dequantizer", "train_classifier")
 
 
 def register_mode(name: str) -> Callable[[Mode], Mode]:

@@ -4,7 +4,7 @@ no persistent compilation cache, and a mocked TFDS (``tfds.testing.mock_data``) 
 The mock has a small metadata directory (train 20 / test 9 examples) and an ``as_dataset``
 replacement that honours the requested (sub)split, so per-process sharding is real. Every mock
 image is random (not mirror-symmetric) and carries its global index in the two top corners (pixel
-[0, 0, 0] and [0, -1, 0], unchanged by a horizontal flip).
+[0, 0, 0] and [0, -1, 0], unchanged by a horizontal flip); its class label is that index mod 10.
 """
 import os
 
@@ -59,7 +59,9 @@ def mock_tfds_context(metadata_dir: str):
     instructions = self.info.splits[split].file_instructions
     which = "test" if "-test." in instructions[0].filename else "train"
     idx = np.concatenate([np.arange(f.skip, f.skip + f.take) for f in instructions])
-    return tf.data.Dataset.from_tensor_slices({"image": _mock_images(self.name, idx, which)})
+    images = _mock_images(self.name, idx, which)  # class label of a mock image: its id mod 10
+    return tf.data.Dataset.from_tensor_slices({"image": images,
+                                               "label": images[:, 0, 0, 0].astype(np.int64) % 10})
 
   return tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=metadata_dir,
                                 as_dataset_fn=as_dataset_fn)

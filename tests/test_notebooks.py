@@ -22,9 +22,11 @@ EXPECTED = {
     "ct_elbo": ["ct_elbo.png", "toy_gmm_2d/eval/samples.png"],
     "scoreflow": ["is_variance.png", "vp_likelihood_is/eval/samples.png"],
     "stf": ["two_gaussians/variance_vs_t.png", "two_gaussians/ratio_vs_t.png"],
+    "controllable": ["guided.png", "inpainting.png"],
 }
 # smoke runs that train and evaluate a digits U-Net (minutes on 2 shared cores)
-SLOW = {"quickstart", "scoreflow", "ct_elbo"}  # each trains a network even at smoke scale (> 1 min)
+# each trains a network even at smoke scale (> 1 min)
+SLOW = {"quickstart", "scoreflow", "ct_elbo", "controllable"}
 
 
 def _names() -> list[str]:
