@@ -172,8 +172,9 @@ def set_compilation_cache(path: str | None = None) -> str | None:
   several processes sharing the directory (file lock, ``CACHE_MAX_BYTES``). Programs that compile
   in under ``jax_persistent_cache_min_compile_time_secs`` (JAX's default 1 s; environment variable
   ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) are not written (benchmarks/compile_cache.py:
-  the digits eval's many small programs then still cost 58 % of its cold compile time). Call it before the first compile to move the cache (``main.py
-  --compilation_cache_dir``). Returns the directory, None when off."""
+  the digits eval's many small programs then still cost 58 % of its cold compile time). Call it
+  before the first compile to move the cache (``main.py --compilation_cache_dir``). Returns the
+  directory, None when off."""
   from jax.experimental.compilation_cache import compilation_cache
   if path is None:
     path = os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)
