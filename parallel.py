@@ -171,9 +171,10 @@ def set_compilation_cache(path: str | None = None) -> str | None:
   ``SCORELAB_COMPILATION_CACHE_DIR`` environment variable, else ``DEFAULT_CACHE_DIR``). Safe with
   several processes sharing the directory (file lock, ``CACHE_MAX_BYTES``). Programs that compile
   in under ``jax_persistent_cache_min_compile_time_secs`` (JAX's default 1 s; environment variable
-  ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) are not written: they compile faster than an
-  entry is written. Call it before the first compile to move the cache (``main.py
-  --compilation_cache_dir``). Returns the directory, None when off."""
+  ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) are not written (benchmarks/compile_cache.py:
+  the digits eval's many small programs then still cost 58 % of its cold compile time). Call it
+  before the first compile to move the cache (``main.py --compilation_cache_dir``). Returns the
+  directory, None when off."""
   from jax.experimental.compilation_cache import compilation_cache
   if path is None:
     path = os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)

@@ -246,6 +246,8 @@ def run(args) -> dict:
         out["sides"][side][task].append(got)
         print(f"round {r + 1}/{args.rounds} {side} {task}: {json.dumps(got)}", flush=True)
     out["load_average_rounds"].append(os.getloadavg())
+    with open(args.out + ".partial", "w") as f:  # what a stopped run leaves
+      json.dump(out, f, indent=2)
   for w in workers.values():
     w.close()
   out["load_average_end"] = os.getloadavg()

@@ -215,9 +215,9 @@ print(jax.config.jax_compilation_cache_dir, events.count("/jax/compilation_cache
 
 
 def test_compilation_cache_shared_by_processes(tmp_path):
-  """SCORELAB_COMPILATION_CACHE_DIR turns JAX's persistent cache on there: two processes started
-  together both compile a program (cache misses) and write it under the file lock; a third
-  process reads it (a hit, no miss). '' turns it off."""
+  """SCORELAB_COMPILATION_CACHE_DIR turns JAX's persistent cache on there: of two processes
+  started together, one at least compiles a program (a cache miss) and writes it under the file
+  lock; a third process reads it (a hit, no miss). '' turns it off."""
   cache = tmp_path / "xla"
   env = dict(os.environ, SCORELAB_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -233,8 +233,9 @@ def test_compilation_cache_shared_by_processes(tmp_path):
     where, hits, misses = out.split()
     return where, int(hits), int(misses)
 
-  for where, hits, misses in map(result, [start(env), start(env)]):
-    assert where == str(cache) and misses >= 1
+  both = [result(p) for p in (start(env), start(env))]
+  assert all(where == str(cache) and hits + misses >= 1 for where, hits, misses in both)
+  assert any(misses >= 1 for _, _, misses in both)  # the second may already find the first's entry
   assert any(f.name.endswith("-cache") for f in cache.iterdir())
   assert os.path.exists(cache / ".lockfile")  # writes and reads go through JAX's file lock
   again, off = start(env), start(dict(env, SCORELAB_COMPILATION_CACHE_DIR=""))
