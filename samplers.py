@@ -612,7 +612,7 @@ def edm_time_grid(sde, n_points: int, rho: Optional[Array | float] = None) -> Ar
   between noise_level(T) and noise_level(eps) (Karras et al. 2022, eq. 5; ``edm_sigma_steps``
   without its sigma_N = 0), shape (n,); rho: ``sde.rho`` if the SDE has one, else EDM's 7. For the
   EDM SDE (t = sigma) these are EDM's sigmas themselves."""
-  rho = getattr(sde, "rho", 7.0) if rho is None else rho
+  rho = (sde.rho if isinstance(sde, sde_lib.EDM) else 7.0) if rho is None else rho
   T, eps = jnp.asarray(sde.T), jnp.asarray(sde.eps)
   sigmas = edm_sigma_steps(sde.noise_level(T), sde.noise_level(eps), n_points, rho)
   return sde.inverse_noise_level(sigmas[:-1])

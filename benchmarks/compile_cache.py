@@ -50,17 +50,19 @@ def _train_step(args) -> None:
   from models.utils import init_model, score_fn_from_config
   config = cifar_vp_stf.get_config()
   config.training.batch_size, config.training.ref_batch_size = args.batch, args.ref_batch
-  sde = sde_lib.get_sde(config)
-  model = get_model(config)
-  score_fn = score_fn_from_config(config, sde, model)
+  import config_schema
+  cfg = config_schema.validate(config)  # the typed sections the science takes
+  sde = sde_lib.get_sde(cfg.sde)
+  model = get_model(cfg)
+  score_fn = score_fn_from_config(cfg.model, sde, model)
   event = tuple(datasets.dataset_info(config).shape)
-  optimizer = losses.make_optimizer(config)
+  optimizer = losses.make_optimizer(cfg.optim)
   mesh = losses.make_mesh()
   key = jax.random.PRNGKey(0)
   state = losses.replicate(losses.init_train_state(init_model(model, key, (1,) + event),
                                                    optimizer, key), mesh)
-  step = losses.make_train_step(losses.get_loss_fn(config, sde, score_fn), optimizer,
-                                config.model.ema_rate, mesh=mesh)
+  step = losses.make_train_step(losses.get_loss_fn(cfg.training, sde, score_fn), optimizer,
+                                cfg.model.ema_rate, mesh=mesh)
   rows = np.random.default_rng(0).uniform(-1, 1, (args.ref_batch,) + event).astype(np.float32)
   state, metrics = step(state, losses.shard_batch(rows, mesh))
   jax.block_until_ready(metrics["loss"])

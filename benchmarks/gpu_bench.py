@@ -176,7 +176,7 @@ def sample_phase(model_name: str, a, mesh) -> dict:
   _, _, _, _, init, count = programs._network(config)
   model = programs.score_model(config, init())
   with mock.patch.object(run_lib, "Progress", BatchClock):
-    x, nfe = run_lib.generate(config, model, a.sample_batch * a.sample_batches,
+    x, nfe = run_lib.generate(run_lib.validate_config(config), model, a.sample_batch * a.sample_batches,
                               jax.random.PRNGKey(0), mesh=mesh)
   clock = BatchClock.last
   r = batch_rates(clock.t0, clock.ends, clock.sizes)

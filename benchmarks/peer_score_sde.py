@@ -108,9 +108,11 @@ def _scorelab_worker(spec: dict) -> None:
       "sampling.c": 1.0, "sampling.n_samples": spec["samples"],
       "sampling.batch_size": spec["samples"], "eval.divergence": "hutchinson",
       "eval.hutchinson_probe": "rademacher", "eval.rtol": TOL, "eval.atol": TOL}))
-  sde = sde_lib.get_sde(config)
+  import config_schema
+  config = config_schema.validate(config)  # the typed sections the library takes
+  sde = sde_lib.get_sde(config.sde)
   assert abs(float(sde.eps) - EPS_LIKELIHOOD) < 1e-12, sde.eps
-  apply = score_fn_from_config(config, sde, get_model(config))
+  apply = score_fn_from_config(config.model, sde, get_model(config))
   params = imported["ema_params"]
   model = run_lib.ScoreModel(sde=sde, score_fn=lambda x, t: apply(params, x, t),
                              event_shape=(32, 32, 3), step=int(imported["step"]),

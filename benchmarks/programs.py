@@ -91,13 +91,15 @@ def _network(config):
   import sde_lib
   from models import get_model
   from models.utils import init_model, score_fn_from_config
-  sde = sde_lib.get_sde(config)
-  model = get_model(config)
-  event = tuple(datasets.dataset_info(config).shape)
+  import config_schema
+  cfg = config_schema.validate(config)  # the typed sections the science takes
+  sde = sde_lib.get_sde(cfg.sde)
+  model = get_model(cfg)
+  event = tuple(datasets.dataset_info(cfg).shape)
   init = lambda: init_model(model, jax.random.PRNGKey(0), (1,) + event)  # noqa: E731
   abstract = jax.eval_shape(init)
   count = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
-  return sde, score_fn_from_config(config, sde, model), event, abstract, init, count
+  return sde, score_fn_from_config(cfg.model, sde, model), event, abstract, init, count
 
 
 def _data(shape) -> np.ndarray:
@@ -113,10 +115,11 @@ def train_program(config, batch: int, mesh) -> Program:
   tr.batch_size = batch
   tr.ref_batch_size = max(int(tr.ref_batch_size), batch) if tr.target == "stf" else batch
   sde, score_fn, event, abstract_params, init, count = _network(config)
-  optimizer = losses.make_optimizer(config)
+  cfg = run_lib.validate_config(config)  # the typed sections the science takes
+  optimizer = losses.make_optimizer(cfg.optim)
   key = jax.random.PRNGKey(1)
-  step = losses.make_train_step(losses.get_loss_fn(config, sde, score_fn), optimizer,
-                                config.model.ema_rate, mesh=mesh)
+  step = losses.make_train_step(losses.get_loss_fn(cfg.training, sde, score_fn), optimizer,
+                                cfg.model.ema_rate, mesh=mesh)
   rows = (run_lib.train_batch_rows(config),) + event
   state = jax.eval_shape(lambda p: losses.init_train_state(p, optimizer, key), abstract_params)
 
@@ -169,7 +172,9 @@ def sample_program(config, batch: int, mesh) -> Program:
   on a batch of one per key, vmapped over ``batch`` keys, on one device."""
   import samplers
   model = score_model(config, None)
-  one = samplers.get_sampler(config, model.sde, (1,) + model.event_shape, prior=model.prior)
+  import run_lib
+  one = samplers.get_sampler(run_lib.validate_config(config).sampling, model.sde, (1,) + model.event_shape,
+                             prior=model.prior)
 
   def per_sample(params, _, keys):
     def single(k):

@@ -349,8 +349,9 @@ def seconds_per_evaluation(config, batch: int, repeats: int = 3) -> tuple[float,
   import jax.numpy as jnp
   import datasets
   import run_lib
-  sde = sde_lib.get_sde(run_lib.validate_config(config).sde)
-  _, score_fn, state = run_lib.init_state(config, sde, jax.random.PRNGKey(0))
+  cfg = run_lib.validate_config(config)  # the typed sections
+  sde = sde_lib.get_sde(cfg.sde)
+  _, score_fn, state = run_lib.init_state(cfg, sde, jax.random.PRNGKey(0))
   shape = (batch,) + tuple(datasets.dataset_info(config).shape)
   x, t = jnp.zeros(shape), jnp.full((batch,), 0.5 * float(sde.T))
   f = jax.jit(lambda p, x, t: score_fn(p, x, t))

@@ -118,7 +118,8 @@ def draw(config, model, n: int, key, name: str, score_for, hook_for=None, args=(
   import jax.numpy as jnp
   import samplers
   from progress import Progress
-  sample_fn = samplers.get_sampler(config, model.sde, (1,) + model.event_shape, prior=model.prior)
+  sample_fn = samplers.get_sampler(config.sampling, model.sde, (1,) + model.event_shape,
+                                   prior=model.prior)
 
   def one(k, *a):
     hook = None if hook_for is None else hook_for(*a)
