@@ -168,20 +168,11 @@ def likelihood_program(config, batch: int, mesh) -> Program:
 
 
 def sample_program(config, batch: int, mesh) -> Program:
-  """``run_lib.generate``'s per-sample program: the configured sampler (``sampling.method``) run
-  on a batch of one per key, vmapped over ``batch`` keys, on one device."""
-  import samplers
-  model = score_model(config, None)
+  """``run_lib.generate``'s per-sample program (``run_lib.per_sample_fn``: the configured sampler
+  run on a batch of one per key, vmapped over ``batch`` keys), on one device."""
   import run_lib
-  one = samplers.get_sampler(run_lib.validate_config(config).sampling, model.sde, (1,) + model.event_shape,
-                             prior=model.prior)
-
-  def per_sample(params, _, keys):
-    def single(k):
-      x, stats = one(model.bound_score(params), k)
-      return {"x": x[0], "nfe": jnp.mean(jnp.asarray(stats["nfe"], jnp.float32))}
-    return jax.vmap(single)(keys)
-
+  model = score_model(config, None)
+  per_sample = run_lib.per_sample_fn(run_lib.validate_config(config), model)
   return _per_example_program("sample", config, batch, mesh, per_sample, ())
 
 
