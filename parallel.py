@@ -166,13 +166,17 @@ def set_process_xla_flags() -> bool:
   return True
 
 
+MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
 def set_compilation_cache(path: str | None = None) -> str | None:
   """Turns JAX's persistent compilation cache on at ``path`` ('' turns it off; None: the
   ``SCORELAB_COMPILATION_CACHE_DIR`` environment variable, else ``DEFAULT_CACHE_DIR``). Safe with
-  several processes sharing the directory (file lock, ``CACHE_MAX_BYTES``). Programs that compile
-  in under ``jax_persistent_cache_min_compile_time_secs`` (JAX's default 1 s; environment variable
-  ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) are not written (benchmarks/compile_cache.py:
-  the digits eval's many small programs then still cost 58 % of its cold compile time). Call it
+  several processes sharing the directory (file lock, ``CACHE_MAX_BYTES``). Every program is
+  written, however fast it compiled: ``jax_persistent_cache_min_compile_time_secs`` = 0 unless the
+  environment variable ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise (with JAX's
+  default of 1 s the digits eval's many sub-second programs still cost 58 % of its cold compile
+  time, benchmarks/compile_cache.py). Call it
   before the first compile to move the cache (``main.py --compilation_cache_dir``). Returns the
   directory, None when off."""
   from jax.experimental.compilation_cache import compilation_cache
@@ -184,6 +188,8 @@ def set_compilation_cache(path: str | None = None) -> str | None:
     return None
   path = os.path.abspath(os.path.expanduser(path))
   jax.config.update("jax_compilation_cache_dir", path)
+  if MIN_COMPILE_TIME_ENV not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   if importlib.util.find_spec("filelock") is not None:  # JAX needs it for a size cap (the lock)
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
   return path

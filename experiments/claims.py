@@ -9,7 +9,7 @@ command shows ``--long`` / ``--full`` when that run was not at the default scale
 
 The CIFAR-10 table scripts (a module-level ``TABLE`` and ``reproduced(result)``, e.g.
 ``ode_vs_sde_cifar.py``) fill a second block, "Reproducing the papers' CIFAR-10 tables", between
-its own markers in the README (or, until it is moved there, in experiments/CIFAR_TABLES.md):
+its own markers in the README:
 their "reproduced" cell is blank until ``results/<script>/result.json`` is committed.
 
 tests/test_experiments.py runs ``--check``, so the table cannot be typed by hand or go stale.
@@ -122,11 +122,9 @@ def replace_block(text: str, block: str, source: str, begin: str = BEGIN, end: s
 
 
 def _tables_file(readme: str) -> str:
-  """Where the CIFAR-10 tables block lives: the README once it has the markers, else
-  experiments/CIFAR_TABLES.md."""
-  with open(readme) as f:
-    in_readme = TABLES_BEGIN in f.read()
-  return readme if in_readme else os.path.join(HERE, "CIFAR_TABLES.md")
+  """Where the CIFAR-10 tables block lives: the README's section "Reproducing the papers' CIFAR-10
+  tables"."""
+  return readme
 
 
 def main(argv=None) -> int:
@@ -135,7 +133,7 @@ def main(argv=None) -> int:
   parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
   parser.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
   parser.add_argument("--tables", default="", help="file with the CIFAR-10 tables block (default: "
-                      "the README if it has the markers, else experiments/CIFAR_TABLES.md)")
+                      "the README)")
   args = parser.parse_args(argv)
   status = 0
   blocks = {args.readme: [(markdown(*collect(args.results)), BEGIN, END)]}
