@@ -349,6 +349,7 @@ def seconds_per_evaluation(config, batch: int, repeats: int = 3) -> tuple[float,
   import jax.numpy as jnp
   import datasets
   import run_lib
+  import sde_lib
   cfg = run_lib.validate_config(config)  # the typed sections
   sde = sde_lib.get_sde(cfg.sde)
   _, score_fn, state = run_lib.init_state(cfg, sde, jax.random.PRNGKey(0))

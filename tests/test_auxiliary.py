@@ -284,7 +284,7 @@ def test_sampler_from_fitted_prior(toy, method):
   assert abs(v - var) < N_SIGMA * se_v + 0.02
 
 
-@pytest.mark.parametrize("kind", ["dpgmm", "flow"])
+@pytest.mark.parametrize("kind", ["dpgmm", pytest.param("flow", marks=pytest.mark.slow)])
 def test_digits_fitted_prior_beats_p_noise_at_small_T(kind):
   """digits (VP, T = 0.2, configs/digits_vp.py's scaling): a DPGMM (10 components, full
   covariance, 3000 samples) and a small Glow (1 level, 2 steps, 150 Adam steps) fitted to forward

@@ -58,6 +58,7 @@ def test_gpu_bench_tiny_all_phases(tmp_path, monkeypatch):
   assert res["phases"]["heun"]["nfe_per_image"] == 3  # 2 Heun steps, the last Euler only
 
 
+@pytest.mark.slow  # ~30 s of compiles; gpu_bench's smoke run stays in the default suite
 def test_memory_tiny(tmp_path):
   """Two per-device batches of the tiny train step: bytes grow with the batch, the fit is exact
   for two points and the largest batch grows with the capacity."""

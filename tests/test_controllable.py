@@ -291,6 +291,7 @@ def test_time_grid_hook_and_trajectory_in_every_fixed_step_sampler(name):
   assert np.all(np.asarray(x[:, 0]) == np.float32(1.5)) and np.all(np.isfinite(x))
 
 
+@pytest.mark.slow  # ~25 s; the default grid, hook and trajectory of every sampler stay in the suite
 def test_edm_and_user_grids_in_every_fixed_step_sampler():
   """c = 0 from a fixed x_T (Gaussian data, closed-form ODE solution): on an EDM grid (rho = 7)
   and a user grid (uniform in log t) DDIM, the exponential integrator and PC's Euler predictor

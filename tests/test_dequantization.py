@@ -29,7 +29,7 @@ def _perturbed(variables, key, scale=0.1):
   return {**variables, "params": params}
 
 
-@pytest.mark.parametrize("event_shape", [(2, 2, 1), (4,)])
+@pytest.mark.parametrize("event_shape", [pytest.param((2, 2, 1), marks=pytest.mark.slow), (4,)])
 def test_log_q_is_the_change_of_variables(event_shape):
   """log q(u | k) = log N(z; 0, I) + log|det dz/du| with z = f(Phi^{-1}(u); c(k)) and the Jacobian by
   jax.jacfwd (float64; tolerance 1e-6 nats); samples lie in (0, 1) and their returned log q is

@@ -189,6 +189,7 @@ def test_output_shape_and_conditioning(name, cls, base, shape, kw):
     np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
 
 
+@pytest.mark.slow  # ~25 s of compiles on 2 cores
 def test_dropout_only_in_train_mode():
   """Train mode: identical inputs get different dropout masks, a new key changes the output, the
   same key reproduces it. Eval mode: needs no dropout rng and is deterministic."""
