@@ -30,6 +30,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks.worker_process import write_report  # noqa: E402
+
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 EVENTS = {"compile_s": "/jax/core/compile/backend_compile_duration",
           "trace_s": "/jax/core/compile/jaxpr_trace_duration",
@@ -163,15 +166,9 @@ def main(argv=None) -> None:
   p.add_argument("--workdir", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
-    sys.path.insert(0, REPO)
     _child(args)
     return
-  out = measure(args)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(markdown(out))
-  print(markdown(out))
+  write_report(measure(args), args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,13 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks.worker_process import WorkerProcess, write_report  # noqa: E402
+
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 FIXTURE = os.path.join(REPO, "..", "shared", "fixtures", "score_sde_pytorch",
                        "checkpoint_ddpmpp_nf16.pth")
@@ -84,7 +85,6 @@ def _serve(tasks: dict, ready: dict) -> None:
 
 
 def _scorelab_worker(spec: dict) -> None:
-  sys.path.insert(0, REPO)
   import jax
   import numpy as np
 
@@ -144,8 +144,8 @@ def _scorelab_worker(spec: dict) -> None:
 
 
 def _peer_worker(spec: dict) -> None:
-  here = os.path.dirname(os.path.abspath(__file__))  # holds a likelihood.py of its own
-  sys.path[:] = [spec["peer_dir"]] + [p for p in sys.path if p and os.path.abspath(p) != here]
+  ours = (os.path.dirname(os.path.abspath(__file__)), REPO)  # likelihood.py etc. of our own
+  sys.path[:] = [spec["peer_dir"]] + [p for p in sys.path if p and os.path.abspath(p) not in ours]
   import torch
   import torch.utils.cpp_extension
   torch.utils.cpp_extension.load = lambda *a, **k: None  # op/: CUDA kernels, unused on CPU
@@ -195,34 +195,17 @@ def _peer_worker(spec: dict) -> None:
 
 
 # -- parent ----------------------------------------------------------------------------------------
-class Worker:
+class Worker(WorkerProcess):
+  """The worker of one side ('scorelab' or 'peer', run in the peer's checkout)."""
+
   def __init__(self, side: str, spec: dict):
-    self.side = side
-    self.log = tempfile.NamedTemporaryFile("w+", prefix=f"peer_{side}_", suffix=".log", delete=False)
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
     cwd = spec["peer_dir"] if side == "peer" else REPO
-    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", side,
-                                  "--spec", json.dumps(spec)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-                                 cwd=cwd)
-    self.info = self._read("READY")
-
-  def _read(self, tag: str) -> dict:
-    for line in self.proc.stdout:
-      if line.startswith(tag + " "):
-        return json.loads(line[len(tag) + 1:])
-    self.log.seek(0)
-    raise RuntimeError(f"{self.side} worker died:\n{self.log.read()[-3000:]}")
+    super().__init__(__file__, ["--worker", side, "--spec", json.dumps(spec)], f"peer_{side}", env,
+                     cwd, close_timeout_s=120)
 
   def ask(self, task: str, r: int) -> dict:
-    self.proc.stdin.write(f"{task} {r}\n")
-    self.proc.stdin.flush()
-    return self._read("RESULT")
-
-  def close(self) -> None:
-    self.proc.stdin.close()
-    self.proc.wait(timeout=120)
-    os.unlink(self.log.name)
+    return self.request(f"{task} {r}")
 
 
 def run(args) -> dict:
@@ -334,12 +317,7 @@ def main(argv=None) -> None:
   if why:
     print(f"peer_score_sde: skipped, {why}")
     return
-  out = run(args)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(markdown(out))
-  print(markdown(out))
+  write_report(run(args), args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 sys.path.insert(0, REPO)
+from benchmarks.worker_process import WorkerProcess  # noqa: E402
 
 # The issue-11 shapes (CIFAR-10, DDPM++ VP continuous) and score_sde_pytorch's images/s there
 # (PyTorch 2 threads on an idle 2-core CPU, as reported in the issue; not re-measured here).
@@ -145,7 +145,7 @@ def _worker(spec: dict) -> None:
 
 
 # -- parent --------------------------------------------------------------------------------------------
-class Worker:
+class Worker(WorkerProcess):
   """A worker subprocess of one variant (its own XLA_FLAGS / JAX switches)."""
 
   def __init__(self, spec: dict, devices: int = 1):
@@ -156,30 +156,11 @@ class Worker:
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     self.spec = spec
-    self.log = tempfile.NamedTemporaryFile("w+", prefix=f"train_step_{spec['name']}_", suffix=".log",
-                                           delete=False)
-    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
-                                  json.dumps(spec)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-                                 cwd=REPO)
-    self.info = self._read("READY")
-
-  def _read(self, tag: str) -> dict:
-    for line in self.proc.stdout:
-      if line.startswith(tag + " "):
-        return json.loads(line[len(tag) + 1:])
-    self.log.seek(0)
-    raise RuntimeError(f"worker {self.spec['name']} died:\n{self.log.read()[-3000:]}")
+    super().__init__(__file__, ["--worker", json.dumps(spec)], f"train_step_{spec['name']}", env,
+                     REPO)
 
   def run(self, steps: int) -> dict:
-    self.proc.stdin.write(f"{steps}\n")
-    self.proc.stdin.flush()
-    return self._read("RESULT")
-
-  def close(self) -> None:
-    self.proc.stdin.close()
-    self.proc.wait(timeout=60)
-    os.unlink(self.log.name)
+    return self.request(str(steps))
 
 
 def interleaved(specs: list[dict], rounds: int, steps: int, devices: list[int] | None = None) -> dict:
