@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Optional
 
+import parallel  # noqa: F401  (before diffrax: process-wide XLA and equinox setup, parallel.py)
 import diffrax
 import jax
 import jax.numpy as jnp

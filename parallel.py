@@ -25,7 +25,16 @@
     ``~/.cache/scorelab/xla`` (``$SCORELAB_CACHE/xla`` or ``$XDG_CACHE_HOME/scorelab/xla`` when
     set, as for the Inception weights); the environment variable ``SCORELAB_COMPILATION_CACHE_DIR`` moves
     it ('' turns it off), as ``main.py --compilation_cache_dir`` does; a directory the user gave
-    JAX (``JAX_COMPILATION_CACHE_DIR``) is kept.
+    JAX (``JAX_COMPILATION_CACHE_DIR``) is kept;
+  - equinox's runtime checks turned into NaNs (``EQX_ON_ERROR=nan``, ``set_equinox_error_mode``)
+    unless the user set ``EQX_ON_ERROR``: with equinox's default ('raise') every diffrax solve
+    (the likelihood ODE, the adaptive and fixed-grid samplers) holds a host callback, and JAX
+    neither caches nor shares a program with host callbacks, so the digits eval's warm compile
+    stayed at 48 % of its cold one (8 % with the checks as NaNs; benchmarks/compile_cache.py).
+    scorelab's solves run with ``throw=False`` and report failures in their results; what the
+    checks guard (t0 < t1, an increasing time grid) its callers already ensure, and a violated
+    check still shows as NaN, which eval counts as a failed solve. equinox reads the variable
+    once, when it is imported: scorelab modules import this module before diffrax.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
@@ -195,8 +205,23 @@ def set_compilation_cache(path: str | None = None) -> str | None:
   return path
 
 
+EQX_ON_ERROR_ENV = "EQX_ON_ERROR"
+
+
+def set_equinox_error_mode() -> bool:
+  """Sets ``EQX_ON_ERROR=nan`` for equinox (see the module docstring) unless the user chose a
+  value. Returns whether equinox will see it: False once equinox is imported with another."""
+  if EQX_ON_ERROR_ENV in os.environ:
+    return os.environ[EQX_ON_ERROR_ENV] == "nan" or "equinox" not in sys.modules
+  if "equinox" in sys.modules:
+    return False
+  os.environ[EQX_ON_ERROR_ENV] = "nan"
+  return True
+
+
 def _set_process_defaults() -> None:
   set_process_xla_flags()
+  set_equinox_error_mode()
   if jax.config.jax_compilation_cache_dir is None:  # not already chosen by the user for JAX
     set_compilation_cache()
 

@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional, Protocol, Sequence
 
+import parallel  # noqa: F401  (before diffrax: process-wide XLA and equinox setup, parallel.py)
 import diffrax
 import jax
 import jax.numpy as jnp

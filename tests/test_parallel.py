@@ -243,3 +243,48 @@ def test_compilation_cache_shared_by_processes(tmp_path):
   assert hits >= 1 and misses == 0
   where, hits, misses = result(off)
   assert where == "None" and hits == misses == 0
+
+
+_CALLBACK_CHILD = """
+import jax, jax.numpy as jnp
+import likelihood, samplers, sde_lib
+sde, key = sde_lib.VPSDE(), jax.random.PRNGKey(0)
+score = lambda x, t: -x
+programs = {
+    "likelihood": (lambda x, k: likelihood.solve_flow(score, sde, x, k, t0=sde.eps, t1=sde.T,
+                                                      divergence="hutchinson")["delta"],
+                   (jnp.ones((2, 3)), key)),
+    "ode_sampler": (lambda k: samplers.ode_sampler(score, sde, k, (2, 3))[0], (key,)),
+    "sde_sampler": (lambda k: samplers.sde_sampler(score, sde, k, (2, 3), n_steps=4)[0], (key,)),
+}
+print(" ".join(name for name, (f, args) in programs.items()
+               if "python_cpu_callback" in jax.jit(f).lower(*args).as_text()))
+"""
+
+
+def test_diffrax_solves_hold_no_host_callback():
+  """JAX never caches a program with a host callback. Imported through scorelab, the likelihood
+  ODE and the adaptive and fixed-grid samplers' diffrax solves hold none (equinox's checks as
+  NaNs, parallel.set_equinox_error_mode); with the user's EQX_ON_ERROR=raise every one does, which
+  shows the reading works."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "EQX_ON_ERROR"}
+  procs = [subprocess.Popen([sys.executable, "-c", _CALLBACK_CHILD], cwd=root, env=e, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for e in (env, dict(env, EQX_ON_ERROR="raise"))]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    outs.append(out.split())
+  assert outs == [[], ["likelihood", "ode_sampler", "sde_sampler"]]
+
+
+def test_equinox_error_mode_keeps_the_users_choice(monkeypatch):
+  import equinox  # noqa: F401  (imported, as in any process that ran a scorelab solve)
+  monkeypatch.setenv("EQX_ON_ERROR", "raise")
+  assert not parallel.set_equinox_error_mode()  # equinox is imported here, with the user's value
+  assert os.environ["EQX_ON_ERROR"] == "raise"
+  monkeypatch.delenv("EQX_ON_ERROR")
+  assert not parallel.set_equinox_error_mode()  # too late: equinox read its default already
+  assert "EQX_ON_ERROR" not in os.environ
