@@ -276,9 +276,11 @@ class ScoreModel:
     return self.score_fn if self.apply is None else functools.partial(self.apply, params)
 
 
-def init_state(config: config_schema.Config, sde, key: Array):
+def init_state(config: config_schema.Config, sde, key: Array, template: bool = False):
   """(model, score_fn(params, x, t, rng), fresh TrainState) of the typed config
-  (``validate_config``)."""
+  (``validate_config``). ``template``: parameters are zeros of the network's shapes and dtypes
+  (``jax.eval_shape`` of its init, nothing compiled: the init of a published-size network is a
+  compile of tens of seconds on CPU), for a state that a checkpoint or an import overwrites."""
   import losses
   from models import get_model
   from models.utils import init_model, score_fn_from_config
@@ -286,7 +288,11 @@ def init_state(config: config_schema.Config, sde, key: Array):
   score_fn = score_fn_from_config(config.model, sde, model)
   event_shape = tuple(datasets.dataset_info(config).shape)
   init_key, state_key = jax.random.split(key)
-  params = init_model(model, init_key, (1,) + event_shape)
+  if template:
+    shapes = jax.eval_shape(lambda k: init_model(model, k, (1,) + event_shape), init_key)
+    params = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
+  else:
+    params = init_model(model, init_key, (1,) + event_shape)
   state = losses.init_train_state(params, losses.make_optimizer(config.optim), state_key)
   return model, score_fn, state
 
@@ -333,7 +339,7 @@ def load_score_model(config: ml_collections.ConfigDict, workdir: str,
   # Before the (slower) checkpoint: fail fast. Without ``fitted_prior``, p_noise (what
   # --mode=fit_prior uses while it fits the prior).
   prior = load_prior(cfg, sde, workdir) if fitted_prior else sde.prior()
-  _, score_fn, state = init_state(cfg, sde, jax.random.PRNGKey(cfg.seed))
+  _, score_fn, state = init_state(cfg, sde, jax.random.PRNGKey(cfg.seed), template=True)
   want = cfg.eval.checkpoint
   with open_checkpoints(cfg, workdir, read_only=True) as store:
     state, step = store.restore(state, step=None if want < 0 else want)

@@ -269,8 +269,8 @@ def run_grid(cells: Sequence[Cell], out: str) -> dict[str, dict[str, Any]]:
     for cell in cells:
       path = cell_result_path(out, cell.name)
       if os.path.exists(path):
-        with open(path) as f:
-          results[cell.name] = dict(json.load(f), skipped=True)
+        with open(path) as f:  # the params in the cell's own order (the JSON's keys are sorted)
+          results[cell.name] = dict(json.load(f), params=cell.params, skipped=True)
       else:
         t0 = time.time()
         measured = cell.run()

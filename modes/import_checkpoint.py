@@ -40,7 +40,8 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoin
   imported = load(config, checkpoint)  # every tensor mapped, or an error naming it
   config = score_sde_import.apply_overrides(config, imported["config_overrides"])
   cfg = run_lib.validate_config(config)
-  _, _, state = run_lib.init_state(cfg, sde_lib.get_sde(cfg.sde), jax.random.PRNGKey(cfg.seed))
+  _, _, state = run_lib.init_state(cfg, sde_lib.get_sde(cfg.sde), jax.random.PRNGKey(cfg.seed),
+                                   template=True)  # every parameter is replaced by the import
   state = _with_params(cfg, state, imported)
   checkpoints.check_writable(workdir)
   with checkpoints.workdir_lock(workdir, "train"):

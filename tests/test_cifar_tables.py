@@ -43,14 +43,14 @@ def _cells(calls: list, fail: set):
       if i in fail:
         raise RuntimeError(f"preempted in cell {i}")
       return {"fid": float(i) + 0.5}
-    return ct.Cell(f"cell{i}", {"i": i}, go, nfe=10 * i, work={"sample": 100.0 * i},
+    return ct.Cell(f"cell{i}", {"i": i, "c": 0}, go, nfe=10 * i, work={"sample": 100.0 * i},
                    printed={"fid": float(i) if i else None})
   return [make(i) for i in range(3)]
 
 
 def test_grid_runs_skips_and_resumes(tmp_path):
   """An interrupted grid keeps its finished cells; the rerun runs only the rest; the table shows
-  printed beside reproduced."""
+  printed beside reproduced, parameters in the cells' order."""
   calls = []
   with pytest.raises(RuntimeError, match="preempted in cell 1"):
     ct.run_grid(_cells(calls, fail={1}), str(tmp_path))
@@ -62,8 +62,9 @@ def test_grid_runs_skips_and_resumes(tmp_path):
   assert calls == [1, 2]
   assert [results[f"cell{i}"]["skipped"] for i in range(3)] == [True, False, False]
   table = ct.table_markdown(results, [("fid", "FID")], "header")
-  assert "| i | FID (printed) | FID (reproduced) |" in table
-  assert "| 2 | 2 | 2.5 |" in table and "| 0 | – | 0.5 |" in table
+  # the parameters in the cells' own order, also for a cell read back from its (sorted) JSON
+  assert "| i | c | FID (printed) | FID (reproduced) |" in table
+  assert "| 2 | 0 | 2 | 2.5 |" in table and "| 0 | 0 | – | 0.5 |" in table
 
 
 def test_fid_of_a_set_against_its_own_statistics_is_zero(tmp_path):

@@ -161,7 +161,7 @@ CASES = [
      dict(progressive="residual", resblock_type="ddpm", conditional=False)),
     ("ddpmpp_zero_init_32x32x3", DDPMpp, ddpmpp_cifar_config(), (2, 32, 32, 3),
      dict(init_scale=0.0)),
-    ("unet_28x28x1", UNet, unet_mnist_config(), (2, 28, 28, 1), {}),
+    ("unet_28x28x1", UNet, unet_mnist_config(), (2, 28, 28, 1), dict(nf=8)),
     ("unet_8x8x1", UNet, unet_digits_config(), (3, 8, 8, 1), dict(nf=8, attn_resolutions=(4,))),
 ]
 
