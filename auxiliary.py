@@ -37,12 +37,19 @@ import numpy as np
 from flax import struct
 from jax.scipy.special import logsumexp
 
-import flows
 import pytrees
 import toy_data
 from sde_lib import GaussianPrior
 
 Array = jax.Array
+
+def _flows():
+  """The ``flows`` module, imported on first use: it loads distrax and TensorFlow Probability
+  (seconds at start-up, TensorFlow included), which a run without a flow never needs."""
+  import flows
+  return flows
+
+
 KINDS = ("gaussian", "dpgmm", "flow")
 COVARIANCE_TYPES = ("full", "diag")
 # How p(x, T) is sampled for fitting (Franzese et al.): forward marginal samples x_T = a_T x_0 +
@@ -238,13 +245,13 @@ class FlowPrior:
 
   def log_prob(self, x: Array) -> Array:
     """log nu_phi(x) per example, shape (B,) (change of variables, flows.log_prob)."""
-    return flows.log_prob(self.model, self.variables, x)
+    return _flows().log_prob(self.model, self.variables, x)
 
   def sample(self, key: Array, shape: Sequence[int]) -> Array:
     """Draws of shape ``(..., *event_shape)``."""
     lead = _event_split(shape, self.event_shape)
     n = math.prod(lead)
-    return flows.sample(self.model, self.variables, key, n).reshape(*lead, *self.event_shape)
+    return _flows().sample(self.model, self.variables, key, n).reshape(*lead, *self.event_shape)
 
 
 def fit_flow(spec: dict, samples: Array, key: Array, *, steps: int = 2000, lr: float = 1e-3,
@@ -262,7 +269,7 @@ def fit_flow(spec: dict, samples: Array, key: Array, *, steps: int = 2000, lr: f
   raises FloatingPointError naming the step.
   """
   import optax
-  model = flows.make_flow(spec)
+  model = _flows().make_flow(spec)
   x = jnp.asarray(samples)
   n, d = x.shape[0], math.prod(x.shape[1:])
   if tuple(x.shape[1:]) != tuple(model.event_shape):
@@ -272,7 +279,7 @@ def fit_flow(spec: dict, samples: Array, key: Array, *, steps: int = 2000, lr: f
     raise ValueError(f"fit_flow needs steps, batch_size, log_every >= 1, got {steps}, "
                      f"{batch_size}, {log_every}")
   k_init, k_train = jax.random.split(key)
-  init = jax.jit(flows.init_variables, static_argnums=0)
+  init = jax.jit(_flows().init_variables, static_argnums=0)
   variables = init(model, k_init, x[:min(n, init_batch)])
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
@@ -384,7 +391,7 @@ def fit_prior(kind: str, samples: Array, key: Array, *, sde=None, heldout_fracti
     prior, extra = fit_dpgmm(fit_x, k_fit, threshold=threshold, **options)
     info.update(extra)
   else:
-    spec = options.pop("flow", None) or flows.default_flow_spec(x.shape[1:])
+    spec = options.pop("flow", None) or _flows().default_flow_spec(x.shape[1:])
     prior, history = fit_flow(spec, fit_x, k_fit, heldout=held_x, **options)
     info["history"] = history
   info["cross_entropy"] = cross_entropy(prior, held_x)
@@ -406,7 +413,7 @@ def prior_spec(prior) -> dict:
     return {"kind": "dpgmm", "covariance_type": prior.covariance_type,
             "event_shape": list(prior.event_shape), "n_components": int(prior.n_components)}
   if isinstance(prior, FlowPrior):
-    return {"kind": "flow", "flow": flows.flow_spec(prior.model)}
+    return {"kind": "flow", "flow": _flows().flow_spec(prior.model)}
   raise TypeError(f"not a prior object of auxiliary: {type(prior).__name__}")
 
 
@@ -432,7 +439,7 @@ def from_pytree(spec: dict, tree) -> Any:
     return MixturePrior(tree["weights"], tree["means"], tree["covariances"],
                         tuple(int(s) for s in spec["event_shape"]), spec["covariance_type"])
   if kind == "flow":
-    return FlowPrior(tree, flows.make_flow(spec["flow"]))
+    return FlowPrior(tree, _flows().make_flow(spec["flow"]))
   raise ValueError(f"prior.kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -449,7 +456,7 @@ def abstract_pytree(spec: dict, dtype=jnp.float32):
             "means": jax.ShapeDtypeStruct((k, d), dtype),
             "covariances": jax.ShapeDtypeStruct(cov, dtype)}
   if kind == "flow":
-    model = flows.make_flow(spec["flow"])
+    model = _flows().make_flow(spec["flow"])
     x = jnp.zeros((2, *model.event_shape), dtype)
-    return jax.eval_shape(lambda: flows.init_variables(model, jax.random.PRNGKey(0), x))
+    return jax.eval_shape(lambda: _flows().init_variables(model, jax.random.PRNGKey(0), x))
   raise ValueError(f"prior.kind must be one of {KINDS}, got {kind!r}")

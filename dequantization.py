@@ -15,7 +15,7 @@ q = U[0, 1)^D (log q = 0); variational dequantization fits a conditional flow q_
 :class:`Dequantizer` is q_phi(u | k): s = f^{-1}(z; c(k)), z ~ N(0, I), by a ``flows`` model
 (:class:`flows.Glow` for images, :class:`flows.CouplingFlow` for vectors) whose conditioners all see
 features c(k) of the data (a small conv net / MLP: the context input of ``flows``), then
-u = Phi(s) (:class:`NormalCDF`, the standard normal CDF), so u lies in (0, 1)^D and
+u = Phi(s) (:class:`flows.NormalCDF`, the standard normal CDF), so u lies in (0, 1)^D and
 log q(u | k) = log p_S(s) - log|det du/ds| by the bijectors' log-dets. Flow++ squashes with a
 sigmoid; Phi is the squash under which the flow's identity map (its initialisation: actnorm
 standardises Phi^{-1}(u) ~ N(0, I), zero-initialised couplings) gives exactly q = U(0, 1)^D, so the
@@ -35,10 +35,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import flows
 import likelihood
 
 Array = jax.Array
+
+
 DEQUANTIZATIONS = ("uniform", "variational")
 SQUASH = "normal_cdf"  # saved with a fit: a fit made with another squash (sigmoid) is refused
 
@@ -68,28 +69,13 @@ def discrete_log_prob(logp_y_minus_log_q: Array, shape: Sequence[int], num_level
 # q_phi(u | k): a conditional flow squashed by the normal CDF
 # ---------------------------------------------------------------------------------------------------
 
-class NormalCDF(flows.distrax.Bijector):
-  """u = Phi(s), the standard normal CDF, elementwise: (-inf, inf) -> (0, 1);
-  log|du/ds| = log N(s; 0, 1). With s ~ N(0, 1), u ~ U(0, 1) exactly."""
-
-  def __init__(self):
-    super().__init__(event_ndims_in=0)
-
-  def forward_and_log_det(self, s: Array) -> tuple[Array, Array]:
-    return jax.scipy.special.ndtr(s), jax.scipy.stats.norm.logpdf(s)
-
-  def inverse_and_log_det(self, u: Array) -> tuple[Array, Array]:
-    s = jax.scipy.special.ndtri(u)
-    return s, -jax.scipy.stats.norm.logpdf(s)
-
-
 class Dequantizer(nn.Module):
   """q_phi(u | k) on (0, 1)^D (Flow++ Sec. 3.1; [SF] Sec. 5.2). ``event_shape`` (H, W, C): a
   :class:`flows.Glow` with ``num_levels`` levels of ``num_steps`` steps; (D,): a spline
   :class:`flows.CouplingFlow` of ``num_steps`` layers. Its conditioners get ``context_features``
   features of k / (L - 1) - 1/2 (two 3x3 convs, or a two-layer MLP, of width ``hidden``). Latent ->
-  u: flow inverse, then :class:`NormalCDF`. Initialise with uniform u (:func:`init_variables`): the
-  flow's actnorm layers standardise Phi^{-1}(u) ~ N(0, I), so q starts at U(0, 1)^D."""
+  u: flow inverse, then :class:`flows.NormalCDF`. Initialise with uniform u (:func:`init_variables`):
+  the flow's actnorm layers standardise Phi^{-1}(u) ~ N(0, I), so q starts at U(0, 1)^D."""
   event_shape: tuple[int, ...]
   num_levels: int  # grey levels L of the data
   num_steps: int = 4
@@ -98,6 +84,7 @@ class Dequantizer(nn.Module):
   context_features: int = 8
 
   def setup(self):
+    import flows  # here, not at the top: distrax and TFP load only when a dequantizer is built
     shape = tuple(int(s) for s in self.event_shape)
     h = self.hidden
     if len(shape) == 3:
@@ -111,7 +98,7 @@ class Dequantizer(nn.Module):
       self.features = [nn.Dense(h), nn.Dense(self.context_features)]
     else:
       raise ValueError(f"Dequantizer models vectors (D,) or images (H, W, C), got {shape}")
-    self.squash = flows.distrax.Block(NormalCDF(), len(shape))
+    self.squash = flows.distrax.Block(flows.NormalCDF(), len(shape))
 
   def context(self, k: Array) -> Array:
     """Features c(k) fed to every coupling conditioner."""

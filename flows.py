@@ -132,6 +132,21 @@ def unsqueeze(x: Array) -> Array:
   return x.reshape(*lead, 2 * h, 2 * w, c)
 
 
+class NormalCDF(distrax.Bijector):
+  """u = Phi(s), the standard normal CDF, elementwise: (-inf, inf) -> (0, 1);
+  log|du/ds| = log N(s; 0, 1). With s ~ N(0, 1), u ~ U(0, 1) exactly."""
+
+  def __init__(self):
+    super().__init__(event_ndims_in=0)
+
+  def forward_and_log_det(self, s: Array) -> tuple[Array, Array]:
+    return jax.scipy.special.ndtr(s), jax.scipy.stats.norm.logpdf(s)
+
+  def inverse_and_log_det(self, u: Array) -> tuple[Array, Array]:
+    s = jax.scipy.special.ndtri(u)
+    return s, -jax.scipy.stats.norm.logpdf(s)
+
+
 class ChannelMix(distrax.Bijector):
   """Invertible 1x1 convolution y[..., j] = sum_i x[..., i] W[i, j] on (..., H, W, C) events with
   log|det J| = H W log|det W| (Glow, Sec. 3.2, Table 1). ``weight_inv`` and ``log_abs_det`` are given
