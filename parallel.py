@@ -30,7 +30,7 @@
     unless the user set ``EQX_ON_ERROR``: with equinox's default ('raise') every diffrax solve
     (the likelihood ODE, the adaptive and fixed-grid samplers) holds a host callback, and JAX
     neither caches nor shares a program with host callbacks, so the digits eval's warm compile
-    stayed at 48 % of its cold one (8 % with the checks as NaNs; benchmarks/compile_cache.py).
+    stayed at 47.6 % of its cold one (6.5 % with the checks as NaNs; benchmarks/compile_cache.py).
     scorelab's solves run with ``throw=False`` and report failures in their results; what the
     checks guard (t0 < t1, an increasing time grid) its callers already ensure, and a violated
     check still shows as NaN, which eval counts as a failed solve. equinox reads the variable
