@@ -40,17 +40,21 @@ def _module(path: str):
   return mod
 
 
-def collect(results_dir: str) -> tuple[list[dict], list[str]]:
-  """(claim rows of every experiment with committed results, scripts without results)."""
+def _experiments_with(attribute: str):
+  """(name, module) of every experiments/*.py script (in name order) that defines ``attribute``."""
   sys.path.insert(0, ROOT)
-  rows, missing = [], []
   for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
     name = os.path.basename(path)[:-3]
-    if name == "claims":
-      continue
-    mod = _module(path)
-    if not hasattr(mod, "summarize"):
-      continue
+    if name != "claims":
+      mod = _module(path)
+      if hasattr(mod, attribute):
+        yield name, mod
+
+
+def collect(results_dir: str) -> tuple[list[dict], list[str]]:
+  """(claim rows of every experiment with committed results, scripts without results)."""
+  rows, missing = [], []
+  for name, mod in _experiments_with("summarize"):
     result = os.path.join(results_dir, name, "result.json")
     if not os.path.exists(result):  # only a default-size run committed (in default/)
       result = os.path.join(results_dir, name, "default", "result.json")
@@ -68,15 +72,8 @@ def collect(results_dir: str) -> tuple[list[dict], list[str]]:
 def collect_tables(results_dir: str) -> list[dict]:
   """The rows of the CIFAR-10 table scripts: their ``TABLE`` with ``reproduced`` from their
   committed result.json (blank without one)."""
-  sys.path.insert(0, ROOT)
   rows = []
-  for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
-    name = os.path.basename(path)[:-3]
-    if name == "claims":
-      continue
-    mod = _module(path)
-    if not hasattr(mod, "TABLE"):
-      continue
+  for name, mod in _experiments_with("TABLE"):
     result = os.path.join(results_dir, name, "result.json")
     reproduced = ""
     if os.path.exists(result):
