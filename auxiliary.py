@@ -43,6 +43,7 @@ from sde_lib import GaussianPrior
 
 Array = jax.Array
 
+
 def _flows():
   """The ``flows`` module, imported on first use: it loads distrax and TensorFlow Probability
   (seconds at start-up, TensorFlow included), which a run without a flow never needs."""
