@@ -24,7 +24,6 @@ from absl import logging
 import auxiliary
 import checkpoints
 import datasets
-import flows
 import run_lib
 import sde_lib
 import toy_data
@@ -81,13 +80,13 @@ def _options(config, event_shape, progress: Progress) -> dict[str, Any]:
   if p.kind == "dpgmm":
     return dict(n_components=int(p.n_components), covariance_type=str(p.covariance_type),
                 max_iter=int(p.max_iter), callback=callback)
+  import flows  # distrax and TFP load only when a flow is fitted
   if len(event_shape) == 1:
     spec = flows.default_flow_spec(event_shape, num_layers=int(p.flow_layers),
-                                             hidden=[int(p.flow_hidden)] * 2)
+                                   hidden=[int(p.flow_hidden)] * 2)
   else:
     spec = flows.default_flow_spec(event_shape, num_levels=int(p.flow_levels),
-                                             num_steps=int(p.flow_layers),
-                                             hidden=int(p.flow_hidden))
+                                   num_steps=int(p.flow_layers), hidden=int(p.flow_hidden))
   return dict(flow=spec, steps=int(p.flow_steps), lr=float(p.flow_lr),
               batch_size=int(p.flow_batch_size), callback=callback)
 

@@ -124,3 +124,16 @@ def test_the_reader_sees_deferred_and_dynamic_imports():
       "  return importlib.import_module('run_lib.x')\n")
   assert imported_names(source, "models") == {"jax", "sde_lib", "config_schema", "modes", "models",
                                               "run_lib"}
+
+
+def test_starting_the_cli_loads_no_heavy_library():
+  """``import main`` (every ``main.py`` run, each process of a multi-host job) loads neither
+  TensorFlow, TFP / distrax (flows: only when a flow is fitted or loaded), scikit-learn nor torch:
+  they cost 4-6 s per process. A mode imports what it needs when it runs."""
+  import subprocess
+  import sys
+  heavy = ("tensorflow", "tensorflow_probability", "distrax", "sklearn", "torch")
+  code = f"import sys, main; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), check=True).stdout
+  assert out.strip().splitlines()[-1] == "[]", out
