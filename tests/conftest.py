@@ -1,5 +1,6 @@
-"""Test-suite setup: 4 simulated CPU devices (for the sharded train step) before JAX is imported,
-no persistent compilation cache, and a mocked TFDS (``tfds.testing.mock_data``) for the cifar10 / mnist / celeb_a code path.
+"""Test-suite setup: 4 simulated CPU devices (for the sharded train step) and LLVM -O0 programs
+(``tests/xla_options.py``) before JAX is imported, no persistent compilation cache, and a mocked
+TFDS (``tfds.testing.mock_data``) for the cifar10 / mnist / celeb_a code path.
 
 The mock has a small metadata directory (train 20 / test 9 examples) and an ``as_dataset``
 replacement that honours the requested (sub)split, so per-process sharding is real. Every mock
@@ -8,7 +9,18 @@ image is random (not mirror-symmetric) and carries its global index in the two t
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+def _add_xla_flag(name: str, value) -> None:
+  """Appends ``--name=value`` to XLA_FLAGS unless the developer set that flag."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if f"--{name}=" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --{name}={value}".strip()
+
+
+_add_xla_flag("xla_force_host_platform_device_count", 4)
+# LLVM -O0: the suite's programs are small and brief, so compiling them dominates (-26 % CPU time);
+# execution-heavy tests compile at XLA's default level with xla_options.optimized_jit.
+_add_xla_flag("xla_backend_optimization_level", 0)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # No persistent compilation cache (parallel.set_compilation_cache) unless the developer asks for one:

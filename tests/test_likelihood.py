@@ -21,6 +21,7 @@ import datasets
 import likelihood as L
 import sde_lib
 import toy_data
+from xla_options import optimized_jit
 
 M2 = np.array([0.5, -0.3])
 S2 = np.array([[0.5, 0.2], [0.2, 0.3]])
@@ -259,7 +260,7 @@ def test_scoreflow_bound_exact_score():
   x = dist.sample(jax.random.PRNGKey(1), 32)
   score = dist.score_fn(sde)
 
-  @jax.jit
+  @optimized_jit
   def run(x, key):
     k1, k2 = jax.random.split(key)
     b_is = L.scoreflow_bound(score, sde, x, k1, n_time_samples=256)

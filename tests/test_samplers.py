@@ -21,6 +21,7 @@ import sde_lib
 import samplers
 import toy_data
 from configs.default import get_default_config
+from xla_options import optimized_jit
 
 Z = 4.5  # standard errors allowed for moment checks (per entry; a few dozen entries per test)
 
@@ -395,7 +396,7 @@ def _pulse_sampler(n, n_steps, method):
 
   prior = sde_lib.GaussianPrior(jnp.sqrt(appendix_g_var(T_G)))  # law(Y_0) = p_T exactly
 
-  @jax.jit
+  @optimized_jit  # n paths x n_steps: long-running, so worth LLVM's optimization
   def run(key, c, lo, hi, eps_err):
     def pulse(x, t):
       return score(x, t) * ((t >= lo) & (t <= hi))

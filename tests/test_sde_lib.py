@@ -25,6 +25,7 @@ from jax import lax
 from scipy import stats
 
 import sde_lib
+from xla_options import optimized_jit
 
 N_SIGMA = 5.0
 _ISOLATED = "SCORELAB_ISOLATED_EM_TEST"
@@ -55,7 +56,7 @@ def _drift_coeff(sde, t):
 
 
 # -- Euler-Maruyama oracle ---------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@functools.partial(optimized_jit, static_argnums=(3, 4))  # 20k paths x 4k steps: long-running
 def _em_snapshots(sde, x0, bounds, n_paths, steps, key):
   """EM paths of the forward SDE from x0 at t = 0; returns x at bounds[1:] (S, n_paths) and the
   exact mean / variance of the EM chain itself (its moment recursion), to bound the EM bias."""
