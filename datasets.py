@@ -499,10 +499,12 @@ class ArrayIterator:
 
 class EvalBatch(NamedTuple):
   """A padded evaluation batch: ``mask`` is False on padding rows, ``index`` is the example's index
-  in the whole split (-1 on padding)."""
+  in the whole split (-1 on padding); ``global_count``: real examples of this batch over all
+  processes (progress; None: this process's count times the process count)."""
   image: np.ndarray
   mask: np.ndarray
   index: np.ndarray
+  global_count: int | None = None
 
 
 class EvalIterator:
@@ -520,6 +522,8 @@ class EvalIterator:
     self._transform, self._seed, self._process_index = transform, int(seed), int(process_index)
     self.num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
     self.num_examples = total
+    self._shard_sizes = np.diff([even_shard(total, p, process_count)[0]
+                                 for p in range(process_count)] + [total])
     self._batch = 0
 
   def __len__(self) -> int:
@@ -540,8 +544,9 @@ class EvalIterator:
       images = self._transform(self._data[safe], rng)
     else:  # a process with an empty shard still takes part in every step
       images = self._transform(np.zeros((b,) + self._data.shape[1:], self._data.dtype), rng)
+    global_count = int(np.sum(np.clip(self._shard_sizes - self._batch * b, 0, b)))
     self._batch += 1
-    return EvalBatch(images, mask, np.where(mask, idx + self._start, -1))
+    return EvalBatch(images, mask, np.where(mask, idx + self._start, -1), global_count)
 
   def get_state(self) -> dict[str, np.ndarray]:
     return {"batch": np.asarray(self._batch, np.int64)}

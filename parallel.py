@@ -337,7 +337,7 @@ def map_dataset(fn: Callable, consts: Any, batches: Iterable, key: Array, *,
   in the whole split; every process iterates the same number of batches) and returns the dict
   of every example of every process in example order (padding dropped), on every process.
   Example i uses ``fold_in(key, i)``. ``on_batch(n)``: progress, n examples of the batch over all
-  processes."""
+  processes (``EvalBatch.global_count``)."""
   mesh = make_mesh() if mesh is None else mesh
   g = sharded_map(fn, mesh)
   n_local_dev = len(mesh.local_devices)
@@ -352,7 +352,8 @@ def map_dataset(fn: Callable, consts: Any, batches: Iterable, key: Array, *,
     index_parts.append(index)
     out_parts.append(out)
     if on_batch is not None:
-      on_batch(int(np.sum(b.mask)) * jax.process_count())
+      on_batch(int(np.sum(b.mask)) * jax.process_count() if b.global_count is None
+               else b.global_count)
   if not index_parts:
     raise ValueError("map_dataset got no batches")
   index = gather(np.concatenate(index_parts))

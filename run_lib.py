@@ -478,7 +478,7 @@ def generate(config: config_schema.Config, model: ScoreModel, n: int, key: Array
     for i in range(int(math.ceil(n / bs))):
       index = i * bs + proc * local + np.arange(local)
       yield datasets.EvalBatch(np.zeros((local,), np.float32), index < n,
-                               np.where(index < n, index, -1))
+                               np.where(index < n, index, -1), min(bs, n - i * bs))
 
   with Progress(f"sampling ({config.sampling.method}, c={config.sampling.c})", n,
                 "samples") as p:

@@ -7,6 +7,7 @@ the two top corners (pixel [0, 0, 0] and [0, -1, 0], unchanged by a horizontal f
 """
 from __future__ import annotations
 
+import collections
 import glob
 import importlib
 import math
@@ -388,19 +389,24 @@ def test_digits_scaling_and_dequantization():
   np.testing.assert_array_equal(datasets.quantize(d, info), levels)
 
 
-@pytest.mark.parametrize("process_count,batch", [(1, 64), (3, 50), (4, 90)])
+@pytest.mark.parametrize("process_count,batch", [(1, 64), (3, 50), (4, 90), (7, 20)])
 def test_padded_eval_covers_every_example_once(process_count, batch):
+  """Every example once, in equal step counts; ``global_count`` (the progress of a multi-process
+  eval) is the batch's real examples over all processes, also for unequal shards (7 of 360)."""
   config = _config("digits")
   levels = datasets._digits_levels()["test"]
   counts = np.zeros(len(levels), int)
   num_batches = set()
+  real, told = collections.defaultdict(int), collections.defaultdict(set)
   for p in range(process_count):
     ev = datasets.get_dataset(config, split="test", shuffle=False, repeat=False, process_index=p,
                               process_count=process_count, batch_size=batch * process_count)
     num_batches.add(len(ev))
     got = list(ev)
     assert len(got) == len(ev)
-    for b in got:
+    for j, b in enumerate(got):
+      real[j] += int(np.sum(b.mask))
+      told[j].add(b.global_count)
       assert b.image.shape == (batch, 8, 8, 1) and b.mask.shape == (batch,)
       np.testing.assert_array_equal(b.index < 0, ~b.mask)
       np.add.at(counts, b.index[b.mask], 1)
@@ -408,6 +414,7 @@ def test_padded_eval_covers_every_example_once(process_count, batch):
   assert len(num_batches) == 1  # every process runs the same number of eval steps
   assert num_batches.pop() == math.ceil(math.ceil(360 / process_count) / batch)
   np.testing.assert_array_equal(counts, 1)
+  assert {j: told[j] for j in real} == {j: {n} for j, n in real.items()}
 
 
 def test_batch_sizes_per_process_and_stf():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,8 +46,10 @@ def _free_port() -> int:
 
 def _start(mode: str, workdir: str, n_proc: int, devices_per_proc: int) -> list:
   """Starts ``main.py --mode`` as ``n_proc`` processes of ``devices_per_proc`` CPU devices each."""
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_proc}")
+  suite_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                       os.environ.get("XLA_FLAGS", ""))  # the rest (conftest's -O0) carries over
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      f"{suite_flags} --xla_force_host_platform_device_count={devices_per_proc}").strip())
   base = [sys.executable, os.path.join(REPO, "main.py"),
           f"--config={os.path.join(REPO, 'configs', 'digits_vp.py')}", f"--workdir={workdir}",
           f"--mode={mode}"] + _flags()
