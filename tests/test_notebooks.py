@@ -1,7 +1,7 @@
 """The Colab notebooks in notebooks/: committed without outputs, one papermill `parameters` cell and
 an "Open in Colab" badge each; every notebook runs top to bottom at scale="smoke" (papermill, the
 python3 kernel, cwd notebooks/) and writes its figures. Those that train and evaluate a digits
-U-Net are marked slow (-m slow)."""
+U-Net, or repeat an experiment smoke run of the default suite, are marked slow (-m slow)."""
 from __future__ import annotations
 
 import glob
@@ -24,9 +24,12 @@ EXPECTED = {
     "stf": ["two_gaussians/variance_vs_t.png", "two_gaussians/ratio_vs_t.png"],
     "controllable": ["guided.png", "inpainting.png"],
 }
-# smoke runs that train and evaluate a digits U-Net (minutes on 2 shared cores)
-# each trains a network even at smoke scale (> 1 min)
-SLOW = {"quickstart", "scoreflow", "ct_elbo", "controllable"}
+# Slow (-m slow): smoke runs that train and evaluate a digits U-Net (> 1 min on 2 shared cores);
+# and ode_vs_sde / diffusion_time, which run experiments/pulse_perturbations.py and
+# diffusion_time_toy.py at the same smoke scale as the default suite's test_pulse_experiment_smoke
+# and test_diffusion_time_toy_smoke (36 s of repeated work). The stf notebook keeps papermill's
+# path (kernel, parameters cell, inline figures) in the default suite.
+SLOW = {"quickstart", "scoreflow", "ct_elbo", "controllable", "ode_vs_sde", "diffusion_time"}
 
 
 def _names() -> list[str]:
