@@ -18,7 +18,9 @@
     JAX starts its backends (the first computation, ``jax.devices()``, ...; importing jax is not
     enough to start them): imported after that, scorelab warns that plain ``jax.jit`` programs
     keep XLA's defaults (its own CLI programs still pass the options explicitly). A value of the
-    flag already in ``XLA_FLAGS`` wins (the user's choice; also the way to opt out). CPU only in
+    flag already in ``XLA_FLAGS`` wins (the user's choice; also the way to opt out), in the CLI's
+    programs too (``compiler_options`` leaves it out; benchmarks/README.md: the trade of
+    ``LIBRARY_FUSION_TYPE_REDUCE``, 1.25x faster steps against a slower cache read). CPU only in
     effect (GPU / TPU compilers ignore ``xla_cpu_*`` flags); jaxlib < 0.10 is left alone (an XLA
     that does not know a flag in ``XLA_FLAGS`` aborts the process);
   - JAX's persistent compilation cache (``set_compilation_cache``): on by default under
@@ -131,11 +133,19 @@ def _cpu_options_supported() -> bool:
     return False
 
 
+def _user_xla_flags() -> set[str]:
+  """The ``CPU_COMPILER_OPTIONS`` the user set in ``XLA_FLAGS`` (before scorelab appended its own)."""
+  flags = _USER_XLA_FLAGS if _USER_XLA_FLAGS is not None else os.environ.get("XLA_FLAGS", "")
+  return {k for k in CPU_COMPILER_OPTIONS if f"--{k}=" in flags}
+
+
 def compiler_options(mesh: Mesh) -> dict | None:
   """XLA options for programs on ``mesh``: ``CPU_COMPILER_OPTIONS`` on CPU (when this XLA knows
-  them), None elsewhere. Pass to ``jax.jit(..., compiler_options=...)``."""
+  them), less those the user set in ``XLA_FLAGS`` (the user's value wins here too); None
+  elsewhere. Pass to ``jax.jit(..., compiler_options=...)``."""
   if mesh.devices.flat[0].platform == "cpu" and _cpu_options_supported():
-    return dict(CPU_COMPILER_OPTIONS)
+    options = {k: v for k, v in CPU_COMPILER_OPTIONS.items() if k not in _user_xla_flags()}
+    return options or None
   return None
 
 
@@ -156,10 +166,16 @@ def _xla_flags_entry() -> str:
   return " ".join(f"--{k}={v}" for k, v in CPU_COMPILER_OPTIONS.items())
 
 
+_USER_XLA_FLAGS: str | None = None  # XLA_FLAGS as the user gave it, before scorelab appended
+
+
 def set_process_xla_flags() -> bool:
   """Appends ``CPU_COMPILER_OPTIONS`` to ``XLA_FLAGS`` (see the module docstring). Returns whether
   programs compiled from now on get them (or the user's own value of the flag)."""
+  global _USER_XLA_FLAGS
   flags = os.environ.get("XLA_FLAGS", "")
+  if _USER_XLA_FLAGS is None:
+    _USER_XLA_FLAGS = flags
   if all(f"--{k}=" in flags for k in CPU_COMPILER_OPTIONS):
     return True
   if jax.__version_info__ < (0, 10):

@@ -34,6 +34,7 @@ sys.path.insert(0, REPO)
 from benchmarks.worker_process import write_report  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
 EVENTS = {"compile_s": "/jax/core/compile/backend_compile_duration",
           "trace_s": "/jax/core/compile/jaxpr_trace_duration",
           "lower_s": "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -101,6 +102,8 @@ def _child(args) -> None:
 # -- parent ----------------------------------------------------------------------------------------
 def _run_child(job: str, cache: str, args, extra: list[str]) -> dict:
   env = dict(os.environ, SCORELAB_COMPILATION_CACHE_DIR=cache, JAX_PLATFORMS="cpu")
+  if args.ynn_fusion_type is not None:  # the user's value: parallel.compiler_options leaves it
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --{_YNN}={args.ynn_fusion_type}".strip()
   cmd = [sys.executable, os.path.abspath(__file__), "--child", job, "--batch", str(args.batch),
          "--ref_batch", str(args.ref_batch), "--eval_split", args.eval_split] + extra
   p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -135,7 +138,8 @@ def measure(args) -> dict:
       out["jobs"][job] = dict(runs, cache_entries=len(entries), cache_mb=sum(
           os.path.getsize(os.path.join(cache, f)) for f in entries) / 2**20,
           warm_over_cold_compile=runs["warm"]["compile_s"] / runs["cold"]["compile_s"])
-  out["settings"] = {"batch": args.batch, "ref_batch": args.ref_batch,
+  out["settings"] = {"ynn_fusion_type": args.ynn_fusion_type, "batch": args.batch,
+                     "ref_batch": args.ref_batch,
                      "eval_split": args.eval_split, "train_iters": args.train_iters}
   out["load_average_end"] = os.getloadavg()
   return out
@@ -161,6 +165,9 @@ def main(argv=None) -> None:
   p.add_argument("--ref_batch", type=int, default=8, help="train_step: STF reference batch")
   p.add_argument("--train_iters", type=int, default=20, help="digits_eval: steps trained first")
   p.add_argument("--eval_split", default="test[:20]", help="digits_eval: the split evaluated")
+  p.add_argument("--ynn_fusion_type", default=None,
+                 help=f"XLA_FLAGS --{_YNN}= for the children (default: scorelab's "
+                      "parallel.CPU_COMPILER_OPTIONS), e.g. LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
   p.add_argument("--out", default=os.path.join(RESULTS, "compile_cache.json"))
   p.add_argument("--child", help=argparse.SUPPRESS)
   p.add_argument("--workdir", help=argparse.SUPPRESS)

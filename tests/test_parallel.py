@@ -203,6 +203,19 @@ def test_xla_flags_after_backend_start_warn_and_change_nothing(monkeypatch):
   assert os.environ["XLA_FLAGS"] == mine
 
 
+def test_users_xla_flag_wins_in_the_cli_programs_too():
+  """``compiler_options`` (the train step, the sharded eval programs) passes the fast CPU options
+  unless the user set that flag in XLA_FLAGS: then the user's value stands (no explicit option)."""
+  mesh = parallel.make_mesh()
+  assert parallel.compiler_options(mesh) == parallel.CPU_COMPILER_OPTIONS
+  code = ("import parallel; print(parallel.compiler_options(parallel.make_mesh()), "
+          "parallel.set_process_xla_flags())")
+  env = dict(os.environ, XLA_FLAGS=f"--{_YNN_NAME}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.split() == ["None", "True"], out.stdout + out.stderr[-2000:]
+
+
 _CACHE_CHILD = """
 import jax
 import parallel
