@@ -35,7 +35,7 @@ import os
 import queue
 import re
 import threading
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

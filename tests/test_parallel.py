@@ -21,7 +21,6 @@ import datasets
 import likelihood
 import parallel
 import sde_lib
-import toy_data
 from configs.default_toy import get_default_toy_config
 
 
