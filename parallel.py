@@ -135,8 +135,7 @@ def _cpu_options_supported() -> bool:
 
 def _user_xla_flags() -> set[str]:
   """The ``CPU_COMPILER_OPTIONS`` the user set in ``XLA_FLAGS`` (before scorelab appended its own)."""
-  flags = _USER_XLA_FLAGS if _USER_XLA_FLAGS is not None else os.environ.get("XLA_FLAGS", "")
-  return {k for k in CPU_COMPILER_OPTIONS if f"--{k}=" in flags}
+  return {k for k in CPU_COMPILER_OPTIONS if f"--{k}=" in _USER_XLA_FLAGS}
 
 
 def compiler_options(mesh: Mesh) -> dict | None:
@@ -166,16 +165,13 @@ def _xla_flags_entry() -> str:
   return " ".join(f"--{k}={v}" for k, v in CPU_COMPILER_OPTIONS.items())
 
 
-_USER_XLA_FLAGS: str | None = None  # XLA_FLAGS as the user gave it, before scorelab appended
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # as the user gave it, read before appending
 
 
 def set_process_xla_flags() -> bool:
   """Appends ``CPU_COMPILER_OPTIONS`` to ``XLA_FLAGS`` (see the module docstring). Returns whether
   programs compiled from now on get them (or the user's own value of the flag)."""
-  global _USER_XLA_FLAGS
   flags = os.environ.get("XLA_FLAGS", "")
-  if _USER_XLA_FLAGS is None:
-    _USER_XLA_FLAGS = flags
   if all(f"--{k}=" in flags for k in CPU_COMPILER_OPTIONS):
     return True
   if jax.__version_info__ < (0, 10):
