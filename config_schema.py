@@ -39,7 +39,8 @@ SECTIONS = ("training", "sde", "model", "optim", "data", "sampling", "eval", "pr
             "dequantizer", "classifier")
 TOP_LEVEL = ("seed",) + SECTIONS
 VECTOR_MODELS = ("mlp",)  # networks of (B, D) vectors (toy data)
-IMAGE_MODELS = ("ncsnpp", "ddpmpp", "unet")  # NCSN++-backbone U-Nets of (B, H, W, C) images
+IMAGE_MODELS = ("ncsnpp", "ddpmpp", "unet", "songunet")  # NCSN++-family U-Nets of (B, H, W, C)
+SONGUNET = dict(models=("songunet",))  # EDM's SongUNet (models/songunet.py) only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +221,10 @@ SCHEMA: dict[str, Field] = {
     "model.conditional": _bool("use the noise-level embedding", **_UNET),
     "model.center_input": _bool("map inputs x -> 2x - 1 first (data in [0, 1])", **_UNET),
     "model.dtype": _choice(tuple(ncsnpp.DTYPES), "compute dtype (params stay float32)", **_UNET),
+    "model.channel_mult_noise": _int("noise embedding width / nf (EDM: 1 DDPM++, 2 NCSN++)", ge=1,
+                                     **SONGUNET),
+    "model.augment_dim": _int("augmentation labels fed to the embedding (EDM CIFAR-10: 9; 0: none)",
+                              ge=0, **SONGUNET),
     # -- optim --------------------------------------------------------------------------------------
     "optim.optimizer": _choice(losses.OPTIMIZERS, "optimizer (weight decay is decoupled)"),
     "optim.lr": _float("peak learning rate", gt=0),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import math
 import os
 import pickle
@@ -122,18 +123,41 @@ class _TorchUnpickler(pickle.Unpickler):
         "storages and OrderedDicts (allowed: "
         f"{sorted('.'.join(k) for k in _GLOBALS)} and torch.<dtype>Storage)")
 
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.storages: dict[str, _Storage] = {}  # by key, as the pickle names them
+
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
+    # zip format: ('storage', type, key, location, numel); legacy format: the same and
+    # view_metadata, which only torch < 0.4 storage views set.
+    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType) and (len(pid) == 5 or pid[5] is None)):
       raise UnsafePickleError(f"unsupported persistent id {pid!r} (expected a torch storage)")
-    _, stype, key, _, numel = pid
+    stype, key, numel = pid[1], pid[2], pid[4]
     dtype = _STORAGES[stype.name] or _bfloat16()
-    return _Storage(str(key), np.dtype(dtype), int(numel))
+    st = self.storages.setdefault(str(key), _Storage(str(key), np.dtype(dtype), int(numel)))
+    if st.dtype != np.dtype(dtype):
+      raise ValueError(f"storage {key} is pickled as both {st.dtype} and {np.dtype(dtype)}")
+    return st
 
 
-def _read_tensor(zf: zipfile.ZipFile, prefix: str, ref: TensorRef, big_endian: bool,
-                 cache: dict) -> np.ndarray:
-  st = ref.storage
+def strided_view(flat: np.ndarray, offset: int, shape: tuple[int, ...],
+                 stride: tuple[int, ...], what: str = "storage") -> np.ndarray:
+  """A contiguous copy of the torch tensor view (element ``offset``, ``shape``, ``stride`` in
+  elements) of the flat storage ``flat``; ValueError if the view leaves the storage."""
+  if 0 in shape:
+    return np.zeros(shape, flat.dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+  if offset < 0 or min(stride, default=0) < 0 or last >= flat.size:
+    raise ValueError(f"tensor view (offset {offset}, shape {shape}, stride {stride}) exceeds "
+                     f"{what} of {flat.size} elements")
+  view = np.lib.stride_tricks.as_strided(flat[offset:], shape, [s * flat.itemsize for s in stride])
+  return np.array(view)  # contiguous copy
+
+
+def _read_storage(zf: zipfile.ZipFile, prefix: str, st: _Storage, big_endian: bool,
+                  cache: dict) -> np.ndarray:
+  """The flat array of storage ``data/<key>`` of a zip archive (read once)."""
   if st.key not in cache:
     buf = zf.read(f"{prefix}data/{st.key}")
     dtype = st.dtype.newbyteorder(">") if big_endian else st.dtype
@@ -141,20 +165,20 @@ def _read_tensor(zf: zipfile.ZipFile, prefix: str, ref: TensorRef, big_endian: b
     if flat.size < st.numel:
       raise ValueError(f"storage data/{st.key} holds {flat.size} elements, pickle says {st.numel}")
     cache[st.key] = flat[:st.numel].astype(st.dtype, copy=False)
-  flat = cache[st.key]
-  if 0 in ref.shape:
-    return np.zeros(ref.shape, flat.dtype)
-  last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
-  if ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= flat.size:
-    raise ValueError(f"tensor view (offset {ref.offset}, shape {ref.shape}, stride {ref.stride}) "
-                     f"exceeds storage data/{st.key} of {flat.size} elements")
-  view = np.lib.stride_tricks.as_strided(flat[ref.offset:], ref.shape,
-                                         [s * flat.itemsize for s in ref.stride])
-  return np.array(view)  # contiguous copy
+  return cache[st.key]
+
+
+def _read_tensor(zf: zipfile.ZipFile, prefix: str, ref, big_endian: bool,
+                 cache: dict) -> np.ndarray:
+  """A ``TensorRef`` as an array, or a whole ``_Storage`` (a pickled storage) as its flat array."""
+  if isinstance(ref, _Storage):
+    return _read_storage(zf, prefix, ref, big_endian, cache)
+  flat = _read_storage(zf, prefix, ref.storage, big_endian, cache)
+  return strided_view(flat, ref.offset, ref.shape, ref.stride, f"storage data/{ref.storage.key}")
 
 
 def _materialize(obj, read):
-  if isinstance(obj, TensorRef):
+  if isinstance(obj, (TensorRef, _Storage)):
     return read(obj)
   if isinstance(obj, dict):
     return type(obj)((k, _materialize(v, read)) for k, v in obj.items())
@@ -188,6 +212,51 @@ def read_torch_checkpoint(path: str, keys: Optional[tuple[str, ...]] = None) -> 
     if keys is None or not isinstance(obj, dict):
       return _materialize(obj, read)
     return type(obj)((k, _materialize(v, read) if k in keys else v) for k, v in obj.items())
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001
+
+
+def read_torch_legacy(data: bytes) -> Any:
+  """Loads a legacy (non-zip) ``torch.save`` stream without torch: five pickles (magic number,
+  protocol 1001, system info, the object, the list of storage keys) and then, per key, its element
+  count (int64) and raw data. This is how torch pickles a storage inside a plain pickle
+  (``torch.storage._load_from_bytes``, e.g. EDM's network pickles). Storages become flat numpy
+  arrays, tensors arrays; every pickle goes through the same allow-list as
+  ``read_torch_checkpoint`` (``UnsafePickleError`` otherwise), so nothing in it runs."""
+  f = io.BytesIO(data)
+  if _TorchUnpickler(f).load() != _LEGACY_MAGIC:
+    raise ValueError("not a legacy torch.save stream (bad magic number)")
+  if _TorchUnpickler(f).load() != _LEGACY_PROTOCOL:
+    raise ValueError("unsupported legacy torch.save protocol version")
+  info = _TorchUnpickler(f).load()
+  order = "<" if not isinstance(info, dict) or info.get("little_endian", True) else ">"
+  unpickler = _TorchUnpickler(f)
+  obj = unpickler.load()
+  keys = _TorchUnpickler(f).load()
+  if not isinstance(keys, list) or set(map(str, keys)) != set(unpickler.storages):
+    raise ValueError(f"legacy torch.save stream: storage keys {keys!r} do not match the pickle's "
+                     f"{sorted(unpickler.storages)}")
+  flats = {}
+  for key in map(str, keys):
+    st = unpickler.storages[key]
+    count = np.frombuffer(f.read(8), np.dtype(f"{order}i8"))
+    if count.size != 1 or int(count[0]) != st.numel:
+      raise ValueError(f"legacy torch.save stream: storage {key} holds "
+                       f"{int(count[0]) if count.size else 'no'} elements, pickle says {st.numel}")
+    buf = f.read(st.numel * st.dtype.itemsize)
+    if len(buf) != st.numel * st.dtype.itemsize:
+      raise ValueError(f"legacy torch.save stream: storage {key} is truncated")
+    flats[key] = np.frombuffer(buf, st.dtype.newbyteorder(order)).astype(st.dtype)
+
+  def read(ref):
+    if isinstance(ref, _Storage):
+      return flats[ref.key]
+    return strided_view(flats[ref.storage.key], ref.offset, ref.shape, ref.stride,
+                        f"storage {ref.storage.key}")
+
+  return _materialize(obj, read)
 
 
 # -- our parameter tree ----------------------------------------------------------------------------

@@ -56,6 +56,18 @@ def ncsnpp_cont_model(model: ml_collections.ConfigDict) -> None:
   model.time_embedding_scale = 1.0
 
 
+def songunet_model(model: ml_collections.ConfigDict, arch: str = "ddpmpp") -> None:
+  """EDM's SongUNet (models/songunet.py; Karras et al. 2022, Table 7) with its CIFAR-10 DDPM++ or
+  NCSN++ settings, in place; declares its own fields channel_mult_noise and augment_dim.
+  ``--mode=import`` of an EDM pickle sets these from the pickle (edm_pickle.py)."""
+  from models.songunet import songunet_cifar_config
+  ddpmpp_cont_model(model)
+  for key, value in songunet_cifar_config(arch).items():
+    model[key] = value
+  model.channel_mult_noise = 2 if arch == "ncsnpp" else 1  # noise embedding width / nf
+  model.augment_dim = 9  # augmentation labels of EDM's CIFAR-10 models (zeros at sampling)
+
+
 def get_default_image_config() -> ml_collections.ConfigDict:
   config = get_default_config()  # score_sde's CIFAR-10 training, SDE and optimizer settings
 

@@ -47,3 +47,4 @@ def get_model(config) -> nn.Module:
 # Model modules (each registers itself on import). One line per model family.
 from models import mlp  # noqa: E402,F401
 from models import ncsnpp, ddpmpp, unet  # noqa: E402,F401  (image networks)
+from models import songunet  # noqa: E402,F401  (EDM's DDPM++ / NCSN++, edm_pickle.py)

@@ -29,7 +29,7 @@ SCIENCE = {"sde_lib", "losses", "samplers", "likelihood", "auxiliary", "hutchins
 NETWORKS = {"models"}
 DATA = {"datasets", "toy_data"}
 EVALUATION = {"evaluation", "inception_weights"}
-IMPORT = {"score_sde_import"}
+IMPORT = {"score_sde_import", "edm_pickle"}
 INFRASTRUCTURE = {"checkpoints", "downloads", "parallel", "progress", "pytrees"}
 
 # (floor of the importing module, floors it must not import, why)
