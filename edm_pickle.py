@@ -402,7 +402,8 @@ def import_edm_pickle(config, path: str) -> dict[str, Any]:
   assert ours == n_params, (ours, n_params)
   model = net.state["_modules"]["model"]
   info = {"precond": net.class_name, "model": model.class_name,
-          "precond_kwargs": _jsonable(net.init_kwargs), "model_kwargs": _jsonable(model.init_kwargs),
+          "precond_kwargs": _jsonable(net.init_kwargs),
+          "model_kwargs": _jsonable(model.init_kwargs),
           "loss": loss.class_name if loss else None, "n_params": n_params,
           "module_src_sha256": sorted({net.module_src_sha256, model.module_src_sha256}),
           "dataset_kwargs": _jsonable(data.get("dataset_kwargs")) if isinstance(data, dict)
@@ -422,11 +423,3 @@ def _jsonable(v):
     return str(v)
   return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
 
-
-def is_edm_pickle(path: str) -> bool:
-  """Whether ``path`` looks like an EDM network pickle (a .pkl file starting with a pickle
-  protocol opcode; the format is confirmed only by reading it)."""
-  if not str(path).endswith(".pkl") or not os.path.isfile(path):
-    return False
-  with open(path, "rb") as f:
-    return f.read(1) == b"\x80"

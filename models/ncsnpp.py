@@ -67,6 +67,26 @@ def _check(name: str, value: str, allowed: Sequence[str]) -> str:
   return value
 
 
+def module_kwargs(cls: type, config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+  """The fields of module class ``cls`` found in ``config.model`` (or a model section / dict):
+  lists become tuples, a ``dtype`` name its jnp dtype; other fields are left out."""
+  cfg = config.model if hasattr(config, "model") else config
+  cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name in ("parent", "name") or f.name not in cfg:
+      continue
+    v = cfg[f.name]
+    if isinstance(v, list):
+      v = tuple(v)
+    if f.name == "dtype" and isinstance(v, str):
+      if v not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {v!r}")
+      v = DTYPES[v]
+    kwargs[f.name] = v
+  return kwargs
+
+
 @register_model("ncsnpp")
 class NCSNpp(nn.Module):
   """NCSN++ / DDPM++ U-Net (score_sde ``ncsnpp``); see the module docstring for the fields."""
@@ -96,21 +116,7 @@ class NCSNpp(nn.Module):
     """Builds the module from ``config.model`` (or a model section / dict); fields that are not
     module fields (name, parameterization, ema_rate, ...) are ignored, missing ones take the class
     defaults."""
-    cfg = config.model if hasattr(config, "model") else config
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-      if f.name in ("parent", "name") or f.name not in cfg:
-        continue
-      v = cfg[f.name]
-      if isinstance(v, list):
-        v = tuple(v)
-      if f.name == "dtype" and isinstance(v, str):
-        if v not in DTYPES:
-          raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {v!r}")
-        v = DTYPES[v]
-      kwargs[f.name] = v
-    return cls(**kwargs)
+    return cls(**module_kwargs(cls, config))
 
   @nn.compact
   def __call__(self, x: Array, cond: Array, train: bool = False) -> Array:

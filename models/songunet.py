@@ -24,7 +24,8 @@ ln(sigma) / 4. How it differs from models/ncsnpp.py (why a module of its own):
 * Resampling: the ``resample_filter`` (model.fir_kernel when model.fir, else [1, 1] = nearest /
   2x2 average) applied by upfirdn2d (models/up_or_down_sampling.py).
 * Init: xavier-uniform everywhere (DDPM init), xavier x 1e-5 on each block's last conv, the
-  attention projection and the output conv (init_scale 0 -> variance scale 1e-10), x sqrt(0.2) on qkv.
+  attention projection and the output conv (init_scale 0 -> variance scale 1e-10), x sqrt(0.2) on
+  qkv.
 Module names follow EDM's (``enc_32x32_block0/conv0`` for ``enc.32x32_block0.conv0``).
 
 config.model fields: those of models/ncsnpp.py, read as EDM's SongUNet arguments: nf
@@ -39,7 +40,6 @@ parameter ``map_noise/W`` (no gradient), so ``trainable_param_count`` leaves the
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
@@ -50,7 +50,7 @@ import ml_collections
 
 from models import layers, register_model
 from models import up_or_down_sampling as ud
-from models.ncsnpp import DTYPES, EMBEDDING_TYPES, PROGRESSIVE_INPUT
+from models.ncsnpp import EMBEDDING_TYPES, PROGRESSIVE_INPUT, module_kwargs
 
 Array = jax.Array
 Dtype = Any
@@ -186,21 +186,7 @@ class SongUNet(nn.Module):
   def from_config(cls, config: ml_collections.ConfigDict | dict) -> "SongUNet":
     """The module from ``config.model`` (or a model section / dict); fields that are not module
     fields are ignored, missing ones take the class defaults."""
-    cfg = config.model if hasattr(config, "model") else config
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-      if f.name in ("parent", "name") or f.name not in cfg:
-        continue
-      v = cfg[f.name]
-      if isinstance(v, list):
-        v = tuple(v)
-      if f.name == "dtype" and isinstance(v, str):
-        if v not in DTYPES:
-          raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {v!r}")
-        v = DTYPES[v]
-      kwargs[f.name] = v
-    return cls(**kwargs)
+    return cls(**module_kwargs(cls, config))
 
   @property
   def resample_filter(self) -> tuple[float, ...]:

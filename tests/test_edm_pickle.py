@@ -23,7 +23,7 @@ import edm_pickle
 import run_lib
 import score_sde_import as ssi
 import sde_lib
-from configs import cifar_edm_dsm
+from configs import cifar_edm_dsm, default_image
 from models import get_model, songunet
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "edm")
@@ -97,8 +97,13 @@ def test_fixture_denoiser_matches_edm(arch):
 def test_cifar10_parameter_counts_are_edms(arch, expected):
   """EDM's CIFAR-10 networks (model_channels 128, 4 blocks, channel_mult (2, 2, 2), attention at
   16, augment_dim 9) have EDM's parameter counts (jax.eval_shape, nothing initialized); the
-  NCSN++ Fourier frequencies (an EDM buffer) are the 128 frozen extra scalars of 'params'."""
-  model = songunet.SongUNet.from_config(songunet.songunet_cifar_config(arch))
+  NCSN++ Fourier frequencies (an EDM buffer) are the 128 frozen extra scalars of 'params'. The
+  network is the one a config selects (configs/default_image.songunet_model, validated)."""
+  config = cifar_edm_dsm.get_config()
+  default_image.songunet_model(config.model, arch)
+  run_lib.validate_config(config)
+  model = get_model(config)
+  assert model == songunet.SongUNet.from_config(songunet.songunet_cifar_config(arch))
   shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,))),
                           jax.random.PRNGKey(0))["params"]
   total = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
