@@ -225,10 +225,6 @@ SCHEMA: dict[str, Field] = {
                                      **SONGUNET),
     "model.augment_dim": _int("augmentation labels fed to the embedding (EDM CIFAR-10: 9; 0: none)",
                               ge=0, **SONGUNET),
-    "model.channel_mult_noise": _int("noise embedding width / nf (EDM: 1 DDPM++, 2 NCSN++)", ge=1,
-                                     **SONGUNET),
-    "model.augment_dim": _int("augmentation labels fed to the embedding (EDM CIFAR-10: 9; 0: none)",
-                              ge=0, **SONGUNET),
     # -- optim --------------------------------------------------------------------------------------
     "optim.optimizer": _choice(losses.OPTIMIZERS, "optimizer (weight decay is decoupled)"),
     "optim.lr": _float("peak learning rate", gt=0),

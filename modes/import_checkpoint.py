@@ -33,7 +33,6 @@ from modes import register_mode
 def import_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = ""):
   """Imports ``checkpoint`` into a new workdir; returns {'step', 'config_overrides', 'source'}."""
   import edm_pickle
-  import edm_pickle
   import score_sde_import
   run_lib.validate_config(config)
   if not checkpoint:
