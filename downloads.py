@@ -12,6 +12,7 @@ network; offline they fail fast, saying how to provide them).
 """
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import urllib.parse
@@ -21,6 +22,15 @@ from typing import Callable
 import jax
 
 PROBE_TIMEOUT_S = 10.0
+
+
+def cache_dir() -> str:
+  """scorelab's cache folder: ``$SCORELAB_CACHE``, else ``$XDG_CACHE_HOME/scorelab``, else
+  ``~/.cache/scorelab`` (FID weights, verified dataset arrays; the XLA cache in ``xla/``)."""
+  if os.environ.get("SCORELAB_CACHE"):
+    return os.environ["SCORELAB_CACHE"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "scorelab")
 
 
 def _endpoint(url: str) -> tuple[str, int] | None:

