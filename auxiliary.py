@@ -39,6 +39,7 @@ from jax.scipy.special import logsumexp
 
 import pytrees
 import toy_data
+import training
 from sde_lib import GaussianPrior
 
 Array = jax.Array
@@ -266,10 +267,10 @@ def fit_flow(spec: dict, samples: Array, key: Array, *, steps: int = 2000, lr: f
 
   Every ``log_every`` steps (one jitted ``lax.scan`` each) ``callback(step, metrics)`` receives
   ``{'loss'}`` (mean over those steps) and ``{'heldout'}`` when ``heldout`` samples are given. Returns
-  ``(prior, history)`` with history lists ``step``, ``loss`` (and ``heldout``). A non-finite loss
-  raises FloatingPointError naming the step.
+  ``(prior, history)`` with history lists ``step``, ``loss`` (and ``heldout``). The steps run in
+  ``training.train_loop`` (progress, metrics lines): a non-finite loss raises FloatingPointError
+  naming the step.
   """
-  import optax
   model = _flows().make_flow(spec)
   x = jnp.asarray(samples)
   n, d = x.shape[0], math.prod(x.shape[1:])
@@ -284,17 +285,48 @@ def fit_flow(spec: dict, samples: Array, key: Array, *, steps: int = 2000, lr: f
   variables = init(model, k_init, x[:min(n, init_batch)])
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2 or 1),
-                                                max(steps, 2), lr * 1e-2)
-  opt = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule))
+  opt = training.warmup_cosine_adam(lr, steps, grad_clip, warmup)
   opt_state = opt.init(params)
 
   def loss_fn(p, batch):
     return -jnp.mean(model.apply({"params": p, **rest}, batch, method="log_prob")) / d
 
+  run, eval_ce = _scan_steps(loss_fn, opt, x, batch_size), jax.jit(loss_fn)
+  history = {"step": [], "loss": [], **({"heldout": []} if heldout is not None else {})}
+
+  def step_fn(state, keys):
+    p, s, loss = run(*state, keys)
+    return (p, s), {"loss": loss}
+
+  def on_loss(step: int, loss: float) -> None:
+    history["step"].append(step)
+    history["loss"].append(loss)
+
+  def evaluate(step: int, state) -> None:
+    metrics = {"loss": history["loss"][-1]}
+    if heldout is not None:
+      metrics["heldout"] = float(eval_ce(state[0], jnp.asarray(heldout)))
+      history["heldout"].append(metrics["heldout"])
+    if callback is not None:
+      callback(step, metrics)
+
+  chunks = (jax.random.split(jax.random.fold_in(k_train, done), min(log_every, steps - done))
+            for done in range(0, steps, log_every))
+  (params, _), _ = training.train_loop(step_fn, (params, opt_state), chunks, start=0, stop=steps,
+                                       title="fit flow prior", log_every=log_every,
+                                       on_loss=on_loss, evaluate=evaluate, eval_every=log_every,
+                                       stride=log_every)
+  return FlowPrior({"params": params, **rest}, model), history
+
+
+def _scan_steps(loss_fn: Callable, opt, x: Array, batch_size: int) -> Callable:
+  """jit (params, opt_state, keys) -> (params, opt_state, mean loss): one step of ``opt`` per key
+  (``lax.scan``) on a minibatch of ``x`` drawn with replacement."""
+  import optax
+
   def one_step(carry, k):
     p, s = carry
-    batch = x[jax.random.randint(k, (batch_size,), 0, n)]
+    batch = x[jax.random.randint(k, (batch_size,), 0, x.shape[0])]
     loss, grads = jax.value_and_grad(loss_fn)(p, batch)
     updates, s = opt.update(grads, s, p)
     return (optax.apply_updates(p, updates), s), loss
@@ -304,29 +336,7 @@ def fit_flow(spec: dict, samples: Array, key: Array, *, steps: int = 2000, lr: f
     (p, s), losses = jax.lax.scan(one_step, (p, s), keys)
     return p, s, jnp.mean(losses)
 
-  eval_ce = jax.jit(lambda p, y: -jnp.mean(model.apply({"params": p, **rest}, y,
-                                                        method="log_prob")) / d)
-  history = {"step": [], "loss": []}
-  if heldout is not None:
-    history["heldout"] = []
-  done = 0
-  while done < steps:
-    m = min(log_every, steps - done)
-    keys = jax.random.split(jax.random.fold_in(k_train, done), m)
-    params, opt_state, loss = run(params, opt_state, keys)
-    done += m
-    loss = float(loss)
-    if not math.isfinite(loss):
-      raise FloatingPointError(f"flow prior fit: non-finite loss at step {done}")
-    metrics = {"loss": loss}
-    if heldout is not None:
-      metrics["heldout"] = float(eval_ce(params, jnp.asarray(heldout)))
-      history["heldout"].append(metrics["heldout"])
-    history["step"].append(done)
-    history["loss"].append(loss)
-    if callback is not None:
-      callback(done, metrics)
-  return FlowPrior({"params": params, **rest}, model), history
+  return run
 
 
 # ---------------------------------------------------------------------------------------------------

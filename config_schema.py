@@ -32,6 +32,7 @@ import models
 import samplers
 import sde_lib
 import toy_data
+import training
 from models import mlp, ncsnpp
 from models.utils import PARAMETERIZATIONS, get_score_fn
 
@@ -226,7 +227,7 @@ SCHEMA: dict[str, Field] = {
     "model.augment_dim": _int("augmentation labels fed to the embedding (EDM CIFAR-10: 9; 0: none)",
                               ge=0, **SONGUNET),
     # -- optim --------------------------------------------------------------------------------------
-    "optim.optimizer": _choice(losses.OPTIMIZERS, "optimizer (weight decay is decoupled)"),
+    "optim.optimizer": _choice(training.OPTIMIZERS, "optimizer (weight decay is decoupled)"),
     "optim.lr": _float("peak learning rate", gt=0),
     "optim.beta1": _float("Adam beta1", ge=0, lt=1),
     "optim.beta2": _float("Adam beta2", ge=0, lt=1),

@@ -28,14 +28,18 @@ frozen score model (``likelihood.scoreflow_bound``, eq. 39, ``--mode=fit_dequant
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
+import checkpoints
 import likelihood
+import training
 
 Array = jax.Array
 
@@ -185,12 +189,7 @@ def make_train_step(model: Dequantizer, constants: dict, log_p_fn: Callable[[Arr
   return step
 
 
-def make_optimizer(lr: float, steps: int, grad_clip: float = 1.0, warmup: int = 100):
-  """Adam with linear warmup and cosine decay of ``lr`` to lr / 100, global-norm clipping."""
-  import optax
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2 or 1),
-                                                max(steps, 2), lr * 1e-2)
-  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(schedule))
+make_optimizer = training.warmup_cosine_adam  # Adam, warmup + cosine decay, clipping
 
 
 def model_spec(model: Dequantizer) -> dict[str, Any]:
@@ -200,3 +199,101 @@ def model_spec(model: Dequantizer) -> dict[str, Any]:
           "hidden": int(model.hidden), "context_features": int(model.context_features),
           "squash": SQUASH}
 
+
+# ---------------------------------------------------------------------------------------------------
+# A fit as saved (``--mode=fit_dequantizer``) and as eval uses it
+# ---------------------------------------------------------------------------------------------------
+
+def from_section(d, event_shape: Sequence[int], num_levels: int) -> Dequantizer:
+  """q_phi(u | k) of the ``dequantizer`` config section ``d`` for data of ``event_shape`` with
+  ``num_levels`` grey levels."""
+  return Dequantizer(tuple(event_shape), int(num_levels), num_steps=d.flow_steps,
+                     flow_levels=d.flow_levels, hidden=d.flow_hidden,
+                     context_features=d.context_features)
+
+
+def fit_tree(params, constants: dict, opt_state) -> dict:
+  """The arrays of a fit as saved: parameters, flax constants and the optimizer state's leaves."""
+  leaves = jax.tree_util.tree_leaves(opt_state)
+  return {"params": params, "opt_state": {str(i): x for i, x in enumerate(leaves)},
+          **({"constants": constants} if constants else {})}
+
+
+def check_fit(meta: dict, model: Dequantizer, sde_name: str, T: float, where: str) -> None:
+  """Refuses a saved dequantizer of another architecture, SDE or diffusion time."""
+  spec = model_spec(model)
+  for key in sorted(spec):
+    if meta["spec"].get(key) != spec[key]:
+      raise ValueError(f"the dequantizer in {where} has {key}={meta['spec'].get(key)!r}, the config "
+                       f"gives {spec[key]!r} (dequantizer.* / data.*): use the same values, or "
+                       f"delete {where} and run --mode=fit_dequantizer again")
+  if meta["sde"] != sde_name or not math.isclose(meta["T"], T, rel_tol=1e-9):
+    raise ValueError(f"the dequantizer in {where} was fitted for sde.name={meta['sde']!r}, "
+                     f"sde.T={meta['T']:g}, not {sde_name!r}, {T:g}; run "
+                     "--mode=fit_dequantizer again with this config")
+
+
+def restore_fit(where: str, model: Dequantizer, sde_name: str, T: float, params, constants: dict,
+                opt_state):
+  """(params, constants, opt_state, meta) of the fit saved in ``where`` (verified, checked)."""
+  check_fit(checkpoints.read_tree_meta(where), model, sde_name, T, where)
+  like = fit_tree(params, constants, opt_state)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype), like)
+  tree, meta = checkpoints.restore_tree(where, abstract)
+  leaves, treedef = jax.tree_util.tree_flatten(opt_state)
+  opt_state = jax.tree_util.tree_unflatten(treedef, [tree["opt_state"][str(i)]
+                                                     for i in range(len(leaves))])
+  logging.info("dequantizer: step %d restored from %s", meta["step"], where)
+  return tree["params"], tree.get("constants", {}), opt_state, meta
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedDequantizer:
+  """A fitted q_phi(u | k) as eval uses it (:meth:`lift`)."""
+  model: Dequantizer
+  variables: Any
+  step: int
+  num_levels: int
+  centered: bool
+
+  def sample_q(self, key, k):
+    return sample_and_log_prob(self.model, self.variables, key, k)
+
+  def lift(self, fn: Callable, dtype=jnp.float32) -> Callable:
+    """``fn(consts, y, key) -> dict(logp=log p_y(y), ...)`` on continuous data -> the same on integer
+    levels k with ``logp`` = log p_y(scale(k, u)) - log q(u | k), u ~ q(. | k) ([SF] eq. 13;
+    ``likelihood.bits_per_dim`` then adds the scaling log-det, as on the uniform path)."""
+    def g(consts, k, key):
+      extra = {}
+
+      def log_p(y, kp):
+        extra.update(fn(consts, y, kp))
+        return extra["logp"]
+
+      lp = dequantized_log_p(log_p, k, key, num_levels=self.num_levels, centered=self.centered,
+                             sample_q=self.sample_q, dtype=dtype)
+      return dict(extra, logp=lp)
+
+    return g
+
+
+def load_fitted(where: str, model: Dequantizer, sde_name: str, T: float,
+                centered: bool) -> FittedDequantizer:
+  """The q_phi(u | k) fitted in ``where`` (verified); a clear error names ``--mode=fit_dequantizer``
+  when there is none, or it was fitted for another model."""
+  try:
+    meta = checkpoints.read_tree_meta(where)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"eval.dequantization='variational': no fitted dequantizer in {where}; "
+                            "run --mode=fit_dequantizer with this config first") from e
+  check_fit(meta, model, sde_name, T, where)
+  if meta["step"] < meta["n_iters"]:
+    logging.warning("the dequantizer in %s was saved at step %d of %d (fit interrupted)", where,
+                    meta["step"], meta["n_iters"])
+  like = init_variables(model, jax.random.PRNGKey(0),
+                        jnp.zeros((1,) + tuple(model.event_shape), jnp.int32))
+  params, constants = like["params"], {k: v for k, v in like.items() if k != "params"}
+  opt_state = make_optimizer(1.0, 2).init(params)  # structure only (verified too)
+  params, constants, _, meta = restore_fit(where, model, sde_name, T, params, constants, opt_state)
+  return FittedDequantizer(model, {"params": params, **constants}, int(meta["step"]),
+                           model.num_levels, centered)

@@ -1,4 +1,5 @@
-"""Training objectives of score-based diffusion models and the device-sharded train / eval steps.
+"""Training objectives of score-based diffusion models (the optimizer, train state and sharded train /
+eval steps that minimise them: ``training``).
 
 Every loss estimates a time-weighted score-matching objective
 
@@ -39,13 +40,8 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import hutchinson
-import parallel
-import pytrees
 import sde_lib
 from sde_lib import bcast, sum_except_batch
 
@@ -58,11 +54,9 @@ LossFn = Callable[[Params, Array, Array], tuple[Array, dict]]
 WEIGHTINGS = ("default", "likelihood", "likelihood_is", "noise_driven", "data_driven", "edm")
 TARGETS = ("dsm", "stf", "ism", "ssm")
 IMPLICIT_TARGETS = ("ism", "ssm")  # Hutchinson-estimated (training.n_probes, hutchinson_probe)
-OPTIMIZERS = ("adam", "adamw")  # optim.optimizer (make_optimizer)
 PROBES = hutchinson.PROBES  # training.hutchinson_probe (ism_loss also takes 'exact')
 # training.prng_impl: JAX PRNG implementation of the loss's randomness (t, noise, dropout; step_key).
 PRNG_IMPLS = ("threefry", "rbg", "unsafe_rbg", "philox4x32")
-DATA_AXIS = parallel.DATA_AXIS
 
 
 # -- time weighting ---------------------------------------------------------------------------------
@@ -365,92 +359,3 @@ def step_key(key: Array, impl: str) -> Array:
     return key
   shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
   return jax.random.wrap_key_data(jax.random.bits(key, shape, jnp.uint32), impl=impl)
-
-
-# -- optimizer, train state and the sharded steps -------------------------------------------------------
-@pytrees.dataclass
-class TrainState:
-  step: Array
-  params: Params
-  ema_params: Params
-  opt_state: Any
-  rng: Array
-
-
-def make_optimizer(optim) -> optax.GradientTransformation:
-  """optax chain from the ``optim`` config section (typed, ``config_schema.validate(config).optim``):
-  clip_by_global_norm(optim.grad_clip) (skipped if 0), Adam(optim.beta1, optim.beta2, optim.eps),
-  decoupled weight decay if optim.weight_decay > 0, learning rate optim.lr with linear warmup
-  lr * min((step + 1) / optim.warmup, 1) (score_sde's schedule, first step nonzero). 'adam' and
-  'adamw' build the same chain."""
-  o = optim
-  lr, warmup, clip, wd = o.lr, o.warmup, o.grad_clip, o.weight_decay
-
-  def schedule(count):
-    if warmup == 0:
-      return jnp.asarray(lr)
-    return lr * jnp.minimum((count + 1) / warmup, 1.0)
-
-  parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-  parts.append(optax.scale_by_adam(b1=o.beta1, b2=o.beta2, eps=o.eps))
-  if wd > 0:
-    parts.append(optax.add_decayed_weights(wd))
-  parts.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*parts)
-
-
-def init_train_state(params: Params, optimizer: optax.GradientTransformation,
-                     rng: Array, mesh: Optional[Mesh] = None) -> TrainState:
-  """Step 0, EMA initialised to the parameters. With ``mesh`` the state is placed replicated on
-  it, as the train step returns it (otherwise the first two steps compile twice)."""
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     ema_params=jax.tree.map(jnp.array, params),
-                     opt_state=optimizer.init(params), rng=rng)
-  return state if mesh is None else replicate(state, mesh)
-
-
-# The mesh and the placement of batches / state: one place, ``parallel``.
-make_mesh, shard_batch, replicate = parallel.make_mesh, parallel.shard_batch, parallel.replicate
-
-
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_rate: float,
-                    mesh: Optional[Mesh] = None, donate: bool = False):
-  """One ``jax.jit`` function (state, batch) -> (state, metrics), data-parallel over ``mesh``
-  (default: all local devices): the batch is sharded on axis 'data', state replicated. The jitted
-  program has global semantics, so XLA gathers whatever rows a shard needs (all n STF reference
-  points for every example) and all-reduces the gradient. On CPU, ``parallel.compiler_options``
-  (Eigen convolutions: 1.3-1.8x faster). The step's key is fold_in(rng, step);
-  EMA: ema <- r ema + (1 - r) params (Song et al. 2021, Appendix)."""
-  mesh = make_mesh() if mesh is None else mesh
-  repl = NamedSharding(mesh, PartitionSpec())
-  data = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  rate = float(ema_rate)
-
-  def step_fn(state: TrainState, batch: Array) -> tuple[TrainState, dict]:
-    key = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-    return new, metrics
-
-  return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl),
-                 donate_argnums=(0,) if donate else (),
-                 compiler_options=parallel.compiler_options(mesh))
-
-
-def make_eval_step(loss_fn: LossFn, mesh: Optional[Mesh] = None):
-  """jit (params, batch, key) -> metrics of ``loss_fn`` (build it with ``train=False``), batch
-  sharded on 'data', params replicated. Pass ``state.ema_params`` to evaluate the EMA model."""
-  mesh = make_mesh() if mesh is None else mesh
-  repl = NamedSharding(mesh, PartitionSpec())
-  data = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
-  def eval_fn(params: Params, batch: Array, key: Array) -> dict:
-    loss, metrics = loss_fn(params, batch, key)
-    return dict(metrics, loss=loss)
-
-  return jax.jit(eval_fn, in_shardings=(repl, data, repl), out_shardings=repl,
-                 compiler_options=parallel.compiler_options(mesh))

@@ -56,6 +56,7 @@ FREE_AT_EVAL = ("model.ema_rate", "model.dropout", "sde.T", "sde.eps")
 
 CONFIG_FILE = "config.json"
 PRIOR_DIR = "prior"
+DEQUANTIZER_DIR = "dequantizer"  # --mode=fit_dequantizer's q_phi(u | k)
 LOSS_FILE = "train_loss.csv"
 EVAL_FILE = "eval_loss.csv"
 
@@ -146,6 +147,21 @@ def train_batch_rows(config) -> int:
   return config.training.ref_batch_size if config.training.target == "stf" else config.training.batch_size
 
 
+def data_samples(config, key, n: int) -> jax.Array:
+  """n training points x_0 in model space: toy draws, or training images cycled with fresh
+  uniform dequantization per draw."""
+  name = config.data.dataset
+  if name in toy_data.TOY_DISTRIBUTIONS:
+    return toy_data.get_toy_distribution(name).sample(key, n)
+  info = datasets.dataset_info(config)
+  levels, _, _ = datasets.load_levels(config, str(config.data.train_split))
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel()[-1])
+  idx = rng.integers(0, len(levels), n)
+  return jnp.asarray(datasets.scale_images(levels[idx], info.num_grey_levels, info.centered,
+                                           noise=rng.uniform(size=(n,) + levels.shape[1:])),
+                     jnp.float32)
+
+
 def get_data_sampler(config, split: str | None = None):
   """The training data stream (``split=None``) or a held-out one, with ``batch_at(step)``: the
   ``datasets.ToyIterator`` of a toy distribution (held out: its own seed, ``config.seed + 1``), or
@@ -194,10 +210,10 @@ def _write_rows(path: str, rows: list[tuple[int, float]]) -> None:
 class LossLog:
   """Per-step training losses and held-out losses of a run, kept consistent with its checkpoints.
 
-  ``add(step, loss)`` takes the device scalar without a sync; ``drain()`` fetches pending ones and
-  raises ``FloatingPointError("non-finite loss at step N")``; ``flush()`` (called before every
-  checkpoint) appends them to ``train_loss.csv``. At ``open`` rows a killed run wrote past its
-  last checkpoint are dropped (they are recomputed identically). Only process 0 writes.
+  ``add(step, loss)`` records a step's loss (fetched and checked finite by ``training.train_loop``);
+  ``flush()`` (called before every checkpoint) appends the new rows to ``train_loss.csv``. At
+  ``open`` rows a killed run wrote past its last checkpoint are dropped (they are recomputed
+  identically). Only process 0 writes.
   """
 
   def __init__(self, workdir: str, start_step: int):
@@ -206,7 +222,6 @@ class LossLog:
     self.eval = _read_rows(os.path.join(workdir, EVAL_FILE), start_step)
     self.new: dict[int, float] = {}
     self.new_eval: dict[int, float] = {}
-    self._pending: list[tuple[int, Array]] = []
     self._flushed = len(self.train)
     self.writer = None
     if is_main():
@@ -215,20 +230,10 @@ class LossLog:
       from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
-  def add(self, step: int, loss: Array) -> None:
-    self._pending.append((step, loss))
-
-  def drain(self) -> None:
-    if not self._pending:
-      return
-    pending, self._pending = self._pending, []
-    vals = np.asarray(jax.device_get([l for _, l in pending]), dtype=np.float64)
-    for (s, _), v in zip(pending, vals):
-      if not np.isfinite(v):
-        raise FloatingPointError(f"non-finite loss at step {s}")
-      self.new[s] = float(v)
-      self.train.append((s, float(v)))
-      self.scalar("train/loss", float(v), s)
+  def add(self, step: int, loss: float) -> None:
+    self.new[step] = loss
+    self.train.append((step, loss))
+    self.scalar("train/loss", loss, step)
 
   def add_eval(self, step: int, value: float) -> None:
     self.new_eval[step] = value
@@ -239,13 +244,9 @@ class LossLog:
     if self.writer is not None:
       self.writer.add_scalar(tag, value, step)
 
-  def window_mean(self, n: int) -> float:
-    return float(np.mean([l for _, l in self.train[-max(n, 1):]]))
-
   def flush(self) -> None:
     """Rows first, then the checkpoint: rows past the last committed checkpoint are dropped on
     restart, so the files never hold losses of steps a resumed run would redo differently."""
-    self.drain()
     if is_main():
       with open(os.path.join(self.workdir, LOSS_FILE), "a") as f:
         f.writelines(f"{s},{l!r}\n" for s, l in self.train[self._flushed:])
@@ -281,7 +282,7 @@ def init_state(config: config_schema.Config, sde, key: Array, template: bool = F
   (``validate_config``). ``template``: parameters are zeros of the network's shapes and dtypes
   (``jax.eval_shape`` of its init, nothing compiled: the init of a published-size network is a
   compile of tens of seconds on CPU), for a state that a checkpoint or an import overwrites."""
-  import losses
+  import training
   from models import get_model
   from models.utils import init_model, score_fn_from_config
   model = get_model(config)
@@ -293,7 +294,7 @@ def init_state(config: config_schema.Config, sde, key: Array, template: bool = F
     params = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
   else:
     params = init_model(model, init_key, (1,) + event_shape)
-  state = losses.init_train_state(params, losses.make_optimizer(config.optim), state_key)
+  state = training.init_train_state(params, training.make_optimizer(config.optim), state_key)
   return model, score_fn, state
 
 
@@ -376,22 +377,22 @@ def classifier_classes(config) -> int:
 
 
 def classifier_optimizer(config):
-  """The score model's optimizer chain (``losses.make_optimizer``: the optim section's Adam,
+  """The score model's optimizer chain (``training.make_optimizer``: the optim section's Adam,
   clipping, weight decay) with ``classifier.lr`` and ``classifier.warmup``."""
-  import losses
-  return losses.make_optimizer(dataclasses.replace(config.optim, lr=config.classifier.lr,
+  import training
+  return training.make_optimizer(dataclasses.replace(config.optim, lr=config.classifier.lr,
                                                    warmup=config.classifier.warmup))
 
 
 def init_classifier(config, sde, key: Array):
   """(logits(params, x, t), fresh TrainState, optimizer) of the config's classifier."""
-  import losses
+  import training
   from models import classifier
   model = classifier.NoiseConditionalClassifier.from_config(config, classifier_classes(config))
   init_key, state_key = jax.random.split(key)
   params = classifier.init_params(model, init_key, datasets.dataset_info(config).shape)
   optimizer = classifier_optimizer(config)
-  return (classifier.logits_fn(sde, model), losses.init_train_state(params, optimizer, state_key),
+  return (classifier.logits_fn(sde, model), training.init_train_state(params, optimizer, state_key),
           optimizer)
 
 

@@ -49,6 +49,7 @@ def _train_step(args) -> None:
   import datasets
   import losses
   import sde_lib
+  import training
   from configs import cifar_vp_stf
   from models import get_model
   from models.utils import init_model, score_fn_from_config
@@ -60,15 +61,15 @@ def _train_step(args) -> None:
   model = get_model(cfg)
   score_fn = score_fn_from_config(cfg.model, sde, model)
   event = tuple(datasets.dataset_info(config).shape)
-  optimizer = losses.make_optimizer(cfg.optim)
-  mesh = losses.make_mesh()
+  optimizer = training.make_optimizer(cfg.optim)
+  mesh = training.make_mesh()
   key = jax.random.PRNGKey(0)
-  state = losses.replicate(losses.init_train_state(init_model(model, key, (1,) + event),
-                                                   optimizer, key), mesh)
-  step = losses.make_train_step(losses.get_loss_fn(cfg.training, sde, score_fn), optimizer,
-                                cfg.model.ema_rate, mesh=mesh)
+  state = training.replicate(training.init_train_state(init_model(model, key, (1,) + event),
+                                                       optimizer, key), mesh)
+  step = training.make_train_step(losses.get_loss_fn(cfg.training, sde, score_fn), optimizer,
+                                  cfg.model.ema_rate, mesh=mesh)
   rows = np.random.default_rng(0).uniform(-1, 1, (args.ref_batch,) + event).astype(np.float32)
-  state, metrics = step(state, losses.shard_batch(rows, mesh))
+  state, metrics = step(state, training.shard_batch(rows, mesh))
   jax.block_until_ready(metrics["loss"])
 
 

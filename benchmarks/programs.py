@@ -2,7 +2,7 @@
 built as the CLI builds them (one place, so both measure the same programs).
 
 * ``train_program``: ``modes/train.py``'s step: the config's network, ``losses.get_loss_fn``, the
-  optimizer of ``losses.make_optimizer``, ``losses.make_train_step`` on a mesh (state replicated,
+  optimizer of ``training.make_optimizer``, ``training.make_train_step`` on a mesh (state replicated,
   batch sharded; no donation, as modes/train.py);
 * ``likelihood_program``: the per-example probability-flow ODE log-likelihood of
   ``--mode=eval`` (``modes.evaluate._likelihood_fns``' batch function under
@@ -111,21 +111,22 @@ def train_program(config, batch: int, mesh) -> Program:
   ``training.ref_batch_size``, at least ``batch``) on ``mesh``."""
   import losses
   import run_lib
+  import training
   tr = config.training
   tr.batch_size = batch
   tr.ref_batch_size = max(int(tr.ref_batch_size), batch) if tr.target == "stf" else batch
   sde, score_fn, event, abstract_params, init, count = _network(config)
   cfg = run_lib.validate_config(config)  # the typed sections the science takes
-  optimizer = losses.make_optimizer(cfg.optim)
+  optimizer = training.make_optimizer(cfg.optim)
   key = jax.random.PRNGKey(1)
-  step = losses.make_train_step(losses.get_loss_fn(cfg.training, sde, score_fn), optimizer,
-                                cfg.model.ema_rate, mesh=mesh)
+  step = training.make_train_step(losses.get_loss_fn(cfg.training, sde, score_fn), optimizer,
+                                  cfg.model.ema_rate, mesh=mesh)
   rows = (run_lib.train_batch_rows(config),) + event
-  state = jax.eval_shape(lambda p: losses.init_train_state(p, optimizer, key), abstract_params)
+  state = jax.eval_shape(lambda p: training.init_train_state(p, optimizer, key), abstract_params)
 
   def make_args():  # one jitted init (eager per-leaf ops would each compile)
-    real = jax.jit(lambda p: losses.init_train_state(p, optimizer, key))(init())
-    return losses.replicate(real, mesh), losses.shard_batch(_data(rows), mesh)
+    real = jax.jit(lambda p: training.init_train_state(p, optimizer, key))(init())
+    return training.replicate(real, mesh), training.shard_batch(_data(rows), mesh)
 
   return Program("train", step, (state, jax.ShapeDtypeStruct(rows, jnp.float32)), make_args,
                  batch, count)

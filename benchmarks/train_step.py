@@ -2,7 +2,7 @@
 
 Every variant runs in its own worker process (XLA_FLAGS and JAX_* switches are read once per
 process), built exactly as ``run_lib.train`` builds it (model, ``losses.get_loss_fn``, optimizer,
-sharded ``losses.make_train_step``) from ``configs/cifar_vp_dsm.py`` at CIFAR shape (32x32x3) with
+sharded ``training.make_train_step``) from ``configs/cifar_vp_dsm.py`` at CIFAR shape (32x32x3) with
 random data (throughput does not depend on pixel values). Workers compile first; then the parent
 asks each in turn (A, B, C, A, B, C, ...) for one untimed step and ``--steps`` timed steps per
 round, and reports the median per-step time of each variant over ``--rounds`` rounds, with the
@@ -96,6 +96,7 @@ def _worker(spec: dict) -> None:
   import datasets
   import losses
   import sde_lib
+  import training
   from models import get_model
   from models.utils import init_model, score_fn_from_config
 
@@ -116,14 +117,15 @@ def _worker(spec: dict) -> None:
   key = jax.random.PRNGKey(0)
   params = init_model(model, key, (1,) + event)
   n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-  optimizer = losses.make_optimizer(config.optim)
-  mesh = losses.make_mesh()
-  state = losses.init_train_state(params, optimizer, key, mesh=mesh)
-  step_fn = losses.make_train_step(losses.get_loss_fn(config.training, sde, score_fn), optimizer,
-                                   config.model.ema_rate, mesh=mesh, donate=spec["donate"])
+  optimizer = training.make_optimizer(config.optim)
+  mesh = training.make_mesh()
+  state = training.init_train_state(params, optimizer, key, mesh=mesh)
+  step_fn = training.make_train_step(losses.get_loss_fn(config.training, sde, score_fn),
+                                     optimizer, config.model.ema_rate, mesh=mesh,
+                                     donate=spec["donate"])
   rows = tr.ref_batch_size if tr.target == "stf" else tr.batch_size
   data = np.random.default_rng(0).uniform(-1, 1, (rows,) + event).astype(np.float32)
-  batch = losses.shard_batch(data, mesh)
+  batch = training.shard_batch(data, mesh)
   t0 = time.perf_counter()
   state, m = step_fn(state, batch)
   jax.block_until_ready(m["loss"])

@@ -68,10 +68,14 @@ def _load_dequantizer(config, workdir: str):
   """None (uniform), or the q_phi(u | k) of --mode=fit_dequantizer (eval.dequantization)."""
   if config.eval.dequantization != "variational":
     return None
-  from modes.fit_dequantizer import load_dequantizer
-  run_lib.validate_config(config)
+  import dequantization
+  import sde_lib
+  cfg = run_lib.validate_config(config)
   run_lib.require_checkpoint(workdir)
-  return load_dequantizer(config, workdir)
+  info = datasets.dataset_info(cfg)
+  model = dequantization.from_section(cfg.dequantizer, info.shape, info.num_grey_levels)
+  return dequantization.load_fitted(os.path.join(workdir, run_lib.DEQUANTIZER_DIR), model,
+                                    cfg.sde.name, float(sde_lib.get_sde(cfg.sde).T), info.centered)
 
 
 def _likelihood_fns(config, model: run_lib.ScoreModel):
@@ -164,11 +168,10 @@ def _prior_terms(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
   cancelling); for toy data the full decomposition (K, G, R, KL, ELBO) against the closed forms."""
   import auxiliary
   import likelihood
-  from modes.fit_prior import data_samples
   k_x, k_t, k_elbo = jax.random.split(key, 3)
   with Progress("prior cross-entropy at T", None, "terms"):
     n = config.eval.num_likelihood_examples
-    x_t = auxiliary.forward_samples(model.sde, data_samples(config, k_x, n), k_t)
+    x_t = auxiliary.forward_samples(model.sde, run_lib.data_samples(config, k_x, n), k_t)
     ce = auxiliary.cross_entropy(model.prior, x_t)
     ce_gauss = auxiliary.cross_entropy(model.sde.prior(), x_t)
   out = {"prior_kind": config.prior.kind, "prior_cross_entropy": ce,

@@ -23,10 +23,8 @@ from absl import logging
 
 import auxiliary
 import checkpoints
-import datasets
 import run_lib
 import sde_lib
-import toy_data
 from modes import register_mode
 from progress import Progress
 
@@ -103,27 +101,12 @@ def _report(config, sde, info: dict) -> dict[str, Any]:
   return out
 
 
-def data_samples(config, key, n: int) -> jax.Array:
-  """n training points x_0 in model space: toy draws, or training images cycled with fresh
-  uniform dequantization per draw."""
-  name = config.data.dataset
-  if name in toy_data.TOY_DISTRIBUTIONS:
-    return toy_data.get_toy_distribution(name).sample(key, n)
-  info = datasets.dataset_info(config)
-  levels, _, _ = datasets.load_levels(config, str(config.data.train_split))
-  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel()[-1])
-  idx = rng.integers(0, len(levels), n)
-  return jnp.asarray(datasets.scale_images(levels[idx], info.num_grey_levels, info.centered,
-                                           noise=rng.uniform(size=(n,) + levels.shape[1:])),
-                     jnp.float32)
-
-
 def prior_samples(config, sde, workdir: str, key) -> jax.Array:
   """``prior.n_fit_samples`` draws of p(x, T) by the configured fit method."""
   import likelihood
   n = int(config.prior.n_fit_samples)
   k_x, k_t = jax.random.split(key)
-  x0 = data_samples(config, k_x, n)
+  x0 = run_lib.data_samples(config, k_x, n)
   if config.prior.fit == "concurrent":
     return auxiliary.forward_samples(sde, x0, k_t)
   model = run_lib.load_score_model(config, workdir, fitted_prior=False)

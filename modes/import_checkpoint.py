@@ -73,9 +73,9 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoin
 def _with_params(cfg, state, imported):
   """The fresh TrainState with the imported params, EMA params and step (optimizer state fresh,
   initialised on the imported params)."""
-  import losses
+  import training
   params = jax.tree.map(jnp.asarray, imported["params"])
   ema = jax.tree.map(jnp.asarray, imported["ema_params"])
   jax.tree.map(lambda a, b: None, params, state.params)  # same tree, or an error
-  fresh = losses.init_train_state(params, losses.make_optimizer(cfg.optim), state.rng)
+  fresh = training.init_train_state(params, training.make_optimizer(cfg.optim), state.rng)
   return fresh.replace(ema_params=ema, step=jnp.asarray(imported["step"], fresh.step.dtype))

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
-import signal
-import threading
-import time
 from typing import Any, Callable
 
 import jax
@@ -27,8 +25,8 @@ import checkpoints
 import datasets
 import run_lib
 import sde_lib
+import training
 from modes import register_mode
-from progress import Progress
 
 
 @dataclasses.dataclass
@@ -72,8 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _check_divisible(config) -> None:
-  import losses
-  n_dev = losses.make_mesh().size
+  n_dev = training.make_mesh().size
   for name, n in (("training.batch_size", config.training.batch_size),
                   ("training.ref_batch_size", run_lib.train_batch_rows(config))):
     if n % n_dev:
@@ -91,20 +88,20 @@ def _build(config, sde) -> _Run:
   model = get_model(config)
   score_fn = score_fn_from_config(config.model, sde, model)
   event_shape = tuple(datasets.dataset_info(config).shape)
-  optimizer = losses.make_optimizer(config.optim)
-  mesh = losses.make_mesh()
-  state = losses.init_train_state(init_model(model, init_key, (1,) + event_shape), optimizer,
-                                  state_key)
+  optimizer = training.make_optimizer(config.optim)
+  mesh = training.make_mesh()
+  state = training.init_train_state(init_model(model, init_key, (1,) + event_shape), optimizer,
+                                    state_key)
   sample = run_lib.get_data_sampler(config)
   # Held-out batches: a separate toy stream, or the evaluation split of an image dataset.
   heldout = run_lib.get_data_sampler(config, split=config.eval.split)
   return _Run(
-      state=losses.replicate(state, mesh),
-      train_step=losses.make_train_step(losses.get_loss_fn(config.training, sde, score_fn),
-                                        optimizer, config.model.ema_rate, mesh=mesh),
-      eval_step=losses.make_eval_step(
+      state=training.replicate(state, mesh),
+      train_step=training.make_train_step(losses.get_loss_fn(config.training, sde, score_fn),
+                                          optimizer, config.model.ema_rate, mesh=mesh),
+      eval_step=training.make_eval_step(
           losses.get_loss_fn(config.training, sde, score_fn, train=False), mesh=mesh),
-      shard=lambda b: losses.shard_batch(b, mesh), sample=sample, heldout=heldout,
+      shard=lambda b: training.shard_batch(b, mesh), sample=sample, heldout=heldout,
       n_rows=run_lib.train_batch_rows(config), eval_key=eval_key)
 
 
@@ -120,32 +117,19 @@ def _restore(store, state, workdir: str):
 def _loop(config, run: _Run, state, start_step: int, store, log: run_lib.LossLog):
   """The training steps from ``start_step`` to ``training.n_iters`` (or SIGTERM)."""
   tr = config.training
-  heldout = _HeldOut(run, config)
-  step, window = start_step, _RateWindow(start_step)
+  heldout = _HeldOut(run, config, log)
+
+  def save(step: int, state) -> None:
+    log.flush()
+    store.save(step, state, {"data_position": step})
+
   batches = datasets.ThreadedIterator(_StepBatches(run, start_step, tr.n_iters), 2)
-  with _Preemption() as preempt, Progress("train", tr.n_iters - start_step, "steps") as progress, \
-      contextlib.closing(batches):
-    while step < tr.n_iters:
-      state, metrics = run.train_step(state, next(batches))
-      step += 1
-      log.add(step, metrics["loss"])
-      if step == start_step + 1:  # exclude compilation from the steps/s of the first window
-        log.drain()
-        window.reset(step)
-      if step % tr.log_freq == 0 or step == tr.n_iters:
-        _log_metrics(config, log, metrics, step, window)
-      if step % tr.eval_freq == 0 or step == tr.n_iters:
-        heldout.evaluate(state, step, log)
-      kept = step % tr.snapshot_freq == 0 or step == tr.n_iters
-      if kept or step % tr.snapshot_freq_for_preemption == 0 or preempt.requested:
-        log.flush()
-        store.save(step, state, {"data_position": step})
-      progress.update(1)
-      if preempt.requested:
-        logging.warning("SIGTERM: checkpointed step %d and stopped", step)
-        break
-  log.drain()
-  return state, step
+  with contextlib.closing(batches):
+    return training.train_loop(
+        run.train_step, state, batches, start=start_step, stop=tr.n_iters, title="train",
+        log_every=tr.log_freq, on_loss=log.add, on_log=functools.partial(_log_scalars, log),
+        evaluate=heldout.evaluate, eval_every=tr.eval_freq,
+        save=save, save_every=(tr.snapshot_freq, tr.snapshot_freq_for_preemption))
 
 
 class _StepBatches:
@@ -173,32 +157,9 @@ class _StepBatches:
     self.step = int(state["step"])
 
 
-class _RateWindow:
-  """Steps/s since the last metrics line."""
-
-  def __init__(self, step: int):
-    self.reset(step)
-
-  def reset(self, step: int) -> None:
-    self.step, self.t = step, time.time()
-
-  def rate(self, step: int) -> float:
-    now = time.time()
-    r = (step - self.step) / max(now - self.t, 1e-9)
-    self.step, self.t = step, now
-    return r
-
-
-def _log_metrics(config, log: run_lib.LossLog, metrics, step: int, window: _RateWindow) -> None:
-  log.drain()
-  n = step - window.step
-  rate = window.rate(step)
-  n_iters = config.training.n_iters
-  logging.info("step %d/%d: loss %.6g (mean of last %d %.6g), %.1f steps/s, ETA %.0f s",
-               step, n_iters, log.train[-1][1], max(n, 1), log.window_mean(n), rate,
-               (n_iters - step) / max(rate, 1e-9))
-  log.scalar("train/steps_per_sec", rate, step)
-  for k, v in jax.device_get(metrics).items():  # this step's other scalar metrics
+def _log_scalars(log: run_lib.LossLog, step: int, metrics: dict) -> None:
+  """This step's scalar metrics but the loss (logged per step) and the steps/s, to TensorBoard."""
+  for k, v in metrics.items():
     if k != "loss" and np.ndim(v) == 0:
       log.scalar(f"train/{k}", float(v), step)
 
@@ -207,9 +168,9 @@ class _HeldOut:
   """A fixed held-out set (its own key, never in the training stream) in training-size batches;
   the same t / noise keys at every evaluation, so the curve shows the model, not resampling."""
 
-  def __init__(self, run: _Run, config):
+  def __init__(self, run: _Run, config, log: run_lib.LossLog):
     n_batches = max(1, config.training.eval_batch_size // run.n_rows)
-    self.run = run
+    self.run, self.log = run, log
     self.batches = [run.shard(run_lib.data_stream_batch(run.heldout, i)) for i in range(n_batches)]
 
   def loss(self, params) -> float:
@@ -217,35 +178,14 @@ class _HeldOut:
     return float(np.mean([float(self.run.eval_step(params, b, k)["loss"])
                           for b, k in zip(self.batches, keys)]))
 
-  def evaluate(self, state, step: int, log: run_lib.LossLog) -> float:
-    log.drain()
+  def evaluate(self, step: int, state) -> float:
     v, v_ema = self.loss(state.params), self.loss(state.ema_params)
     if not math.isfinite(v):
       raise FloatingPointError(f"non-finite held-out loss at step {step}")
-    log.add_eval(step, v)
-    log.scalar("eval/loss_ema", v_ema, step)
+    self.log.add_eval(step, v)
+    self.log.scalar("eval/loss_ema", v_ema, step)
     logging.info("step %d: held-out loss %.6g (EMA params %.6g)", step, v, v_ema)
     return v
-
-
-class _Preemption:
-  """Sets a flag on SIGTERM (main thread only) so the loop can checkpoint and stop cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
 
 
 def _plot_loss_curve(workdir: str, rows, evals) -> str:

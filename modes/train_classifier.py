@@ -22,14 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 import checkpoints
 import datasets
 import run_lib
 import sde_lib
+import training
 from modes import register_mode
-from modes.train import _Preemption  # the score model's SIGTERM flag: one implementation
 from progress import Progress
 
 LOG_FILE = "train_log.csv"
@@ -45,8 +44,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   n_classes = run_lib.classifier_classes(cfg)  # names data.dataset when unlabelled
   folder = os.path.join(workdir, run_lib.CLASSIFIER_DIR)
   run_lib.check_same_config(config, folder, _compared_on_resume, "resume")
-  import losses
-  mesh = losses.make_mesh()
+  mesh = training.make_mesh()
   if cfg.classifier.batch_size % mesh.size:
     raise ValueError(f"classifier.batch_size={cfg.classifier.batch_size} must be divisible by "
                      f"the number of devices ({mesh.size})")
@@ -55,14 +53,14 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   stream = datasets.get_labeled_dataset(config, split=cfg.data.train_split,
                                         batch_size=cfg.classifier.batch_size)
   from models.classifier import cross_entropy_loss_fn
-  train_step = losses.make_train_step(cross_entropy_loss_fn(sde, logits), optimizer,
-                                      cfg.classifier.ema_rate, mesh=mesh)
+  train_step = training.make_train_step(cross_entropy_loss_fn(sde, logits), optimizer,
+                                        cfg.classifier.ema_rate, mesh=mesh)
   checkpoints.check_writable(folder)
   with checkpoints.workdir_lock(workdir, run_lib.CLASSIFIER_DIR):
     run_lib.write_config(config, folder)
     with run_lib.open_classifier_checkpoints(cfg, workdir) as store:
-      state, start = store.restore(losses.replicate(state, mesh))
-      shard = lambda b: jax.tree.map(lambda a: losses.shard_batch(a, mesh), b)  # noqa: E731
+      state, start = store.restore(training.replicate(state, mesh))
+      shard = lambda b: jax.tree.map(lambda a: training.shard_batch(a, mesh), b)  # noqa: E731
       state, step, log = _loop(cfg, train_step, stream, shard, state, start, store, folder)
       store.wait_until_finished()
     curve = None
@@ -80,27 +78,18 @@ def _compared_on_resume(key: str) -> bool:
 def _loop(config, train_step, stream, shard, state, start: int, store, folder: str):
   """The steps from ``start`` to ``classifier.n_iters`` (or SIGTERM); (state, step, log rows)."""
   c = config.classifier
-  n_iters, step, rows = int(c.n_iters), start, []
-  log_path = os.path.join(folder, LOG_FILE)
+  rows, log_path = [], os.path.join(folder, LOG_FILE)
   _truncate_log(log_path, start)
-  with _Preemption() as preempt, Progress("train classifier", n_iters - start, "steps") as progress:
-    while step < n_iters:
-      state, metrics = train_step(state, shard(stream.batch_at(step)))
-      step += 1
-      if step % c.log_freq == 0 or step == n_iters:
-        loss, acc = (float(v) for v in jax.device_get((metrics["loss"], metrics["accuracy"])))
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"non-finite classifier loss at step {step}")
-        rows.append((step, loss, acc))
-        logging.info("classifier step %d/%d: cross-entropy %.4f nats, batch accuracy %.3f",
-                     step, n_iters, loss, acc)
-      if step % c.snapshot_freq == 0 or step == n_iters or preempt.requested:
-        _append_log(log_path, rows)
-        store.save(step, state, {"data_position": step})
-      progress.update(1, **({"loss": rows[-1][1]} if rows else {}))
-      if preempt.requested:
-        logging.warning("SIGTERM: checkpointed classifier step %d and stopped", step)
-        break
+
+  def save(step: int, state) -> None:
+    _append_log(log_path, rows)
+    store.save(step, state, {"data_position": step})
+
+  batches = (shard(stream.batch_at(step)) for step in range(start, c.n_iters))
+  state, step = training.train_loop(
+      train_step, state, batches, start=start, stop=c.n_iters, title="train classifier",
+      log_every=c.log_freq, show=("accuracy",), save=save, save_every=(c.snapshot_freq,),
+      on_log=lambda step, m: rows.append((step, float(m["loss"]), float(m["accuracy"]))))
   return state, step, rows
 
 

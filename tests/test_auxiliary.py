@@ -292,7 +292,7 @@ def test_digits_fitted_prior_beats_p_noise_at_small_T(kind):
   Sec. 3: nu_phi buys back the KL[p(x, T) || p_noise] a small T leaves). Measured (nats/dim):
   p_noise 1.300, DPGMM 1.143, Glow 1.087; the test asks for a margin of 0.1."""
   from configs.digits_vp import get_config as digits_config
-  from modes.fit_prior import data_samples
+  from run_lib import data_samples
   config = digits_config()
   config.sde.T = 0.2
   sde = sde_lib.get_sde(config_schema.validate(config).sde)

@@ -1,7 +1,7 @@
 """Tests of checkpoints.py: verified save/restore, fallback past damaged checkpoints, the
 preservation policy, the legacy layout, workdir locks and the writability check.
 
-States are real ``losses.TrainState``s (tiny params, optax.adam, typed PRNG key) replicated on the
+States are real ``training.TrainState``s (tiny params, optax.adam, typed PRNG key) replicated on the
 4 simulated CPU devices of conftest.py; the state of step k has params scaled by k.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import optax
 import pytest
 
 import checkpoints
-import losses
+import training
 from checkpoints import CheckpointError, CheckpointStore, CheckpointWarning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +33,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 def make_state(k: float):
   params = {"w": jnp.arange(6.0).reshape(2, 3) * k, "b": jnp.full((3,), k, jnp.float32)}
-  return losses.init_train_state(params, optax.adam(1e-3), jax.random.key(int(k)),
-                                 losses.make_mesh())
+  return training.init_train_state(params, optax.adam(1e-3), jax.random.key(int(k)),
+                                   training.make_mesh())
 
 
 def leaves(state):

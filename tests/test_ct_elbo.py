@@ -26,6 +26,7 @@ import losses
 import run_lib
 import sde_lib
 import toy_data
+import training
 from configs.default import get_default_config
 from configs.default_toy import get_default_toy_config
 
@@ -159,11 +160,11 @@ def test_a_parameterization_train_step(target):
   out = model.apply({"params": state.params}, x, sde.noise_conditioning(t), train=False)
   np.testing.assert_allclose(score_fn(state.params, x, t), out / sde.diffusion(t)[:, None],
                              rtol=1e-6)
-  mesh = losses.make_mesh()
-  step = losses.make_train_step(losses.get_loss_fn(config.training, sde, score_fn),
-                                losses.make_optimizer(config.optim), config.model.ema_rate,
-                                mesh=mesh)
-  new, metrics = step(losses.replicate(state, mesh), losses.shard_batch(x, mesh))
+  mesh = training.make_mesh()
+  step = training.make_train_step(losses.get_loss_fn(config.training, sde, score_fn),
+                                  training.make_optimizer(config.optim), config.model.ema_rate,
+                                  mesh=mesh)
+  new, metrics = step(training.replicate(state, mesh), training.shard_batch(x, mesh))
   assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
   assert float(metrics["grad_norm"]) > 0
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new.params)
@@ -232,7 +233,7 @@ def test_lambda_elbo_theorem6_exact_gap_gaussian():
 def _train_toy(target: str, dataset: str, steps: int, sharded: bool, seed: int = 0):
   """(sde, dist, score_fn(x, t), init score_fn) of a small MLP trained ``steps`` steps with
   ``target`` and the likelihood weighting with importance-sampled t (ScoreFlow eq. 12) through the
-  config path: losses.get_loss_fn, and the sharded losses.make_train_step (``sharded``) or the same
+  config path: losses.get_loss_fn, and the sharded training.make_train_step (``sharded``) or the same
   optimizer update in one lax.scan (one compilation: the fast default). Raw, not EMA, params."""
   config = get_default_toy_config()
   config.data.dataset = dataset
@@ -245,16 +246,16 @@ def _train_toy(target: str, dataset: str, steps: int, sharded: bool, seed: int =
   sde = sde_lib.get_sde(config.sde)
   _, score_fn, state = run_lib.init_state(config, sde, jax.random.PRNGKey(seed))
   loss_fn = losses.get_loss_fn(config.training, sde, score_fn)
-  optimizer = losses.make_optimizer(config.optim)
+  optimizer = training.make_optimizer(config.optim)
   dist = toy_data.get_toy_distribution(dataset)
   data = dist.sample(jax.random.PRNGKey(100 + seed), (steps, 256, dist.dim))
   init = functools.partial(score_fn, state.params)
   if sharded:
-    mesh = losses.make_mesh()
-    step = losses.make_train_step(loss_fn, optimizer, 0.9, mesh=mesh)
-    state = losses.replicate(state, mesh)
+    mesh = training.make_mesh()
+    step = training.make_train_step(loss_fn, optimizer, 0.9, mesh=mesh)
+    state = training.replicate(state, mesh)
     for i in range(steps):
-      state, _ = step(state, losses.shard_batch(data[i], mesh))
+      state, _ = step(state, training.shard_batch(data[i], mesh))
     return sde, dist, functools.partial(score_fn, state.params), init
 
   def one(carry, inp):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,39 @@ def test_fit_dequantizer_resumes_and_eval_reports_variational(fitted_digits, tmp
   c.dequantizer.flow_hidden = 16
   with pytest.raises(ValueError, match=r"hidden=8.*run --mode=fit_dequantizer again"):
     evaluate(c, wd)
+
+
+@pytest.mark.slow
+def test_fit_dequantizer_sigterm_saves_and_resumes_exactly(fitted_digits, tmp_path, monkeypatch):
+  """A SIGTERM while step 6's minibatch is drawn (no save due: every 4) saves step 6 and returns
+  cleanly without a new report; the rerun resumes from 6 and ends with the history of an
+  uninterrupted fit from 4 to 8, bit for bit. Slow (the fixture's U-Net, three fits)."""
+  import modes.fit_dequantizer as fd
+  c = _digits_config()
+  c.dequantizer.n_iters, c.dequantizer.save_freq = 8, 4
+  ref, wd = str(tmp_path / "ref"), str(tmp_path / "wd")
+  for d in (ref, wd):
+    shutil.copytree(fitted_digits[0], d)
+  fd.fit_dequantizer(c, ref)
+  report = os.path.join(wd, "dequantizer", "report.json")
+  before = os.stat(report).st_mtime_ns
+  real = fd._batches
+
+  def terminated(*args):
+    for i, batch in enumerate(real(*args)):
+      if i == 1:  # start 4: the batch of step 6
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(fd, "_batches", terminated)
+  assert fd.fit_dequantizer(c, wd)["step"] == 6
+  meta = checkpoints.read_tree_meta(os.path.join(wd, "dequantizer"))
+  assert meta["step"] == 6 and [s for s, _ in meta["history"]] == list(range(1, 7))
+  assert os.stat(report).st_mtime_ns == before
+  monkeypatch.setattr(fd, "_batches", real)
+  assert fd.fit_dequantizer(c, wd)["step"] == 8
+  assert (checkpoints.read_tree_meta(os.path.join(wd, "dequantizer"))["history"]
+          == checkpoints.read_tree_meta(os.path.join(ref, "dequantizer"))["history"])
 
 
 def test_fit_dequantizer_and_eval_errors_name_what_to_run(tmp_path):

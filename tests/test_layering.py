@@ -10,8 +10,9 @@ floors: entry (main, modes/, run_lib) > schema (config_schema, configs/) > scien
   (``config_schema.validate`` at the boundary) and validates no ConfigDict;
 * networks (models/) and data (datasets, toy_data) never import the entry;
 * the schema never imports the entry;
-* infrastructure (checkpoints, parallel, progress, pytrees) never imports science, networks, data
-  or evaluation.
+* infrastructure (checkpoints, parallel, progress, pytrees, training) never imports science,
+  networks, data or evaluation;
+* a mode never imports another mode (what two modes share lives in run_lib or below).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ NETWORKS = {"models"}
 DATA = {"datasets", "toy_data"}
 EVALUATION = {"evaluation", "inception_weights"}
 IMPORT = {"score_sde_import", "edm_pickle"}
-INFRASTRUCTURE = {"checkpoints", "downloads", "parallel", "progress", "pytrees"}
+INFRASTRUCTURE = {"checkpoints", "downloads", "parallel", "progress", "pytrees", "training"}
 
 # (floor of the importing module, floors it must not import, why)
 RULES = (
@@ -124,6 +125,62 @@ def test_the_reader_sees_deferred_and_dynamic_imports():
       "  return importlib.import_module('run_lib.x')\n")
   assert imported_names(source, "models") == {"jax", "sde_lib", "config_schema", "modes", "models",
                                               "run_lib"}
+
+
+def imported_modules(source: str, package: str = "") -> set[str]:
+  """Dotted names ``source`` imports at any depth: ``import a.b`` -> 'a.b', ``from a import b`` ->
+  'a' and 'a.b' (b may be a module), relative imports resolved to ``package``, and
+  ``importlib.import_module`` with a literal name."""
+  names = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = package if node.level else node.module
+      if node.level and node.module:
+        base = f"{package}.{node.module}"
+      names.add(base)
+      names.update(f"{base}.{alias.name}" for alias in node.names)
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "import_module" and node.args
+          and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+      names.add(node.args[0].value)
+  return names
+
+
+def mode_imports(path: str, modes: set[str]) -> list[str]:
+  """'file imports modes.x' for every other mode module ``x`` a mode file imports."""
+  with open(path) as f:
+    names = imported_modules(f.read(), "modes")
+  own = "modes." + os.path.basename(path).removesuffix(".py")
+  return [f"{os.path.relpath(path, ROOT)} imports {n} (a mode never imports another mode)"
+          for n in sorted(names) if n.count(".") >= 1 and n.split(".")[1] in modes
+          and ".".join(n.split(".")[:2]) != own]
+
+
+def test_modes_never_import_modes():
+  """No file of modes/ (the registry ``modes/__init__`` aside) imports another mode or a name of
+  it: a mode is one file, and what two modes share lives in run_lib or below."""
+  files = [p for p in _modules()["modes"] if not p.endswith("__init__.py")]
+  modes = {os.path.basename(p).removesuffix(".py") for p in files}
+  assert len(modes) >= 8
+  assert [v for p in files for v in mode_imports(p, modes)] == []
+
+
+def test_the_mode_rule_can_fail(tmp_path):
+  """The mode rule sees a private name imported from a mode, a deferred ``from modes import
+  fit_prior``, a relative import and ``importlib``; the registry import is allowed."""
+  path = tmp_path / "train_classifier.py"
+  path.write_text("from modes import register_mode\n"
+                  "from modes.train import _Preemption\n"
+                  "def f():\n"
+                  "  from modes import fit_prior\n"
+                  "  from .evaluate import evaluate\n"
+                  "  return importlib.import_module('modes.sample')\n")
+  found = mode_imports(str(path), {"train", "fit_prior", "evaluate", "sample", "train_classifier"})
+  assert [line.split(" imports ")[1].split(" (")[0] for line in found] == [
+      "modes.evaluate", "modes.evaluate.evaluate", "modes.fit_prior", "modes.sample", "modes.train",
+      "modes.train._Preemption"]
 
 
 def test_starting_the_cli_loads_no_heavy_library():

@@ -17,6 +17,7 @@ import config_schema
 import losses
 import sde_lib
 import toy_data
+import training
 from configs.default import get_default_config
 
 
@@ -309,18 +310,18 @@ def test_sharded_train_step_matches_single_device(target):
   config.optim.lr = 1e-2
   config = config_schema.validate(config, sections=("training", "optim"))
   loss_fn = losses.get_loss_fn(config.training, sde, score_fn)
-  optimizer = losses.make_optimizer(config.optim)
+  optimizer = training.make_optimizer(config.optim)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
   data = toy_data.ode_sde_gmm_2d()
   rows = n if target == "stf" else b
   batches = data.sample(jax.random.PRNGKey(1), 3 * rows).reshape(3, rows, 2)
   finals = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = losses.make_mesh(devices)
-    step = losses.make_train_step(loss_fn, optimizer, ema_rate=0.9, mesh=mesh)
-    state = losses.init_train_state(params, optimizer, jax.random.PRNGKey(2), mesh)
+    mesh = training.make_mesh(devices)
+    step = training.make_train_step(loss_fn, optimizer, ema_rate=0.9, mesh=mesh)
+    state = training.init_train_state(params, optimizer, jax.random.PRNGKey(2), mesh)
     for batch in batches:
-      state, metrics = step(state, losses.shard_batch(batch, mesh))
+      state, metrics = step(state, training.shard_batch(batch, mesh))
     assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
     finals.append(state)
   single, sharded = finals
@@ -331,9 +332,9 @@ def test_sharded_train_step_matches_single_device(target):
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=0)
   # The sharded eval step gives the loss of the plain function.
   eval_loss = losses.get_loss_fn(config.training, sde, score_fn, train=False)
-  eval_step = losses.make_eval_step(eval_loss, losses.make_mesh())
+  eval_step = training.make_eval_step(eval_loss, training.make_mesh())
   key = jax.random.PRNGKey(9)
-  got = eval_step(sharded.ema_params, losses.shard_batch(batches[0], losses.make_mesh()), key)
+  got = eval_step(sharded.ema_params, training.shard_batch(batches[0], training.make_mesh()), key)
   # float32 at t near eps (importance-sampled t concentrates there) amplifies reduction-order
   # differences between the compiled and the eager computation: 2e-4 relative.
   np.testing.assert_allclose(got["loss"], eval_loss(single.ema_params, batches[0], key)[0], rtol=2e-4)

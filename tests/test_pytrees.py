@@ -14,9 +14,9 @@ import pytest
 from flax import struct
 
 import auxiliary
-import losses
 import sde_lib
 import toy_data
+import training
 
 
 def _instances():
@@ -26,7 +26,7 @@ def _instances():
       "EDM": sde_lib.EDM(), "GaussianPrior": sde_lib.GaussianPrior(jnp.float32(1.0)),
       "GaussianMixture": gm, "SwissRoll": toy_data.SwissRoll(),
       "MixturePrior": auxiliary.MixturePrior(gm.weights, gm.means, gm.covs, event_shape=(2,)),
-      "TrainState": losses.TrainState(*(jnp.zeros(()) for _ in range(5))),
+      "TrainState": training.TrainState(*(jnp.zeros(()) for _ in range(5))),
   }
 
 
