@@ -174,18 +174,21 @@ def split_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return () if spec is None else spec.splits
 
 
-_SLICED_SPLIT = re.compile(r"^(\w+)(?:\[(\d*):(\d*)\])?$")
+_SLICED_SPLIT = re.compile(r"^(\w+)(?:\[(\d*):(\d*)(?::(\d*))?\])?$")
 
 
-def parse_split(split: str) -> tuple[str, int | None, int | None]:
-  """``'test'`` or a TFDS-style slice of it, ``'test[:120]'`` / ``'test[100:200]'`` (example
-  indices, end exclusive) -> (base split name, start or None, end or None)."""
+def parse_split(split: str) -> tuple[str, slice]:
+  """``'test'`` or a slice of it: TFDS-style ``'test[:120]'`` / ``'test[100:200]'`` (example
+  indices, end exclusive), or strided ``'test[::20]'`` (every 20th example: a fixed subset spread
+  over the whole split; offline datasets only) -> (base split name, the slice)."""
   m = _SLICED_SPLIT.match(str(split))
   if m is None:
-    raise ValueError(f"split {split!r} is neither a split name nor a slice 'name[start:end]' of one "
-                     f"(integer example indices, e.g. 'test[:120]')")
-  name, start, end = m.groups()
-  return name, int(start) if start else None, int(end) if end else None
+    raise ValueError(f"split {split!r} is neither a split name nor a slice 'name[start:end]' or "
+                     f"'name[start:end:step]' of one (integer example indices, e.g. 'test[:120]')")
+  name, start, end, step = m.groups()
+  if step is not None and step != "" and int(step) < 1:
+    raise ValueError(f"split {split!r}: the step of a slice must be >= 1")
+  return name, slice(*(int(v) if v else None for v in (start, end, step)))
 
 
 def _image_size(config: ml_collections.ConfigDict, spec: _ImageSpec) -> int:
@@ -421,7 +424,11 @@ def _tfds_arrays(name: str, split: str, data_dir: str | None, download: bool, pr
   import tensorflow as tf
   import tensorflow_datasets as tfds
   builder = _tfds_builder(name, data_dir, download)
-  if parse_split(split)[0] not in builder.info.splits:
+  base, part = parse_split(split)
+  if part.step not in (None, 1):
+    raise ValueError(f"split {split!r}: strided slices are read offline only ({name!r} comes "
+                     f"from TFDS, which slices contiguously); use 'name[start:end]'")
+  if base not in builder.info.splits:
     raise ValueError(f"split {split!r} not in {name!r} (splits: {list(builder.info.splits)})")
   total = builder.info.splits[split].num_examples  # TFDS resolves 'test[:120]' itself
   start, _ = even_shard(total, process_index, process_count)
@@ -499,10 +506,10 @@ def _load_split(config: ml_collections.ConfigDict, split: str, process_index: in
     return _tfds_levels(name, split, size, data_dir, config.data.download, process_index,
                         process_count)
   splits = _local_splits(name, labels)
-  base, first, stop = parse_split(split)
+  base, part = parse_split(split)
   if base not in splits:
     raise ValueError(f"split {split!r} not in {name!r} (splits: {list(splits)})")
-  arrays = splits[base][first:stop]
+  arrays = splits[base][part]
   if len(arrays) == 0:
     raise ValueError(f"split {split!r} of {name!r} is empty ({base!r} has {len(splits[base])} "
                      f"examples)")

@@ -144,8 +144,9 @@ def run_T(dataset: str, t_end: float, scale: str, out: str, sequential: bool) ->
 FIG4_COVARIANCE = "diag"
 
 
-def effective_components(dataset: str, scale: str, out: str) -> list[dict]:
-  """Fig. 4: DPGMM effective components fitted to forward samples of p(x, T), per T and seed.
+def effective_components(config_at, ts, seeds: int, n_samples: int, out: str) -> list[dict]:
+  """Fig. 4: DPGMM effective components fitted to ``n_samples`` forward samples of p(x, T), per T
+  in ``ts`` and seed; ``config_at(T)`` is the experiment's config at diffusion time T.
 
   Diagonal covariances (``FIG4_COVARIANCE``): with full 64-D covariances the variational fit keeps
   every one of the 20 components at every T, even on the near-Gaussian p(x, 1) (weights 0.03-0.5
@@ -159,14 +160,13 @@ def effective_components(dataset: str, scale: str, out: str) -> list[dict]:
   import config_schema
   import sde_lib
   from modes.fit_prior import prior_samples
-  s = SCALES[scale]
   rows = []
-  for t_end in s["fig4_ts"]:
-    config = base_config(dataset, t_end, scale)
+  for t_end in ts:
+    config = config_at(t_end)
     sde = sde_lib.get_sde(config_schema.validate(config).sde)
-    config.prior.n_fit_samples, config.prior.fit = s["n_fig4"], "concurrent"
+    config.prior.n_fit_samples, config.prior.fit = n_samples, "concurrent"
     counts = []
-    for seed in range(s["seeds"]):
+    for seed in range(seeds):
       k_data, k_fit = jax.random.split(jax.random.PRNGKey(1000 + seed))
       x_t = prior_samples(config, sde, out, k_data)  # forward samples; no model is read
       _, info = auxiliary.fit_prior("dpgmm", x_t, k_fit,
@@ -314,7 +314,9 @@ def main(argv=None) -> None:
   if os.path.exists(fig4_file):  # a rerun reuses finished stages
     fig4 = _read_json(fig4_file)
   else:
-    fig4 = effective_components(args.dataset, scale, args.out)
+    s = SCALES[scale]
+    fig4 = effective_components(lambda t: base_config(args.dataset, t, scale), s["fig4_ts"],
+                                s["seeds"], s["n_fig4"], args.out)
     os.makedirs(args.out, exist_ok=True)
     with open(fig4_file, "w") as f:
       json.dump(fig4, f)

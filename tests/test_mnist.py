@@ -46,6 +46,10 @@ def test_splits_labels_and_shards():
   # A slice as TFDS writes it; the first test digits are LeCun's 7, 2, 1, 0, 4.
   labels, start, total = datasets.load_labels(config, "test[:5]")
   assert labels.tolist() == [7, 2, 1, 0, 4] and total == 5
+  # A strided slice: a fixed subset spread over both halves of LeCun's test set.
+  every, _, total = datasets.load_labels(config, "test[::20]")
+  all_labels, _, _ = datasets.load_labels(config, "test")
+  assert total == 500 and every.tolist() == all_labels[::20].tolist()
   # Training batches: 256 levels, centred, uniformly dequantized, in [-1, 1].
   x = next(datasets.get_dataset(config, split="train", shuffle=True, process_index=0,
                                 process_count=1))
