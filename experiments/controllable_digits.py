@@ -11,7 +11,8 @@ through SDEs", §5 and App. I): class-guided samples and bottom-half inpainting,
    is copied to DIR/classifier_accuracy_vs_t.png).
 2. Guided samples of every class: the score of p_t(x | y) = s_theta + s grad log p_t(y | x)
    (``controllable.class_conditional_score``; s = 1 is Bayes' rule, s > 1 guidance), drawn with
-   fixed Euler(-Maruyama) steps of the generative SDE h^2 = c g^2 (``sampling.method='sde'``).
+   fixed Euler(-Maruyama) steps of the generative SDE h^2 = c g^2 (``sampling.method='sde'``;
+   inpainting's step hook: the same update as 'pc' with predictor 'euler_maruyama', no corrector).
    Each sample is classified by the held-out digits classifier of the evaluation
    (``evaluation.train_digits_classifier``, scikit-learn MLP), here fitted on datasets.py's
    *train* split so that no test digit was seen (its own default split overlaps our test split);
@@ -137,9 +138,14 @@ def draw(config, model, n: int, key, name: str, score_for, hook_for=None, args=(
   return np.concatenate(out)
 
 
-def with_c(config, c: float):
+def with_c(config, c: float, hooked: bool = False):
+  """The config with sampling.c = c; ``hooked``: 'pc' with Euler-Maruyama and no corrector, the
+  fixed-step 'sde' update as a scan that takes a step hook (diffrax's 'sde' takes none)."""
   config = config.copy_and_resolve_references()
   config.sampling.c = float(c)
+  if hooked:
+    s = config.sampling
+    s.method, s.predictor, s.n_corrector_steps = "pc", "euler_maruyama", 0
   return config
 
 
@@ -183,7 +189,7 @@ def inpainting(config, model, clf, scale: str, key) -> dict:
   results = {"true image": truth, "mean fill": np.where(masks, truth, mean).astype(np.float32)}
   for c in CS:
     hook_for = lambda obs, m: controllable.imputation_hook(model.sde, obs[None], m[None])  # noqa: E731
-    results[f"inpainted, c={c:g}"] = draw(with_c(config, c), model, n, key,
+    results[f"inpainted, c={c:g}"] = draw(with_c(config, c, hooked=True), model, n, key,
                                           f"inpainting (c={c:g})", lambda *a: model.score_fn,
                                           hook_for, args=(truth, masks))
   results["unconditional, c=1"] = draw(with_c(config, 1.0), model, n, key, "unconditional (c=1)",

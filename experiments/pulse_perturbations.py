@@ -154,8 +154,8 @@ def make_sampler(case: str, sigma0: float, n: int, n_steps: int, eps_sde: float)
 
   def run(key, c, eps):
     perturbed = samplers.pulse_perturbed_score(score, sde, case, eps)
-    return samplers.exponential_integrator_sampler(perturbed, sde, key, (n, 1), c=c,
-                                                   n_steps=n_steps, prior=prior)[0][:, 0]
+    return samplers.build(samplers.exponential_integrator_sampler, sde, (n, 1), c=c,
+                          n_steps=n_steps, prior=prior)(perturbed, key)[0][:, 0]
 
   # vmap over eps only: the same key, hence the same prior draw and noise, for every eps.
   return jax.jit(jax.vmap(run, in_axes=(None, None, 0)))

@@ -112,7 +112,8 @@ def test_class_conditional_samples_have_the_component_moments(name):
   fn, options, allowance = CLASS_SAMPLERS[name]
   dist = two_class_gmm()
   score = controllable.class_conditional_score(*fast_gmm_oracle(dist, VP), 1)
-  x, _ = jax.jit(lambda key: fn(score, VP, key, (2000, 2), **options))(jax.random.PRNGKey(1))
+  x, _ = jax.jit(lambda key: samplers.build(fn, VP, (2000, 2), **options)(score, key))(
+      jax.random.PRNGKey(1))
   target = dist.component(1).marginal(VP, VP.eps)
   assert_moments(x, target.means[0], target.covs[0], allowance, f"class 1, {name}")
 
@@ -125,9 +126,9 @@ def test_guidance_scale_above_one_sharpens_the_class():
   1.06; the tilted density p(x) p(y | x)^s has its mode beyond mu_1)."""
   dist = two_class_gmm(separation=0.5)
   oracle = fast_gmm_oracle(dist, VP)
-  run = jax.jit(lambda s: samplers.exponential_integrator_sampler(
-      controllable.class_conditional_score(*oracle, 1, s), VP, jax.random.PRNGKey(2), (2000, 2),
-      c=1.0, n_steps=200)[0])
+  run = jax.jit(lambda s: samplers.build(
+      samplers.exponential_integrator_sampler, VP, (2000, 2), c=1.0, n_steps=200)(
+      controllable.class_conditional_score(*oracle, 1, s), jax.random.PRNGKey(2))[0])
   stats = {}
   for s in (1.0, 3.0):
     x = run(jnp.asarray(s))
@@ -208,8 +209,9 @@ def test_imputation_matches_the_replacement_law_and_keeps_known_entries(name):
   score = gaussian_score_fn(jnp.asarray(MEAN3, jnp.float32), jnp.asarray(COV3, jnp.float32), VP)
   obs = jnp.asarray([Y[0], 0.0, 0.0], jnp.float32)
   hook = controllable.imputation_hook(VP, obs, jnp.asarray([True, False, False]))
-  x, _ = jax.jit(lambda key: fn(score, VP, key, (2000, 3), n_steps=200, denoise=True,
-                                step_hook=hook, **options))(jax.random.PRNGKey(3))
+  x, _ = jax.jit(lambda key: samplers.build(fn, VP, (2000, 3), n_steps=200, denoise=True,
+                                            **options)(score, key, step_hook=hook))(
+      jax.random.PRNGKey(3))
   x = np.asarray(x)
   assert np.all(x[:, 0] == np.float32(Y[0]))
   mean, cov = replacement_law(c)
@@ -234,8 +236,8 @@ def test_colorization_keeps_the_gray_channel():
     return -(x - alpha * 0.5) / (0.04 * alpha**2 + sigma**2)
 
   hook = controllable.colorization_hook(VP, image)
-  x, _ = samplers.pc_sampler(score, VP, jax.random.PRNGKey(5), shape, n_steps=40,
-                             step_hook=hook, denoise=True)
+  x, _ = samplers.build(samplers.pc_sampler, VP, shape, n_steps=40, denoise=True)(
+      score, jax.random.PRNGKey(5), step_hook=hook)
   np.testing.assert_allclose(controllable.gray(x), jnp.broadcast_to(controllable.gray(image),
                                                                     shape[:-1] + (1,)), atol=2e-6)
   colour = (x @ basis)[..., 1:]
@@ -256,31 +258,31 @@ FIXED = {  # name: (sampler, options, default grid)
              lambda sde: samplers.edm_time_grid(sde, 7)),
     "ddim": (samplers.ddim_sampler, dict(n_steps=12),
              lambda sde: samplers.uniform_time_grid(sde, 12)),
-    "sde (euler)": (samplers.sde_sampler, dict(n_steps=12),
-                    lambda sde: samplers.uniform_time_grid(sde, 12)),
+    "pc (euler_maruyama)": (samplers.pc_sampler,  # the fixed-step 'sde' with Euler
+                            dict(n_steps=12, predictor="euler_maruyama", n_corrector_steps=0),
+                            lambda sde: samplers.uniform_time_grid(sde, 12)),
 }
 
 
 @pytest.mark.parametrize("name", FIXED)
 def test_time_grid_hook_and_trajectory_in_every_fixed_step_sampler(name):
   """For each fixed-step sampler (VP): the documented default grid passed as ``time_grid`` gives
-  the default output bit for bit ('sde': diffrax keys its Brownian increments by time, so only
-  c = 0 is compared, to 1e-5); an identity hook changes nothing bit for bit (its keys are a stream
-  of their own); recording the trajectory changes nothing and returns N steps of x_t and E[x_0 |
-  x_t] starting at t_0 = T; the imputation hook returns the known entries exactly (denoise)."""
+  the default output bit for bit; an identity hook changes nothing bit for bit (its keys are a
+  stream of their own); recording the trajectory changes nothing and returns N steps of x_t and
+  E[x_0 | x_t] starting at t_0 = T; the imputation hook returns the known entries exactly
+  (denoise)."""
   fn, options, grid = FIXED[name]
   score = toy_data.gaussian(MEAN3, COV3).score_fn(VP)  # heun passes per-example t
-  run = functools.partial(fn, score, VP, jax.random.PRNGKey(6), (5, 3), denoise=True, **options)
+
+  def run(step_hook=None, **kw):
+    return samplers.build(fn, VP, (5, 3), denoise=True, **options, **kw)(
+        score, jax.random.PRNGKey(6), step_hook=step_hook)
+
   base, stats = run()
-  if name == "sde (euler)":
-    a, b = run(c=0.0)[0], run(c=0.0, time_grid=grid(VP))[0]
-    np.testing.assert_allclose(a, b, atol=1e-5)
-  else:
-    np.testing.assert_array_equal(run(time_grid=grid(VP))[0], base)
+  np.testing.assert_array_equal(run(time_grid=grid(VP))[0], base)
   calls = []
   x, recorded = run(step_hook=lambda x, t, key, i: calls.append(i) or x, record_trajectory=True)
-  if name != "sde (euler)":  # the hooked 'sde' runs the same Euler-Maruyama update as a scan
-    np.testing.assert_allclose(x, base, rtol=1e-6, atol=1e-6)  # XLA may fuse differently
+  np.testing.assert_allclose(x, base, rtol=1e-6, atol=1e-6)  # XLA may fuse differently
   assert calls and int(recorded["nfe"]) == int(stats["nfe"])
   n = recorded["trajectory_t"].shape[0]
   assert recorded["trajectory_x"].shape == recorded["trajectory_denoised"].shape == (n, 5, 3)
@@ -310,8 +312,8 @@ def test_edm_and_user_grids_in_every_fixed_step_sampler():
 
   def error(name, grid):
     fn, options = runs[name]
-    x, stats = fn(score, VP, jax.random.PRNGKey(0), x_T.shape, x_init=x_T, time_grid=grid,
-                  **options)
+    x, stats = samplers.build(fn, VP, x_T.shape, time_grid=grid, **options)(
+        score, jax.random.PRNGKey(0), x_init=x_T)
     assert int(stats["num_steps"]) == grid.shape[0] - 1
     return float(np.max(np.abs(np.asarray(x, np.float64) - ref)))
 
@@ -324,18 +326,23 @@ def test_edm_and_user_grids_in_every_fixed_step_sampler():
   assert error("heun", samplers.uniform_time_grid(VP, 40)) < 0.03
 
 
-def test_adaptive_samplers_refuse_the_hook():
+def test_diffrax_samplers_refuse_the_hook():
+  """'ode' and 'sde' (diffrax) take no step hook or trajectory, fixed steps or adaptive: the
+  builder refuses them naming sampling.method and pointing to 'pc' (no silent hand-over)."""
   score = gaussian_score_fn(jnp.asarray(MEAN3, jnp.float32), jnp.asarray(COV3, jnp.float32), VP)
   hook = controllable.imputation_hook(VP, jnp.zeros(3), jnp.asarray([1, 0, 0]))
   key = jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match="sampling.method='ode'"):
-    samplers.ode_sampler(score, VP, key, (2, 3), step_hook=hook)
+    samplers.build(samplers.ode_sampler, VP, (2, 3))(score, key, step_hook=hook)
   with pytest.raises(ValueError, match="sampling.method='sde'"):
-    samplers.sde_sampler(score, VP, key, (2, 3), adaptive=True, solver="heun", step_hook=hook)
-  with pytest.raises(ValueError, match="sampling.solver"):
-    samplers.sde_sampler(score, VP, key, (2, 3), solver="heun", record_trajectory=True)
+    samplers.build(samplers.sde_sampler, VP, (2, 3), adaptive=True, solver="heun")(
+        score, key, step_hook=hook)
+  with pytest.raises(ValueError, match="sampling.method='sde'.*'pc'"):
+    samplers.build(samplers.sde_sampler, VP, (2, 3), n_steps=10)(score, key, step_hook=hook)
+  with pytest.raises(ValueError, match="sampling.method='sde'"):
+    samplers.build(samplers.sde_sampler, VP, (2, 3), solver="heun", record_trajectory=True)
   with pytest.raises(ValueError, match="time_grid"):
-    samplers.pc_sampler(score, VP, key, (2, 3), time_grid=jnp.ones((2, 2)))
+    samplers.build(samplers.pc_sampler, VP, (2, 3), time_grid=jnp.ones((2, 2)))(score, key)
 
 
 # ---------------------------------------------------------------------------------------------------

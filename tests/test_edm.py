@@ -12,6 +12,7 @@ within ``test_samplers.Z`` standard errors plus a stated discretization allowanc
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -253,8 +254,8 @@ def test_heun_second_order_on_gaussian_flow_map(name):
     ref = _exact_flow(sde, x_T, sde.eps)
     errs = []
     for n in (16, 32, 64):
-      x, stats = samplers.heun_sampler(_diag_gaussian_score(sde), sde, jax.random.PRNGKey(0),
-                                       x_T.shape, n_steps=n, denoise=False, x_init=x_T)
+      x, stats = samplers.heun_sampler(_diag_gaussian_score(sde), sde, x_T, jax.random.PRNGKey(0),
+                                       samplers.edm_time_grid(sde, n))
       errs.append(float(np.max(np.abs(np.asarray(x) - ref))))
       assert int(stats["nfe"]) == 2 * (n - 1)
   ratios = [a / b for a, b in zip(errs, errs[1:])]
@@ -266,24 +267,25 @@ def test_nfe_counts_heun_and_ddim():
   """NFE from the stats equals executed score calls (counting wrapper): Heun 2N - 1 with the final
   sigma_N = 0 Euler step (18 steps: 35, with or without churn), 2 (N - 1) without; DDIM N (+1)."""
   dist = toy_data.ode_sde_gmm_1d()
-  cases = [(sde_lib.EDM(), samplers.heun_sampler, dict(n_steps=18), 35),
-           (sde_lib.EDM(), samplers.heun_sampler, dict(n_steps=18, s_churn=10.0), 35),
+  cases = [(sde_lib.EDM(), samplers.heun_sampler, dict(n_steps=18, denoise=True), 35),
+           (sde_lib.EDM(), samplers.heun_sampler, dict(n_steps=18, s_churn=10.0, denoise=True), 35),
            (sde_lib.VESDE(), samplers.heun_sampler, dict(n_steps=7, denoise=False), 12),
            (sde_lib.VPSDE(), samplers.ddim_sampler, dict(n_steps=13), 13),
            (sde_lib.VPSDE(), samplers.ddim_sampler, dict(n_steps=13, denoise=True), 14)]
   for sde, fn, kw, want in cases:
     counter = CallCounter(dist.score_fn(sde))
-    x, stats = jax.jit(lambda key: fn(counter, sde, key, (8, 1), **kw))(jax.random.PRNGKey(0))
+    x, stats = jax.jit(lambda key: samplers.build(fn, sde, (8, 1), **kw)(counter, key))(
+        jax.random.PRNGKey(0))
     jax.block_until_ready(x)
     jax.effects_barrier()
     assert int(stats["nfe"]) == counter.n == want, (kw, int(stats["nfe"]), counter.n)
 
 
 GMM_CASES = {  # (sde, sampler, options, within-mode std allowance)
-    "edm heun 18": (sde_lib.EDM(), samplers.heun_sampler, dict(n_steps=18), 0.10),
+    "edm heun 18": (sde_lib.EDM(), samplers.heun_sampler, dict(n_steps=18, denoise=True), 0.10),
     "edm heun churn": (sde_lib.EDM(), samplers.heun_sampler,
-                       dict(n_steps=32, s_churn=8.0, s_min=0.05, s_max=50.0), 0.10),
-    "ve heun 32": (sde_lib.VESDE(), samplers.heun_sampler, dict(n_steps=32), 0.05),
+                       dict(n_steps=32, s_churn=8.0, s_min=0.05, s_max=50.0, denoise=True), 0.10),
+    "ve heun 32": (sde_lib.VESDE(), samplers.heun_sampler, dict(n_steps=32, denoise=True), 0.05),
     "vp ddim 100": (sde_lib.VPSDE(eps=1e-3), samplers.ddim_sampler,
                     dict(n_steps=100, denoise=True), 0.25),
 }
@@ -298,8 +300,8 @@ def test_samples_match_gmm_moments(case):
   sde, fn, kw, std_allow = GMM_CASES[case]
   dist = toy_data.ode_sde_gmm_2d()
   n = 4000
-  x, _ = jax.jit(lambda k: fn(dist.score_fn(sde), sde, k, (n, 2), prior=dist.marginal(sde, sde.T),
-                              **kw))(jax.random.PRNGKey(0))
+  x, _ = jax.jit(lambda k: samplers.build(fn, sde, (n, 2), prior=dist.marginal(sde, sde.T), **kw)(
+      dist.score_fn(sde), k))(jax.random.PRNGKey(0))
   x = np.asarray(x, np.float64)
   assert_moments(x, dist.mean(), dist.cov(), rel_allow=0.02, what=case)
   quadrant = np.bincount((x[:, 0] > 0) * 2 + (x[:, 1] > 0), minlength=4) / n
@@ -317,14 +319,12 @@ def test_ddim_deterministic_and_converges_to_flow_map():
   with jax.enable_x64(True):
     x_T = np.random.default_rng(1).normal(size=(64, 3))
     ref = _exact_flow(sde, x_T, sde.eps)
-    a, _ = samplers.ddim_sampler(score, sde, jax.random.PRNGKey(0), x_T.shape, n_steps=50,
-                                 x_init=x_T)
-    b, _ = samplers.ddim_sampler(score, sde, jax.random.PRNGKey(7), x_T.shape, n_steps=50,
-                                 x_init=x_T)
+    grid = functools.partial(samplers.uniform_time_grid, sde)
+    a, _ = samplers.ddim_sampler(score, sde, x_T, jax.random.PRNGKey(0), grid(50))
+    b, _ = samplers.ddim_sampler(score, sde, x_T, jax.random.PRNGKey(7), grid(50))
     np.testing.assert_array_equal(a, b)
     errs = [float(np.max(np.abs(np.asarray(samplers.ddim_sampler(
-        score, sde, jax.random.PRNGKey(0), x_T.shape, n_steps=n, x_init=x_T)[0]) - ref)))
-        for n in (50, 100, 200)]
+        score, sde, x_T, jax.random.PRNGKey(0), grid(n))[0]) - ref))) for n in (50, 100, 200)]
   ratios = [e1 / e2 for e1, e2 in zip(errs, errs[1:])]
   print(f"[ddim vp] errors {errs} ratios {ratios}")
   assert errs[0] > errs[1] > errs[2] and 1.8 < ratios[1] < 2.2

@@ -180,7 +180,8 @@ def test_directly_jitted_sampler_gets_the_fast_cpu_options():
     return conv - x * sde_lib.bcast(t, x)
 
   def sample(key):
-    return samplers.pc_sampler(score, sde, key, (1, 4, 4, 1), n_steps=1, n_corrector_steps=0)[0]
+    return samplers.build(samplers.pc_sampler, sde, (1, 4, 4, 1), n_steps=1, n_corrector_steps=0)(
+        score, key)[0]
 
   key = jax.random.PRNGKey(1)
   assert _ynn_fusion_options_of(jax.jit(sample).lower(key).compile()) == {"fast"}
@@ -266,8 +267,10 @@ programs = {
     "likelihood": (lambda x, k: likelihood.solve_flow(score, sde, x, k, t0=sde.eps, t1=sde.T,
                                                       divergence="hutchinson")["delta"],
                    (jnp.ones((2, 3)), key)),
-    "ode_sampler": (lambda k: samplers.ode_sampler(score, sde, k, (2, 3))[0], (key,)),
-    "sde_sampler": (lambda k: samplers.sde_sampler(score, sde, k, (2, 3), n_steps=4)[0], (key,)),
+    "ode_sampler": (lambda k: samplers.build(samplers.ode_sampler, sde, (2, 3))(score, k)[0],
+                    (key,)),
+    "sde_sampler": (lambda k: samplers.build(samplers.sde_sampler, sde, (2, 3), n_steps=4)(
+        score, k)[0], (key,)),
 }
 print(" ".join(name for name, (f, args) in programs.items()
                if "python_cpu_callback" in jax.jit(f).lower(*args).as_text()))

@@ -127,15 +127,16 @@ def test_gaussian_2d_moments_all_samplers(sde):
   n = 3000
   score = gaussian_score_fn(MEAN2, COV2, sde)
   shape = (n, 2)
-  ode = jax.jit(lambda sde, key: samplers.ode_sampler(score, sde, key, shape))
+  ode = jax.jit(lambda sde, key: samplers.build(samplers.ode_sampler, sde, shape)(score, key))
   em_traces = []
 
   @jax.jit
   def em(sde, key, c):
     em_traces.append(1)  # once per trace: sweeping c must not recompile
-    return samplers.sde_sampler(score, sde, key, shape, c=c, n_steps=400)
+    return samplers.build(samplers.sde_sampler, sde, shape, c=c, n_steps=400)(score, key)
 
-  pc = jax.jit(lambda sde, key: samplers.pc_sampler(score, sde, key, shape, n_steps=400))
+  pc = jax.jit(lambda sde, key: samplers.build(samplers.pc_sampler, sde, shape, n_steps=400)(
+      score, key))
   keys = jax.random.split(jax.random.PRNGKey(0), 6)
   x, stats = ode(sde, keys[0])
   assert bool(stats["success"])
@@ -149,7 +150,8 @@ def test_gaussian_2d_moments_all_samplers(sde):
   x, _ = pc(sde, keys[4])
   assert_moments(x, MEAN2, COV2, 0.03, "pc")
   if isinstance(sde, sde_lib.VPSDE):
-    x, _ = samplers.exponential_integrator_sampler(score, sde, keys[5], shape, c=2.0, n_steps=400)
+    x, _ = samplers.build(samplers.exponential_integrator_sampler, sde, shape, c=2.0, n_steps=400)(
+        score, keys[5])
     assert_moments(x, MEAN2, COV2, 0.03, "exponential")
 
 
@@ -171,12 +173,14 @@ def test_gmm_1d_ode_and_sde_modes():
   score = iso_gmm_score_fn(dist, sde)
   n = 4000
   mean, cov = dist.mean(), dist.cov()
-  x, stats = jax.jit(lambda key: samplers.ode_sampler(score, sde, key, (n, 1)))(jax.random.PRNGKey(1))
+  x, stats = jax.jit(lambda key: samplers.build(samplers.ode_sampler, sde, (n, 1))(score, key))(
+      jax.random.PRNGKey(1))
   assert bool(stats["success"])
   assert_moments(x, mean, cov, 0.01, "gmm ode")
   frac_se = math.sqrt(0.25 / n)
   assert abs(float(jnp.mean(x > 0)) - 0.5) < Z * frac_se
-  em = jax.jit(lambda key, c: samplers.sde_sampler(score, sde, key, (n, 1), c=c, n_steps=1000))
+  em = jax.jit(lambda key, c: samplers.build(samplers.sde_sampler, sde, (n, 1), c=c, n_steps=1000)(
+      score, key))
   for c in (1.0, 4.0):
     x, _ = em(jax.random.PRNGKey(2), c)
     assert_moments(x, mean, cov, 0.02, f"gmm em c={c}")
@@ -191,10 +195,11 @@ def test_gmm_2d_ode_ve_and_pc():
   n = 3000
   for sde in (sde_lib.VESDE(eps=1e-3), sde_lib.VPSDE(eps=1e-3)):
     score = iso_gmm_score_fn(dist, sde)
-    x, stats = samplers.ode_sampler(score, sde, jax.random.PRNGKey(3), (n, 2))
+    x, stats = samplers.build(samplers.ode_sampler, sde, (n, 2))(score, jax.random.PRNGKey(3))
     assert bool(stats["success"])
     assert_moments(x, dist.mean(), dist.cov(), 0.01, f"gmm2d ode {type(sde).__name__}")
-  x, _ = samplers.pc_sampler(score, sde, jax.random.PRNGKey(4), (n, 2), n_steps=500, snr=0.1)
+  x, _ = samplers.build(samplers.pc_sampler, sde, (n, 2), n_steps=500, snr=0.1)(score,
+                                                                    jax.random.PRNGKey(4))
   assert_moments(x, dist.mean(), dist.cov(), 0.03, "gmm2d pc")
   quadrant = (np.asarray(x[:, 0]) > 0) * 2 + (np.asarray(x[:, 1]) > 0)
   counts = np.bincount(quadrant, minlength=4) / n
@@ -206,11 +211,12 @@ def test_exponential_integrator_agrees_with_em_and_ode():
   score = gaussian_score_fn(MEAN2, COV2, sde)
   # Pathwise, c = 0: the exponential integrator from the same x_T converges to the ODE solution.
   x_T = sde.prior_sample(jax.random.PRNGKey(5), (256, 2))
-  ref, _ = samplers.ode_sampler(score, sde, None, (256, 2), x_init=x_T, rtol=1e-6, atol=1e-6)
+  ref, _ = samplers.ode_sampler(score, sde, x_T, None, samplers.uniform_time_grid(sde, 1),
+                                rtol=1e-6, atol=1e-6)
   errs = []
   for n_steps in (250, 1000):
-    x, _ = samplers.exponential_integrator_sampler(score, sde, jax.random.PRNGKey(0), (256, 2),
-                                                   c=0.0, n_steps=n_steps, x_init=x_T)
+    x, _ = samplers.exponential_integrator_sampler(score, sde, x_T, jax.random.PRNGKey(0),
+                                                   samplers.uniform_time_grid(sde, n_steps), c=0.0)
     errs.append(float(jnp.max(jnp.abs(x - ref))))
   assert errs[1] < 0.02, errs
   assert errs[1] < 0.5 * errs[0], errs  # first-order convergence (ratio ~4 expected)
@@ -218,9 +224,10 @@ def test_exponential_integrator_agrees_with_em_and_ode():
   # with each other (difference of two independent estimates) and with the data moments.
   n = 4000
   for c in (1.0, 4.0):
-    xe, _ = samplers.exponential_integrator_sampler(score, sde, jax.random.PRNGKey(6), (n, 2),
-                                                    c=c, n_steps=1000)
-    xm, _ = samplers.sde_sampler(score, sde, jax.random.PRNGKey(7), (n, 2), c=c, n_steps=1000)
+    xe, _ = samplers.build(samplers.exponential_integrator_sampler, sde, (n, 2), c=c,
+                           n_steps=1000)(score, jax.random.PRNGKey(6))
+    xm, _ = samplers.build(samplers.sde_sampler, sde, (n, 2), c=c, n_steps=1000)(
+        score, jax.random.PRNGKey(7))
     assert_moments(xe, MEAN2, COV2, 0.02, f"exp c={c}")
     assert_moments(xm, MEAN2, COV2, 0.02, f"em c={c}")
     se_diff = np.sqrt(2 * np.diag(np.asarray(COV2)) / n)
@@ -254,7 +261,7 @@ def test_exponential_integrator_converges_first_order(sde):
   x_T = sde.prior_sample(jax.random.PRNGKey(5), (256, 2))
   ref = exact_ode_solution(sde, x_T)
   run = jax.jit(lambda n: samplers.exponential_integrator_sampler(
-      score, sde, jax.random.PRNGKey(0), (256, 2), c=0.0, n_steps=n, x_init=x_T)[0],
+      score, sde, x_T, jax.random.PRNGKey(0), samplers.uniform_time_grid(sde, n), c=0.0)[0],
       static_argnums=0)
   errs = [float(np.max(np.abs(np.asarray(run(n), np.float64) - ref))) for n in (100, 200, 400)]
   ratios = [errs[0] / errs[1], errs[1] / errs[2]]
@@ -269,8 +276,8 @@ def test_exponential_integrator_in_law_subvp_ve(sde):
   checks the noise variance v of exponential_step_coeffs (its drift k is checked at c = 0)."""
   score = gaussian_score_fn(MEAN2, COV2, sde)
   mean_eps, cov_eps = gaussian_marginal(MEAN2, COV2, sde, sde.eps)
-  run = jax.jit(lambda key, c: samplers.exponential_integrator_sampler(score, sde, key, (4000, 2),
-                                                                       c=c, n_steps=500)[0])
+  run = jax.jit(lambda key, c: samplers.build(samplers.exponential_integrator_sampler, sde,
+                                               (4000, 2), c=c, n_steps=500)(score, key)[0])
   for i, c in enumerate((1.0, 4.0)):
     assert_moments(run(jax.random.PRNGKey(20 + i), c), mean_eps, cov_eps, 0.02,
                    f"exp {type(sde).__name__} c={c}")
@@ -287,9 +294,9 @@ def test_pc_sampler_honours_c(sde, predictor):
   score = functools.partial(dist.marginal_score, sde)
   x_T = sde.prior_sample(jax.random.PRNGKey(5), (256, 2))
   ref = exact_ode_solution(sde, x_T)
-  ode_like = jax.jit(lambda n: samplers.pc_sampler(score, sde, jax.random.PRNGKey(0), (256, 2),
-                                                   c=0.0, n_steps=n, predictor=predictor,
-                                                   n_corrector_steps=0, x_init=x_T)[0],
+  ode_like = jax.jit(lambda n: samplers.pc_sampler(score, sde, x_T, jax.random.PRNGKey(0),
+                                                   samplers.uniform_time_grid(sde, n), c=0.0,
+                                                   predictor=predictor, n_corrector_steps=0)[0],
                      static_argnums=0)
   errs = [float(np.max(np.abs(np.asarray(ode_like(n), np.float64) - ref))) for n in (200, 400, 800)]
   ratios = [errs[0] / errs[1], errs[1] / errs[2]]
@@ -297,8 +304,8 @@ def test_pc_sampler_honours_c(sde, predictor):
   assert errs[2] < 0.08 * float(sde.prior_std()), errs  # measured 0.053 (VP, reverse_diffusion)
   mean_eps, cov_eps = gaussian_marginal(MEAN2, COV2, sde, sde.eps)
   score = gaussian_score_fn(MEAN2, COV2, sde)  # the fast local oracle for the larger batch
-  run = jax.jit(lambda key, c: samplers.pc_sampler(score, sde, key, (3000, 2), c=c, n_steps=400,
-                                                   predictor=predictor)[0])
+  run = jax.jit(lambda key, c: samplers.build(samplers.pc_sampler, sde, (3000, 2), c=c,
+                                               n_steps=400, predictor=predictor)(score, key)[0])
   for i, c in enumerate((0.0, 2.0, 4.0)):
     assert_moments(run(jax.random.PRNGKey(30 + i), c), mean_eps, cov_eps, 0.03,
                    f"pc {predictor} c={c}")
@@ -329,7 +336,7 @@ def test_nfe_counts_match_counting_wrapper():
   rejected = 0
   for name, fn, kw in cases:
     counter = CallCounter(iso_gmm_score_fn(dist, sde))
-    x, stats = jax.jit(lambda key: fn(counter, sde, key, shape, **kw))(key)
+    x, stats = jax.jit(lambda key: samplers.build(fn, sde, shape, **kw)(counter, key))(key)
     jax.block_until_ready(x)
     jax.effects_barrier()
     assert int(stats["nfe"]) == counter.n, (name, int(stats["nfe"]), counter.n)
@@ -337,8 +344,8 @@ def test_nfe_counts_match_counting_wrapper():
       rejected += int(stats["num_rejected_steps"])
   assert rejected > 0  # the formula was exercised with rejected steps (incl. the first step)
   # Closed-form counts for the fixed-step samplers.
-  assert int(samplers.pc_sampler(iso_gmm_score_fn(dist, sde), sde, key, shape, n_steps=15,
-                                 n_corrector_steps=2, denoise=True)[1]["nfe"]) == 15 * 3 + 1
+  assert int(samplers.build(samplers.pc_sampler, sde, shape, n_steps=15, n_corrector_steps=2,
+                            denoise=True)(iso_gmm_score_fn(dist, sde), key)[1]["nfe"]) == 15 * 3 + 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,9 +408,9 @@ def _pulse_sampler(n, n_steps, method):
       return score(x, t) * ((t >= lo) & (t <= hi))
 
     kw = dict(c=c, n_steps=n_steps, prior=prior, score_perturbation=pulse, epsilon=eps_err)
-    if method == "exponential":
-      return samplers.exponential_integrator_sampler(score, sde, key, (n, 1), **kw)[0]
-    return samplers.sde_sampler(score, sde, key, (n, 1), **kw)[0]
+    fn = (samplers.exponential_integrator_sampler if method == "exponential"
+          else samplers.sde_sampler)
+    return samplers.build(fn, sde, (n, 1), **kw)(score, key)[0]
 
   return run
 
@@ -465,7 +472,8 @@ def test_T_and_eps_respected_without_recompiling():
       traces[name] += 1  # runs once per trace
       mean_T, cov_T = gaussian_marginal(MEAN2, COV2, sde, sde.T)
       prior = FullGaussianPrior(mean_T, cov_T)  # exact p_T: small T needs the true marginal
-      return fn(gaussian_score_fn(MEAN2, COV2, sde), sde, key, (n, 2), prior=prior, **kw)
+      return samplers.build(fn, sde, (n, 2), prior=prior, **kw)(gaussian_score_fn(MEAN2, COV2, sde),
+                                                                 key)
     return run
 
   ode = make("ode", samplers.ode_sampler)
@@ -485,8 +493,8 @@ def test_T_and_eps_respected_without_recompiling():
   for T, eps in ((0.6, 0.05), (2.0, 1e-3)):
     sde = base.replace(T=jnp.asarray(T), eps=jnp.asarray(eps))
     x_T = 2.0 * jax.random.normal(jax.random.PRNGKey(11), (64, 2))
-    x, _ = samplers.ode_sampler(gaussian_score_fn(MEAN2, COV2, sde), sde, None, (64, 2),
-                                x_init=x_T)
+    x, _ = samplers.ode_sampler(gaussian_score_fn(MEAN2, COV2, sde), sde, x_T, None,
+                                samplers.uniform_time_grid(sde, 1))
     (a_T, s_T), (a_e, s_e) = [np.asarray(sde.marginal_coeffs(jnp.asarray(v)), np.float64)
                               for v in (T, eps)]
     scale = np.sqrt((a_e**2 * lam + s_e**2) / (a_T**2 * lam + s_T**2))
@@ -496,8 +504,9 @@ def test_T_and_eps_respected_without_recompiling():
   # Tweedie denoising: E[x0 | x_eps] ~ N(m, C alpha^2 (alpha^2 C + sigma^2 I)^{-1} C).
   sde = sde_lib.VPSDE(T=jnp.asarray(0.3), eps=jnp.asarray(0.1))
   mean_T, cov_T = gaussian_marginal(MEAN2, COV2, sde, sde.T)
-  x, stats = samplers.ode_sampler(gaussian_score_fn(MEAN2, COV2, sde), sde, jax.random.PRNGKey(9),
-                                  (n, 2), prior=FullGaussianPrior(mean_T, cov_T), denoise=True)
+  x, stats = samplers.build(samplers.ode_sampler, sde, (n, 2),
+                            prior=FullGaussianPrior(mean_T, cov_T), denoise=True)(
+      gaussian_score_fn(MEAN2, COV2, sde), jax.random.PRNGKey(9))
   alpha, _ = sde.marginal_coeffs(sde.eps)
   _, cov_eps = gaussian_marginal(MEAN2, COV2, sde, sde.eps)
   cov_post_mean = alpha**2 * COV2 @ jnp.linalg.solve(cov_eps, COV2)
@@ -558,4 +567,4 @@ def test_get_sampler_methods_and_validation():
     samplers.get_sampler(_cfg(perturbation="case1", perturbation_epsilon=0.02), sde, (8, 2),
                          score_perturbation=score)
   with pytest.raises(ValueError, match="sampling.c"):
-    samplers.sde_sampler(score, sde, key, (8, 2), c=-0.5)
+    samplers.build(samplers.sde_sampler, sde, (8, 2), c=-0.5)(score, key)
