@@ -2,7 +2,7 @@
 T = 1, batch 400, 3-layer net of widths 50, 50, 2 with ReLU, lr 0.01.
 
 Deviation from the paper: Adam with linear warmup and gradient clipping at a constant lr instead
-of halving the lr every 8,000 steps (losses.make_optimizer has no step decay); 20,000 steps as in
+of halving the lr every 8,000 steps (training.make_optimizer has no step decay); 20,000 steps as in
 the paper (about a minute on a 2-core CPU). The time t is appended to the input ('concat'), which is the paper's plain MLP.
 """
 from configs.default_toy import get_default_toy_config
