@@ -1,6 +1,6 @@
 """scorelab side by side with score_sde_pytorch (the peer) on identical imported weights.
 
-The weights are the shared nf-16 DDPM++ fixture (``../shared/fixtures/score_sde_pytorch``, written
+The weights are the shared nf-16 DDPM++ fixture (``tests/fixtures/score_sde_pytorch``, a copy of ../shared/fixtures, written
 by the peer's own code: VP SDE, continuous, 446,051 parameters), the EMA set on both sides; scorelab
 reads it with ``score_sde_import.import_pytorch_checkpoint``. Two worker processes (one per side,
 the peer's modules share names with scorelab's) build everything once; then the parent asks them
@@ -41,8 +41,7 @@ sys.path.insert(0, REPO)
 from benchmarks.worker_process import WorkerProcess, write_report  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
-FIXTURE = os.path.join(REPO, "..", "shared", "fixtures", "score_sde_pytorch",
-                       "checkpoint_ddpmpp_nf16.pth")
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "score_sde_pytorch", "checkpoint_ddpmpp_nf16.pth")
 PEER_FILES = ("sampling.py", "likelihood.py", "sde_lib.py", "models/ncsnpp.py",
               "configs/vp/cifar10_ddpmpp_continuous.py")
 SNR, EPS_SAMPLING, EPS_LIKELIHOOD, TOL = 0.16, 1e-3, 1e-5, 1e-5

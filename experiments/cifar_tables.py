@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from experiments import scales  # noqa: E402
 
 PAPERS_DIR = os.path.join(ROOT, "..", "shared", "papers")
-FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures", "score_sde_pytorch")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "score_sde_pytorch")  # copies of ../shared/fixtures
 SMOKE_CHECKPOINT = os.path.join(FIXTURES, "checkpoint_ddpmpp_nf16.pth")
 CELLS_DIR = "cells"
 SAMPLE_CHUNK = 5000  # samples per resumable sampling chunk (a multiple of the sampling batch)

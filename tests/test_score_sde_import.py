@@ -33,8 +33,8 @@ from configs import cifar_ve_dsm, cifar_vp_dsm
 from models import layers
 from models import utils as mutils
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                        "shared", "fixtures", "score_sde_pytorch")
+# Byte-for-byte copies of ../shared/fixtures/score_sde_pytorch (a clone is enough).
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "score_sde_pytorch")
 # kind -> (our config module, parameter count stated by the fixture README)
 KINDS = {"ddpmpp": (cifar_vp_dsm, 446_051), "ncsnpp": (cifar_ve_dsm, 461_427)}
 TOL = 1e-5  # float32: the networks agree to rounding
