@@ -104,7 +104,8 @@ def test_seconds_per_evaluation_times_the_network():
 
 
 def test_dry_run_lists_cells_nfe_and_estimate(tmp_path, capsys, monkeypatch):
-  """Cao's --dry-run prints every cell with NFE = steps + 1, its evaluations (samples x NFE) and
+  """Cao's --dry-run prints every cell with NFE = steps (Cao et al.'s code: no final denoising
+  step), its evaluations (samples x NFE) and
   evaluations x measured seconds; it runs nothing (no workdir). (The measured seconds: the test
   above; the fixture network's compile takes minutes on a loaded CPU: -m slow runs it.)"""
   from experiments import ode_vs_sde_cifar
@@ -115,7 +116,7 @@ def test_dry_run_lists_cells_nfe_and_estimate(tmp_path, capsys, monkeypatch):
   for s, c in [(2, 0), (3, 0), (2, 1), (3, 1)]:
     line = next(l for l in text.splitlines() if l.startswith(f"steps{s}_c{c} "))
     nfe, evals, hours = (float(v) for v in line.split()[1:4])
-    assert nfe == s + 1 and evals == 4 * (s + 1)
+    assert nfe == s and evals == 4 * s
     assert hours == pytest.approx(1e-3 * evals / 3600, rel=1e-2)
   assert not os.path.exists(os.path.join(str(tmp_path), "model"))
 
@@ -193,7 +194,7 @@ def test_cao_smoke_grid_resume_skip_and_table(cao_smoke, tmp_path):
   assert sorted(first["cells"]) == ["steps2_c0", "steps2_c1", "steps3_c0", "steps3_c1"]
   for cell in first["cells"].values():
     assert np.isfinite(cell["measured"]["fid"]) and cell["measured"]["n_samples"] == 4
-    assert cell["measured"]["nfe"] == cell["params"]["steps"] + 1 == cell["nfe"]
+    assert cell["measured"]["nfe"] == cell["params"]["steps"] == cell["nfe"]  # measured
     assert cell["printed"] == {"fid": None}  # 2 and 3 steps: not in the paper's grid
   # The rerun skipped three cells and resumed the fourth at its missing chunk: the same samples
   # (seed 42 + chunk index), the finished chunk untouched, the same FID.
@@ -221,7 +222,7 @@ def test_cao_paper_cells_carry_the_printed_numbers(mock_tfds_module, tmp_path):
   sampler here runs 100 Euler-Maruyama steps of the nf-16 fixture on 4 samples)."""
   result = _smoke("ode_vs_sde_cifar", str(tmp_path), ["--steps", "100", "--cs", "2"])
   cell = result["cells"]["steps100_c2"]
-  assert cell["printed"]["fid"] == 52.77 and cell["nfe"] == 101
+  assert cell["printed"]["fid"] == 52.77 and cell["nfe"] == 100
   assert "| 100 | 2 | 52.77 |" in open(os.path.join(str(tmp_path), "table.md")).read()
 
 
