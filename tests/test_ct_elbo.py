@@ -29,6 +29,7 @@ import toy_data
 import training
 from configs.default import get_default_config
 from configs.default_toy import get_default_toy_config
+from conftest import tiny_config
 
 M2 = np.array([0.5, -0.3])
 S2 = np.array([[0.5, 0.2], [0.2, 0.3]])
@@ -134,13 +135,10 @@ def test_objective_rules_name_fields():
 
 # -- a = g s with every target: one sharded train step ------------------------------------------------
 def _toy_config(target: str, parameterization: str = "a"):
-  config = get_default_toy_config()
-  config.data.dataset = "gmm_2d"
-  config.model.parameterization = parameterization
-  config.model.widths = (16, 16)
-  config.model.embedding_dim = 8
-  config.training.update(target=target, batch_size=8, ref_batch_size=16 if target == "stf" else 8,
-                         weighting="likelihood_is")
+  config = tiny_config("default_toy", data=dict(dataset="gmm_2d"),
+                       model=dict(parameterization=parameterization),
+                       training=dict(target=target, batch_size=8, weighting="likelihood_is",
+                                     ref_batch_size=16 if target == "stf" else 8))
   if target in losses.IMPLICIT_TARGETS:
     config.training.n_probes = 2
   return config_schema.validate(config)

@@ -17,6 +17,7 @@ import pytest
 from scipy.stats import norm
 
 import checkpoints
+from conftest import tiny_config
 import dequantization as dq
 import likelihood
 
@@ -134,15 +135,8 @@ def test_fit_reaches_the_analytic_optimum_on_a_discrete_toy():
 
 # ----------------------------------------------------------------------------------- mode level
 def _digits_config():
-  from configs.digits_vp import get_config
-  c = get_config()
-  c.training.n_iters = 4
-  c.training.batch_size = c.training.ref_batch_size = 16
-  c.training.eval_batch_size = 16
-  c.training.log_freq = c.training.eval_freq = c.training.snapshot_freq = 4
-  c.training.snapshot_freq_for_preemption = 4
-  c.model.nf, c.model.ch_mult, c.model.attn_resolutions = 8, (1,), ()
-  c.optim.warmup = 2
+  c = tiny_config("digits_vp", 4, model=dict(attn_resolutions=()), optim=dict(warmup=2),
+                  training=dict(batch_size=16, ref_batch_size=16, eval_batch_size=16))
   d = c.dequantizer
   d.flow_steps, d.flow_hidden, d.context_features = 1, 8, 4
   d.n_iters, d.save_freq, d.batch_size, d.bound_time_samples = 4, 2, 8, 2

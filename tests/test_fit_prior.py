@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import checkpoints
-from configs.toy_gmm_1d_diffusion_time import get_config
+from conftest import tiny_config
 from modes.evaluate import evaluate
 from modes.fit_prior import fit_prior
 from modes.sample import sample
@@ -19,25 +19,12 @@ from modes.train import train
 
 
 def _config(kind: str = "dpgmm"):
-  c = get_config()
-  c.sde.T = 0.2
-  c.training.n_iters = 30
-  c.training.batch_size = c.training.ref_batch_size = 64
-  c.training.eval_batch_size = 64
-  c.training.log_freq = c.training.eval_freq = c.training.snapshot_freq = 30
-  c.training.snapshot_freq_for_preemption = 30
-  c.model.widths = (16, 16)
-  c.model.embedding_dim = 8
-  c.optim.warmup = 5
-  c.prior.kind = kind
-  c.prior.n_fit_samples = 2000
-  c.prior.n_components = 8
-  c.prior.flow_steps = 200
-  c.eval.num_likelihood_examples = 200
-  c.eval.num_samples = c.sampling.n_samples = c.sampling.batch_size = 100
-  c.eval.bound = False
-  c.eval.divergence = "exact"
-  return c
+  return tiny_config("toy_gmm_1d_diffusion_time", 30, sde=dict(T=0.2), optim=dict(warmup=5),
+                     training=dict(batch_size=64, ref_batch_size=64, eval_batch_size=64),
+                     prior=dict(kind=kind, n_fit_samples=2000, n_components=8, flow_steps=200),
+                     eval=dict(num_likelihood_examples=200, num_samples=100, bound=False,
+                               divergence="exact"),
+                     sampling=dict(n_samples=100, batch_size=100))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 from flax import struct
 
 import auxiliary
+import pytrees
 import sde_lib
 import toy_data
 import training
@@ -56,18 +57,22 @@ def test_jit_keeps_vp_and_subvp_apart():
   np.testing.assert_allclose(sub, vp**2, rtol=1e-4)
 
 
-def test_untagged_flax_dataclasses_would_collide():
-  """Documents why the tag exists: two plain flax dataclasses with the same fields compare equal
-  as tree structures in this JAX. After a JAX upgrade that fixes it the test is skipped, saying so
-  (the tag is then belt and braces)."""
-  @struct.dataclass
-  class A:
-    x: float = 1.0
+def test_the_tag_separates_dataclasses_that_collide_without_it():
+  """Why the tag exists: two plain flax dataclasses with the same fields compare equal as tree
+  structures in this JAX; the same two classes declared with ``pytrees.dataclass`` do not. After a
+  JAX upgrade that tells the plain ones apart the test is skipped, saying so (the tag is then belt
+  and braces)."""
+  def pair(decorator):
+    class A:
+      x: float = 1.0
 
-  @struct.dataclass
-  class B:
-    x: float = 1.0
+    class B:
+      x: float = 1.0
 
-  equal = jax.tree_util.tree_structure(A()) == jax.tree_util.tree_structure(B())
-  if not equal:
+    return tuple(jax.tree_util.tree_structure(decorator(c)()) for c in (A, B))
+
+  plain_a, plain_b = pair(struct.dataclass)
+  if plain_a != plain_b:
     pytest.skip(f"JAX {jax.__version__} tells dataclass tree structures apart by class")
+  tagged_a, tagged_b = pair(pytrees.dataclass)
+  assert tagged_a != tagged_b

@@ -21,27 +21,18 @@ import run_lib
 from modes.evaluate import evaluate
 from modes.sample import sample
 from modes.train import train
-from configs.default_toy import get_default_toy_config
+from conftest import tiny_config as _tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(n_iters: int = 40, dataset: str = "gmm_2d"):
-  c = get_default_toy_config()
-  c.data.dataset = dataset
-  c.training.n_iters = n_iters
-  c.training.batch_size = 16
-  c.training.ref_batch_size = 16
-  c.training.eval_batch_size = 32
-  c.training.log_freq = 10
-  c.training.eval_freq = 20
-  c.training.snapshot_freq = 20
-  c.training.snapshot_freq_for_preemption = 10
-  c.training.max_to_keep = 2
-  c.model.widths = (16, 16)
-  c.model.embedding_dim = 8
-  c.optim.warmup = 5
-  return c
+  """These tests' toy run: conftest's tiny MLP, batch 16, checkpoints every 20 steps (preemption
+  snapshots every 10, 2 kept)."""
+  return _tiny_config("default_toy", data=dict(dataset=dataset), optim=dict(warmup=5),
+                      training=dict(n_iters=n_iters, batch_size=16, ref_batch_size=16,
+                                    eval_batch_size=32, log_freq=10, eval_freq=20, snapshot_freq=20,
+                                    snapshot_freq_for_preemption=10, max_to_keep=2))
 
 
 def checkpoint_steps(workdir: str) -> set[int]:
