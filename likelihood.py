@@ -356,7 +356,8 @@ def mean_and_stderr(values, axis: int = 0) -> tuple[Array, Array]:
 def dataset_bits_per_dim(logp_fn: Callable, consts: Any, batches: Iterable, key: Array, *,
                          num_levels: int = 256, centered: bool = False, dequantize: bool = True,
                          dtype=None, mesh=None,
-                         on_batch: Optional[Callable[[int], None]] = None) -> dict:
+                         on_batch: Optional[Callable[[int], None]] = None, store=None,
+                         on_resume: Optional[Callable[[int], None]] = None) -> dict:
   """Bits/dim over a whole split, every example once, spread over the devices of ``mesh`` and the
   processes (``parallel.map_dataset``; default: every device).
 
@@ -369,7 +370,8 @@ def dataset_bits_per_dim(logp_fn: Callable, consts: Any, batches: Iterable, key:
   uses the key fold_in(key, i), split into its dequantization noise and ``logp_fn``'s key, so the
   result does not depend on the batch size or the device / process count. A non-finite log p (a
   failed adaptive solve returns NaN) is counted, never averaged: the mean and its standard error
-  are over the finite examples. ``on_batch(n)``: progress after each batch. Returns
+  are over the finite examples. ``on_batch(n)``: progress after each batch; ``store`` /
+  ``on_resume``: the finished batches kept across preemptions (``parallel.map_dataset``). Returns
   ``dict(bpd, stderr, n, n_failed, failed_indices, bpd_per_example)`` (NaN per failed example)
   and, per example in split order, the other outputs of ``logp_fn``.
   """
@@ -385,7 +387,8 @@ def dataset_bits_per_dim(logp_fn: Callable, consts: Any, batches: Iterable, key:
     out["bpd"] = bits_per_dim(out["logp"], y.shape[1:], centered=centered, num_levels=num_levels)
     return out
 
-  out = parallel.map_dataset(bpd_fn, consts, batches, key, mesh=mesh, on_batch=on_batch)
+  out = parallel.map_dataset(bpd_fn, consts, batches, key, mesh=mesh, on_batch=on_batch,
+                             store=store, on_resume=on_resume)
   bpd = np.asarray(out.pop("bpd"), np.float64)
   out.pop("logp")
   if len(bpd) == 0:
@@ -472,16 +475,18 @@ def eps_correction(score_fn: ScoreFn, sde, x: Array, key: Array, n_samples: int 
     s = score_fn(a * x + b * z, t)
     return 0.5 * sum_except_batch((z + b * s) ** 2 - z**2)
 
-  return -d * jnp.log(a) + jnp.mean(jax.lax.map(draw, keys), axis=0)
+  return -d * jnp.log(a) + jnp.mean(jax.lax.map(jax.checkpoint(draw), keys), axis=0)
 
 
 def _time_integral(score_fn: ScoreFn, sde, x: Array, key: Array, n_time_samples: int,
                    form: str, probe: str, importance_sampling: bool) -> dict:
   """Monte Carlo estimate of the time integral over [eps, T] (``n_time_samples`` draws per
-  example, sequential via lax.map to bound memory) with its standard error."""
+  example, sequential via lax.map to bound memory) with its standard error. Each draw is
+  rematerialized (``jax.checkpoint``): under ``grad`` (the dequantizer fit, ScoreFlow eq. 13) the
+  backward pass recomputes one draw at a time, so memory does not grow with the draws."""
   keys = jax.random.split(key, n_time_samples)
-  main, const = jax.lax.map(
-      lambda k: _integrand_draw(score_fn, sde, x, k, form, probe, importance_sampling), keys)
+  main, const = jax.lax.map(jax.checkpoint(
+      lambda k: _integrand_draw(score_fn, sde, x, k, form, probe, importance_sampling)), keys)
   total, stderr = mean_and_stderr(main + const)
   return dict(main=jnp.mean(main, 0), const=jnp.mean(const, 0), total=total, stderr=stderr)
 

@@ -31,6 +31,11 @@ DEFAULT_ROW = "Baseline + LW + IS, VP"
 WEIGHTING = {"": "default", " + LW": "likelihood", " + LW + IS": "likelihood_is"}
 ODE_NFE = 550.0  # an estimate for the dry run: ScoreFlow §6, 'around 550' score evaluations
 DEQUANTIZER_ITERS = 300_000  # ScoreFlow App. B: the dequantizer trained for 300,000 iterations
+# Training iterations of --full as yang-song/score_flow's configs (commit a92204e): 1,300,001 in
+# configs/default_cifar10_configs.py (training.n_iters; configs/default.py's default here), 950,001
+# for the deep rows in configs/vp/cifar10_ddpmpp_deep_continuous.py; both train on data that is not
+# dequantized (data.uniform_dequantization = False there and in configs/cifar_vp_lw_is.py).
+DEEP_ITERS = 950_001
 SMOKE_FIELDS = {"dequantizer.n_iters": 2, "dequantizer.batch_size": 4,
                      "dequantizer.bound_time_samples": 1, "dequantizer.flow_steps": 1,
                      "dequantizer.flow_hidden": 8, "dequantizer.context_features": 4,
@@ -50,6 +55,7 @@ def row_config(row: str, run: ct.Run):
             "dequantizer.n_iters": DEQUANTIZER_ITERS}
   if depth == "Deep":
     fields["model.num_res_blocks"] = 8
+    fields["training.n_iters"] = DEEP_ITERS
   config = ct.with_fields(config, **fields)
   config.seed = ct.SEED
   if run.smoke:
