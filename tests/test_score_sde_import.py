@@ -441,3 +441,32 @@ def test_peer_benchmark_skips_with_a_clear_message(tmp_path, capsys):
   else:
     assert f"--peer_dir={tmp_path} is not a score_sde_pytorch snapshot (missing sampling.py" in out
   assert not (tmp_path / "out.json").exists()
+
+
+def test_vp_ncsnpp_checkpoint_imports_into_its_config(monkeypatch):
+  """score_sde's vp/cifar10_ncsnpp_continuous (Franzese et al. App. H.2's network) is the VE NCSN++
+  layout without the Fourier W (a positional embedding has no parameters): configs/cifar_vp_ncsnpp
+  takes every tensor of such a checkpoint (built here from the VE fixture minus W) with score_sde's
+  VP conventions, where the DDPM++ VP config refuses it."""
+  from configs import cifar_vp_ncsnpp
+  state = ssi.read_torch_checkpoint(_ckpt("ncsnpp"), keys=("model", "ema", "step"))
+  fourier_w = [k for k in state["model"] if k == "module.all_modules.0.W"]  # GaussianFourierProjection
+  assert len(fourier_w) == 1
+  # ... and whose first dense layer reads the nf-wide sinusoidal embedding (Fourier's is 2 nf).
+  model = {k: v for k, v in state["model"].items() if k not in fourier_w}
+  dense = "module.all_modules.1.weight"
+  model[dense] = model[dense][:, :16]
+  shadow = list(state["ema"]["shadow_params"])
+  assert shadow[0].shape == state["model"][dense].shape  # model.parameters() order
+  shadow[0] = shadow[0][:, :16]
+  vp_state = dict(state, model=model, ema=dict(state["ema"], shadow_params=shadow))
+  monkeypatch.setattr(ssi, "read_torch_checkpoint", lambda path, keys=None: vp_state)
+  config = cifar_vp_ncsnpp.get_config()
+  config.model.nf, config.model.num_res_blocks = 16, 1
+  imported = ssi.import_pytorch_checkpoint(config, "vp_ncsnpp_nf16.pth")
+  n = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(imported["params"]))
+  assert n == 461_427 - int(np.prod(state["model"][fourier_w[0]].shape)) - 64 * 16
+  assert imported["config_overrides"]["model.parameterization"] == "noise"
+  assert imported["config_overrides"]["model.time_embedding_scale"] == 999.0
+  with pytest.raises(ValueError):
+    ssi.import_pytorch_checkpoint(_config("ddpmpp"), "vp_ncsnpp_nf16.pth")
