@@ -7,6 +7,9 @@
   max pool in the last block), written here in Flax linen with parameter names following the torch
   state dict (``Mixed_5b/branch1x1/conv/kernel`` ...) so the conversion script is a renaming.
 * Inception Score (Salimans et al. 2016): ``exp E_x KL(p(y|x) || p(y))`` over splits.
+* Inception sees 8-bit images, as in the papers' code: samples are rounded to uint8 by
+  :func:`quantize_8bit` (score_sde's truncation or EDM's round half up, ``ROUNDINGS``), reference
+  images are the dataset's own uint8 pixels (:func:`levels_to_uint8`).
 * ``digits`` (8x8): Inception does not apply, so a small scikit-learn MLP classifier trained on the
   digits train split provides the feature space (its last hidden layer); the "digits feature
   distance" is the Frechet distance in that space, plus an IS-style score from its class posterior.
@@ -224,6 +227,65 @@ def preprocess_for_inception(images: Array, size: int = INCEPTION_SIZE) -> Array
   return 2.0 * x - 1.0
 
 
+# ----------------------------------------------------------------------------------------------
+# 8-bit images: what the papers' code hands Inception (docs/fid.md, "8-bit inputs").
+# ----------------------------------------------------------------------------------------------
+
+# How each codebase rounds samples before Inception (name -> what it does, for reports). score_sde:
+# yang-song/score_sde run_lib.py (evaluate; score_flow's run_lib the same), after the sampler's
+# inverse scaler u = (x + 1) / 2 in float32. EDM: NVlabs/edm generate.py, on x in [-1, 1]:
+# floor(127.5 x + 128) = floor(255 u + 1/2). The two differ by one level on about half the values.
+ROUNDINGS = {
+    "score_sde": "score_sde's np.clip(u * 255., 0, 255).astype(np.uint8), u = (x + 1) / 2: "
+                 "truncation, floor(255 u)",
+    "edm": "EDM's (x * 127.5 + 128).clip(0, 255).to(torch.uint8): round half up, "
+           "floor(255 u + 1/2)"}
+
+
+def quantize_8bit(samples: np.ndarray | Array, centered: bool, rounding: str) -> np.ndarray:
+  """Model-space samples (data in [-1, 1] when ``centered``, else [0, 1]) -> uint8 images, rounded
+  as the ``rounding`` paper's code does before its Inception features (``ROUNDINGS``):
+
+  * ``'score_sde'``: u = (x + 1) / 2 (``datasets.inverse_scale``), ``clip(u * 255, 0, 255)``,
+    truncated: floor(255 u);
+  * ``'edm'``: ``clip(x * 127.5 + 128, 0, 255)``, truncated: floor(255 u + 1/2) (uncentered
+    samples are first mapped to x = 2 u - 1, EDM's data range).
+
+  The arithmetic is float32 in the original order (float64 samples are cast first), so boundary
+  values round as in those codebases. Non-finite samples: ValueError (a cast would hide them)."""
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {sorted(ROUNDINGS)}, got {rounding!r}")
+  x = np.asarray(samples, np.float32)
+  bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+  if bad:
+    raise ValueError(f"{bad} of {x.size} sample values are not finite; FID needs finite samples")
+  if rounding == "score_sde":
+    import datasets
+    y = datasets.inverse_scale(x, centered) * np.float32(255.0)
+  else:
+    y = (x if centered else x * np.float32(2.0) - np.float32(1.0)) * np.float32(127.5) \
+        + np.float32(128.0)
+  return np.clip(y, np.float32(0.0), np.float32(255.0)).astype(np.uint8)
+
+
+def rounding_for(sde) -> str:
+  """The paper convention of a model: ``'edm'`` for ``sde_lib.EDM`` models (Karras et al. 2022 and
+  STF, which evaluates with EDM's code), ``'score_sde'`` for VP / sub-VP / VE (score_sde,
+  score_flow, and Cao et al. / Franzese et al., who evaluate with score_sde's code)."""
+  import sde_lib
+  return "edm" if isinstance(sde, sde_lib.EDM) else "score_sde"
+
+
+def levels_to_uint8(levels, num_levels: int):
+  """Integer grey levels k in {0, ..., L-1} (numpy or jax) -> the 8-bit image, round half up of
+  255 k / (L - 1) in integer arithmetic: the level itself for L = 256 (the reference images of
+  score_sde's and EDM's statistics are the dataset's uint8 pixels)."""
+  if not 2 <= num_levels <= 256:
+    raise ValueError(f"num_levels must be in [2, 256], got {num_levels}")
+  k = levels.astype("int32")
+  return ((k * 510 + (num_levels - 1)) // (2 * (num_levels - 1))).astype("uint8")
+
+
 def inception_param_shapes(image_size: int = INCEPTION_MIN_SIZE) -> Variables:
   """Shape/dtype tree ``{'params': ..., 'batch_stats': ...}`` of the network (no FLOPs, eval_shape)."""
   dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -300,17 +362,19 @@ class InceptionOutputs(NamedTuple):
 
 
 def inception_map(variables: Variables, batches, size: int = INCEPTION_SIZE,
-                  scale: float | None = None, on_batch=None) -> InceptionOutputs:
+                  num_levels: int | None = None, on_batch=None) -> InceptionOutputs:
   """Pool3 features and logits of every example of a padded ``datasets.EvalBatch`` stream (this
   process's share; see ``parallel.map_dataset``): split over every device of every process, all
-  rows returned to every process in example order, padding dropped. ``scale``: images are
-  ``x * scale`` in [0, 1] (e.g. 1 / (L - 1) for grey levels); None: uint8 or [0, 1] floats as
-  they are. ``on_batch(n)``: progress, as ``parallel.map_dataset``."""
+  rows returned to every process in example order, padding dropped. ``num_levels`` L: the
+  batches hold integer grey levels, seen as the 8-bit images :func:`levels_to_uint8` (the level
+  itself for L = 256); None: uint8 or [0, 1] floats as they are. ``on_batch(n)``: progress, as
+  ``parallel.map_dataset``."""
   import parallel
 
   def features(v, x, keys):
     del keys  # deterministic
-    pool3, logits = inception_apply(v, x if scale is None else x.astype(jnp.float32) * scale, size)
+    pool3, logits = inception_apply(v, x if num_levels is None else levels_to_uint8(x, num_levels),
+                                    size)
     return {"pool3": pool3, "logits": logits}
 
   out = parallel.map_dataset(features, variables, batches, jax.random.PRNGKey(0),
@@ -343,15 +407,19 @@ def unbiased_logits(variables: Variables, pool3: np.ndarray) -> np.ndarray:
   return np.asarray(pool3, np.float64) @ kernel
 
 
-def inception_metrics(variables: Variables, images: np.ndarray | Array,
+def inception_metrics(variables: Variables, images: np.ndarray,
                       ref_stats: tuple[np.ndarray, np.ndarray] | None = None, batch_size: int = 100,
                       splits: int = 10, size: int = INCEPTION_SIZE) -> dict[str, float]:
-  """Entry point for ``--mode=eval``: Inception Score (unbiased logits, ``splits`` splits) of
-  ``images`` and, given reference ``(mu, sigma)`` (``load_stats``), their FID.
+  """Entry point for ``--mode=eval``: Inception Score (unbiased logits, ``splits`` splits) of the
+  8-bit ``images`` (uint8, :func:`quantize_8bit` of the samples, as the papers' code feeds
+  Inception) and, given reference ``(mu, sigma)`` (``load_stats``), their FID.
 
   For ``--mode=fid_stats``: ``compute_statistics(inception_features(v, data, bs).pool3)`` then
   ``save_stats``.
   """
+  if np.asarray(images).dtype != np.uint8:
+    raise TypeError(f"inception_metrics takes uint8 images (evaluation.quantize_8bit of the "
+                    f"samples, as score_sde / EDM round them), got {np.asarray(images).dtype}")
   out = inception_features(variables, images, batch_size, size)
   is_mean, is_std = inception_score(unbiased_logits(variables, out.pool3), splits, from_logits=True)
   result = {"inception_score": is_mean, "inception_score_std": is_std}

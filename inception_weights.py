@@ -5,10 +5,10 @@ and converted to ``evaluation``'s ``.npz`` layout (docs/fid.md).
 ``resolve_inception_weights(path, cache_dir)`` is what eval and fid_stats call: an explicit
 ``eval.inception_weights`` file is used as it is; with ``''`` the converted file in the cache is used,
 and made on first use (download, sha256 check, conversion) when the machine has network and
-``data.download`` is True (process 0 downloads, the others wait). Reading
-the ``.pth`` needs torch, an optional extra (``pip install .[fid]``), never a core dependency; an
-``.npz`` export of the state dict needs nothing. Offline, the error names the file, the cache path
-and the one command that prepares it on another machine.
+``data.download`` is True (process 0 downloads, the others wait). The ``.pth`` is read without
+torch, by ``score_sde_import``'s restricted unpickler (``read_torch_checkpoint`` for a zip archive,
+``read_torch_legacy`` for the legacy stream): it runs nothing from the file. Offline, the error
+names the file, the cache path and the one command that prepares it on another machine.
 
 Key mapping (torch -> flax path): ``X.conv.weight`` -> ``params/X/conv/kernel`` (OIHW -> HWIO),
 ``X.bn.{weight,bias}`` -> ``params/X/bn/{scale,bias}``, ``X.bn.running_{mean,var}`` ->
@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from typing import Mapping, Optional
 
 import numpy as np
@@ -36,7 +37,7 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
 # torch.hub convention: the 8 hex digits in the file name are the start of the file's sha256.
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
 CONVERTED_NAME = "inception_fid.npz"
-PREPARE_COMMAND = ("pip install .[fid] && python scripts/convert_inception_weights.py --download "
+PREPARE_COMMAND = ("python scripts/convert_inception_weights.py --download "
                    f"--output {CONVERTED_NAME}")
 
 _BN_TORCH_TO_FLAX = {"weight": ("params", "scale"), "bias": ("params", "bias"),
@@ -103,19 +104,25 @@ def export_state_dict(variables: evaluation.Variables) -> dict[str, np.ndarray]:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a torch ``.pth`` (needs torch: ``pip install .[fid]``) or an ``.npz`` export of it."""
+  """Reads a torch ``.pth`` state dict without torch: a ``torch.save`` zip archive (torch >= 1.6)
+  or a legacy stream, through ``score_sde_import``'s allow-listed unpickler (tensors, storages,
+  OrderedDict; anything else is refused by name, nothing in the file runs). An ``.npz`` of the
+  same arrays is read as it is."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"input weights {path!r} not found (see docs/fid.md)")
   if path.endswith(".npz"):
     with np.load(path) as data:
       return {k: np.asarray(data[k]) for k in data.files}
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f"reading {path!r} needs torch (`pip install .[fid]`), or export the state "
-                      "dict to .npz on a machine with torch (docs/fid.md)") from e
-  sd = torch.load(path, map_location="cpu")
-  return {k: v.detach().cpu().numpy() for k, v in sd.items()}
+  import score_sde_import
+  if zipfile.is_zipfile(path):
+    sd = score_sde_import.read_torch_checkpoint(path)
+  else:
+    with open(path, "rb") as f:
+      sd = score_sde_import.read_torch_legacy(f.read())
+  if not isinstance(sd, dict):
+    raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got "
+                     f"{type(sd).__name__}")
+  return {str(k): np.asarray(v) for k, v in sd.items()}
 
 
 def save_converted(flat: Mapping[str, np.ndarray], path: str) -> None:

@@ -122,26 +122,33 @@ INCEPTION = ("the inception-2015-12-05 Inception-v3, pool3 (2048-D); scorelab ru
              "port of that graph (docs/fid.md: bilinear resize to 299 without antialiasing)")
 FID_PROTOCOL = {
     "cao": dict(n_samples=10_000, reference="CIFAR-10 training set (50,000 images)",
+                rounding="score_sde",
                 paper="Table 1 caption: 'evaluate FIDs on 10^4 samples'; the network is not named "
                       "(they sample score_sde's checkpoint with score_sde's code, whose FID is "
                       "TF-GAN's Inception-v3 pool_3 against the training-set statistics)"),
     "scoreflow": dict(n_samples=50_000, reference="CIFAR-10 training set (50,000 images)",
+                      rounding="score_sde",
                       paper="App. 'Sample quality': 'FID values are computed on 50000 samples from "
                             "p_ODE ... between samples and training/test data for CIFAR-10/"
                             "ImageNet'; the network is not named (score_flow's code: TF-GAN's "
                             "Inception-v3)"),
     "stf": dict(n_samples=50_000, reference="CIFAR-10 training set (50,000 images)",
+                rounding="edm",
                 paper="App. D.1: EDM's protocol, 'per 2.5M images on 50k samples as in Karras et "
                       "al.'; EDM's fid.py uses the same 2015-12-05 graph (its own port)"),
     "franzese": dict(n_samples=50_000, reference="CIFAR-10 training set (50,000 images)",
+                     rounding="score_sde",
                      paper="neither the sample count nor the network is stated in the text we "
                            "have; 5x10^4 as score_sde's setup [29] that they follow"),
 }
 
 
 def fid_note(paper: str) -> str:
+  import evaluation
   p = FID_PROTOCOL[paper]
-  return (f"FID on {p['n_samples']:,} samples against the {p['reference']} with {INCEPTION}. "
+  return (f"FID on {p['n_samples']:,} samples against the {p['reference']} with {INCEPTION}, "
+          f"on 8-bit images ({evaluation.ROUNDINGS[p['rounding']]}; the reference: the dataset's "
+          "uint8 pixels), weights read without torch. "
           f"Paper: {p['paper']}. Absolute FIDs differ by the resize (TF vs pytorch-fid) and the "
           "sampling seed; differences between cells are what the table compares.")
 
@@ -149,7 +156,7 @@ def fid_note(paper: str) -> str:
 # -- FID -------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class FeatureNet:
-  """``features(images in [0, 1], NHWC) -> (pool features (N, D), logits (N, K) or None)``."""
+  """``features(uint8 images, NHWC) -> (pool features (N, D), logits (N, K) or None)``."""
   name: str
   tag: str
   features: Callable[[np.ndarray], tuple[np.ndarray, Optional[np.ndarray]]]
@@ -173,7 +180,7 @@ def smoke_net(dim: int = 16, seed: int = 0) -> FeatureNet:
   """The test suite's stand-in: 8x8 average pooling, a fixed random projection to ``dim`` and
   tanh. Its 'FID' is a Frechet distance in this space, comparable to nothing printed."""
   def features(images):
-    x = np.asarray(images, np.float64)
+    x = np.asarray(images, np.float64) / 255.0
     n, h, w, c = x.shape
     pooled = x.reshape(n, 8, h // 8, 8, w // 8, c).mean(axis=(2, 4)).reshape(n, -1)
     proj = np.random.default_rng(seed).normal(size=(pooled.shape[1], dim)) / 8.0
@@ -195,19 +202,24 @@ def reference_stats(config, net: FeatureNet, out: str, given: str = ""):
   if os.path.exists(path):
     return evaluation.load_stats(path)
   levels, _, _ = datasets.load_levels(config, str(config.data.train_split))
-  scale = 1.0 / (datasets.dataset_info(config).num_grey_levels - 1)
-  stats = evaluation.compute_statistics(net.features(levels.astype(np.float32) * scale)[0])
+  images = evaluation.levels_to_uint8(levels, datasets.dataset_info(config).num_grey_levels)
+  stats = evaluation.compute_statistics(net.features(images)[0])
   if run_lib.is_main():  # every process computed them (features are split over all of them)
     evaluation.save_stats(path, *stats)
   return stats
 
 
-def fid_of(samples: np.ndarray, config, net: FeatureNet, ref) -> dict[str, float]:
-  """FID (and Inception Score when the net has logits) of samples in model space."""
-  import datasets
+def fid_of(samples: np.ndarray, config, net: FeatureNet, ref,
+           rounding: Optional[str] = None) -> dict[str, float]:
+  """FID (and Inception Score when the net has logits) of samples in model space, rounded to
+  8-bit images first (``evaluation.quantize_8bit``; ``rounding`` None: the model's paper's
+  convention, ``evaluation.rounding_for`` its SDE; a table passes ``FID_PROTOCOL[paper]``'s)."""
   import evaluation
-  images = np.clip(datasets.inverse_scale(np.asarray(samples, np.float32),
-                                          bool(config.data.centered)), 0, 1)
+  import run_lib
+  import sde_lib
+  if rounding is None:
+    rounding = evaluation.rounding_for(sde_lib.get_sde(run_lib.validate_config(config).sde))
+  images = evaluation.quantize_8bit(samples, bool(config.data.centered), rounding)
   pool, logits = net.features(images)
   out = {"fid": evaluation.fid_from_stats(*evaluation.compute_statistics(pool), *ref)}
   if logits is not None:

@@ -336,11 +336,14 @@ def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str,
       out.update({f"digits_{k}": v for k, v in evaluation.digits_metrics(
           evaluation.train_digits_classifier(), images,
           levels.astype(np.float32) / (info.num_grey_levels - 1)).items()})
-  if fid_weights is not None:
+  if fid_weights is not None:  # Inception sees the 8-bit images of the model's paper's code
+    rounding = evaluation.rounding_for(model.sde)
     with Progress("FID / Inception Score", n, "samples"):
       variables = evaluation.load_inception_params(fid_weights)
       ref = evaluation.load_stats(ev.fid_stats) if ev.fid_stats else None
-      out.update(evaluation.inception_metrics(variables, images, ref))
+      out.update(evaluation.inception_metrics(
+          variables, evaluation.quantize_8bit(samples, info.centered, rounding), ref))
+    out["fid_rounding"] = rounding
   return out
 
 

@@ -31,7 +31,8 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str) -> str:
                                                     download=bool(config.data.download)))
     batches = datasets.get_eval_dataset(config, as_levels=True)  # this process's share
     with Progress("Inception features", batches.num_examples, "images") as p:
-      feats = evaluation.inception_map(variables, batches, scale=1.0 / (info.num_grey_levels - 1),
+      # the dataset's 8-bit pixels, as score_sde's / EDM's reference statistics (docs/fid.md)
+      feats = evaluation.inception_map(variables, batches, num_levels=info.num_grey_levels,
                                        on_batch=p.update).pool3
     split_tag = "".join(ch if ch.isalnum() else "_" for ch in str(config.eval.split)).strip("_")
     path = os.path.join(workdir, f"fid_stats_{info.name}_{split_tag}.npz")  # test[:120] -> test__120

@@ -1,15 +1,12 @@
 """Prepares the FID Inception weights in scorelab's .npz layout (docs/fid.md; the library code is
-``inception_weights.py``).
+``inception_weights.py``). Needs no torch: the .pth is read by scorelab's allow-listed unpickler
+(``score_sde_import``), which runs nothing from the file.
 
   python scripts/convert_inception_weights.py --download --output inception_fid.npz
-      fetches pytorch-fid's pt_inception-2015-12-05-6726825d.pth, checks its sha256, converts it
-      (reading the .pth needs torch: ``pip install .[fid]``);
-  python scripts/convert_inception_weights.py --input pt_inception-....pth|.npz --output inception_fid.npz
-      converts a local copy, or an .npz export of the state dict made on a machine with torch:
-
-    import numpy as np, torch
-    sd = torch.load("pt_inception-2015-12-05-6726825d.pth", map_location="cpu")
-    np.savez("pt_inception_state_dict.npz", **{k: v.numpy() for k, v in sd.items()})
+      fetches pytorch-fid's pt_inception-2015-12-05-6726825d.pth, checks its sha256, converts it;
+  python scripts/convert_inception_weights.py --input pt_inception-2015-12-05-6726825d.pth --output inception_fid.npz
+      converts a local copy (a torch zip archive or a legacy torch.save file; an .npz of the same
+      state dict is accepted too).
 
 Copy the output to ``$SCORELAB_CACHE/inception_fid.npz`` (default ``~/.cache/scorelab/``), where
 eval and fid_stats look when ``eval.inception_weights`` is '', or point that field at it.
@@ -31,7 +28,7 @@ from inception_weights import (convert_state_dict, export_state_dict,  # noqa: E
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--input", help="pytorch-fid .pth or its .npz export")
+  source.add_argument("--input", help="pytorch-fid .pth (read without torch) or an .npz of it")
   source.add_argument("--download", action="store_true",
                       help=f"fetch {inception_weights.FID_WEIGHTS_URL}")
   parser.add_argument("--output", required=True, help="converted .npz (eval.inception_weights)")

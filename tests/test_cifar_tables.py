@@ -68,17 +68,24 @@ def test_grid_runs_skips_and_resumes(tmp_path):
 
 
 def test_fid_of_a_set_against_its_own_statistics_is_zero(tmp_path):
-  """fid_of maps model-space samples to [0, 1] as eval does: the statistics of the same images
-  give FID 0 (to rounding); a shifted set gives a positive distance."""
+  """fid_of rounds model-space samples to 8-bit images as the paper's code does (VP: score_sde's
+  truncation, unless a rounding is given) and only those reach the features: the statistics of
+  the same uint8 images give FID 0 (to rounding); a shifted set gives a positive distance."""
   from configs.cifar_vp_dsm import get_config
   import evaluation
   config = get_config()  # centered data: model space [-1, 1]
   rng = np.random.default_rng(0)
-  images = rng.uniform(size=(64, 32, 32, 3)).astype(np.float32)
-  net = ct.smoke_net()
-  ref = evaluation.compute_statistics(net.features(images)[0])
-  assert ct.fid_of(2 * images - 1, config, net, ref)["fid"] == pytest.approx(0.0, abs=1e-8)
-  assert ct.fid_of(2 * np.clip(images + 0.3, 0, 1) - 1, config, net, ref)["fid"] > 0.1
+  levels = rng.integers(0, 256, size=(64, 32, 32, 3)).astype(np.uint8)
+  samples = (2 * (levels + 0.25) / 255 - 1).astype(np.float32)  # inside level k's bin
+  seen = []
+  smoke = ct.smoke_net()
+  net = ct.FeatureNet(smoke.name, smoke.tag, lambda x: (seen.append(x), smoke.features(x))[1])
+  ref = evaluation.compute_statistics(net.features(levels)[0])
+  assert ct.fid_of(samples, config, net, ref)["fid"] == pytest.approx(0.0, abs=1e-8)
+  assert seen[-1].dtype == np.uint8 and np.array_equal(seen[-1], levels)
+  ct.fid_of(samples + 1 / 255, config, net, ref, rounding="edm")  # 255 u = k + 0.75: k + 1
+  assert np.array_equal(seen[-1], np.minimum(levels.astype(int) + 1, 255))
+  assert ct.fid_of(np.clip(samples + 0.6, -1, 1), config, net, ref)["fid"] > 0.1
 
 
 @pytest.mark.parametrize("argv, message", [

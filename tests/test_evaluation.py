@@ -1,10 +1,17 @@
 """Tests of evaluation.py: FID / IS against closed forms and SciPy, the FID Inception network
-(parameter count, serialization, weight conversion, an independent Keras Inception-v3 up to
-Mixed_7b), the digits feature distance, histogram divergences (Cao et al., Appendix H.3), image grids.
+(parameter count, serialization, weight conversion from torch .pth files written here by hand and
+read without torch, an independent Keras Inception-v3 up to Mixed_7b), 8-bit FID inputs as
+score_sde / EDM round them, the digits feature distance, histogram divergences (Cao et al.,
+Appendix H.3), image grids.
 """
+import collections
 import importlib.util
+import io
 import os
+import pickle
 import re
+import sys
+import zipfile
 
 import flax.linen as nn
 from flax import traverse_util
@@ -318,7 +325,238 @@ def test_inception_matches_independent_keras_inception_v3_up_to_mixed_7b(random_
   np.testing.assert_allclose(ours, keras_out, atol=1e-4 * scale)
 
 
-def test_weight_converter_roundtrips_a_synthetic_torch_state_dict(tmp_path, random_variables):
+# ------------------------------------------------------------- torch .pth files, read without torch
+
+class _TorchName:
+  """A torch global written into the pickle by name only (``torch._utils._rebuild_tensor_v2``,
+  ``torch.FloatStorage``): nothing here defines or imports it."""
+
+  def __init__(self, module: str, name: str):
+    self.module, self.name = module, name
+
+  def __call__(self, *args):
+    raise AssertionError("a name only: never called")
+
+
+class _TorchPickler(pickle._Pickler):
+  """Pure-Python pickler that writes ``_TorchName``s as GLOBAL opcodes and storage tuples as
+  persistent ids, the way torch.save lays out a state dict."""
+  dispatch = dict(pickle._Pickler.dispatch)
+
+  def _save_name(self, obj):
+    self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+    self.memoize(obj)
+
+  dispatch[_TorchName] = _save_name
+
+  def persistent_id(self, obj):
+    return obj if isinstance(obj, tuple) and obj[:1] == ("storage",) else None
+
+
+class _PickledTensor:
+  def __init__(self, storage, shape):
+    stride = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+    self.args = (storage, 0, tuple(shape), stride, False, collections.OrderedDict())
+
+  def __reduce__(self):
+    return _TorchName("torch._utils", "_rebuild_tensor_v2"), self.args
+
+
+_STORAGE_NAMES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
+
+
+def _write_torch_pth(path: str, state_dict: dict, legacy: bool) -> None:
+  """Writes ``state_dict`` (name -> float32 / int64 array) as ``torch.save`` would: a zip archive
+  (``archive/data.pkl`` + ``archive/data/<key>``) or the legacy stream (magic number, protocol
+  1001, system info, the object, the storage keys, then each storage's int64 size and bytes)."""
+  arrays, tensors = {}, collections.OrderedDict()
+  for i, (name, value) in enumerate(state_dict.items()):
+    arr = np.array(value, order="C")  # a copy; keeps 0-d arrays 0-d
+    key = str(i)
+    pid = ("storage", _TorchName("torch", _STORAGE_NAMES[arr.dtype]), key, "cpu", arr.size)
+    tensors[name] = _PickledTensor(pid + (None,) if legacy else pid, arr.shape)
+    arrays[key] = arr
+  buf = io.BytesIO()
+  _TorchPickler(buf, protocol=2).dump(tensors)
+  if legacy:
+    with open(path, "wb") as f:
+      for head in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+        pickle.dump(head, f, protocol=2)
+      f.write(buf.getvalue())
+      pickle.dump(list(arrays), f, protocol=2)
+      for arr in arrays.values():
+        f.write(np.array([arr.size], "<i8").tobytes() + arr.astype(arr.dtype.newbyteorder("<")).tobytes())
+    return
+  with zipfile.ZipFile(path, "w") as zf:
+    zf.writestr("archive/data.pkl", buf.getvalue())
+    zf.writestr("archive/byteorder", "little")
+    zf.writestr("archive/version", "3\n")
+    for key, arr in arrays.items():
+      zf.writestr(f"archive/data/{key}", arr.tobytes())
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_state_dict_pth_is_read_without_torch(tmp_path, monkeypatch, legacy):
+  """A small pytorch-fid-style state dict (a conv kernel, BN statistics with the int64
+  num_batches_tracked, the fc bias) in both torch.save formats reads back exactly with torch
+  unimportable; a .pth whose pickle names any other global is refused and nothing runs."""
+  import inception_weights as iw
+  import score_sde_import
+  rng = np.random.default_rng(0)
+  sd = {"Conv2d_1a_3x3.conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+        "Conv2d_1a_3x3.bn.running_var": rng.uniform(0.5, 2, size=4).astype(np.float32),
+        "Conv2d_1a_3x3.bn.num_batches_tracked": np.array(7, np.int64),
+        "fc.bias": rng.normal(size=8).astype(np.float32)}
+  path = str(tmp_path / "small.pth")
+  _write_torch_pth(path, sd, legacy)
+  assert zipfile.is_zipfile(path) != legacy
+  monkeypatch.setitem(sys.modules, "torch", None)
+  got = iw.read_state_dict(path)
+  assert list(got) == list(sd)
+  for k, v in sd.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape
+    np.testing.assert_array_equal(got[k], v)
+  assert iw.torch_key_to_flax("Conv2d_1a_3x3.bn.num_batches_tracked") is None  # dropped
+
+  sentinel = tmp_path / "ran"
+
+  class Evil:
+    def __reduce__(self):
+      return os.system, (f"touch {sentinel}",)
+
+  evil = str(tmp_path / "evil.pth")
+  with open(evil, "wb") as f:
+    pickle.dump(Evil(), f, protocol=2)
+  with pytest.raises(score_sde_import.UnsafePickleError, match="refusing to unpickle global"):
+    iw.read_state_dict(evil)
+  assert not sentinel.exists()
+
+
+# ------------------------------------------------------------------------------ 8-bit FID inputs
+
+def _float64_floor(v: np.ndarray) -> np.ndarray:
+  return np.clip(np.floor(v), 0, 255).astype(np.uint8)
+
+
+def test_quantize_8bit_rounds_as_score_sde_and_edm():
+  """score_sde truncates 255 u (u = (x + 1) / 2); EDM floors 127.5 x + 128 = 255 u + 1/2 (round
+  half up). Oracle: the same maps in float64 away from the level boundaries, and stated values."""
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1.2, 1.2, size=(3, 4, 4, 3)).astype(np.float32)
+  u = (x.astype(np.float64) + 1) / 2
+  for rounding, exact in (("score_sde", 255 * u), ("edm", 255 * u + 0.5)):
+    q = ev.quantize_8bit(x, True, rounding)
+    assert q.dtype == np.uint8 and q.shape == x.shape
+    away = np.abs(exact - np.round(exact)) > 1e-3
+    np.testing.assert_array_equal(q[away], _float64_floor(exact)[away])
+    # uncentered samples are already u: the same images
+    np.testing.assert_array_equal(ev.quantize_8bit(u.astype(np.float32), False, rounding)[away],
+                                  q[away])
+  mid = np.array([-1.0, -1.5, 0.0, 1.0, 1.3, 2 * 10.75 / 255 - 1], np.float32).reshape(1, 1, 2, 3)
+  np.testing.assert_array_equal(ev.quantize_8bit(mid, True, "score_sde").ravel(),
+                                [0, 0, 127, 255, 255, 10])
+  np.testing.assert_array_equal(ev.quantize_8bit(mid, True, "edm").ravel(),
+                                [0, 0, 128, 255, 255, 11])
+  diff = ev.quantize_8bit(x, True, "edm").astype(int) - ev.quantize_8bit(x, True, "score_sde")
+  assert set(np.unique(diff)) <= {0, 1} and 0.3 < diff.mean() < 0.7  # they differ by one level
+  with pytest.raises(ValueError, match="not finite"):
+    ev.quantize_8bit(np.array([[[[np.nan]]]]), True, "edm")
+  with pytest.raises(ValueError, match="rounding"):
+    ev.quantize_8bit(x, True, "round")
+  with pytest.raises(TypeError, match="uint8"):
+    ev.inception_metrics({}, x)
+
+
+def test_levels_to_uint8_is_the_identity_on_8bit_data():
+  k = np.arange(256)
+  np.testing.assert_array_equal(ev.levels_to_uint8(k, 256), k.astype(np.uint8))
+  np.testing.assert_array_equal(np.asarray(ev.levels_to_uint8(jnp.asarray(k), 256)), k)
+  np.testing.assert_array_equal(ev.levels_to_uint8(np.arange(17), 17),
+                                np.floor(np.arange(17) * 255 / 16 + 0.5).astype(np.uint8))
+
+
+def _spy_inception(monkeypatch, seen: list):
+  """Replaces the Inception forward by one whose 'pool3' is its preprocessed input (no resize:
+  ``size`` is the image size), recording the dtype it was given."""
+  def spy(variables, images, size=299):
+    seen.append(images.dtype)
+    x = ev.preprocess_for_inception(images, images.shape[1])
+    return x.reshape(x.shape[0], -1), jnp.zeros((x.shape[0], 2), jnp.float32)
+
+  monkeypatch.setattr(ev, "inception_apply", spy)
+
+
+@pytest.mark.parametrize("config_name, rounding", [("cifar_vp_dsm", "score_sde"),
+                                                   ("cifar_edm_dsm", "edm")])
+def test_eval_fid_features_see_exactly_the_quantized_samples(tmp_path, monkeypatch, config_name,
+                                                             rounding):
+  """--mode=eval's FID path: the features' input is quantize_8bit(samples) / 255 exactly (uint8,
+  at most 256 values, the model's paper's rounding), and samples that round alike give
+  identical features."""
+  import importlib
+  import types
+  import run_lib
+  import sde_lib
+  from modes import evaluate as evaluate_mode
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  config.eval.num_samples, config.eval.fid_stats = 5, ""
+  cfg = run_lib.validate_config(config)
+  model = types.SimpleNamespace(sde=sde_lib.get_sde(cfg.sde))
+  rng = np.random.default_rng(1)
+  levels = rng.integers(0, 256, size=(5, 32, 32, 3))
+  # 255 u = k + f, f in [0.55, 0.95]: score_sde gives k, EDM k + 1 (255 at most)
+  sets = [(2 * (levels + rng.uniform(0.55, 0.95, size=levels.shape)) / 255 - 1).astype(np.float32)
+          for _ in range(2)]
+  seen, calls = [], []
+  _spy_inception(monkeypatch, seen)
+  monkeypatch.setattr(ev, "load_inception_params",
+                      lambda path: {"params": {"fc": {"kernel": np.zeros((32 * 32 * 3, 2))}}})
+  features = ev.inception_features
+
+  def recording(variables, images, *args, **kwargs):
+    out = features(variables, images, *args, **kwargs)
+    calls.append((np.asarray(images), out.pool3))
+    return out
+
+  monkeypatch.setattr(ev, "inception_features", recording)
+  for samples in sets:
+    monkeypatch.setattr(run_lib, "generate", lambda config, model, n, key, s=samples: (s, 1))
+    out = evaluate_mode._samples_and_metrics(cfg, model, jax.random.PRNGKey(0), str(tmp_path),
+                                             "weights.npz")
+    assert out["fid_rounding"] == rounding and out["inception_score"] == pytest.approx(1.0)
+  q = levels if rounding == "score_sde" else np.minimum(levels + 1, 255)
+  np.testing.assert_array_equal(ev.quantize_8bit(sets[0], True, rounding), q)
+  (images, pool3), (images_b, pool3_b) = calls
+  assert images.dtype == np.uint8 and seen and all(d == jnp.uint8 for d in seen)
+  np.testing.assert_array_equal(images, q)
+  # what Inception is fed for level k: 2 (k / 255) - 1 (preprocess_for_inception; XLA's float32
+  # arithmetic may differ from NumPy's by an ulp), one value per level
+  fed = pool3.reshape(q.shape)
+  np.testing.assert_allclose(fed, 2 * (q / 255.0) - 1, rtol=0, atol=3e-7)
+  np.testing.assert_array_equal(np.rint((fed.astype(np.float64) + 1) / 2 * 255), q)
+  assert len(np.unique(fed)) == len(np.unique(q)) <= 256
+  np.testing.assert_array_equal(images_b, images)
+  np.testing.assert_array_equal(pool3_b, pool3)
+
+
+def test_inception_features_identical_for_samples_that_round_alike(random_variables):
+  """With the real network (random weights, 75 x 75 input): two sample sets that round to the same
+  8-bit images give identical pool3 (one call, so one compilation)."""
+  rng = np.random.default_rng(0)
+  levels = rng.integers(0, 256, size=(3, 20, 20, 1))
+  a, b = ((2 * (levels + rng.uniform(0.05, 0.95, size=levels.shape)) / 255 - 1).astype(np.float32)
+          for _ in range(2))
+  qa, qb = ev.quantize_8bit(a, True, "score_sde"), ev.quantize_8bit(b, True, "score_sde")
+  np.testing.assert_array_equal(qa, levels.astype(np.uint8))
+  np.testing.assert_array_equal(qa, qb)
+  pool3 = ev.inception_features(random_variables, np.concatenate([qa, qb]), batch_size=8,
+                                size=75).pool3
+  assert np.abs(a - b).min() > 0 and float(np.std(pool3)) > 0
+  np.testing.assert_array_equal(pool3[:3], pool3[3:])  # different samples, the same features
+
+
+def test_weight_converter_roundtrips_a_synthetic_torch_state_dict(tmp_path, random_variables,
+                                                                 monkeypatch):
   conv = _converter()
   sd = conv.export_state_dict(random_variables)
   # torch layouts (OIHW convs, (out, in) fc) of pytorch-fid's FIDInceptionV3
@@ -333,9 +571,10 @@ def test_weight_converter_roundtrips_a_synthetic_torch_state_dict(tmp_path, rand
   assert set(flat) == set(ref)
   for k in ref:
     np.testing.assert_array_equal(flat[k], ref[k])
-  # CLI on the .npz export -> loadable weights identical to the originals
-  src, dst = str(tmp_path / "sd.npz"), str(tmp_path / "converted.npz")
-  np.savez(src, **sd)
+  # CLI on a torch zip .pth, with torch unimportable -> loadable weights identical to the originals
+  src, dst = str(tmp_path / "pt_inception.pth"), str(tmp_path / "converted.npz")
+  _write_torch_pth(src, sd, legacy=False)
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` would raise ImportError
   conv.main(["--input", src, "--output", dst])
   loaded = ev.flatten_variables(ev.load_inception_params(dst))
   for k in ref:
@@ -348,14 +587,17 @@ def test_weight_converter_roundtrips_a_synthetic_torch_state_dict(tmp_path, rand
     conv.convert_state_dict(bad, "bad.pth")
 
 
-def test_fid_weights_fetched_checked_converted_once_into_the_cache(tmp_path, random_variables):
+def test_fid_weights_fetched_checked_converted_once_into_the_cache(tmp_path, random_variables,
+                                                                   monkeypatch):
   """First use with eval.inception_weights='' downloads the published file (here a file:// URL to
-  a synthetic state dict with the real shapes), checks its sha256 prefix, converts it into the
-  cache and deletes the download; later uses read the cache without the network. A wrong
-  checksum keeps nothing; offline, the error names the URL, the cache path and the command."""
+  a synthetic legacy-format torch .pth with the real shapes, read without torch), checks its
+  sha256 prefix, converts it into the cache and deletes the download; later uses read the cache
+  without the network. A wrong checksum keeps nothing; offline, the error names the URL, the
+  cache path and the command."""
   import inception_weights as iw
-  src = str(tmp_path / "pt_inception_state_dict.npz")
-  np.savez(src, **iw.export_state_dict(random_variables))
+  src = str(tmp_path / "pt_inception-2015-12-05-synthetic.pth")
+  _write_torch_pth(src, iw.export_state_dict(random_variables), legacy=True)
+  monkeypatch.setitem(sys.modules, "torch", None)
   url, cache = "file://" + src, str(tmp_path / "cache")
   with pytest.raises(ValueError, match="sha256"):
     iw.resolve_inception_weights("", cache, url=url, sha256_prefix="00000000")
