@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from experiments import scales  # noqa: E402
+from experiments import common  # noqa: E402
 
 PAPERS_DIR = os.path.join(ROOT, "..", "shared", "papers")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "score_sde_pytorch")  # copies of ../shared/fixtures
@@ -462,7 +462,7 @@ def add_flags(parser: argparse.ArgumentParser, checkpoint_help: str) -> None:
   """The flags every table script takes."""
   parser.add_argument("--out", required=True, help="output folder (cells resume inside it)")
   parser.add_argument("--checkpoint", nargs="+", default=[], help=checkpoint_help)
-  scales.add_flags(parser, smoke="the shared nf-16 fixture network, a few samples, mock data in "
+  common.add_flags(parser, smoke="the shared nf-16 fixture network, a few samples, mock data in "
                    "the test suite", full="train at the paper's schedule (a GPU / TPU)",
                    long="not used by the CIFAR table scripts")
   parser.add_argument("--dry-run", action="store_true",
@@ -499,7 +499,7 @@ def parse(parser: argparse.ArgumentParser, argv, n_checkpoints: int = 1) -> Run:
   """Parses and checks the flags: ``--checkpoint`` (``n_checkpoints`` files) or ``--full`` (or
   ``--smoke``, which uses the shared fixture when no checkpoint is given)."""
   args = parser.parse_args(argv)
-  scale = scales.chosen(args)
+  scale = common.chosen(args)
   if scale == "long":
     parser.error("--long: the CIFAR table scripts run at --smoke, from --checkpoint, or --full")
   ckpts = list(args.checkpoint)

@@ -33,7 +33,6 @@ digits, 500 sampler steps; ``--smoke``: tiny networks, a few samples.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from experiments import scales  # noqa: E402
+from experiments import common  # noqa: E402
 
 CS = (0.0, 1.0, 2.0)  # generative diffusion h^2 = c g^2: the ODE and two reverse SDEs
 SCALES = {  # per class, sampler steps, (c, s) guidance settings, test images inpainted
@@ -247,7 +246,6 @@ def _strip(result: dict) -> dict:
 
 
 def write(result: dict, out: str, scale: str, seconds: float) -> None:
-  os.makedirs(out, exist_ok=True)
   saved = dict(_strip(result), scale=scale, seconds=seconds,
                claim="Song et al. 2021 §5 / App. I: a noise-conditional classifier turns the "
                      "unconditional score model into class-conditional samplers (any c) and "
@@ -255,16 +253,13 @@ def write(result: dict, out: str, scale: str, seconds: float) -> None:
                units={"accuracy": "share of samples", "recovered": "share of test images",
                       "hidden_mse": "mean squared error per hidden pixel, grey in [0, 1]",
                       "seconds": "s (wall)"})
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump(saved, f, indent=2)
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(table_lines(saved)) + "\n")
+  common.write(out, saved, table_lines(saved))
   _figures(result, out)
 
 
 def table_lines(r: dict) -> list[str]:
   curve = r["classifier_curve"]
-  lines = [f"Scale {r['scale']!r}, {scales.duration(r['seconds'])}; digits_vp score model at step "
+  lines = [f"Scale {r['scale']!r}, {common.duration(r['seconds'])}; digits_vp score model at step "
            f"{r['score_model_step']}, classifier {r['classifier_steps']} steps (held-out "
            f"accuracy {curve['accuracy'][0]:.3f} at t = {curve['t'][0]:.0e}, "
            f"{curve['accuracy'][len(curve['t']) // 2]:.3f} at t = "
@@ -295,9 +290,6 @@ def _grid(images: np.ndarray, nrow: int, path: str) -> None:
 
 
 def _figures(result: dict, out: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   per_class = result["per_class"]
   for g in result["guided"].values():
     _grid(g["samples"], per_class, os.path.join(out, f"guided_c{g['c']:g}_s{g['s']:g}.png"))
@@ -305,18 +297,15 @@ def _figures(result: dict, out: str) -> None:
           if not k.startswith(("_", "unconditional"))]
   observed = np.where(result["inpainting"]["_known_top_half"], rows[0], -1.0)
   _grid(np.concatenate([rows[0], observed] + rows[1:]), 12, os.path.join(out, "inpainting.png"))
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name, g in result["guided"].items():
-    ax.plot(range(10), g["per_class"], "o-", label=f"{name}: {g['accuracy']:.2f}")
-  ax.axhline(0.9, color="gray", ls="--", label="aim 0.9")
-  ax.set_xticks(range(10))
-  ax.set_xlabel("requested digit")
-  ax.set_ylabel("share classified as requested")
-  ax.set_ylim(0, 1.02)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "guided_accuracy.png"), dpi=100)
-  plt.close(fig)
+  with common.figure(os.path.join(out, "guided_accuracy.png"), figsize=(7, 4)) as (fig, ax):
+    for name, g in result["guided"].items():
+      ax.plot(range(10), g["per_class"], "o-", label=f"{name}: {g['accuracy']:.2f}")
+    ax.axhline(0.9, color="gray", ls="--", label="aim 0.9")
+    ax.set_xticks(range(10))
+    ax.set_xlabel("requested digit")
+    ax.set_ylabel("share classified as requested")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
 
 
 def summarize(result: dict) -> list[dict]:
@@ -347,16 +336,12 @@ def summarize(result: dict) -> list[dict]:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
+  parser = common.parser(__doc__, long="36 guided samples per digit and setting, 500 steps",
+                         full="100 per digit, 1000 steps")
   parser.add_argument("--score-workdir", default=None,
                       help="a finished digits_vp workdir to reuse (else DIR/score_model)")
-  scales.add_flags(parser, long="36 guided samples per digit and setting, 500 steps",
-                   full="100 per digit, 1000 steps")
   args = parser.parse_args(argv)
-  from absl import logging
-  logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
-  scale = scales.chosen(args)
+  scale = common.start(args)  # absl at INFO: the modes' progress lines (rate, ETA)
   t0 = time.time()
   result = run(scale, args.out, args.score_workdir)
   write(result, args.out, scale, seconds=time.time() - t0)

@@ -20,15 +20,13 @@ DIR/table.md and DIR/elbo_vs_training.png. Units: nats per example (toy), bits/d
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import scales  # noqa: E402
+from experiments import common  # noqa: E402
 
 OBJECTIVES = (("dsm_default", "dsm", "default"), ("dsm_lw_is", "dsm", "likelihood_is"),
               ("ssm_lw", "ssm", "likelihood"))
@@ -55,7 +53,7 @@ def run_config(data: str, target: str, weighting: str, scale: str):
     n_iters, n_evals = s["digits_iters"], s["digits_evals"]
     config.eval.split = s["split"]
     if scale == "default":  # ~4 CPU-minutes an objective: train 1 min, 3 checkpoints' evals
-      config.model.ema_rate = scales.SHORT_RUN_EMA_RATE
+      config.model.ema_rate = common.SHORT_RUN_EMA_RATE
       config.eval.rtol = config.eval.atol = 1e-4
     config.eval.bound = False
     if scale == "smoke":
@@ -130,13 +128,11 @@ def summarize(result: dict) -> list[dict]:
 
 
 def write(runs: list[dict], out: str, scale: str, seconds: float = float("nan")) -> None:
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump({"runs": runs, "scale": scale, "seconds": seconds,
-               "digits_eval_split": SCALES[scale]["split"],
-               "claim": "Huang et al. §6.1 / Fig. 3: -CT-ELBO of the plug-in reverse SDE vs the "
-                        "ODE's NLL through training, by iterations and by runtime"}, f, indent=2)
-  lines = [f"Scale {scale!r}, {scales.duration(seconds)}; digits evaluated on "
+  result = {"runs": runs, "scale": scale, "seconds": seconds,
+            "digits_eval_split": SCALES[scale]["split"],
+            "claim": "Huang et al. §6.1 / Fig. 3: -CT-ELBO of the plug-in reverse SDE vs the "
+                     "ODE's NLL through training, by iterations and by runtime"}
+  lines = [f"Scale {scale!r}, {common.duration(seconds)}; digits evaluated on "
            f"{SCALES[scale]['split']!r}.", "",
            "| data | objective | step | train time (s) | ODE NLL | −CT-ELBO (ISM form) | "
            "−CT-ELBO (DSM form) | unit |", "|---|---|---|---|---|---|---|---|"]
@@ -146,57 +142,45 @@ def write(runs: list[dict], out: str, scale: str, seconds: float = float("nan"))
                    f"{p['ode']:.3f} ± {p['ode_stderr']:.3f} | {p['ct_elbo_ism']:.3f} ± "
                    f"{p['ct_elbo_ism_stderr']:.3f} | {p['ct_elbo_dsm']:.3f} ± "
                    f"{p['ct_elbo_dsm_stderr']:.3f} | {r['unit']} |")
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  common.write(out, result, lines)
   _figure(runs, out)
 
 
 def _figure(runs: list[dict], out: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   datas = sorted({r["data"] for r in runs})
-  fig, axes = plt.subplots(len(datas), 2, figsize=(10, 3.8 * len(datas)), squeeze=False)
-  for i, data in enumerate(datas):
-    for j, (x_key, x_label) in enumerate((("step", "training step"),
-                                          ("train_seconds", "training time (s)"))):
-      ax = axes[i, j]
-      for k, r in enumerate(r for r in runs if r["data"] == data):
-        x = [p[x_key] for p in r["points"]]
-        color = f"C{k}"
-        ax.plot(x, [p["ct_elbo_ism"] for p in r["points"]], "o-", color=color,
-                label=f"{r['objective']}: −CT-ELBO")
-        ax.plot(x, [p["ode"] for p in r["points"]], "s--", color=color, alpha=0.6,
-                label=f"{r['objective']}: ODE NLL")
-      ax.set_xlabel(x_label)
-      ax.set_ylabel(f"{data}: {runs[0]['unit'] if data != 'digits' else 'bits/dim'}")
-      if j == 0:
-        ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "elbo_vs_training.png"), dpi=100)
-  plt.close(fig)
+  with common.figure(os.path.join(out, "elbo_vs_training.png"), len(datas), 2, figsize=(10, 3.8 * len(datas)), squeeze=False) as (fig, axes):
+    for i, data in enumerate(datas):
+      for j, (x_key, x_label) in enumerate((("step", "training step"),
+                                            ("train_seconds", "training time (s)"))):
+        ax = axes[i, j]
+        for k, r in enumerate(r for r in runs if r["data"] == data):
+          x = [p[x_key] for p in r["points"]]
+          color = f"C{k}"
+          ax.plot(x, [p["ct_elbo_ism"] for p in r["points"]], "o-", color=color,
+                  label=f"{r['objective']}: −CT-ELBO")
+          ax.plot(x, [p["ode"] for p in r["points"]], "s--", color=color, alpha=0.6,
+                  label=f"{r['objective']}: ODE NLL")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(f"{data}: {runs[0]['unit'] if data != 'digits' else 'bits/dim'}")
+        if j == 0:
+          ax.legend(fontsize=7)
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  scales.add_flags(parser, smoke="40 steps, 2 evals",
-                   long="digits: 600 steps, 5 evals, 360 test images",
-                   full="the paper's 20k toy steps, 10 evals")
+  parser = common.parser(__doc__, smoke="40 steps, 2 evals",
+                         long="digits: 600 steps, 5 evals, 360 test images",
+                         full="the paper's 20k toy steps, 10 evals")
   parser.add_argument("--digits", action="store_true", help="also on digits (slower)")
   args = parser.parse_args(argv)
-  from absl import logging
-  logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
-  scale = scales.chosen(args)
-  runs, t0 = [], time.time()
+  scale = common.start(args)  # absl at INFO: the modes' progress lines (rate, ETA)
+  runs = []
   jobs = [(d, o) for d in (("swiss_roll", "digits") if args.digits else ("swiss_roll",))
           for o in OBJECTIVES]
-  for i, (data, (name, target, weighting)) in enumerate(jobs):
+  for (data, (name, target, weighting)), done in common.each(jobs):
     runs.append(run_objective(data, name, target, weighting, scale, args.out))
     last = runs[-1]["points"][-1]
-    print(f"{data}/{name}: ODE {last['ode']:.4f}, -CT-ELBO {last['ct_elbo_ism']:.4f} "
-          f"({i + 1}/{len(jobs)}, {time.time() - t0:.0f} s)", flush=True)
-    write(runs, args.out, scale, seconds=time.time() - t0)
+    seconds = done(f"{data}/{name}: ODE {last['ode']:.4f}, -CT-ELBO {last['ct_elbo_ism']:.4f}")
+    write(runs, args.out, scale, seconds=seconds)
 
 
 if __name__ == "__main__":

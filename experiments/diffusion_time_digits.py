@@ -21,7 +21,6 @@ bits/dim at T = 0.2 with the auxiliary prior.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from experiments import scales  # noqa: E402
+from experiments import common  # noqa: E402
 
 SCALES = {  # T grid, training steps, Fig. 4 T grid / seeds / samples, fit samples, SDE steps at
   # T = 1, the evaluated split
@@ -71,7 +70,7 @@ def base_config(dataset: str, t_end: float, scale: str):
   config.eval.bound = False  # bits/dim of the ODE is the paper's metric; the bound is eval's job
   config.eval.split = s["split"]
   if scale == "default":
-    config.model.ema_rate = scales.SHORT_RUN_EMA_RATE
+    config.model.ema_rate = common.SHORT_RUN_EMA_RATE
   config.sampling.method, config.sampling.c = "sde", 1.0  # Fig. 7: reverse SDE, steps ∝ T
   config.sampling.n_steps = max(2, int(round(s["sde_steps"] * t_end)))
   config.prior.n_fit_samples = s["n_fit"]
@@ -207,18 +206,15 @@ def summarize(result: dict) -> list[dict]:
 
 def write(rows: list[dict], fig4: list[dict], out: str, dataset: str, scale: str = "default",
           seconds: float = float("nan")) -> None:
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump({"dataset": dataset, "rows": rows, "effective_components": fig4, "scale": scale,
-               "eval_split": SCALES[scale]["split"], "seconds": seconds,
-               "units": {"bpd": "bits/dim", "cross_entropy": "nats/dim"},
-               "claim": "Franzese et al. Tables 2/4: at small T an auxiliary prior fitted to "
-                        "p(x, T) lowers bits/dim below the Gaussian prior's (MNIST 1.75 -> 1.33 "
-                        "at T = 0.2); Fig. 4: p(x, T) needs more mixture components at small T"},
-              f, indent=2)
+  result = {"dataset": dataset, "rows": rows, "effective_components": fig4, "scale": scale,
+            "eval_split": SCALES[scale]["split"], "seconds": seconds,
+            "units": {"bpd": "bits/dim", "cross_entropy": "nats/dim"},
+            "claim": "Franzese et al. Tables 2/4: at small T an auxiliary prior fitted to "
+                     "p(x, T) lowers bits/dim below the Gaussian prior's (MNIST 1.75 -> 1.33 "
+                     "at T = 0.2); Fig. 4: p(x, T) needs more mixture components at small T"}
   used = [(k, h) for k, h in PRIORS if any(f"{k}_bpd" in r for r in rows)]
   lines = [f"Scale {scale!r}: bits/dim of the probability-flow ODE on {SCALES[scale]['split']!r}; "
-           f"{scales.duration(seconds)} (this invocation).", "",
+           f"{common.duration(seconds)} (this invocation).", "",
            "| T | " + " | ".join(f"bits/dim, {h}" for _, h in used) + " | ODE NFE (Gaussian) | "
            "reverse-SDE steps | cross-entropy at T, Gaussian / DPGMM (nats/dim) | DPGMM effective "
            "components |", "|---|" + "---|" * (len(used) + 4)]
@@ -232,58 +228,44 @@ def write(rows: list[dict], fig4: list[dict], out: str, dataset: str, scale: str
             "", "| T | median | 95% band | per seed |", "|---|---|---|---|"]
   lines += [f"| {r['T']:.2f} | {r['median']:g} | {r['band_95'][0]:g}–{r['band_95'][1]:g} | "
             f"{r['effective_components']} |" for r in fig4]
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  common.write(out, result, lines)
   _figures(rows, fig4, used, out)
 
 
 def _figures(rows, fig4, used, out: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 4))
-  for k, h in used:
-    have = [r for r in rows if f"{k}_bpd" in r]
-    ax.errorbar([r["T"] for r in have], [r[f"{k}_bpd"] for r in have],
-                [r[f"{k}_bpd_stderr"] for r in have], marker="o", capsize=3, label=h)
-  ax.set_xlabel("diffusion time T")
-  ax.set_ylabel("bits/dim (test split)")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "bpd_vs_T.png"), dpi=100)
-  plt.close(fig)
+  with common.figure(os.path.join(out, "bpd_vs_T.png"), figsize=(5, 4)) as (fig, ax):
+    for k, h in used:
+      have = [r for r in rows if f"{k}_bpd" in r]
+      ax.errorbar([r["T"] for r in have], [r[f"{k}_bpd"] for r in have],
+                  [r[f"{k}_bpd_stderr"] for r in have], marker="o", capsize=3, label=h)
+    ax.set_xlabel("diffusion time T")
+    ax.set_ylabel("bits/dim (test split)")
+    ax.legend()
   _samples_figure(rows, os.path.join(out, "samples_vs_T.png"))
-  fig, ax = plt.subplots(figsize=(5, 4))
-  t4 = [r["T"] for r in fig4]
-  ax.plot(t4, [r["median"] for r in fig4], "o-", label="median over seeds")
-  ax.fill_between(t4, [r["band_95"][0] for r in fig4], [r["band_95"][1] for r in fig4],
-                  alpha=0.3, label="95% band")
-  ax.set_xlabel("diffusion time T")
-  ax.set_ylabel("effective DPGMM components")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "components_vs_T.png"), dpi=100)
-  plt.close(fig)
+  with common.figure(os.path.join(out, "components_vs_T.png"), figsize=(5, 4)) as (fig, ax):
+    t4 = [r["T"] for r in fig4]
+    ax.plot(t4, [r["median"] for r in fig4], "o-", label="median over seeds")
+    ax.fill_between(t4, [r["band_95"][0] for r in fig4], [r["band_95"][1] for r in fig4],
+                    alpha=0.3, label="95% band")
+    ax.set_xlabel("diffusion time T")
+    ax.set_ylabel("effective DPGMM components")
+    ax.legend()
 
 
 def _samples_figure(rows: list[dict], path: str) -> None:
   """Fig. 7 shape: each T's reverse-SDE samples side by side. Rows added to a finished DIR with
   ``--ts`` whose earlier workdirs are gone leave an existing figure as it is."""
-  import matplotlib.pyplot as plt
   from PIL import Image
   have = [r for r in rows if os.path.exists(r["samples_png"])]
   if not have or (len(have) < len(rows) and os.path.exists(path)):
     print(f"{path}: {'kept' if os.path.exists(path) else 'not drawn'} (the samples of T = {[r['T'] for r in rows if r not in have]} are not in "
           f"this DIR's workdirs)", flush=True)
     return
-  fig, axes = plt.subplots(1, len(have), figsize=(3.2 * len(have), 3.6))
-  for ax, r in zip(np.atleast_1d(axes), have):
-    ax.imshow(np.asarray(Image.open(r["samples_png"])), cmap="gray")
-    ax.set_title(f"T={r['T']:g}, {r['sde_steps']} SDE steps")
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  with common.figure(path, 1, len(have), figsize=(3.2 * len(have), 3.6)) as (fig, axes):
+    for ax, r in zip(np.atleast_1d(axes), have):
+      ax.imshow(np.asarray(Image.open(r["samples_png"])), cmap="gray")
+      ax.set_title(f"T={r['T']:g}, {r['sde_steps']} SDE steps")
+      ax.axis("off")
 
 
 def _earlier_rows(out: str, scale: str, dataset: str, ts: list[float]) -> list[dict]:
@@ -296,19 +278,15 @@ def _earlier_rows(out: str, scale: str, dataset: str, ts: list[float]) -> list[d
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  scales.add_flags(parser, smoke="2 T values",
-                   long="T in {0.2, 0.4, 0.6, 1}, 1000 steps per T, 360 test images",
-                   full="the paper's T grid, 5000 steps per T")
+  parser = common.parser(__doc__, smoke="2 T values",
+                         long="T in {0.2, 0.4, 0.6, 1}, 1000 steps per T, 360 test images",
+                         full="the paper's T grid, 5000 steps per T")
   parser.add_argument("--sequential", action="store_true",
                       help="also the sequential DPGMM (ODE push-forward of training data)")
   parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
   parser.add_argument("--ts", default="", help="comma-separated T values (default: the scale's)")
   args = parser.parse_args(argv)
-  from absl import logging
-  logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
-  scale = scales.chosen(args)
+  scale = common.start(args)  # absl at INFO: the modes' progress lines (rate, ETA)
   t0 = time.time()
   fig4_file = os.path.join(args.out, "fig4.json")
   if os.path.exists(fig4_file):  # a rerun reuses finished stages
@@ -322,13 +300,11 @@ def main(argv=None) -> None:
       json.dump(fig4, f)
   ts = [float(v) for v in args.ts.split(",")] if args.ts else list(SCALES[scale]["ts"])
   rows = _earlier_rows(args.out, scale, args.dataset, ts)
-  for i, t_end in enumerate(ts):
+  for t_end, done in common.each(ts, t0):
     rows.append(run_T(args.dataset, t_end, scale, args.out, args.sequential or args.full))
-    print(f"T={t_end:g}: bits/dim Gaussian {rows[-1]['gaussian_bpd']:.4f}, DPGMM "
-          f"{rows[-1]['dpgmm_concurrent_bpd']:.4f} ({i + 1}/{len(ts)}, {time.time() - t0:.0f} s)",
-          flush=True)
-    write(sorted(rows, key=lambda r: r["T"]), fig4, args.out, args.dataset, scale,
-          seconds=time.time() - t0)
+    seconds = done(f"T={t_end:g}: bits/dim Gaussian {rows[-1]['gaussian_bpd']:.4f}, DPGMM "
+                   f"{rows[-1]['dpgmm_concurrent_bpd']:.4f}")
+    write(sorted(rows, key=lambda r: r["T"]), fig4, args.out, args.dataset, scale, seconds=seconds)
 
 
 if __name__ == "__main__":

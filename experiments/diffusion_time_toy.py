@@ -12,11 +12,8 @@ small T loses nothing once nu_phi is fitted). Units: nats (1-D data, so also nat
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,6 +26,7 @@ import config_schema  # noqa: E402
 import sde_lib  # noqa: E402
 import toy_data  # noqa: E402
 from configs.toy_gmm_1d_diffusion_time import get_config  # noqa: E402
+from experiments import common  # noqa: E402
 
 
 def elbo_terms(t_end: float, n_x: int, n_fit: int, seed: int) -> dict:
@@ -51,12 +49,10 @@ def elbo_terms(t_end: float, n_x: int, n_fit: int, seed: int) -> dict:
 
 def run(ts, n_x: int, n_fit: int, seed: int) -> list[dict]:
   rows = []
-  t0 = time.time()
-  for i, t in enumerate(ts):
+  for t, done in common.each(ts):
     rows.append(elbo_terms(t, n_x, n_fit, seed))
-    print(f"T={t:.3f}: ELBO p_noise {rows[-1]['gaussian_elbo']:.4f}, DPGMM "
-          f"{rows[-1]['dpgmm_elbo']:.4f} nats ({i + 1}/{len(ts)}, {time.time() - t0:.0f} s)",
-          flush=True)
+    done(f"T={t:.3f}: ELBO p_noise {rows[-1]['gaussian_elbo']:.4f}, DPGMM "
+         f"{rows[-1]['dpgmm_elbo']:.4f} nats")
   return rows
 
 
@@ -74,13 +70,10 @@ def summarize(result: dict) -> list[dict]:
 
 
 def write(rows: list[dict], out: str) -> None:
-  os.makedirs(out, exist_ok=True)
   best = max(rows, key=lambda r: r["gaussian_elbo"])
   result = {"rows": rows, "T_star_gaussian": best["T"], "unit": "nats",
             "claim": "Franzese et al. Sec. 3 / App. H.1: with p_noise the ELBO needs a large T; a "
                      "fitted auxiliary prior gives (nearly) the same ELBO at small T"}
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump(result, f, indent=2)
   lines = ["| T | ELBO, p_noise (nats) | KL to p_noise | ELBO, DPGMM prior | KL to DPGMM | "
            "DPGMM effective components |", "|---|---|---|---|---|---|"]
   lines += [f"| {r['T']:.3f} | {r['gaussian_elbo']:.4f} ± {r['gaussian_elbo_stderr']:.4f} | "
@@ -88,37 +81,25 @@ def write(rows: list[dict], out: str) -> None:
             f"{r['dpgmm_kl_prior']:.4f} | {r['dpgmm_effective_components']} |" for r in rows]
   lines.append(f"\nlog p_eps (the ELBO's ceiling with the exact score): {rows[-1]['log_data']:.4f} "
                "nats; T* (p_noise) on this grid: " + f"{best['T']:.3f}")
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ts = [r["T"] for r in rows]
-  ax.plot(ts, [r["gaussian_elbo"] for r in rows], "o-", label="ELBO, Gaussian p_noise")
-  ax.plot(ts, [r["dpgmm_elbo"] for r in rows], "s-", label="ELBO, DPGMM prior (concurrent)")
-  ax.axhline(rows[-1]["log_data"], color="k", ls="--", lw=1, label="log p_eps (exact)")
-  ax.set_xscale("log")
-  ax.set_xlabel("diffusion time T")
-  ax.set_ylabel("ELBO (nats)")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "elbo_vs_T.png"), dpi=100)
-  plt.close(fig)
+  common.write(out, result, lines)
+  with common.figure(os.path.join(out, "elbo_vs_T.png"), figsize=(6, 4)) as (fig, ax):
+    ts = [r["T"] for r in rows]
+    ax.plot(ts, [r["gaussian_elbo"] for r in rows], "o-", label="ELBO, Gaussian p_noise")
+    ax.plot(ts, [r["dpgmm_elbo"] for r in rows], "s-", label="ELBO, DPGMM prior (concurrent)")
+    ax.axhline(rows[-1]["log_data"], color="k", ls="--", lw=1, label="log p_eps (exact)")
+    ax.set_xscale("log")
+    ax.set_xlabel("diffusion time T")
+    ax.set_ylabel("ELBO (nats)")
+    ax.legend()
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--full", action="store_true", help="the paper's scale (more T, samples)")
-  parser.add_argument("--smoke", action="store_true", help="seconds: 2 T values, few samples")
+  parser = common.parser(__doc__, ("smoke", "full"), full="more T, samples",
+                         smoke="2 T values, few samples")
   args = parser.parse_args(argv)
-  if args.smoke:
-    ts, n_x, n_fit = [0.1, 1.0], 512, 1000
-  elif args.full:
-    ts, n_x, n_fit = list(np.geomspace(0.02, 1.0, 16)), 16384, 20000
-  else:
-    ts, n_x, n_fit = [0.05, 0.1, 0.2, 0.4, 0.6, 1.0], 4096, 8000
+  ts, n_x, n_fit = {"smoke": ([0.1, 1.0], 512, 1000),
+                    "full": (list(np.geomspace(0.02, 1.0, 16)), 16384, 20000),
+                    "default": ([0.05, 0.1, 0.2, 0.4, 0.6, 1.0], 4096, 8000)}[common.chosen(args)]
   write(run(ts, n_x, n_fit, seed=0), args.out)
 
 

@@ -34,8 +34,6 @@ each case and sigma_0, sampled points overlaid) and DIR/early_late.png (cases 4 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -49,6 +47,7 @@ from scipy import integrate  # noqa: E402
 
 import samplers  # noqa: E402
 import sde_lib  # noqa: E402
+from experiments import common  # noqa: E402
 
 T = 2.0  # Appendix G.2
 EPS = 0.02  # eq. 44
@@ -250,9 +249,6 @@ def summarize(result: dict) -> list[dict]:
 
 
 def write(result: dict, out: str) -> None:
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump(result, f, indent=2)
   lines = [f"Table 3 (Cao et al., App. G.2): L(h) at h^2 = {TABLE3_H2:g}, T = {T:g}. Printed: the "
            "paper; regression: slope of KL vs eps^2 over 10 eps in [0.01, 0.1]; exact: eps -> 0.",
            "", "| sigma_0 | case 1 printed | regression | exact | case 2 printed | regression "
@@ -289,51 +285,39 @@ def write(result: dict, out: str) -> None:
             f"(sigma_0 = {c['reference_sigma0']:g}: max L / L(0) = "
             f"{c['case5_L_ratio_max_over_h2_0']:.3g}). Runtime {result['seconds']:.0f} s "
             f"({result['scale']})."]
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  common.write(out, result, lines)
   h2 = np.asarray(result["h2_grid"])
-  fig, axes = plt.subplots(1, len(CASES), figsize=(4 * len(CASES), 3.6), sharex=True)
-  for ax, case in zip(axes, CASES):
-    for sigma0, ls in result["curves"][case].items():
-      line, = ax.plot(h2, ls, label=f"sigma_0={sigma0}")
-      pts = [r for r in result["sampled"] if r["case"] == case and str(r["sigma0"]) == sigma0]
-      if pts:
-        ax.errorbar([r["h2"] for r in pts], [r["kl_over_eps2_sampled"] for r in pts],
-                    yerr=[r["kl_over_eps2_sampled_se"] for r in pts], fmt="o",
-                    color=line.get_color(), ms=4)
+  with common.figure(os.path.join(out, "L_vs_h2.png"), 1, len(CASES),
+                     figsize=(4 * len(CASES), 3.6), sharex=True) as (fig, axes):
+    for ax, case in zip(axes, CASES):
+      for sigma0, ls in result["curves"][case].items():
+        line, = ax.plot(h2, ls, label=f"sigma_0={sigma0}")
+        pts = [r for r in result["sampled"] if r["case"] == case and str(r["sigma0"]) == sigma0]
+        if pts:
+          ax.errorbar([r["h2"] for r in pts], [r["kl_over_eps2_sampled"] for r in pts],
+                      yerr=[r["kl_over_eps2_sampled_se"] for r in pts], fmt="o",
+                      color=line.get_color(), ms=4)
+      ax.set_yscale("log")
+      ax.set_title(case)
+      ax.set_xlabel("h^2")
+    axes[0].set_ylabel("L(h)  (points: sampled KL / eps^2)")
+    axes[0].legend(fontsize=7)
+  with common.figure(os.path.join(out, "early_late.png"), figsize=(5.5, 4)) as (fig, ax):
+    for case, name in (("case4", "early pulse (case 4)"), ("case5", "late pulse (case 5)")):
+      for sigma0, ls in result["curves"][case].items():
+        ax.plot(h2, ls, "-" if case == "case4" else "--", label=f"{name}, sigma_0={sigma0}")
     ax.set_yscale("log")
-    ax.set_title(case)
     ax.set_xlabel("h^2")
-  axes[0].set_ylabel("L(h)  (points: sampled KL / eps^2)")
-  axes[0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "L_vs_h2.png"), dpi=100)
-  plt.close(fig)
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  for case, name in (("case4", "early pulse (case 4)"), ("case5", "late pulse (case 5)")):
-    for sigma0, ls in result["curves"][case].items():
-      ax.plot(h2, ls, "-" if case == "case4" else "--", label=f"{name}, sigma_0={sigma0}")
-  ax.set_yscale("log")
-  ax.set_xlabel("h^2")
-  ax.set_ylabel("L(h)")
-  ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "early_late.png"), dpi=100)
-  plt.close(fig)
+    ax.set_ylabel("L(h)")
+    ax.legend(fontsize=6)
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--full", action="store_true", help="more sigma_0 / h^2 / samples / steps")
-  parser.add_argument("--smoke", action="store_true", help="seconds: 1 sigma_0, 4 h^2, few samples")
+  parser = common.parser(__doc__, ("smoke", "full"), full="more sigma_0 / h^2 / samples / steps",
+                         smoke="1 sigma_0, 4 h^2, few samples")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  scale = "smoke" if args.smoke else "full" if args.full else "default"
-  write(run(scale, args.seed), args.out)
+  write(run(common.chosen(args), args.seed), args.out)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,14 @@ likelihood weighting lowers the bound; importance sampling lowers the objective'
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from experiments import scales  # noqa: E402
+from experiments import common  # noqa: E402
 
 SDES = (("vpsde", 1e-5), ("subvpsde", 1e-2))  # ScoreFlow App. B: eps per SDE
 WEIGHTINGS = (("default", "sigma^2"), ("likelihood", "g^2"), ("likelihood_is", "g^2 + IS"))
@@ -66,7 +63,7 @@ def cell_config(sde_name: str, eps: float, weighting: str, scale: str):
   config.eval.bound_time_samples = s["bound_t"]
   config.eval.split = s["split"]
   if scale == "default":  # ~5 CPU-minutes a cell: train 1 min, fit q 1.5 min, two evals
-    config.model.ema_rate = scales.SHORT_RUN_EMA_RATE
+    config.model.ema_rate = common.SHORT_RUN_EMA_RATE
     config.eval.rtol = config.eval.atol = 1e-4  # the paired Δ compares two evals of one model
   config.eval.num_samples = 16  # samples are not this experiment's metric
   d = config.dequantizer
@@ -165,17 +162,14 @@ def summarize(result: dict) -> list[dict]:
 
 def write(rows: list[dict], variance: dict | None, out: str, scale: str = "default",
           seconds: float = float("nan")) -> None:
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump({"rows": rows, "is_variance": variance, "scale": scale, "seconds": seconds,
-               "eval_split": SCALES[scale]["split"],
-               "units": {"bpd": "bits/dim", "variance": "(loss units)^2, reduce_mean loss"},
-               "claim": "ScoreFlow Table 2: bound >= NLL in every cell; likelihood weighting (+ IS) "
-                        "lowers the bound; variational dequantization lowers both (finding 5); "
-                        "IS reduces the objective's variance (98.48 -> 0.068 on CIFAR-10)"},
-              f, indent=2)
+  result = {"rows": rows, "is_variance": variance, "scale": scale, "seconds": seconds,
+            "eval_split": SCALES[scale]["split"],
+            "units": {"bpd": "bits/dim", "variance": "(loss units)^2, reduce_mean loss"},
+            "claim": "ScoreFlow Table 2: bound >= NLL in every cell; likelihood weighting (+ IS) "
+                     "lowers the bound; variational dequantization lowers both (finding 5); "
+                     "IS reduces the objective's variance (98.48 -> 0.068 on CIFAR-10)"}
   names = dict(WEIGHTINGS)
-  lines = [f"Scale {scale!r}, {scales.duration(seconds)}. All in bits/dim on "
+  lines = [f"Scale {scale!r}, {common.duration(seconds)}. All in bits/dim on "
            f"{SCALES[scale]['split']!r} (mean ± standard error); Δ = variational − uniform, paired "
            f"per test image.", "",
            "| SDE | weighting | ODE, uniform | bound, uniform | ODE, variational | "
@@ -195,49 +189,37 @@ def write(rows: list[dict], variance: dict | None, out: str, scale: str = "defau
               f"| uniform | {variance['likelihood']['variance']:.4g} | 98.48 |",
               f"| importance sampled | {variance['likelihood_is']['variance']:.4g} | 0.068 |",
               f"| ratio | {variance['variance_ratio']:.3g} | 1448 |"]
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  common.write(out, result, lines)
   _figure(rows, out)
 
 
 def _figure(rows: list[dict], out: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
-  labels = [f"{r['sde'][:-3]}\n{dict(WEIGHTINGS)[r['weighting']]}" for r in rows]
-  x = np.arange(len(rows))
-  for j, (d, k) in enumerate((d, k) for d in DEQUANTIZATIONS for k in ("bpd", "bound_bpd")):
-    ax.bar(x + (j - 1.5) * 0.2, [r[f"{d}_{k}"] for r in rows], 0.2,
-           yerr=[r[f"{d}_{k}_stderr"] for r in rows], label=f"{'ODE' if k == 'bpd' else 'bound'}, {d}")
-  ax.set_xticks(x, labels, fontsize=8)
-  ax.set_ylabel("bits/dim (test split)")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "bpd_cells.png"), dpi=100)
-  plt.close(fig)
+  with common.figure(os.path.join(out, "bpd_cells.png"), figsize=(7, 4)) as (fig, ax):
+    labels = [f"{r['sde'][:-3]}\n{dict(WEIGHTINGS)[r['weighting']]}" for r in rows]
+    x = np.arange(len(rows))
+    for j, (d, k) in enumerate((d, k) for d in DEQUANTIZATIONS for k in ("bpd", "bound_bpd")):
+      ax.bar(x + (j - 1.5) * 0.2, [r[f"{d}_{k}"] for r in rows], 0.2,
+             yerr=[r[f"{d}_{k}_stderr"] for r in rows], label=f"{'ODE' if k == 'bpd' else 'bound'}, {d}")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("bits/dim (test split)")
+    ax.legend(fontsize=8)
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  scales.add_flags(parser, long="VP and sub-VP, 500 steps",
-                   full="5000 steps, nf 32, 1000 bound times")
+  parser = common.parser(__doc__, long="VP and sub-VP, 500 steps",
+                         full="5000 steps, nf 32, 1000 bound times")
   args = parser.parse_args(argv)
-  from absl import logging
-  logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
-  scale = scales.chosen(args)
-  rows, variance, t0 = [], None, time.time()
+  scale = common.start(args)  # absl at INFO: the modes' progress lines (rate, ETA)
+  rows, variance = [], None
   cells = [(s, e, w) for s, e in SDES if s in SCALES[scale]["sdes"] for w, _ in WEIGHTINGS]
-  for i, (sde_name, eps, weighting) in enumerate(cells):
+  for (sde_name, eps, weighting), done in common.each(cells):
     row, config, wd = run_cell(sde_name, eps, weighting, scale, args.out)
     rows.append(row)
     if (sde_name, weighting) == ("vpsde", "likelihood"):
       variance = is_variance_ratio(config, wd, SCALES[scale]["variance_draws"])
-    print(f"{sde_name}/{weighting}: bits/dim {row['uniform_bpd']:.4f} (uniform) "
-          f"{row['variational_bpd']:.4f} (variational) ({i + 1}/{len(cells)}, "
-          f"{time.time() - t0:.0f} s)", flush=True)
-    write(rows, variance, args.out, scale, seconds=time.time() - t0)
+    seconds = done(f"{sde_name}/{weighting}: bits/dim {row['uniform_bpd']:.4f} (uniform) "
+                   f"{row['variational_bpd']:.4f} (variational)")
+    write(rows, variance, args.out, scale, seconds=seconds)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,14 @@ training loss and its rolling variance over 50 steps, DSM and STF on the same ax
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from experiments import scales  # noqa: E402
+from experiments import common  # noqa: E402
 
 SETTINGS = (("vpsde", "default"), ("vesde", "default"), ("vpsde", "likelihood_is"))
 TARGETS = ("dsm", "stf")
@@ -60,7 +57,7 @@ def run_config(sde_name: str, weighting: str, target: str, scale: str):
   config.model.nf = s["nf"]
   config.eval.split = s["split"]
   if scale == "default":
-    config.model.ema_rate = scales.SHORT_RUN_EMA_RATE
+    config.model.ema_rate = common.SHORT_RUN_EMA_RATE
   config.eval.rtol = config.eval.atol = s["tol"]
   config.eval.bound = False  # the ODE's bits/dim is the comparison; the bound is eval's job
   config.eval.num_samples = 64
@@ -120,16 +117,13 @@ def summarize(result: dict) -> list[dict]:
 
 
 def write(runs: list[dict], out: str, scale: str, seconds: float = float("nan")) -> None:
-  os.makedirs(out, exist_ok=True)
   result = {"runs": runs, "scale": scale, "window": SCALES[scale]["window"], "seconds": seconds,
             "eval_split": SCALES[scale]["split"],
             "claim": "Xu et al.: STF's reference-batch target lowers the training loss's variance "
                      "and trains equal or better models; here VP, VE and VP + LW + IS on digits",
             "units": {"bpd": "bits/dim", "loss": "training loss against the run's own target"}}
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump(result, f, indent=2)
   lines = [f"Scale {scale!r}: bits/dim of the probability-flow ODE on {SCALES[scale]['split']!r} "
-           f"(rtol = atol = {SCALES[scale]['tol']:g}); {scales.duration(seconds)}.", "",
+           f"(rtol = atol = {SCALES[scale]['tol']:g}); {common.duration(seconds)}.", "",
            "| SDE | weighting | target | n | steps | bits/dim (ODE) | ODE NFE | loss variance, 2nd half "
            "| loss mean, 2nd half | final held-out loss | feature distance ↓ |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -139,51 +133,39 @@ def write(runs: list[dict], out: str, scale: str, seconds: float = float("nan"))
                  f"{r['n_iters']} | {r['bpd']:.3f} ± {r['bpd_stderr']:.3f} | "
                  f"{r['likelihood_nfe']:.0f} | {r['loss_variance_second_half']:.4g} | "
                  f"{r['loss_mean_second_half']:.4g} | {r['final_heldout_loss']:.4g} | {fd} |")
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  common.write(out, result, lines)
   _figure(runs, out, SCALES[scale]["window"])
 
 
 def _figure(runs: list[dict], out: str, window: int) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   pairs = sorted({(r["sde"], r["weighting"]) for r in runs})
-  fig, axes = plt.subplots(2, len(pairs), figsize=(4.2 * len(pairs), 6), squeeze=False)
-  for j, pair in enumerate(pairs):
-    for r in (r for r in runs if (r["sde"], r["weighting"]) == pair):
-      steps, values = (np.asarray(v) for v in zip(*r["train_loss_curve"]))
-      axes[0, j].plot(steps, values, lw=0.6, label=r["target"].upper())
-      var = rolling_variance(values, window)
-      axes[1, j].plot(steps[window - 1:], var, lw=0.8, label=r["target"].upper())
-    axes[0, j].set_title(f"{pair[0]}, {pair[1]}", fontsize=10)
-    axes[0, j].set_yscale("log")
-    axes[1, j].set_yscale("log")
-    axes[1, j].set_xlabel("step")
-    axes[0, j].legend(fontsize=8)
-  axes[0, 0].set_ylabel("training loss (own target)")
-  axes[1, 0].set_ylabel(f"rolling variance ({window} steps)")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "loss_traces.png"), dpi=100)
-  plt.close(fig)
+  with common.figure(os.path.join(out, "loss_traces.png"), 2, len(pairs), figsize=(4.2 * len(pairs), 6), squeeze=False) as (fig, axes):
+    for j, pair in enumerate(pairs):
+      for r in (r for r in runs if (r["sde"], r["weighting"]) == pair):
+        steps, values = (np.asarray(v) for v in zip(*r["train_loss_curve"]))
+        axes[0, j].plot(steps, values, lw=0.6, label=r["target"].upper())
+        var = rolling_variance(values, window)
+        axes[1, j].plot(steps[window - 1:], var, lw=0.8, label=r["target"].upper())
+      axes[0, j].set_title(f"{pair[0]}, {pair[1]}", fontsize=10)
+      axes[0, j].set_yscale("log")
+      axes[1, j].set_yscale("log")
+      axes[1, j].set_xlabel("step")
+      axes[0, j].legend(fontsize=8)
+    axes[0, 0].set_ylabel("training loss (own target)")
+    axes[1, 0].set_ylabel(f"rolling variance ({window} steps)")
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  scales.add_flags(parser, long="500 steps, nf 32, 73 min",
-                   full="5000 steps per run")
+  parser = common.parser(__doc__, long="500 steps, nf 32, 73 min",
+                         full="5000 steps per run")
   args = parser.parse_args(argv)
-  from absl import logging
-  logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
-  scale = scales.chosen(args)
-  runs, t0 = [], time.time()
-  jobs = [(s, w, t) for s, w in SETTINGS for t in TARGETS]
-  for i, (sde_name, weighting, target) in enumerate(jobs):
+  scale = common.start(args)  # absl at INFO: the modes' progress lines (rate, ETA)
+  runs = []
+  for (sde_name, weighting, target), done in common.each([(s, w, t) for s, w in SETTINGS
+                                                          for t in TARGETS]):
     runs.append(run_one(sde_name, weighting, target, scale, args.out))
-    print(f"{sde_name}/{weighting}/{target}: {runs[-1]['bpd']:.4f} bits/dim ({i + 1}/{len(jobs)}, "
-          f"{time.time() - t0:.0f} s)", flush=True)
-    write(runs, args.out, scale, seconds=time.time() - t0)
+    seconds = done(f"{sde_name}/{weighting}/{target}: {runs[-1]['bpd']:.4f} bits/dim")
+    write(runs, args.out, scale, seconds=seconds)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,14 @@ score exp(E KL(p(y|x) || p(y))) (higher is better, 10 at most); entropy in nats.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from experiments import scales  # noqa: E402
+from experiments import common  # noqa: E402
 
 from configs.digits_edm_dsm import get_config as dsm_config  # noqa: E402
 from configs.digits_edm_stf import get_config as stf_config  # noqa: E402
@@ -46,7 +43,7 @@ def scaled_config(target: str, scale: str):
   they are, 'full')."""
   config = TARGETS[target]()
   if scale == "default":
-    config.model.ema_rate = scales.SHORT_RUN_EMA_RATE
+    config.model.ema_rate = common.SHORT_RUN_EMA_RATE
     config.training.n_iters = 500
     config.training.snapshot_freq = config.training.snapshot_freq_for_preemption = 250
   if scale == "smoke":
@@ -101,15 +98,12 @@ def summarize(result: dict) -> list[dict]:
 
 
 def write(reports: dict, out: str, scale: str = "default", seconds: float = float("nan")) -> None:
-  os.makedirs(out, exist_ok=True)
   result = {"runs": {t: {k: v for k, v in r.items() if not k.endswith("failed_indices")}
                      for t, r in reports.items()}, "scale": scale, "seconds": seconds,
             "claim": "Xu et al. Table 1: STF improves EDM + Heun (35 NFE) samples over DSM at "
                      "equal training; here on digits at CPU scale",
             "units": {"bpd": "bits/dim", "digits_mean_entropy": "nats"}}
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  lines = [f"Scale {scale!r}, {scales.duration(seconds)}.", "",
+  lines = [f"Scale {scale!r}, {common.duration(seconds)}.", "",
            "| target | n (ref. batch) | steps | " + " | ".join(h for _, h in METRICS) + " |",
            "|---|---|---|" + "---|" * len(METRICS)]
   for t, r in reports.items():
@@ -120,56 +114,41 @@ def write(reports: dict, out: str, scale: str = "default", seconds: float = floa
       cells.append(f"{v:.4g} ± {se:.2g}" if se is not None else f"{v:.4g}")
     lines.append(f"| {t.upper()} | {r['ref_batch_size']} | {r['n_iters']} | " + " | ".join(cells)
                  + " |")
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  common.write(out, result, lines)
   _figures(reports, out)
 
 
 def _figures(reports: dict, out: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   from PIL import Image
-  fig, axes = plt.subplots(1, len(reports), figsize=(4 * len(reports), 4.8))
-  for ax, (t, r) in zip(np.atleast_1d(axes), reports.items()):
-    ax.imshow(np.asarray(Image.open(os.path.join(out, t, "eval", "samples.png"))), cmap="gray")
-    ax.set_title(f"EDM-{t.upper()}, Heun {r['sampling_nfe']:.0f} NFE\n{r['bpd']:.3f} bits/dim",
-                 fontsize=10)
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "samples_dsm_vs_stf.png"), dpi=100)
-  plt.close(fig)
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for t, r in reports.items():
-    s, v = zip(*r["train_loss_curve"])
-    ax.plot(s, v, lw=0.7, alpha=0.6, label=f"{t.upper()} train")
-    s, v = zip(*r["heldout_loss_curve"])
-    ax.plot(s, v, "o-", label=f"{t.upper()} held-out")
-  ax.set_yscale("log")
-  ax.set_xlabel("step")
-  ax.set_ylabel("EDM loss w.r.t. own target")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "loss_dsm_vs_stf.png"), dpi=100)
-  plt.close(fig)
+  with common.figure(os.path.join(out, "samples_dsm_vs_stf.png"), 1, len(reports), figsize=(4 * len(reports), 4.8)) as (fig, axes):
+    for ax, (t, r) in zip(np.atleast_1d(axes), reports.items()):
+      ax.imshow(np.asarray(Image.open(os.path.join(out, t, "eval", "samples.png"))), cmap="gray")
+      ax.set_title(f"EDM-{t.upper()}, Heun {r['sampling_nfe']:.0f} NFE\n{r['bpd']:.3f} bits/dim",
+                   fontsize=10)
+      ax.axis("off")
+  with common.figure(os.path.join(out, "loss_dsm_vs_stf.png"), figsize=(6, 4)) as (fig, ax):
+    for t, r in reports.items():
+      s, v = zip(*r["train_loss_curve"])
+      ax.plot(s, v, lw=0.7, alpha=0.6, label=f"{t.upper()} train")
+      s, v = zip(*r["heldout_loss_curve"])
+      ax.plot(s, v, "o-", label=f"{t.upper()} held-out")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("EDM loss w.r.t. own target")
+    ax.legend()
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  scales.add_flags(parser, long="1000 steps each",
-                   full="5000 steps each, 360 samples")
+  parser = common.parser(__doc__, long="1000 steps each",
+                         full="5000 steps each, 360 samples")
   args = parser.parse_args(argv)
-  from absl import logging
-  logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
-  scale = scales.chosen(args)
-  reports, t0 = {}, time.time()
-  for i, target in enumerate(TARGETS):
+  scale = common.start(args)  # absl at INFO: the modes' progress lines (rate, ETA)
+  reports, seconds = {}, float("nan")
+  for target, done in common.each(list(TARGETS)):
     reports[target] = run_one(target, scale, args.out)
-    print(f"{target}: {reports[target]['bpd']:.4f} bits/dim, feature distance "
-          f"{reports[target].get('digits_feature_distance', float('nan')):.4f} "
-          f"({i + 1}/{len(TARGETS)}, {time.time() - t0:.0f} s)", flush=True)
-  write(reports, args.out, scale, seconds=time.time() - t0)
+    seconds = done(f"{target}: {reports[target]['bpd']:.4f} bits/dim, feature distance "
+                   f"{reports[target].get('digits_feature_distance', float('nan')):.4f}")
+  write(reports, args.out, scale, seconds=seconds)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ Writes DIR/result.json, DIR/table.md, DIR/variance_vs_t.png and DIR/ratio_vs_t.p
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -27,6 +25,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+from experiments import common  # noqa: E402
 
 SCALES = {  # time grid, Monte Carlo points M (the paper: 1k), reference batch sizes n
     "smoke": dict(ts=(0.1, 0.5, 1.0), m=128, ns=(4, 16)),
@@ -100,14 +100,12 @@ def summarize(result: dict) -> list[dict]:
 
 
 def write(rows: list[dict], scale: str, out: str) -> None:
-  os.makedirs(out, exist_ok=True)
   ns = list(rows[0]["v_stf"])
-  with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump({"rows": rows, "scale": scale, "m_points": SCALES[scale]["m"],
-               "claim": "Xu et al. Theorem 2 / Fig. 3(c): V_STF(t; n) ~ V_DSM(t) / (n - 1) on Two "
-                        "Gaussians where p_{0|t} ~ p_0 (far field); V_DSM peaks in the "
-                        "intermediate phase (Fig. 2(b))",
-               "units": "V in (score units)^2 = 1 / (data units)^2"}, f, indent=2)
+  result = {"rows": rows, "scale": scale, "m_points": SCALES[scale]["m"],
+            "claim": "Xu et al. Theorem 2 / Fig. 3(c): V_STF(t; n) ~ V_DSM(t) / (n - 1) on Two "
+                     "Gaussians where p_{0|t} ~ p_0 (far field); V_DSM peaks in the "
+                     "intermediate phase (Fig. 2(b))",
+            "units": "V in (score units)^2 = 1 / (data units)^2"}
   lines = ["| t | V_DSM closed form | V_DSM Monte Carlo | "
            + " | ".join(f"V_STF, n={n}" for n in ns) + " | "
            + " | ".join(f"(n-1) V_STF / V_DSM, n={n}" for n in ns) + " |",
@@ -120,52 +118,38 @@ def write(rows: list[dict], scale: str, out: str) -> None:
                  + " |")
   lines += ["", "Paper: qualitative (Fig. 2(b), 3(c)); Theorem 2 predicts ratio -> (n - 1)/n ~ 1 in "
             "the far field."]
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  common.write(out, result, lines)
   _figures(rows, ns, out)
 
 
 def _figures(rows: list[dict], ns: list[str], out: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   ts = [r["t"] for r in rows]
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  ax.plot(ts, [r["v_dsm_closed_form"] for r in rows], "k-", label="V_DSM, closed form")
-  ax.errorbar(ts, [r["v_dsm"] for r in rows], [r["v_dsm_stderr"] for r in rows], fmt="ko",
-              ms=3, label="V_DSM, Monte Carlo")
-  for n in ns:
-    ax.plot(ts, [r["v_stf"][n] for r in rows], "o--", ms=3, label=f"V_STF, n={n}")
-  ax.set_yscale("log")
-  ax.set_xlabel("t (VE, sigma_m = 0.01, sigma_M = 50)")
-  ax.set_ylabel("trace of covariance of the target")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "variance_vs_t.png"), dpi=100)
-  plt.close(fig)
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  for n in ns:
-    ax.errorbar(ts, [r["ratio"][n] for r in rows], [r["ratio_stderr"][n] for r in rows],
-                marker="o", ms=3, capsize=2, label=f"n={n}")
-  ax.axhline(1.0, color="k", lw=0.8)
-  ax.set_yscale("log")
-  ax.set_xlabel("t")
-  ax.set_ylabel("(n - 1) V_STF / V_DSM")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "ratio_vs_t.png"), dpi=100)
-  plt.close(fig)
+  with common.figure(os.path.join(out, "variance_vs_t.png"), figsize=(5.5, 4)) as (fig, ax):
+    ax.plot(ts, [r["v_dsm_closed_form"] for r in rows], "k-", label="V_DSM, closed form")
+    ax.errorbar(ts, [r["v_dsm"] for r in rows], [r["v_dsm_stderr"] for r in rows], fmt="ko",
+                ms=3, label="V_DSM, Monte Carlo")
+    for n in ns:
+      ax.plot(ts, [r["v_stf"][n] for r in rows], "o--", ms=3, label=f"V_STF, n={n}")
+    ax.set_yscale("log")
+    ax.set_xlabel("t (VE, sigma_m = 0.01, sigma_M = 50)")
+    ax.set_ylabel("trace of covariance of the target")
+    ax.legend(fontsize=7)
+  with common.figure(os.path.join(out, "ratio_vs_t.png"), figsize=(5.5, 4)) as (fig, ax):
+    for n in ns:
+      ax.errorbar(ts, [r["ratio"][n] for r in rows], [r["ratio_stderr"][n] for r in rows],
+                  marker="o", ms=3, capsize=2, label=f"n={n}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("t")
+    ax.set_ylabel("(n - 1) V_STF / V_DSM")
+    ax.legend(fontsize=8)
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--full", action="store_true", help="25 times, 4000 points, n up to 1024")
-  parser.add_argument("--smoke", action="store_true", help="seconds: 3 times, 128 points")
+  parser = common.parser(__doc__, ("smoke", "full"), full="25 times, 4000 points, n up to 1024",
+                         smoke="3 times, 128 points")
   args = parser.parse_args(argv)
-  from absl import logging
-  logging.set_verbosity(logging.INFO)  # progress lines (rate, ETA)
-  scale = "smoke" if args.smoke else "full" if args.full else "default"
+  scale = common.start(args)  # progress lines (rate, ETA)
   t0 = time.time()
   rows = measure(scale)
   write(rows, scale, args.out)

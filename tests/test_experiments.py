@@ -183,15 +183,13 @@ def test_scale_flags_and_sizes():
   """``--smoke`` / ``--long`` / ``--full`` choose a size (mutually exclusive; none: the default);
   every digits script's default evaluates a slice of the test split and trains fewer steps than its
   ``--long`` run, which is the size of the committed results."""
-  import argparse
   import importlib.util
-  from experiments import scales
-  parser = argparse.ArgumentParser()
-  scales.add_flags(parser)
-  assert [scales.chosen(parser.parse_args(a)) for a in ([], ["--smoke"], ["--long"], ["--full"])] \
-      == ["default", "smoke", "long", "full"]
+  from experiments import common
+  parser = common.parser("an experiment")
+  assert [common.chosen(parser.parse_args(["--out", "DIR"] + a))
+          for a in ([], ["--smoke"], ["--long"], ["--full"])] == ["default", "smoke", "long", "full"]
   with pytest.raises(SystemExit):
-    parser.parse_args(["--long", "--full"])
+    parser.parse_args(["--out", "DIR", "--long", "--full"])
   for name in ("stf_digits", "diffusion_time_digits", "scoreflow_digits", "ct_elbo_training"):
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
                                                                      f"{name}.py"))
