@@ -8,7 +8,10 @@
   own key, never of its batch companions, so a result does not depend on the batch size, the
   device count or the process count (example i always uses ``fold_in(key, i)``);
 * ``map_dataset``: a ``sharded_map`` over a process's padded ``EvalBatch`` stream, padding
-  masked, the per-example results of every process gathered in example order;
+  masked, the per-example results of every process gathered in example order; with a
+  ``ResultStore`` (``run_lib.PartialResults``: files in the eval folder) it keeps each finished
+  batch and, after a preemption, skips the batches already done (same numbers: the keys are
+  per example);
 * process-wide XLA setup, done once when this module is first imported (every scorelab module
   imports it, directly or through ``sde_lib``):
 
@@ -46,7 +49,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -341,34 +344,97 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
 
 
+class ResultStore(Protocol):
+  """Where ``map_dataset`` keeps the per-example results of finished batches across preemptions
+  (``run_lib.PartialResults``; this module touches no file). ``load()``: what an earlier run of
+  the same pass finished, ``{'index': (n,), name: (n, ...)}`` with the split indices of its
+  examples, ``{}`` when nothing (or something stale) was kept; called by every process.
+  ``add(results)``: the same for one more finished batch (every process of the batch gathered),
+  called by every process (the store writes on process 0 only)."""
+
+  def load(self) -> dict[str, np.ndarray]: ...
+
+  def add(self, results: dict[str, np.ndarray]) -> None: ...
+
+
+def _resumable(index: np.ndarray, done: np.ndarray) -> bool:
+  """Whether every process's real rows of this batch (``index``: this process's, -1 on padding)
+  are among the stored ``done`` indices, agreed by all processes (each reads the store itself: a
+  process that sees less, e.g. without a shared filesystem, makes every process compute)."""
+  every = gather(index)
+  ok = bool(np.all(np.isin(every[every >= 0], done)))
+  return bool(np.all(gather(np.asarray([ok])))) if jax.process_count() > 1 else ok
+
+
 def map_dataset(fn: Callable, consts: Any, batches: Iterable, key: Array, *,
                 mesh: Optional[Mesh] = None,
-                on_batch: Optional[Callable[[int], None]] = None) -> dict[str, np.ndarray]:
+                on_batch: Optional[Callable[[int], None]] = None,
+                store: Optional[ResultStore] = None,
+                on_resume: Optional[Callable[[int], None]] = None) -> dict[str, np.ndarray]:
   """Applies the per-example ``fn(consts, xs, keys) -> dict of (B, ...)`` (see ``sharded_map``)
   to every example of this process's padded batches (``datasets.EvalBatch``: image, mask, index
   in the whole split; every process iterates the same number of batches) and returns the dict
   of every example of every process in example order (padding dropped), on every process.
   Example i uses ``fold_in(key, i)``. ``on_batch(n)``: progress, n examples of the batch over all
-  processes (``EvalBatch.global_count``)."""
+  processes (``EvalBatch.global_count``).
+
+  ``store`` (``ResultStore``): each finished batch is added to it (its rows gathered from every
+  process at once), and the leading batches whose examples it already holds are skipped, their
+  results taken from it (``on_resume(n)``: the n examples so taken, once, before the first
+  computed batch, when n > 0). As example i's result depends only on example i and
+  fold_in(key, i), a resumed pass returns what an uninterrupted one would, whatever the batch
+  size of either."""
   mesh = make_mesh() if mesh is None else mesh
   g = sharded_map(fn, mesh)
   n_local_dev = len(mesh.local_devices)
   consts = replicate(consts, mesh)
+  stored = store.load() if store is not None else {}
+  skipping = bool(stored) and len(stored["index"]) > 0
+  resumed, n_batches = [], 0
   index_parts, out_parts = [], []
   for b in batches:
+    n_batches += 1
     n = len(b.mask)
     size = -(-n // n_local_dev) * n_local_dev  # rows divisible by this process's devices
-    x = _pad_rows(np.asarray(b.image), size)
     index = np.concatenate([np.where(b.mask, b.index, -1), np.full(size - n, -1)])
+    count = (int(np.sum(b.mask)) * jax.process_count() if b.global_count is None
+             else b.global_count)
+    if skipping:
+      skipping = _resumable(index, stored["index"])
+      if skipping:
+        resumed.append(count)
+        continue
+      if resumed and on_resume is not None:
+        on_resume(sum(resumed))
+    x = _pad_rows(np.asarray(b.image), size)
     out = g(consts, x, index, key)
+    if store is not None:  # every process's rows now, so that process 0 can keep the batch
+      index, out = gather(index), {k: gather(v) for k, v in out.items()}
+      real = index >= 0
+      store.add({"index": index[real], **{k: v[real] for k, v in out.items()}})
     index_parts.append(index)
     out_parts.append(out)
     if on_batch is not None:
-      on_batch(int(np.sum(b.mask)) * jax.process_count() if b.global_count is None
-               else b.global_count)
-  if not index_parts:
+      on_batch(count)
+  if not n_batches:
     raise ValueError("map_dataset got no batches")
-  index = gather(np.concatenate(index_parts))
+  if skipping and on_resume is not None:  # every batch was done before
+    on_resume(sum(resumed))
+  if out_parts:
+    index = np.concatenate(index_parts)
+    out = {k: np.concatenate([o[k] for o in out_parts]) for k in out_parts[0]}
+    if store is None:
+      index, out = gather(index), {k: gather(v) for k, v in out.items()}
+  else:
+    index, out = np.zeros((0,), np.int64), None
+  if resumed:  # the stored results of the examples not computed again
+    old = np.flatnonzero(~np.isin(stored["index"], index))
+    if out is not None and set(out) != set(stored) - {"index"}:
+      raise ValueError(f"stored results hold {sorted(set(stored) - {'index'})}, the map "
+                       f"returns {sorted(out)}")
+    index = np.concatenate([stored["index"][old], index])
+    out = {k: (stored[k][old] if out is None else np.concatenate([stored[k][old], out[k]]))
+           for k in stored if k != "index"}
   keep = np.flatnonzero(index >= 0)
   order = keep[np.argsort(index[keep], kind="stable")]
-  return {k: gather(np.concatenate([o[k] for o in out_parts]))[order] for k in out_parts[0]}
+  return {k: v[order] for k, v in out.items()}

@@ -16,13 +16,14 @@ class Progress:
   """``with Progress('bits/dim (ODE)', total=360, unit='images') as p: ... p.update(n)``.
 
   ``update(n, **postfix)`` adds n items; ``postfix`` values (e.g. ``loss=0.12``) are shown with the
-  rate. The final line gives items, seconds and the mean rate.
+  rate. ``resumed(n)``: n items done by an earlier, interrupted run (counted, never in the rate).
+  The final line gives items, seconds and the mean rate.
   """
 
   def __init__(self, name: str, total: int | None, unit: str = "items", every_s: float = 10.0,
                bar: bool | None = None):
     self.name, self.total, self.unit, self.every_s = name, total, unit, every_s
-    self.done = 0
+    self.done = self.skipped = 0
     self._bar = None
     use_bar = sys.stderr.isatty() if bar is None else bar
     if use_bar:
@@ -46,9 +47,19 @@ class Progress:
       self._last = now
       logging.info("%s", self.line(now, postfix))
 
+  def resumed(self, n: int) -> None:
+    """n items already done before a preemption (results kept on disk): logged, counted as done,
+    left out of the rate and ETA."""
+    self.done += n
+    self.skipped += n
+    if self._bar is not None:
+      self._bar.update(n)
+    logging.info("%s: resumed at %d/%s %s (done before the interruption)", self.name, n,
+                 self.total if self.total else "?", self.unit)
+
   def line(self, now: float, postfix: dict | None = None) -> str:
     el = max(now - self.t0, 1e-9)
-    rate = self.done / el
+    rate = (self.done - self.skipped) / el
     text = f"{self.name}: {self.done}"
     if self.total:
       eta = (self.total - self.done) / max(rate, 1e-12)
@@ -65,6 +76,7 @@ class Progress:
     if self._bar is not None:
       self._bar.close()
     el = time.time() - self.t0
-    logging.info("%s: %s after %d %s in %.1f s (%.3g %s/s)", self.name,
+    logging.info("%s: %s after %d %s in %.1f s (%.3g %s/s)%s", self.name,
                  "stopped" if exc[0] else "done", self.done, self.unit, el,
-                 self.done / max(el, 1e-9), self.unit)
+                 (self.done - self.skipped) / max(el, 1e-9), self.unit,
+                 f", {self.skipped} resumed" if self.skipped else "")

@@ -12,7 +12,9 @@
   shape, step, prior) that sample and eval pass on, and ``generate``;
 * the noise-conditional classifier of a workdir (``load_classifier`` -> ``logits_fn(x, t)``, from
   ``DIR/classifier/`` that ``--mode=train_classifier`` writes);
-* writing reports and figures (``write_json``, ``save_samples_png``).
+* writing reports and figures (``write_json``, ``save_samples_png``);
+* the finished batches of eval's per-example passes, kept across preemptions
+  (``PartialResults``, ``eval_stores``: ``<eval folder>/partial/<stage>/``).
 
 Only ``run_lib``, ``modes/``, ``checkpoints`` and ``main.py`` touch files.
 """
@@ -21,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import shutil
 from typing import Any, Callable, Optional
 
 import jax
@@ -462,12 +466,13 @@ def per_sample_fn(config: config_schema.Config, model: ScoreModel) -> Callable:
 
 
 def generate(config: config_schema.Config, model: ScoreModel, n: int, key: Array, mesh=None,
-             per_sample: Optional[Callable] = None):
+             per_sample: Optional[Callable] = None, store: Optional[parallel.ResultStore] = None):
   """n samples of the sampler of the typed config's ``sampling`` section, started from ``model.prior``, in global batches of
   ``sampling.batch_size`` spread over every device of every process (``parallel.sharded_map``).
   Sample i is ``per_sample_fn`` run from the key fold_in(key, i), so the samples do not depend on
   the batch size or the device / process count. Passing the same ``per_sample`` again reuses its
-  compiled program. (samples (n, ...) on every process, mean NFE per sample)."""
+  compiled program. ``store``: finished batches kept across preemptions (``PartialResults``).
+  (samples (n, ...) on every process, mean NFE per sample)."""
   bs = config.sampling.batch_size
   n_proc, proc = jax.process_count(), jax.process_index()
   if bs % n_proc:
@@ -484,7 +489,7 @@ def generate(config: config_schema.Config, model: ScoreModel, n: int, key: Array
   with Progress(f"sampling ({config.sampling.method}, c={config.sampling.c})", n,
                 "samples") as p:
     out = parallel.map_dataset(per_sample, model.params, batches(), key, mesh=mesh,
-                               on_batch=p.update)
+                               on_batch=p.update, store=store, on_resume=p.resumed)
   return out["x"], float(np.mean(out["nfe"]))
 
 
@@ -547,6 +552,133 @@ def save_samples_png(path: str, samples: np.ndarray, config,
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+# -- eval's per-example passes across preemptions ------------------------------------------------
+PARTIAL_DIR = "partial"
+# Fields that change no per-example result: batch sizes (example i uses fold_in(key, i), whatever
+# its batch), which checkpoint is picked (the fingerprint holds its step and a hash of its
+# parameters), where data come from, training cadences.
+PARTIAL_FREE_FIELDS = ("eval.batch_size", "sampling.batch_size", "eval.checkpoint",
+                       "data.download", "data.tfds_data_dir") + RESUMABLE_FIELDS
+
+
+def tree_digest(*trees) -> str:
+  """sha256 of the leaves of pytrees (dtype, shape and bytes, in tree order): what identifies a
+  checkpoint's parameters, a fitted prior or dequantizer."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(trees):
+    if isinstance(leaf, jax.Array):
+      if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+      if not leaf.is_fully_addressable:  # replicated over processes: this process's copy
+        leaf = leaf.addressable_data(0)
+    a = np.asarray(leaf)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(repr(leaf).encode() if a.dtype == object else np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+class PartialResults:
+  """``parallel.ResultStore`` on files: ``<folder>/partial/<stage>/`` holds ``fingerprint.json``
+  (what the results depend on: the stage, the pass's key, the checkpoint's step and parameter
+  hash, the flattened config less ``PARTIAL_FREE_FIELDS``) and one ``batch-NNNNNN.npz`` per
+  finished batch (split indices + per-example outputs), each written atomically (temporary file,
+  rename) by process 0. A store whose fingerprint differs is discarded, with a log line naming
+  what changed; unreadable batch files (a kill mid-write) are ignored and recomputed."""
+
+  def __init__(self, folder: str, stage: str, fingerprint: dict[str, Any]):
+    self.path = os.path.join(folder, PARTIAL_DIR, stage)
+    self.stage = stage
+    self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    self._next = 0
+
+  def _fingerprint_file(self) -> str:
+    return os.path.join(self.path, "fingerprint.json")
+
+  def _stale(self, saved: dict | None) -> str | None:
+    """Why the stored fingerprint ``saved`` differs (None: it is this pass's)."""
+    if saved == self.fingerprint:
+      return None
+    if not isinstance(saved, dict):
+      return "unreadable fingerprint"
+    why = [k for k in ("stage", "key", "step", "model") if saved.get(k) != self.fingerprint[k]]
+    old, new = saved.get("config", {}), self.fingerprint["config"]
+    fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    why += [f"config field {k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
+            for k in fields[:5]] + ([f"{len(fields) - 5} more fields"] if len(fields) > 5 else [])
+    return ", ".join(w.replace("model", "checkpoint parameters") for w in why) or "changed"
+
+  def load(self) -> dict[str, np.ndarray]:
+    if not os.path.exists(self._fingerprint_file()):
+      return {}
+    try:
+      with open(self._fingerprint_file()) as f:
+        saved = json.load(f)
+    except (OSError, ValueError):
+      saved = None
+    why = self._stale(saved)
+    if why is not None:
+      logging.warning("eval %s: discarding the partial results in %s (%s)", self.stage,
+                      self.path, why)
+      if is_main():
+        shutil.rmtree(self.path, ignore_errors=True)
+      return {}
+    parts, numbers = [], []
+    for name in sorted(os.listdir(self.path)):
+      if not (name.startswith("batch-") and name.endswith(".npz")):
+        continue
+      numbers.append(int(name[6:-4]))
+      try:
+        with np.load(os.path.join(self.path, name)) as z:
+          parts.append({k: z[k] for k in z.files})
+      except Exception as e:  # noqa: BLE001  (a file cut short: recomputed)
+        logging.warning("eval %s: ignoring unreadable %s (%s)", self.stage, name, e)
+    self._next = max(numbers, default=-1) + 1
+    if not parts:
+      return {}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # an example computed twice (a resumed pass recomputes a batch in part done): its last result
+    last = len(out["index"]) - 1 - np.unique(out["index"][::-1], return_index=True)[1]
+    out = {k: v[last] for k, v in out.items()}
+    logging.info("eval %s: %d examples done before, read from %s", self.stage, len(last),
+                 self.path)
+    return out
+
+  def add(self, results: dict[str, np.ndarray]) -> None:
+    if not is_main():
+      return
+    if not os.path.exists(self._fingerprint_file()):
+      os.makedirs(self.path, exist_ok=True)
+      write_json(self._fingerprint_file(), self.fingerprint)
+    path = os.path.join(self.path, f"batch-{self._next:06d}.npz")
+    with open(path + ".tmp", "wb") as f:
+      np.savez(f, **results)
+    os.replace(path + ".tmp", path)
+    self._next += 1
+
+
+def eval_stores(config: ml_collections.ConfigDict, folder: str, model: ScoreModel,
+                *extra) -> Callable[[str, Array], PartialResults]:
+  """``stores(stage, key)``: the ``PartialResults`` of the pass ``stage`` with key ``key`` of
+  ``model`` (step, parameters, prior; ``extra`` pytrees such as a fitted dequantizer) under the
+  ConfigDict ``config``, in the eval folder ``folder``."""
+  digest = tree_digest(model.params, model.prior, *extra)
+  flat = {k: v for k, v in _flat_config(config).items() if k not in PARTIAL_FREE_FIELDS}
+
+  def stores(stage: str, key: Array) -> PartialResults:
+    data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) \
+        else key
+    return PartialResults(folder, stage, {"stage": stage, "step": int(model.step),
+                                          "model": digest, "key": np.asarray(data).tolist(),
+                                          "config": flat})
+  return stores
+
+
+def remove_partial_results(folder: str) -> None:
+  """Drops ``<folder>/partial/`` (process 0), once the report holding every result is written."""
+  if is_main():
+    shutil.rmtree(os.path.join(folder, PARTIAL_DIR), ignore_errors=True)
 
 
 # -- controllable generation (controllable.py; Song et al. 2021, Sec. 5 and App. I) ---------------

@@ -9,6 +9,12 @@
 Failed likelihood solves are counted per stage (``*_n_failed``, ``*_failed_indices``) and excluded
 from the means; more than ``eval.max_failed_fraction`` of them fails the eval after the report is
 written. Every stage logs its start and its progress (items, rate, ETA).
+
+Preemption: every per-example pass (the ODE bits/dim, the bound, the CT-ELBO forms, the samples)
+keeps its finished batches in ``<eval folder>/partial/<stage>/`` (``run_lib.PartialResults``), and
+a rerun skips them, with the same numbers (example i uses fold_in(key, i)); a changed config
+(``run_lib.PARTIAL_FREE_FIELDS`` aside) or checkpoint discards them. The folder is removed once
+``report.json`` is written.
 """
 from __future__ import annotations
 
@@ -40,20 +46,28 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, eval_folder: str =
     k_ll, k_bound, k_sample = jax.random.split(
         jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xE7A1), 3)
     report: dict[str, Any] = _header(cfg, model)
+    stores = run_lib.eval_stores(config, out_dir, model, *(
+        () if dequantizer is None else (dequantizer.variables, dequantizer.step)))
     with jax.enable_x64(cfg.eval.float64):
       if datasets.dataset_info(cfg).is_image:
-        report.update(_image_likelihood(cfg, model, k_ll, k_bound, dequantizer))
+        report.update(_image_likelihood(cfg, model, k_ll, k_bound, dequantizer, stores))
       else:
-        report.update(_toy_likelihood(cfg, model, k_ll, k_bound))
+        report.update(_toy_likelihood(cfg, model, k_ll, k_bound, stores))
       report.update(_prior_terms(cfg, model, jax.random.fold_in(k_bound, 1)))
-      report.update(_ct_elbo(cfg, model, jax.random.fold_in(k_bound, 2)))
-    report.update(_samples_and_metrics(cfg, model, k_sample, out_dir, fid_weights))
+      report.update(_ct_elbo(cfg, model, jax.random.fold_in(k_bound, 2), stores))
+    report.update(_samples_and_metrics(cfg, model, k_sample, out_dir, fid_weights, stores))
     run_lib.write_json(os.path.join(out_dir, "report.json"), report)
+    run_lib.remove_partial_results(out_dir)
     for k in sorted(report):
       if not k.endswith(("failed_indices", "per_example")):
         logging.info("eval %s = %s", k, report[k])
     _check_failures(cfg, report)
   return report
+
+
+def _no_store(stage: str, key) -> None:
+  """No ``run_lib.eval_stores``: nothing kept across preemptions."""
+  return None
 
 
 def _header(config, model: run_lib.ScoreModel) -> dict[str, Any]:
@@ -99,10 +113,11 @@ def _likelihood_fns(config, model: run_lib.ScoreModel):
 
 
 def _split_bpd(config, model: run_lib.ScoreModel, batch_fn, key, title: str,
-               dequantizer=None) -> dict[str, Any]:
+               dequantizer=None, store=None) -> dict[str, Any]:
   """``likelihood.dataset_bits_per_dim`` of the batch function ``batch_fn(params, y, key)`` over
   the whole ``eval.split``, per example (``parallel.per_example``) over every device and process,
-  with progress; uniform dequantization, or ``dequantizer.lift`` (u ~ q(. | k))."""
+  with progress; uniform dequantization, or ``dequantizer.lift`` (u ~ q(. | k)); ``store``: the
+  finished batches kept across preemptions (``run_lib.PartialResults``)."""
   import likelihood
   import parallel
   ev = config.eval
@@ -115,11 +130,11 @@ def _split_bpd(config, model: run_lib.ScoreModel, batch_fn, key, title: str,
     return likelihood.dataset_bits_per_dim(
         parallel.per_example(batch_fn), model.params, batches, key,
         num_levels=info.num_grey_levels, centered=info.centered, dtype=dtype,
-        dequantize=dequantizer is None, on_batch=p.update)
+        dequantize=dequantizer is None, on_batch=p.update, store=store, on_resume=p.resumed)
 
 
 def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound,
-                      dequantizer=None) -> dict[str, Any]:
+                      dequantizer=None, stores=_no_store) -> dict[str, Any]:
   """bits/dim of the ODE and of the bound over the whole split; with a ``dequantizer`` q(u | k),
   of E_q[-log p(scale(k + u)) + log q(u | k)] (ScoreFlow eq. 13), one u per example, the same
   scaling log-det as the uniform path (``likelihood.bits_per_dim``)."""
@@ -129,11 +144,13 @@ def _image_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound,
   if dequantizer is not None:
     out["dequantizer_step"] = dequantizer.step
   if ev.bpd:
-    r = _split_bpd(config, model, logp_fn, k_ll, "bits/dim (probability-flow ODE)", dequantizer)
+    r = _split_bpd(config, model, logp_fn, k_ll, "bits/dim (probability-flow ODE)", dequantizer,
+                   stores("bpd", k_ll))
     out.update(_stage("bpd", r), likelihood_nfe=float(np.mean(r["nfe"])),
                likelihood_nfe_per_example=[float(v) for v in r["nfe"]])
   if ev.bound:
-    r = _split_bpd(config, model, neg_bound_fn, k_bound, "bits/dim bound (ScoreFlow)", dequantizer)
+    r = _split_bpd(config, model, neg_bound_fn, k_bound, "bits/dim bound (ScoreFlow)", dequantizer,
+                   stores("bound_bpd", k_bound))
     out.update(_stage("bound_bpd", r))
   if datasets.dataset_info(config).name == "digits":
     with Progress("baseline (GaussianMixture)", None, "fits"):
@@ -150,15 +167,15 @@ def _toy_points(config) -> np.ndarray:
 
 
 def _toy_map(config, model: run_lib.ScoreModel, batch_fn, key, title: str,
-             x: np.ndarray) -> dict[str, np.ndarray]:
+             x: np.ndarray, store=None) -> dict[str, np.ndarray]:
   """``batch_fn(params, x, key) -> dict`` per held-out toy point of ``x`` (``_toy_points``), over
-  every device and process, in point order."""
+  every device and process, in point order; ``store`` as ``_split_bpd``."""
   import parallel
   with Progress(title, len(x), "points") as p:
     return parallel.map_dataset(parallel.per_example(batch_fn), model.params,
                                 datasets.array_eval_batches(x, config.eval.batch_size,
                                                             "eval.batch_size"), key,
-                                on_batch=p.update)
+                                on_batch=p.update, store=store, on_resume=p.resumed)
 
 
 def _prior_terms(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
@@ -195,18 +212,20 @@ def _stage(name: str, r: dict) -> dict[str, Any]:
           f"{name}_per_example": [float(v) for v in r["bpd_per_example"]]}
 
 
-def _toy_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound) -> dict[str, Any]:
+def _toy_likelihood(config, model: run_lib.ScoreModel, k_ll, k_bound,
+                    stores=_no_store) -> dict[str, Any]:
   """NLL (nats) of held-out toy points by the ODE and the bound; the exact NLL where known."""
   ev = config.eval
   logp_fn, neg_bound_fn = _likelihood_fns(config, model)
   x = _toy_points(config)
   out: dict[str, Any] = {}
   if ev.bpd:
-    r = _toy_map(config, model, logp_fn, k_ll, "NLL (probability-flow ODE)", x)
+    r = _toy_map(config, model, logp_fn, k_ll, "NLL (probability-flow ODE)", x, stores("nll", k_ll))
     out.update(_toy_stage("nll", -np.asarray(r["logp"], np.float64)),
                likelihood_nfe=float(np.mean(r["nfe"])))
   if ev.bound:
-    r = _toy_map(config, model, neg_bound_fn, k_bound, "NLL bound (ScoreFlow)", x)
+    r = _toy_map(config, model, neg_bound_fn, k_bound, "NLL bound (ScoreFlow)", x,
+                 stores("nll_bound", k_bound))
     out.update(_toy_stage("nll_bound", -np.asarray(r["logp"], np.float64)))
   dist = toy_data.get_toy_distribution(config.data.dataset)
   if dist.has_density:
@@ -225,7 +244,7 @@ def _toy_stage(name: str, nll: np.ndarray) -> dict[str, Any]:
           f"{name}_failed_indices": [int(i) for i in np.flatnonzero(~ok)]}
 
 
-def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
+def _ct_elbo(config, model: run_lib.ScoreModel, key, stores=_no_store) -> dict[str, Any]:
   """CT-ELBO of the plug-in reverse SDE (Huang et al., eq. 25) in its ISM (Hutchinson, or the
   exact trace when eval.divergence is 'exact') and DSM (eq. 29) forms, with the eps correction of
   the ScoreFlow bound (eq. 39), eval.bound_time_samples times per example: -ELBO in bits/dim over
@@ -249,15 +268,17 @@ def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
   forms = ("ism", "dsm")
   if datasets.dataset_info(config).is_image:
     for i, form in enumerate(forms):
-      r = _split_bpd(config, model, elbo_fn(form), jax.random.fold_in(key, i),
-                     f"bits/dim CT-ELBO ({form.upper()} form)")
+      k = jax.random.fold_in(key, i)
+      r = _split_bpd(config, model, elbo_fn(form), k, f"bits/dim CT-ELBO ({form.upper()} form)",
+                     store=stores(f"ct_elbo_{form}_bpd", k))
       out.update(_stage(f"ct_elbo_{form}_bpd", r))
     out["ct_elbo_dequantization"] = "uniform"
     return out
   x = _toy_points(config)
   for i, form in enumerate(forms):
-    r = _toy_map(config, model, elbo_fn(form), jax.random.fold_in(key, i),
-                 f"NLL CT-ELBO ({form.upper()} form)", x)
+    k = jax.random.fold_in(key, i)
+    r = _toy_map(config, model, elbo_fn(form), k, f"NLL CT-ELBO ({form.upper()} form)", x,
+                 stores(f"ct_elbo_{form}_nll", k))
     out.update(_toy_stage(f"ct_elbo_{form}_nll", -np.asarray(r["logp"], np.float64)))
   lambdas = ev.ct_elbo_lambdas
   if lambdas:
@@ -269,8 +290,9 @@ def _ct_elbo(config, model: run_lib.ScoreModel, key) -> dict[str, Any]:
                                     prior=model.prior)
       return {"elbo": r["elbo"].T, "score_gap": r["score_gap"]}  # elbo (B, L)
 
-    r = _toy_map(config, model, lambda_fn, jax.random.fold_in(key, 2),
-                 "lambda-family CT-ELBO (exact marginal score)", x)
+    k = jax.random.fold_in(key, 2)
+    r = _toy_map(config, model, lambda_fn, k, "lambda-family CT-ELBO (exact marginal score)", x,
+                 stores("ct_elbo_lambda_nll", k))
     elbo = np.asarray(r["elbo"], np.float64)
     for lam, e in zip(lambdas, elbo.T):
       stage = _toy_stage(f"ct_elbo_lambda_{lam:g}_nll", -e)
@@ -312,14 +334,16 @@ def _fid_weights(config) -> str | None:
 
 
 def _samples_and_metrics(config, model: run_lib.ScoreModel, key, out_dir: str,
-                         fid_weights: str | None) -> dict[str, Any]:
-  """Samples (npz + PNG) with NFE, and what can be measured on them (FID / IS with the Inception
-  weights ``fid_weights``)."""
+                         fid_weights: str | None, stores=None) -> dict[str, Any]:
+  """Samples (npz + PNG) with NFE, kept across preemptions with ``stores`` (``run_lib.
+  eval_stores``), and what can be measured on them (FID / IS with the Inception weights
+  ``fid_weights``)."""
   import evaluation
   ev = config.eval
   info = datasets.dataset_info(config)
   n = ev.num_samples
-  samples, nfe = run_lib.generate(config, model, n, key)
+  samples, nfe = run_lib.generate(config, model, n, key, **(
+      {} if stores is None else {"store": stores("samples", key)}))
   out: dict[str, Any] = dict(sampling_method=config.sampling.method,
                              sampling_c=config.sampling.c, sampling_nfe=nfe, n_samples=n)
   run_lib.save_samples_npz(os.path.join(out_dir, "samples.npz"), samples)
