@@ -124,3 +124,35 @@ def mock_tfds_module(mock_tfds_metadata):
 def _image_specs():
   import datasets
   return datasets._IMAGE_DATASETS
+
+
+def assert_grid_png(path: str, samples, centered: bool, nrow: int | None = None,
+                    padding: int = 2) -> None:
+  """The PNG at ``path`` (decoded with PIL) is the image grid of ``samples`` (N, H, W, C) in model
+  space as ``run_lib.save_samples_png`` lays it out: ``nrow`` tiles a row (default ceil(sqrt(N))),
+  row-major, ``padding`` white pixels around and between tiles (an unfilled last row white), the
+  whole grid scaled up by one whole factor (nearest); tile i is round(clip(y_i, 0, 1) * 255) with
+  y = (x + 1) / 2 (``centered``, in the samples' dtype) or x."""
+  import math
+  from PIL import Image
+  x = np.asarray(samples)
+  n, h, w, c = x.shape
+  with Image.open(path) as im:
+    assert (im.format, im.mode) == ("PNG", "L" if c == 1 else "RGB"), (path, im.format, im.mode)
+    png = np.asarray(im).reshape(im.size[1], im.size[0], c)
+  ncol = min(nrow or int(math.ceil(math.sqrt(n))), n)
+  nrows = -(-n // ncol)
+  gh, gw = nrows * (h + padding) + padding, ncol * (w + padding) + padding
+  s = png.shape[0] // gh
+  assert s >= 1 and png.shape == (gh * s, gw * s, c), (
+      f"{path}: {png.shape} is not a {nrows} x {ncol} grid of {h} x {w} tiles scaled by a whole factor")
+  grid = png[::s, ::s]
+  assert np.array_equal(png, np.repeat(np.repeat(grid, s, 0), s, 1)), f"{path}: not a x{s} nearest scale-up"
+  tiles = np.round(np.clip(np.asarray((x + 1) / 2 if centered else x, np.float64), 0, 1) * 255)
+  want = np.full_like(grid, 255)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    y0, x0 = padding + r * (h + padding), padding + col * (w + padding)
+    want[y0:y0 + h, x0:x0 + w] = tiles[i]
+    np.testing.assert_array_equal(grid[y0:y0 + h, x0:x0 + w], tiles[i], err_msg=f"{path}: tile {i}")
+  np.testing.assert_array_equal(grid, want, err_msg=f"{path}: padding")
