@@ -159,6 +159,9 @@ SCHEMA: dict[str, Field] = {
     "seed": _int("root of every random stream (init, data, noise, sampling, evaluation)", ge=0),
     # -- training ---------------------------------------------------------------------------------
     "training.batch_size": _int("training batch B (global, over all devices)", ge=1),
+    "training.grad_accum_steps": _int(
+        "gradient accumulation: micro-batches k of B / k rows per optimizer update (same update "
+        "as one batch; B divisible by k x devices)", ge=1),
     "training.n_iters": _int("number of training steps", ge=1),
     "training.log_freq": _int("steps between metric lines", ge=1),
     "training.eval_freq": _int("steps between held-out loss evaluations", ge=1),
@@ -369,6 +372,13 @@ def _ref_batch(config) -> None:
                      f"{tr.batch_size}, got {tr.ref_batch_size}")
 
 
+def _grad_accum(config) -> None:
+  tr = config.training
+  if tr.batch_size % tr.grad_accum_steps:
+    raise ValueError(f"training.grad_accum_steps={tr.grad_accum_steps} must divide "
+                     f"training.batch_size={tr.batch_size}")
+
+
 def _model_fields(config) -> None:
   m = config.model
   for dotted, field in SCHEMA.items():
@@ -485,6 +495,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("data", "eval", "dequantizer"), "eval.dequantization='variational' needs images; "
          "2^dequantizer.flow_levels divides the image size", _dequantizer),
     Rule(("training",), "training.ref_batch_size >= training.batch_size", _ref_batch),
+    Rule(("training",), "training.grad_accum_steps divides training.batch_size (per device: "
+         "modes/train.py)", _grad_accum),
     Rule(("training",), "training.target 'ism' / 'ssm' not with training.weighting 'edm'; "
          "training.n_probes = 1 unless the target is 'ism' / 'ssm' (losses.check_objective)",
          lambda c: losses.check_objective(c.training.target, c.training.weighting,

@@ -156,13 +156,42 @@ def _reduce(sq: Array, reduce_mean: bool) -> Array:
   return jnp.mean(flat, axis=-1) if reduce_mean else jnp.sum(flat, axis=-1)
 
 
-def _perturb(sde, x0: Array, key: Array, weighting: str):
-  """t, w(t), noise and x_t = alpha_t x0 + sigma_t z for a batch; shared by every loss below so that
-  the same key gives the same (t, x_t) in dsm_loss, ism_loss and ssm_loss (paired comparisons)."""
+# -- micro-batches (gradient accumulation, training.grad_accum_steps) -------------------------------------
+Micro = Optional[tuple[Array, int]]  # (j, k): micro-batch j (traced) of k (static); None: the batch
+
+
+def micro_rows(x: Array, micro: Micro, axis: int = 0) -> Array:
+  """Micro-batch j of k of ``x`` along ``axis``: rows j, j + k, j + 2k, ... (``micro`` None: x).
+
+  Strided, so that with the batch sharded in contiguous blocks over D devices and B divisible by
+  D k (what ``training.grad_accum_steps`` requires), every device holds B / (D k) rows of each
+  micro-batch: the selection is a local reshape and index, no rows move between devices."""
+  if micro is None:
+    return x
+  j, k = micro
+  b = x.shape[axis]
+  assert b % k == 0, f"x: {b} rows along axis {axis} are not divisible into {k} micro-batches"
+  split = x.reshape(x.shape[:axis] + (b // k, k) + x.shape[axis + 1:])
+  return jax.lax.dynamic_index_in_dim(split, j, axis=axis + 1, keepdims=False)
+
+
+def micro_key(key: Array, micro: Micro) -> Array:
+  """The key of draws whose shape is the micro-batch's (dropout masks, Hutchinson probes):
+  fold_in(key, j) per micro-batch, ``key`` itself without accumulation."""
+  return key if micro is None else jax.random.fold_in(key, micro[0])
+
+
+def _perturb(sde, x0: Array, key: Array, weighting: str, micro: Micro = None):
+  """x0, t, w(t) and x_t = alpha_t x0 + sigma_t z of a batch (of its micro-batch ``micro``); shared
+  by every loss below so that the same key gives the same (t, x_t) in dsm_loss, ism_loss and
+  ssm_loss (paired comparisons). t and z are drawn for the whole batch x0 and then cut into the
+  micro-batch, so example i gets the same (t_i, z_i) whatever the number of micro-batches (under
+  jax_threefry_partitionable, XLA computes only the micro-batch's random words)."""
   k_t, k_z = jax.random.split(key)
   t, w = sample_time(sde, k_t, x0.shape[0], weighting)
   z = jax.random.normal(k_z, x0.shape, dtype=x0.dtype)
-  return t, w, sde.perturb(x0, t, z)
+  x0, t, w, z = (micro_rows(v, micro) for v in (x0, t, w, z))
+  return x0, t, w, sde.perturb(x0, t, z)
 
 
 def _time_metrics(t: Array, w: Array) -> dict:
@@ -172,11 +201,16 @@ def _time_metrics(t: Array, w: Array) -> dict:
 
 def dsm_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
              weighting: str = "default", reduce_mean: bool = False, ref: Optional[Array] = None,
-             train: bool = True) -> tuple[Array, dict]:
+             train: bool = True, micro: Micro = None) -> tuple[Array, dict]:
   """Monte Carlo estimate of J with the DSM target (``ref`` None) or the STF target over ``ref``
-  (Song et al. 2021, eq. 7; Xu et al., Algorithm 1): mean_i w(t_i) |s(x_t^i, t_i) - target_i|^2."""
+  (Song et al. 2021, eq. 7; Xu et al., Algorithm 1): mean_i w(t_i) |s(x_t^i, t_i) - target_i|^2.
+  ``micro`` (j, k): the same mean over micro-batch j of x0 (``micro_rows``), each row with the t
+  and noise it has in the whole batch and its STF target against the whole ``ref``, so the mean
+  of the k micro-batch losses (and gradients) is the batch's; dropout masks are drawn per
+  micro-batch (``micro_key``)."""
   k_pert, k_model = jax.random.split(key)
-  t, w, xt = _perturb(sde, x0, k_pert, weighting)
+  k_model = micro_key(k_model, micro)
+  x0, t, w, xt = _perturb(sde, x0, k_pert, weighting, micro)
   metrics = {}
   if ref is None:
     target = dsm_target(sde, x0, xt, t)
@@ -192,13 +226,14 @@ def dsm_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
 
 # -- implicit / sliced score matching -----------------------------------------------------------------
 def _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, sliced,
-                   n_probes, train):
+                   n_probes, train, micro: Micro = None):
   """Shared body of ism_loss / ssm_loss; probes and jvps from ``hutchinson`` (one linearization of
-  the score at x_t, ``n_probes`` tangents, the same dropout mask for all of them)."""
+  the score at x_t, ``n_probes`` tangents, the same dropout mask for all of them). ``micro``: as
+  dsm_loss (t and noise of the whole batch; probes and dropout drawn per micro-batch)."""
   assert n_probes >= 1, f"n_probes must be >= 1, got {n_probes}"
   k_pert, k_rest = jax.random.split(key)  # k_pert as in dsm_loss: paired (t, x_t)
-  k_probe, k_model = jax.random.split(k_rest)
-  t, w, xt = _perturb(sde, x0, k_pert, weighting)
+  k_probe, k_model = (micro_key(k, micro) for k in jax.random.split(k_rest))
+  x0, t, w, xt = _perturb(sde, x0, k_pert, weighting, micro)
   d = math.prod(x0.shape[1:])
   fn = lambda x: score_fn(params, x, t, rng=k_model if train else None)
   if sliced:
@@ -217,25 +252,27 @@ def _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean
 
 def ism_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
              weighting: str = "default", probe: str = "rademacher",
-             reduce_mean: bool = False, n_probes: int = 1, train: bool = True) -> tuple[Array, dict]:
+             reduce_mean: bool = False, n_probes: int = 1, train: bool = True,
+             micro: Micro = None) -> tuple[Array, dict]:
   """Implicit score matching E[lambda(t) (|s(x_t)|^2 + 2 div s(x_t))] (Hyvärinen 2005; the integrand
   of Huang et al. eq. 25 / Appendix A.1), divergence by Hutchinson with ``n_probes`` probes per
   example, averaged (or ``probe='exact'``). Equals the DSM loss minus E_t[lambda(t) D / sigma_t^2]
   in expectation (D / sigma_t^2 = E|grad log p_{0t}|^2, ``dsm_ism_offset``)."""
   return _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, False,
-                        n_probes, train)
+                        n_probes, train, micro)
 
 
 def ssm_loss(sde, score_fn: TrainScoreFn, params: Params, x0: Array, key: Array,
              weighting: str = "default", probe: str = "rademacher",
-             reduce_mean: bool = False, n_probes: int = 1, train: bool = True) -> tuple[Array, dict]:
+             reduce_mean: bool = False, n_probes: int = 1, train: bool = True,
+             micro: Micro = None) -> tuple[Array, dict]:
   """Sliced score matching E[lambda(t) ((v.s)^2 + 2 v^T (ds/dx) v)] (Song et al. 2019; Huang et al.
   Appendix A.2): both terms sliced by the same probe v, averaged over ``n_probes`` probes; same
   expectation as ``ism_loss``."""
   if probe not in hutchinson.PROBES:
     raise ValueError(f"ssm_loss needs a random probe {hutchinson.PROBES}, got {probe!r}")
   return _implicit_loss(sde, score_fn, params, x0, key, weighting, probe, reduce_mean, True,
-                        n_probes, train)
+                        n_probes, train, micro)
 
 
 def check_objective(target: str, weighting: str, n_probes: int = 1) -> None:
@@ -316,7 +353,16 @@ def get_loss_fn(training, sde, score_fn: TrainScoreFn, train: bool = True) -> Lo
   score_fn with rng=None (no dropout). The key is first mapped to ``training.prng_impl``
   (``step_key``), so t, the noise and the dropout masks all come from that PRNG. Field kinds and
   ranges are the schema's (checked at the boundary); the target / weighting pair is checked here
-  too (``check_objective``, ValueError naming the field)."""
+  too (``check_objective``, ValueError naming the field).
+
+  ``loss_fn(params, batch, key, micro=(j, k))`` is micro-batch j of k of the same loss
+  (``training.make_train_step`` with ``training.grad_accum_steps`` = k): training rows j, j + k,
+  ... of the first B, each with the t and noise it has at k = 1, so the mean of the k losses and
+  gradients is the k = 1 loss and gradient (to float rounding; dropout masks and ism / ssm probes
+  are drawn per micro-batch: the same law, other draws). STF: every micro-batch's targets are
+  computed against the whole reference batch of n rows, as Xu et al.'s estimator (eq. 5,
+  Algorithm 1) needs, so the STF update too is the k = 1 update; the reference batch is data (n x
+  D floats on each device), its memory does not grow with the micro-batch's activations."""
   tr = training
   check_objective(tr.target, tr.weighting, tr.n_probes)
   weighting, target, b, n = tr.weighting, tr.target, tr.batch_size, tr.ref_batch_size
@@ -324,18 +370,22 @@ def get_loss_fn(training, sde, score_fn: TrainScoreFn, train: bool = True) -> Lo
                                              tr.prng_impl)
   implicit = {"ism": ism_loss, "ssm": ssm_loss}.get(target)
 
-  def loss_fn(params: Params, batch: Array, key: Array) -> tuple[Array, dict]:
+  def loss_fn(params: Params, batch: Array, key: Array, micro: Micro = None) -> tuple[Array, dict]:
     key = step_key(key, prng_impl)
     rows = batch.shape[0]
     if target == "stf" and rows != n:
       raise ValueError(f"STF batch must have training.ref_batch_size={n} rows, got {rows}")
     if rows < b:
       raise ValueError(f"batch has {rows} rows, fewer than training.batch_size={b}")
+    if micro is not None and b % micro[1]:
+      raise ValueError(f"training.batch_size={b} must be divisible by training.grad_accum_steps="
+                       f"{micro[1]}")
     if implicit is not None:
       return implicit(sde, score_fn, params, batch[:b], key, weighting, probe, reduce_mean,
-                      n_probes, train)
+                      n_probes, train, micro)
     ref = batch if target == "stf" else None
-    return dsm_loss(sde, score_fn, params, batch[:b], key, weighting, reduce_mean, ref, train)
+    return dsm_loss(sde, score_fn, params, batch[:b], key, weighting, reduce_mean, ref, train,
+                    micro)
 
   return loss_fn
 

@@ -91,21 +91,29 @@ make_mesh, shard_batch, replicate = parallel.make_mesh, parallel.shard_batch, pa
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, ema_rate: float,
-                    mesh: Optional[Mesh] = None, donate: bool = False):
+                    mesh: Optional[Mesh] = None, donate: bool = False, accum_steps: int = 1):
   """One ``jax.jit`` function (state, batch) -> (state, metrics), data-parallel over ``mesh``
   (default: all local devices): the batch is sharded on axis 'data', state replicated. The jitted
   program has global semantics, so XLA gathers whatever rows a shard needs (all n STF reference
   points for every example) and all-reduces the gradient. On CPU, ``parallel.compiler_options``
   (Eigen convolutions: 1.3-1.8x faster). The step's key is fold_in(rng, step);
-  EMA: ema <- r ema + (1 - r) params (Song et al. 2021, Appendix)."""
+  EMA: ema <- r ema + (1 - r) params (Song et al. 2021, Appendix).
+
+  ``accum_steps`` k > 1 (``training.grad_accum_steps``): gradient accumulation. ``loss_fn`` must
+  take ``micro=(j, k)`` (``losses.get_loss_fn``'s does); a ``lax.scan`` over j sums the k
+  micro-batch gradients (live memory: one micro-batch's activations and one gradient
+  accumulator), divides by k, then the one optimizer update, EMA and step count of the step
+  follow as for one batch (clipping sees the averaged gradient). Metrics: the mean over the
+  micro-batches ('*_min' / '*_max' metrics: min / max), grad_norm of the averaged gradient."""
   mesh = make_mesh() if mesh is None else mesh
   repl = NamedSharding(mesh, PartitionSpec())
   data = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
   rate = float(ema_rate)
+  value_and_grad = _accumulated_value_and_grad(loss_fn, accum_steps)
 
   def step_fn(state: TrainState, batch: Array) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    (loss, metrics), grads = value_and_grad(state.params, batch, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, state.ema_params, params)
@@ -116,6 +124,36 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, em
   return jax.jit(step_fn, in_shardings=(repl, data), out_shardings=(repl, repl),
                  donate_argnums=(0,) if donate else (),
                  compiler_options=parallel.compiler_options(mesh))
+
+
+def _accumulated_value_and_grad(loss_fn: LossFn, k: int):
+  """(params, batch, key) -> ((loss, metrics), grads) of ``loss_fn`` over the whole batch, as the
+  mean of its k micro-batches (``loss_fn(..., micro=(j, k))``) for k > 1."""
+  assert isinstance(k, int) and k >= 1, f"accum_steps must be an int >= 1, got {k!r}"
+  if k == 1:
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+  def value_and_grad(params: Params, batch: Array, key: Array):
+    micro_vg = jax.value_and_grad(lambda p, j: loss_fn(p, batch, key, micro=(j, k)), has_aux=True)
+
+    def body(acc, j):
+      (loss, metrics), grads = micro_vg(params, j)
+      return jax.tree.map(jnp.add, acc, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, (losses, metrics) = jax.lax.scan(body, zeros, jnp.arange(k))
+    grads = jax.tree.map(lambda g: g / k, total)
+    return (jnp.mean(losses), _combine_metrics(metrics)), grads
+
+  return value_and_grad
+
+
+def _combine_metrics(metrics: dict) -> dict:
+  """One step's metrics from the (k,)-stacked metrics of its micro-batches: min of '*_min', max of
+  '*_max', mean of the rest (equal-size micro-batches: the batch's mean)."""
+  reduce = lambda name: (jnp.min if name.endswith("_min") else  # noqa: E731
+                         jnp.max if name.endswith("_max") else jnp.mean)
+  return {name: reduce(name)(v, axis=0) for name, v in metrics.items()}
 
 
 def make_eval_step(loss_fn: LossFn, mesh: Optional[Mesh] = None):

@@ -16,6 +16,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Training (score_sde CIFAR-10 defaults where they apply).
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128  # global training batch B
+  # Gradient accumulation: the batch trained in k micro-batches of B / k (one optimizer update;
+  # the same update as one batch of B). B must be divisible by k x the device count.
+  training.grad_accum_steps = 1
   training.n_iters = 1_300_001  # training steps
   training.log_freq = 50  # steps between metric lines (stdout + TensorBoard)
   training.eval_freq = 1000  # steps between held-out loss evaluations

@@ -75,6 +75,11 @@ def _check_divisible(config) -> None:
                   ("training.ref_batch_size", run_lib.train_batch_rows(config))):
     if n % n_dev:
       raise ValueError(f"{name}={n} must be divisible by the number of devices ({n_dev})")
+  k, b = config.training.grad_accum_steps, config.training.batch_size
+  if b % (k * n_dev):
+    raise ValueError(f"training.batch_size={b} must be divisible by training.grad_accum_steps="
+                     f"{k} x the number of devices ({n_dev}): every device trains B / (k "
+                     "devices) rows of each micro-batch")
 
 
 def _build(config, sde) -> _Run:
@@ -98,7 +103,8 @@ def _build(config, sde) -> _Run:
   return _Run(
       state=training.replicate(state, mesh),
       train_step=training.make_train_step(losses.get_loss_fn(config.training, sde, score_fn),
-                                          optimizer, config.model.ema_rate, mesh=mesh),
+                                          optimizer, config.model.ema_rate, mesh=mesh,
+                                          accum_steps=config.training.grad_accum_steps),
       eval_step=training.make_eval_step(
           losses.get_loss_fn(config.training, sde, score_fn, train=False), mesh=mesh),
       shard=lambda b: training.shard_batch(b, mesh), sample=sample, heldout=heldout,
