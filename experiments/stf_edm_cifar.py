@@ -1,18 +1,20 @@
 """Xu et al., "Stable Target Field for Reduced Variance Score Estimation in Diffusion Models",
 Table 1, EDM rows: EDM trained with denoising score matching (DSM) vs the stable target field
 (STF), the same network, seed and schedule; deterministic Heun, 18 noise levels = 35 NFE; FID and
-Inception Score of 5x10^4 samples.
+Inception Score of 5x10^4 samples, for the DDPM++ or the NCSN++ rows (``--arch``).
 
-  python experiments/stf_edm_cifar.py --full --out DIR         # both trainings, then the FIDs
-  python experiments/stf_edm_cifar.py --checkpoint DSM.pth STF.pth --out DIR
+  python experiments/stf_edm_cifar.py --checkpoint DSM.pkl STF.pkl --out DIR   # the authors' models
+  python experiments/stf_edm_cifar.py --full --arch ncsnpp --out DIR           # both trainings
 
-``--full`` trains configs/cifar_edm_dsm.py and configs/cifar_edm_stf.py (EDM's DDPM++ recipe:
-200M images at batch 512 = 390,625 steps; STF reference batch 4096 as the paper's §6.2, 1024 as
-its App. D.1 and released checkpoints: ``--ref-batch 1024``) into DIR/dsm and DIR/stf
-(``--mode=train``: a preempted run resumes from its latest checkpoint). ``--checkpoint`` takes two
-score_sde-format files (DSM first), imported with configs/cifar_vp_dsm.py's DDPM++ (EDM's own
-pickles are not score_sde files). Checkpoint: the last (the paper picks the best FID of
-snapshots every 2.5M images, as EDM: ``--eval-step`` evaluates another kept step). Writes
+``--checkpoint`` takes two EDM network pickles (DSM first: NVlabs' edm-cifar10-32x32-uncond-vp.pkl
+and the STF authors' release, or any ``network-snapshot-*.pkl``), read as data by
+``--mode=import`` (edm_pickle.py: nothing in them runs), which configures the network from the
+pickle; score_sde-format files are imported onto configs/cifar_vp_dsm.py's DDPM++ as before.
+``--full`` trains EDM's SongUNet (``--arch``) with configs/cifar_edm_dsm.py and cifar_edm_stf.py:
+200M images at batch 512 (with ``--grad-accum k`` micro-batches of 512 / k on one device), STF
+reference batch 1024 as the authors' released models (``--ref-batch 4096``: the main text), a
+snapshot every 2.5M images kept, so the best snapshot can be chosen (``--eval-step``) as the
+paper does. Each target is scored ``--seeds`` times (3: mean ± sd and minimum, as EDM). Writes
 DIR/result.json, DIR/table.md, DIR/fid_printed_vs_reproduced.png.
 """
 from __future__ import annotations
@@ -23,21 +25,43 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
+
 from experiments import cifar_tables as ct  # noqa: E402
 
 TARGETS = ("dsm", "stf")
+SNAPSHOT_IMAGES = 2_500_000  # App. D.1: a snapshot per 2.5M images, as EDM (snapshot_ticks 50 x 50 kimg)
+REF_BATCH = 1024  # App. D.1 and the released checkpoints (github.com/Newbeeer/stf: --rbatch 1024)
+PRINTED_CHOICE = ("the paper prints, per row, the lowest FID over snapshots taken every 2.5M "
+                  "images (App. D.1, 'as in Karras et al.'), and EDM reports the minimum of three "
+                  "FID evaluations: compare the printed value with the minimum column")
 HEUN = {"sampling.method": "heun", "sampling.n_steps": 18, "sampling.c": 0.0,
         "sampling.S_churn": 0.0, "sampling.denoise": True}  # 2 * 18 - 1 = 35 NFE
 
 
+def _edm_pickles(run: ct.Run) -> bool:
+  return bool(run.checkpoints) and all(c.endswith(".pkl") for c in run.checkpoints)
+
+
 def target_config(target: str, run: ct.Run):
-  """--full: the EDM config of the target; --checkpoint / --smoke: score_sde's DDPM++ cont. VP
-  (the importer's architecture) with the same Heun sampler."""
+  """--full: EDM's SongUNet (--arch) with the EDM config of the target, snapshots every 2.5M images
+  kept; --checkpoint of EDM pickles: the EDM config (the import sets the network from the pickle);
+  score_sde files / --smoke: score_sde's DDPM++ cont. VP (the importer's architecture). All with
+  the same Heun sampler."""
   from configs import cifar_edm_dsm, cifar_edm_stf, cifar_vp_dsm
+  from configs.default_image import songunet_model
   if run.scale == "full":
     config = (cifar_edm_stf if target == "stf" else cifar_edm_dsm).get_config()
-    if target == "stf" and run.args.ref_batch:
-      config.training.ref_batch_size = run.args.ref_batch
+    songunet_model(config.model, run.args.arch)
+    tr = config.training
+    if target == "stf":
+      tr.ref_batch_size = run.args.ref_batch or REF_BATCH
+    tr.snapshot_freq = max(1, round(SNAPSHOT_IMAGES / tr.batch_size))
+    tr.max_to_keep = tr.n_iters // tr.snapshot_freq + 1
+    if run.args.grad_accum > 1:
+      tr.grad_accum_steps = run.args.grad_accum
+  elif _edm_pickles(run):
+    config = cifar_edm_dsm.get_config()
   else:
     config = cifar_vp_dsm.get_config()
   config = ct.with_fields(config, **HEUN, **{"eval.checkpoint": run.args.eval_step})
@@ -45,36 +69,75 @@ def target_config(target: str, run: ct.Run):
   return ct.with_fields(config, **ct.smoke_fields()) if run.smoke else config
 
 
+def _check_arch(cfg, arch: str, source: str) -> None:
+  """The imported network is the row's architecture (NCSN++: Fourier embedding)."""
+  imported = "ncsnpp" if cfg.model.embedding_type == "fourier" else "ddpmpp"
+  if imported != arch:
+    raise ValueError(f"{source} holds EDM's {imported} network but --arch={arch}: pass "
+                     f"--arch={imported} (it picks the printed row)")
+
+
 def cells(run: ct.Run) -> list[ct.Cell]:
+  """One cell per (target, seed): seed k samples with config.seed + 1000 k."""
   n = 4 if run.smoke else ct.FID_PROTOCOL["stf"]["n_samples"]
   shared = {}
 
-  def make(i: int, target: str) -> ct.Cell:
+  def make(i: int, target: str, k: int) -> ct.Cell:
     config = target_config(target, run)
     workdir = os.path.join(run.args.out, target)
 
     def go():
-      cfg = ct.prepare_model(config, workdir, run.checkpoints[i] if run.checkpoints else "")
+      if target not in shared:
+        shared[target] = ct.prepare_model(config, workdir,
+                                          run.checkpoints[i] if run.checkpoints else "")
+        if _edm_pickles(run):
+          _check_arch(shared[target], run.args.arch, run.checkpoints[i])
+      cfg = shared[target].copy_and_resolve_references()
+      cfg.seed = ct.SEED + 1000 * k
       if "fid" not in shared:
         net = run.feature_net()
         shared["fid"] = net, ct.reference_stats(cfg, net, run.args.out, run.args.fid_stats)
-      samples, nfe = ct.sample_chunks(cfg, workdir, "stf_heun35", n, run.chunk())
-      return dict(ct.fid_of(samples, cfg, *shared["fid"]), nfe=nfe, n_samples=len(samples))
+      samples, nfe = ct.sample_chunks(cfg, workdir, f"stf_heun35_seed{k}", n, run.chunk())
+      return dict(ct.fid_of(samples, cfg, *shared["fid"],
+                            rounding=ct.FID_PROTOCOL["stf"]["rounding"]),
+                  nfe=nfe, n_samples=len(samples))
 
-    row = ct.PRINTED["stf"][f"{target}_ddpmpp"]
+    row = ct.PRINTED["stf"][f"{target}_{run.args.arch}"]
     train = (float(config.training.n_iters) * float(config.training.batch_size)
-             if run.scale == "full" else 0.0)
-    return ct.Cell(target, {"target": target.upper()}, go, nfe=35,
+             if run.scale == "full" and k == 0 else 0.0)
+    return ct.Cell(f"{target}_seed{k}", {"target": target.upper(), "seed": k}, go, nfe=35,
                    work={"train": train, "sample": n * 35.0},
-                   printed={k: row.number(k) for k in ("fid", "inception_score", "nfe")})
+                   printed={m: row.number(m) for m in ("fid", "inception_score", "nfe")})
 
-  return [make(i, t) for i, t in enumerate(TARGETS)]
+  return [make(i, t, k) for i, t in enumerate(TARGETS) for k in range(run.args.seeds)]
+
+
+def summary(result: dict) -> dict:
+  """Per target: FID mean ± sd over the seeds, and the minimum (EDM's report)."""
+  out = {}
+  for target in TARGETS:
+    fids = [c["measured"]["fid"] for c in result["cells"].values()
+            if c["params"]["target"] == target.upper()]
+    out[target] = {"fid_mean": float(np.mean(fids)), "fid_sd": float(np.std(fids, ddof=1))
+                   if len(fids) > 1 else float("nan"), "fid_min": float(np.min(fids)),
+                   "n_seeds": len(fids)}
+  return out
+
+
+def summary_markdown(s: dict, arch: str) -> str:
+  lines = ["", f"FID over seeds ({PRINTED_CHOICE}):", "",
+           "| target | FID mean ± sd | FID min | printed | seeds |", "|---|---|---|---|---|"]
+  for target, v in s.items():
+    printed = ct.PRINTED["stf"][f"{target}_{arch}"].number("fid")
+    lines.append(f"| {target.upper()} | {v['fid_mean']:.2f} ± {v['fid_sd']:.2f} | "
+                 f"{v['fid_min']:.2f} | {printed} | {v['n_seeds']} |")
+  return "\n".join(lines) + "\n"
 
 
 TABLE = {"table": "Xu et al. (STF), Table 1, EDM rows: DSM vs STF, Heun 35 NFE",
-         "checkpoint": "none needed: --full trains both (the authors' EDM checkpoints, "
-                       "github.com/Newbeeer/stf, are EDM pickles, not score_sde files)",
-         "command": "python experiments/stf_edm_cifar.py --full --out DIR",
+         "checkpoint": "the authors' EDM pickles (github.com/Newbeeer/stf; DSM: NVlabs' "
+                       "edm-cifar10-32x32-uncond-vp.pkl), read as data; or --full",
+         "command": "python experiments/stf_edm_cifar.py --checkpoint DSM.pkl STF.pkl --out DIR",
          "device_time": ("≈ 1.25×10⁶ CPU-hours (two trainings of 2×10⁸ images; sampling 5×10⁴ × "
                          "35 NFE is 0.9% of it); CPU-measured extrapolation, see below"),
          "printed": "FID 1.97 → 1.92 (DDPM++), 1.98 → 1.90 (NCSN++)"}
@@ -82,27 +145,45 @@ TABLE = {"table": "Xu et al. (STF), Table 1, EDM rows: DSM vs STF, Heun 35 NFE",
 
 def reproduced(result: dict) -> str:
   """The 'reproduced' cell of the README's CIFAR-10 tables block (experiments/claims.py)."""
-  d, s = (result["cells"][t]["measured"] for t in TARGETS)
-  return f"FID {d['fid']:.2f} → {s['fid']:.2f} (DDPM++, {result['scale']})"
+  s = result.get("summary") or summary(result)
+  arch = {"ddpmpp": "DDPM++", "ncsnpp": "NCSN++"}[result.get("arch", "ddpmpp")]
+  return (f"FID (min of {s['dsm']['n_seeds']}) {s['dsm']['fid_min']:.2f} → {s['stf']['fid_min']:.2f}"
+          f" ({arch}, {result['scale']})")
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ct.add_flags(parser, "two score_sde-format checkpoints: DSM, then STF")
+  ct.add_flags(parser, "two EDM network pickles (or score_sde-format files): DSM, then STF")
+  parser.add_argument("--arch", choices=("ddpmpp", "ncsnpp"), default="ddpmpp",
+                      help="the printed rows (and --full's network): EDM's DDPM++ or NCSN++")
+  parser.add_argument("--seeds", type=int, default=0,
+                      help="FID evaluations per target, each with its own samples (0: 3, smoke 1)")
   parser.add_argument("--ref-batch", type=int, default=0,
-                      help="--full: STF reference batch (0: the config's 4096)")
+                      help=f"--full: STF reference batch (0: {REF_BATCH}, the released models')")
+  parser.add_argument("--grad-accum", type=int, default=1,
+                      help="--full: micro-batches per step (training.grad_accum_steps)")
   parser.add_argument("--eval-step", type=int, default=-1,
                       help="checkpoint step to sample (-1: the last)")
   run = ct.parse(parser, argv, n_checkpoints=2)
-  if run.args.ref_batch and run.scale != "full":
-    parser.error("--ref-batch sets the STF training's reference batch: it needs --full")
-  header = (f"Xu et al. Table 1, EDM + DDPM++ rows (Heun, 35 NFE; printed NCSN++ rows: DSM 1.98, "
-            f"STF 1.90), scale {run.scale!r}. {ct.fid_note('stf')}")
+  if (run.args.ref_batch or run.args.grad_accum > 1) and run.scale != "full":
+    parser.error("--ref-batch / --grad-accum set the training: they need --full")
+  run.args.seeds = run.args.seeds or (1 if run.smoke else 3)
+  arch = {"ddpmpp": "DDPM++", "ncsnpp": "NCSN++"}[run.args.arch]
+  header = (f"Xu et al. Table 1, EDM + {arch} rows (Heun, 35 NFE), scale {run.scale!r}, "
+            f"{run.args.seeds} FID evaluation(s) per target. {ct.fid_note('stf')}")
   columns = [("fid", "FID"), ("inception_score", "Inception Score"), ("nfe", "NFE")]
-  return ct.finish(run, cells(run), target_config("dsm", run), columns, header,
-                   {"paper": "Xu et al. (STF), Table 1", "fid_protocol": ct.FID_PROTOCOL["stf"],
-                    "checkpoint_choice": f"eval.checkpoint={run.args.eval_step} (-1: the last; "
-                                         "the paper: best FID per 2.5M images, as EDM)"})
+  result = ct.finish(run, cells(run), target_config("dsm", run), columns, header,
+                     {"paper": "Xu et al. (STF), Table 1", "arch": run.args.arch,
+                      "fid_protocol": ct.FID_PROTOCOL["stf"], "printed_choice": PRINTED_CHOICE,
+                      "checkpoint_choice": f"eval.checkpoint={run.args.eval_step} (-1: the last; "
+                                           "the paper: best FID per 2.5M images, as EDM)"})
+  if result is not None:
+    result["summary"] = summary(result)
+    import run_lib
+    run_lib.write_json(os.path.join(run.args.out, "result.json"), result)
+    with open(os.path.join(run.args.out, "table.md"), "a") as f:
+      f.write(summary_markdown(result["summary"], run.args.arch))
+  return result
 
 
 if __name__ == "__main__":

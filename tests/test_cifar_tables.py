@@ -139,7 +139,8 @@ def test_dry_run_measures_the_fixture_network(tmp_path, capsys):
 
 @pytest.mark.parametrize("script, cells", [
     ("scoreflow_cifar", ["uniform", "variational", "fid"]),
-    ("stf_edm_cifar", ["dsm", "stf"]),
+    ("stf_edm_cifar", ["dsm_seed0", "dsm_seed1", "dsm_seed2", "stf_seed0", "stf_seed1",
+                       "stf_seed2"]),
     ("diffusion_time_cifar", ["T1_gaussian", "T0.6_gaussian", "T0.6_flow", "T0.4_gaussian",
                               "T0.4_flow", "T0.2_gaussian", "T0.2_flow"]),
 ])
@@ -155,8 +156,9 @@ def test_dry_run_at_the_papers_scale(script, cells, tmp_path, capsys, monkeypatc
   assert listed == cells
   rows = {l.split()[0]: [float(v) for v in l.split()[1:4]] for l in lines[2:2 + len(cells)]}
   if script == "stf_edm_cifar":  # Heun 35 NFE; 390,625 steps x 512 images + 5e4 x 35 samples
-    assert rows["stf"][0] == 35.0
-    assert rows["stf"][1] == pytest.approx(390_625 * 512 + 50_000 * 35, rel=1e-2)
+    assert rows["stf_seed0"][0] == 35.0  # (training counted once, with the first seed's cell)
+    assert rows["stf_seed0"][1] == pytest.approx(390_625 * 512 + 50_000 * 35, rel=1e-2)
+    assert rows["stf_seed1"][1] == pytest.approx(50_000 * 35, rel=1e-2)
   if script == "diffusion_time_cifar":  # 1000 T Euler-Maruyama steps + the denoising step
     assert rows["T0.4_flow"][0] == 401.0 and rows["T1_gaussian"][0] == 1001.0
 
@@ -257,11 +259,53 @@ def test_stf_edm_smoke(mock_tfds_module, tmp_path):
   rows beside them."""
   result = _smoke("stf_edm_cifar", str(tmp_path))
   for t, fid in (("dsm", 1.97), ("stf", 1.92)):
-    cell = result["cells"][t]
+    cell = result["cells"][f"{t}_seed0"]
     assert cell["measured"]["nfe"] == 35 and cell["printed"]["fid"] == fid
     assert np.isfinite(cell["measured"]["fid"])
   # the same network and seeds: the same samples, the same FID
-  assert result["cells"]["dsm"]["measured"]["fid"] == result["cells"]["stf"]["measured"]["fid"]
+  assert result["cells"]["dsm_seed0"]["measured"]["fid"] == \
+      result["cells"]["stf_seed0"]["measured"]["fid"]
+  assert result["summary"]["dsm"]["fid_min"] == result["cells"]["dsm_seed0"]["measured"]["fid"]
+
+
+@pytest.mark.slow
+def test_stf_edm_from_the_edm_pickles(mock_tfds_module, tmp_path):
+  """--checkpoint of two EDM network pickles (the c16 fixtures: NCSN++ for both) imports them as
+  data, configures SongUNet from the pickles, samples with Heun (35 NFE) and prints the NCSN++
+  rows; --arch ddpmpp on an NCSN++ pickle is refused naming the flag."""
+  pkl = os.path.join(os.path.dirname(__file__), "fixtures", "edm",
+                     "network-snapshot-edm_ncsnpp_c16.pkl")
+  from experiments import stf_edm_cifar
+  base = ["--smoke", "--checkpoint", pkl, pkl]
+  with pytest.raises(ValueError, match="--arch=ncsnpp"):
+    stf_edm_cifar.main(base + ["--out", str(tmp_path / "wrong")])
+  result = stf_edm_cifar.main(base + ["--arch", "ncsnpp", "--out", str(tmp_path / "ok")])
+  cell = result["cells"]["stf_seed0"]
+  assert cell["printed"]["fid"] == 1.90 and cell["measured"]["nfe"] == 35
+  assert result["arch"] == "ncsnpp" and result["fid_protocol"]["rounding"] == "edm"
+
+
+def test_stf_edm_full_config_is_the_authors_protocol():
+  """--full: EDM's SongUNet of --arch, STF reference batch 1024 (the released models), a snapshot
+  every 2.5M images kept (the paper picks the best), gradient accumulation when asked; the FID
+  summary is mean ± sd and the minimum over seeds."""
+  import argparse
+  from experiments import stf_edm_cifar as stf
+  args = argparse.Namespace(arch="ncsnpp", ref_batch=0, grad_accum=4, eval_step=-1)
+  run = ct.Run(args, "full", [])
+  config = stf.target_config("stf", run)
+  tr = config.training
+  assert config.model.name == "songunet" and config.model.embedding_type == "fourier"
+  assert tr.ref_batch_size == 1024 and tr.grad_accum_steps == 4
+  assert tr.snapshot_freq * tr.batch_size == pytest.approx(2.5e6, rel=1e-3)
+  assert tr.max_to_keep * tr.snapshot_freq >= tr.n_iters
+  cells = {"a": {"params": {"target": "DSM"}, "measured": {"fid": 2.0}},
+           "b": {"params": {"target": "DSM"}, "measured": {"fid": 1.9}},
+           "c": {"params": {"target": "STF"}, "measured": {"fid": 1.8}}}
+  s = stf.summary({"cells": cells})
+  assert s["dsm"]["fid_min"] == 1.9 and s["dsm"]["fid_mean"] == pytest.approx(1.95)
+  assert s["dsm"]["fid_sd"] == pytest.approx(np.std([2.0, 1.9], ddof=1))
+  assert "| DSM | 1.95 ± 0.07 | 1.90 | 1.98 | 2 |" in stf.summary_markdown(s, "ncsnpp")
 
 
 @pytest.mark.slow
