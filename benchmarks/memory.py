@@ -16,6 +16,13 @@ switched off in this process so they are cold compiles.
   python benchmarks/memory.py --programs likelihood,sample --models ddpmpp,ncsnpp --batches 4,16
   python benchmarks/memory.py --tiny --batches 2,4 --out /tmp/m.json   # a seconds-long smoke run
   python benchmarks/memory.py --report                          # only rewrite memory.md
+  python benchmarks/memory.py --accum --fast-compile            # micro-batches, grad_accum_steps
+
+``--accum``: for the published CIFAR-10 trainings (DDPM++ cont., EDM's DDPM++ and NCSN++) the
+accumulated train step (``train_accum``: training.grad_accum_steps = 2 micro-batches of each
+``--batches`` size) is compiled; the largest per-device micro-batch under 16 / 40 / 80 GiB is
+read off its peaks as above, and the training.grad_accum_steps that reach the papers' global
+batches (``programs.PAPER_BATCH``: score_sde 128, EDM 512) with it; into memory_accum.json / .md.
 
 Results accumulate in ``--out`` (default benchmarks/results/memory.json; entries of the same
 model, program, batch and dtype are replaced), the table in memory.md beside it. How far a CPU
@@ -47,6 +54,8 @@ STATS = ("argument", "output", "alias", "temp", "generated_code")
 # before it and does not change (checked: identical bytes for the tiny and the 61.8M train step),
 # while compiling takes ~2.5x less time. The compile times of such entries are not reported.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# --accum: the published CIFAR-10 trainings (score_sde DDPM++ cont., EDM DDPM++ / NCSN++).
+ACCUM_MODELS = "ddpmpp,edm_ddpmpp,edm_ncsnpp"
 
 
 def memory_stats(compiled) -> dict:
@@ -67,8 +76,9 @@ def measure(model: str, program: str, batch: int, tiny: bool, dtype: str, mesh,
   config = programs.get_config(model, tiny, model__dtype=dtype)
   prog = programs.PROGRAMS[program](config, batch, mesh)
   compiled, times = compile_timed(prog, FAST_COMPILE if fast_compile else None)
+  accum = programs.ACCUM_STEPS if program == "train_accum" else 1
   return dict(model=model, program=program, batch=batch, dtype=dtype, tiny=tiny,
-              params=prog.params, fast_compile=fast_compile, **times, **memory_stats(compiled),
+              params=prog.params, grad_accum_steps=accum, fast_compile=fast_compile, **times, **memory_stats(compiled),
               load_average=os.getloadavg())
 
 
@@ -169,6 +179,61 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def accum_steps_for(global_batch: int, micro: int | None) -> int | None:
+  """The fewest micro-batches k dividing ``global_batch`` whose micro-batch global_batch / k is
+  at most ``micro`` (None: not even one example fits)."""
+  if not micro:
+    return None
+  return next(k for k in range(1, global_batch + 1) if global_batch % k == 0
+              and global_batch // k <= micro)
+
+
+def accum_plan(result: dict) -> dict:
+  """Per model with a ``train_accum`` fit: its paper's global batch and, per capacity, the
+  largest micro-batch and the training.grad_accum_steps (and micro-batch) that reach it."""
+  plan = {}
+  for key, f in result["fits"].items():
+    model, program = key.split("/")[:2]
+    if program != "train_accum":
+      continue
+    g = programs.PAPER_BATCH.get(model)
+    caps = {}
+    for cap, micro in f["max_batch"].items():
+      k = accum_steps_for(g, micro) if g else None
+      caps[cap] = dict(max_micro_batch=micro, extrapolated=f["extrapolated"][cap],
+                       grad_accum_steps=k, micro_batch=g // k if k else None)
+    plan[key] = dict(model=model, global_batch=g, capacities=caps)
+  return plan
+
+
+def accum_markdown(result: dict) -> str:
+  """The table of memory_accum.md: micro-batches and training.grad_accum_steps per capacity."""
+  plan = result.get("accum_plan", {})
+  if not plan:
+    return ""
+  entries = {group_key(e): e for e in result["entries"]}
+  lines = ["", "## Gradient accumulation: micro-batch per device and training.grad_accum_steps", "",
+           "| model | params | paper's global batch | largest micro-batch 16 / 40 / 80 GiB | "
+           "grad_accum_steps x micro-batch 16 / 40 / 80 GiB |", "|---|---|---|---|---|"]
+  for key, p in plan.items():
+    e = entries[key]
+    caps = p["capacities"].values()
+    micro = " / ".join(f"{c['max_micro_batch']}{'*' if c['extrapolated'] else ''}" for c in caps)
+    steps = " / ".join(f"{c['grad_accum_steps']} x {c['micro_batch']}" if c["grad_accum_steps"]
+                       else "–" for c in caps)
+    name = p["model"] + (" (tiny)" if e["tiny"] else "")
+    lines.append(f"| {name}: {programs.MODELS[p['model']][2]} | {e['params'] / 1e6:.2f}M | "
+                 f"{p['global_batch']} | {micro} | {steps} |")
+  lines += ["", "Micro-batch: the per-device batch of one accumulation step, the largest whose "
+            "compiled peak (train step with training.grad_accum_steps = "
+            f"{programs.ACCUM_STEPS}, XLA:{result.get('backend', 'cpu')}'s memory analysis) fits "
+            "the usable fraction of the capacity, as in the table above; grad_accum_steps: the "
+            "fewest k dividing the paper's global batch (score_sde 128, EDM 512) with global / k "
+            "<= that micro-batch, on one device (with D devices: k / D, rounded up to a divisor). "
+            "Only the global batch's input rows (B x 3072 floats) grow with k."]
+  return "\n".join(lines) + "\n"
+
+
 def _load(path: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
@@ -192,10 +257,11 @@ def merge(result: dict, other: dict) -> dict:
 def write(result: dict, out: str) -> str:
   """memory.json at ``out`` and memory.md beside it (same stem)."""
   result["fits"] = summarize(result["entries"], result["usable_fraction"])
+  result["accum_plan"] = accum_plan(result)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=2)
-  text = markdown(result)
+  text = markdown(result) + accum_markdown(result)
   with open(os.path.splitext(out)[0] + ".md", "w") as f:
     f.write("# Memory and compile budgets (benchmarks/memory.py)\n\n" + text)
   return text
@@ -225,14 +291,22 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--models", default="ddpmpp,ddpmpp_deep,ncsnpp,edm,celeba64",
-                 help=f"comma list of {sorted(programs.MODELS)}")
-  p.add_argument("--programs", default="train", help="comma list of train,likelihood,sample")
-  p.add_argument("--batches", default="8,32", help="per-device batches to compile (>= 2 to fit)")
+  p.add_argument("--models", default=None, help=f"comma list of {sorted(programs.MODELS)} "
+                 "(default ddpmpp,ddpmpp_deep,ncsnpp,edm,celeba64; --accum: "
+                 f"{ACCUM_MODELS})")
+  p.add_argument("--programs", default=None,
+                 help="comma list of train,likelihood,sample,train_accum (default train; --accum: "
+                 "train_accum)")
+  p.add_argument("--batches", default=None, help="per-device (micro-)batches to compile (>= 2 "
+                 "to fit; default 8,32; --accum: 32,128)")
+  p.add_argument("--accum", action="store_true", help="the published CIFAR-10 trainings' "
+                 "micro-batches per memory size and the training.grad_accum_steps reaching the "
+                 "papers' global batches (--out default memory_accum.json)")
   p.add_argument("--dtype", default="float32", help="model.dtype (compute dtype)")
   p.add_argument("--tiny", action="store_true", help="tiny network and 8x8 images (smoke test)")
   p.add_argument("--usable-fraction", type=float, default=USABLE_FRACTION)
-  p.add_argument("--out", default=os.path.join(RESULTS, "memory.json"))
+  p.add_argument("--out", default=None, help="default benchmarks/results/memory.json "
+                 "(--accum: memory_accum.json)")
   p.add_argument("--fast-compile", action="store_true",
                  help="LLVM -O0: the same memory analysis sooner, compile times not reported")
   p.add_argument("--merge", default="", help="with --report: comma list of JSON files whose "
@@ -241,6 +315,11 @@ def main(argv=None) -> dict:
   p.add_argument("--keep-cache", action="store_true",
                  help="leave JAX's persistent compilation cache as configured (default: off)")
   args = p.parse_args(argv)
+  defaults = (ACCUM_MODELS, "train_accum", "32,128", "memory_accum.json") if args.accum else (
+      "ddpmpp,ddpmpp_deep,ncsnpp,edm,celeba64", "train", "8,32", "memory.json")
+  for name, value in zip(("models", "programs", "batches", "out"), defaults):
+    if getattr(args, name) is None:
+      setattr(args, name, os.path.join(RESULTS, value) if name == "out" else value)
   for name in args.models.split(","):
     programs.get_config(name)  # unknown names fail before any compilation
   for name in args.programs.split(","):

@@ -40,7 +40,14 @@ MODELS = {
     "edm": ("cifar_edm_dsm", {}, "EDM DDPM++ (ch_mult 2,2,2), CIFAR-10"),
     "celeba64": ("celeba64_ve_dsm", {}, "NCSN++ cont. (VE), CelebA 64x64"),
     "ddpmpp_stf": ("cifar_vp_stf", {}, "DDPM++ cont. (VP), STF target, reference batch 4096"),
+    # EDM's own CIFAR-10 networks (models/songunet.py, configs/default_image.songunet_model).
+    "edm_ddpmpp": ("cifar_edm_dsm", {"songunet": "ddpmpp"}, "EDM DDPM++ (SongUNet), CIFAR-10, 55.7M"),
+    "edm_ncsnpp": ("cifar_edm_dsm", {"songunet": "ncsnpp"}, "EDM NCSN++ (SongUNet), CIFAR-10, 56.4M"),
 }
+# The papers' global training batches: score_sde (Song et al. 2021) 128, EDM (Karras et al. 2022)
+# 512; benchmarks/memory.py --accum gives the training.grad_accum_steps that reach them.
+PAPER_BATCH = {"ddpmpp": 128, "ddpmpp_deep": 128, "ncsnpp": 128, "edm": 512, "edm_ddpmpp": 512,
+               "edm_ncsnpp": 512}
 # A network and image small enough to compile and run in seconds on one CPU core.
 TINY = {"model.nf": 8, "model.ch_mult": (1,), "model.num_res_blocks": 1,
         "model.attn_resolutions": (), "model.dropout": 0.0, "data.image_size": 8}
@@ -63,6 +70,10 @@ def get_config(model: str, tiny: bool = False, **values):
     raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
   module, fixed, _ = MODELS[model]
   config = importlib.import_module(f"configs.{module}").get_config()
+  fixed = dict(fixed)
+  if "songunet" in fixed:
+    from configs.default_image import songunet_model
+    songunet_model(config.model, fixed.pop("songunet"))
   override(config, fixed)
   if tiny:
     override(config, TINY)
@@ -106,21 +117,25 @@ def _data(shape) -> np.ndarray:
   return np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
 
 
-def train_program(config, batch: int, mesh) -> Program:
-  """``modes/train.py``'s train step at global batch ``batch`` (STF: the reference batch is
-  ``training.ref_batch_size``, at least ``batch``) on ``mesh``."""
+def train_program(config, batch: int, mesh, accum_steps: int = 1) -> Program:
+  """``modes/train.py``'s train step at global batch ``batch`` x ``accum_steps`` in
+  ``accum_steps`` micro-batches of ``batch`` (training.grad_accum_steps; STF: the reference batch
+  is ``training.ref_batch_size``, at least the global batch) on ``mesh``."""
   import losses
   import run_lib
   import training
   tr = config.training
-  tr.batch_size = batch
-  tr.ref_batch_size = max(int(tr.ref_batch_size), batch) if tr.target == "stf" else batch
+  tr.batch_size = batch * accum_steps
+  tr.grad_accum_steps = accum_steps
+  tr.ref_batch_size = (max(int(tr.ref_batch_size), tr.batch_size) if tr.target == "stf"
+                       else tr.batch_size)
   sde, score_fn, event, abstract_params, init, count = _network(config)
   cfg = run_lib.validate_config(config)  # the typed sections the science takes
   optimizer = training.make_optimizer(cfg.optim)
   key = jax.random.PRNGKey(1)
   step = training.make_train_step(losses.get_loss_fn(cfg.training, sde, score_fn), optimizer,
-                                  cfg.model.ema_rate, mesh=mesh)
+                                  cfg.model.ema_rate, mesh=mesh,
+                                  accum_steps=cfg.training.grad_accum_steps)
   rows = (run_lib.train_batch_rows(config),) + event
   state = jax.eval_shape(lambda p: training.init_train_state(p, optimizer, key), abstract_params)
 
@@ -129,7 +144,7 @@ def train_program(config, batch: int, mesh) -> Program:
     return training.replicate(real, mesh), training.shard_batch(_data(rows), mesh)
 
   return Program("train", step, (state, jax.ShapeDtypeStruct(rows, jnp.float32)), make_args,
-                 batch, count)
+                 tr.batch_size, count)
 
 
 def score_model(config, params):
@@ -177,4 +192,9 @@ def sample_program(config, batch: int, mesh) -> Program:
   return _per_example_program("sample", config, batch, mesh, per_sample, ())
 
 
-PROGRAMS = {"train": train_program, "likelihood": likelihood_program, "sample": sample_program}
+# Gradient accumulation's micro-batch memory: 2 micro-batches of the given batch (one live at a
+# time; the global batch's input rows, B x D floats, are the only part that grows with k).
+ACCUM_STEPS = 2
+PROGRAMS = {"train": train_program, "likelihood": likelihood_program, "sample": sample_program,
+            "train_accum": lambda config, batch, mesh: train_program(config, batch, mesh,
+                                                                     ACCUM_STEPS)}
