@@ -362,7 +362,7 @@ def _resumable(index: np.ndarray, done: np.ndarray) -> bool:
   are among the stored ``done`` indices, agreed by all processes (each reads the store itself: a
   process that sees less, e.g. without a shared filesystem, makes every process compute)."""
   every = gather(index)
-  ok = bool(np.all(np.isin(every[every >= 0], done)))
+  ok = len(done) > 0 and bool(np.all(np.isin(every[every >= 0], done)))
   return bool(np.all(gather(np.asarray([ok])))) if jax.process_count() > 1 else ok
 
 
@@ -388,8 +388,8 @@ def map_dataset(fn: Callable, consts: Any, batches: Iterable, key: Array, *,
   g = sharded_map(fn, mesh)
   n_local_dev = len(mesh.local_devices)
   consts = replicate(consts, mesh)
-  stored = store.load() if store is not None else {}
-  skipping = bool(stored) and len(stored["index"]) > 0
+  stored = {"index": np.zeros((0,), np.int64), **(store.load() if store is not None else {})}
+  skipping = store is not None  # every process asks (collectives), whatever it has read
   resumed, n_batches = [], 0
   index_parts, out_parts = [], []
   for b in batches:
