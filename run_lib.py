@@ -602,12 +602,13 @@ class PartialResults:
       return None
     if not isinstance(saved, dict):
       return "unreadable fingerprint"
-    why = [k for k in ("stage", "key", "step", "model") if saved.get(k) != self.fingerprint[k]]
+    names = {"stage": "stage", "key": "key", "step": "step", "model": "checkpoint parameters"}
+    why = [v for k, v in names.items() if saved.get(k) != self.fingerprint[k]]
     old, new = saved.get("config", {}), self.fingerprint["config"]
     fields = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     why += [f"config field {k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
             for k in fields[:5]] + ([f"{len(fields) - 5} more fields"] if len(fields) > 5 else [])
-    return ", ".join(w.replace("model", "checkpoint parameters") for w in why) or "changed"
+    return ", ".join(why) or "changed"
 
   def load(self) -> dict[str, np.ndarray]:
     if not os.path.exists(self._fingerprint_file()):

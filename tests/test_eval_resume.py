@@ -125,6 +125,9 @@ def test_partial_results_invalidated_by_a_changed_checkpoint_or_config(tmp_path,
   cfg = config.copy_and_resolve_references()
   cfg.eval.rtol = 1e-3
   invalidated("config field eval.rtol", cfg=cfg)
+  cfg = config.copy_and_resolve_references()
+  cfg.model.ema_rate = 0.9
+  invalidated("config field model.ema_rate (0.995 -> 0.9)", cfg=cfg)
   # a batch file cut short by a kill mid-write is ignored (recomputed), the others kept
   with open(os.path.join(s.path, "batch-000001.npz"), "wb") as f:
     f.write(b"PK\x03\x04 truncated")
