@@ -377,26 +377,76 @@ def seconds_per_evaluation(config, batch: int, repeats: int = 3) -> tuple[float,
   return seconds, f"{dev.platform} ({getattr(dev, 'device_kind', '?')}) x{jax.device_count()}"
 
 
+# Accelerators of the dry run's hardware-independent estimate: the vendor's stated dense peak for
+# the precision these models train in (float32: TF32 tensor cores on A100 / H100 as PyTorch and
+# XLA use by default; TPU matrix units at bf16 passes), and one stated utilisation for all.
+ACCELERATORS = (("A100", 156e12, "TF32"), ("H100 SXM", 494.7e12, "TF32"), ("TPU v4", 275e12, "bf16"))
+UTILISATION = 0.35  # model FLOPs utilisation assumed for conv U-Nets at the papers' batch sizes
+
+
+def flops_per_evaluation(config) -> dict[str, float]:
+  """XLA's FLOP count (cost analysis of the lowered program, batch 1, nothing compiled or run) of
+  one network evaluation of each work kind: a forward pass ('sample', 'bound'), the score plus one
+  vector-Jacobian product (a Hutchinson likelihood step), forward plus backward to the parameters
+  ('train', 'dequantizer')."""
+  import jax
+  import jax.numpy as jnp
+  import datasets
+  import run_lib
+  import sde_lib
+  cfg = run_lib.validate_config(config)
+  sde = sde_lib.get_sde(cfg.sde)
+  _, score_fn, state = run_lib.init_state(cfg, sde, jax.random.PRNGKey(0), template=True)
+  x = jnp.zeros((1,) + tuple(datasets.dataset_info(cfg).shape))
+  t = jnp.full((1,), 0.5 * float(sde.T))
+
+  def count(f) -> float:
+    return float(jax.jit(f).lower(state.params, x, t).cost_analysis()["flops"])
+
+  forward = count(lambda p, x, t: score_fn(p, x, t))
+  likelihood = count(lambda p, x, t: jax.vjp(lambda y: score_fn(p, y, t), x)[1](x)[0])
+  train = count(lambda p, x, t: jax.grad(lambda q: jnp.sum(score_fn(q, x, t) ** 2))(p))
+  return {"sample": forward, "bound": forward, "likelihood": likelihood, "train": train,
+          "dequantizer": train}
+
+
+def accelerator_hours(flops: float) -> dict[str, float]:
+  """Hours of ``flops`` on each of ACCELERATORS at its peak x UTILISATION."""
+  return {name: flops / (peak * UTILISATION) / 3600 for name, peak, _ in ACCELERATORS}
+
+
 def dry_run(cells: Sequence[Cell], config, batch: int, out: str = "") -> list[dict[str, Any]]:
-  """Prints every cell with its NFE per sample, its network evaluations and an estimated device
-  time (measured seconds per evaluation x evaluations x ``WORK_COST``); marks cells with a
-  result. Returns the rows."""
+  """Prints every cell, training included, with its NFE per sample, its network evaluations, the
+  time on this machine (measured seconds per forward pass x evaluations x ``WORK_COST``), its
+  FLOPs (``flops_per_evaluation``: XLA's count per kind x evaluations) and the hours those FLOPs
+  take on ACCELERATORS at UTILISATION; marks cells with a result. Returns the rows."""
   per_eval, device = seconds_per_evaluation(config, batch)
+  flops = flops_per_evaluation(config)
+  names = [name for name, _, _ in ACCELERATORS]
   rows = []
   print(f"{len(cells)} cells; one forward pass = {per_eval * 1e3:.3g} ms per image measured on "
-        f"{device} at batch {batch} (an extrapolation: cost assumed linear in images x NFE, "
-        f"kinds weighted {WORK_COST})")
-  print(f"{'cell':<28} {'NFE/sample':>10} {'network evals':>14} {'est. hours':>10}  status")
+        f"{device} at batch {batch}; XLA counts {flops['sample'] / 1e9:.3g} GFLOP per forward, "
+        f"{flops['likelihood'] / 1e9:.3g} per likelihood step, {flops['train'] / 1e9:.3g} per "
+        f"training image; accelerators at {UTILISATION:.0%} of peak: " + ", ".join(
+            f"{n} {p / 1e12:g} TFLOP/s {prec}" for n, p, prec in ACCELERATORS))
+  print(f"{'cell':<28} {'NFE/sample':>10} {'network evals':>14} {'est. hours':>10} "
+        f"{'PFLOP':>10} " + " ".join(f"{n + ' h':>11}" for n in names) + "  status")
   for cell in cells:
     evals = sum(cell.work.values())
     seconds = per_eval * sum(WORK_COST[k] * v for k, v in cell.work.items())
+    cell_flops = sum(flops[k] * v for k, v in cell.work.items())
+    hours = accelerator_hours(cell_flops)
     done = bool(out) and os.path.exists(cell_result_path(out, cell.name))
-    rows.append({"cell": cell.name, "nfe": cell.nfe, "evaluations": evals,
-                 "seconds": seconds, "done": done})
-    print(f"{cell.name:<28} {cell.nfe:>10.0f} {evals:>14.3g} {seconds / 3600:>10.3g}  "
-          f"{'done (skipped)' if done else 'to run'}")
-  total = sum(r["seconds"] for r in rows if not r["done"])
-  print(f"total still to run: {total / 3600:.3g} device-hours on {device}")
+    rows.append({"cell": cell.name, "nfe": cell.nfe, "evaluations": evals, "seconds": seconds,
+                 "flops": cell_flops, "accelerator_hours": hours, "done": done})
+    print(f"{cell.name:<28} {cell.nfe:>10.0f} {evals:>14.3g} {seconds / 3600:>10.3g} "
+          f"{cell_flops / 1e15:>10.4g} " + " ".join(f"{hours[n]:>11.3g}" for n in names)
+          + f"  {'done (skipped)' if done else 'to run'}")
+  todo = [r for r in rows if not r["done"]]
+  total = sum(r["flops"] for r in todo)
+  print(f"total still to run: {sum(r['seconds'] for r in todo) / 3600:.3g} hours on {device}; "
+        f"{total / 1e15:.4g} PFLOP = " + ", ".join(
+            f"{h:.3g} {n}-hours" for n, h in accelerator_hours(total).items()))
   return rows
 
 

@@ -89,7 +89,7 @@ def summarize(result: dict) -> list[dict]:
   """The README's claim rows from this script's result.json (experiments/claims.py)."""
   dsm, stf = result["runs"]["dsm"], result["runs"]["stf"]
   return [{"claim": "STF improves EDM + Heun (35 NFE) samples over DSM at equal training",
-           "paper": "Xu et al., Table 1", "printed": "CIFAR-10 FID 1.97 → 1.90",
+           "paper": "Xu et al., Table 1", "printed": "CIFAR-10 FID 1.97 → 1.92 (DDPM++), 1.98 → 1.90 (NCSN++)",
            "reproduced": f"digits, {stf['n_iters']} steps, n = {stf['ref_batch_size']}: feature "
                          f"distance {dsm['digits_feature_distance']:.2f} → "
                          f"{stf['digits_feature_distance']:.2f}, bits/dim {dsm['bpd']:.3f} → "

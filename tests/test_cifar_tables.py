@@ -117,6 +117,7 @@ def test_dry_run_lists_cells_nfe_and_estimate(tmp_path, capsys, monkeypatch):
   above; the fixture network's compile takes minutes on a loaded CPU: -m slow runs it.)"""
   from experiments import ode_vs_sde_cifar
   monkeypatch.setattr(ct, "seconds_per_evaluation", lambda config, batch: (1e-3, "cpu (stub)"))
+  monkeypatch.setattr(ct, "flops_per_evaluation", lambda config: dict.fromkeys(ct.WORK_COST, 1e9))
   ode_vs_sde_cifar.main(["--smoke", "--dry-run", "--out", str(tmp_path)])
   text = capsys.readouterr().out
   assert "measured on cpu" in text and "4 cells" in text
@@ -149,6 +150,7 @@ def test_dry_run_at_the_papers_scale(script, cells, tmp_path, capsys, monkeypatc
   timing itself is measured in the test above; here 1 ms per evaluation stands in)."""
   import importlib
   monkeypatch.setattr(ct, "seconds_per_evaluation", lambda config, batch: (1e-3, "cpu (stub)"))
+  monkeypatch.setattr(ct, "flops_per_evaluation", lambda config: dict.fromkeys(ct.WORK_COST, 1e9))
   importlib.import_module(f"experiments.{script}").main(["--full", "--dry-run", "--out",
                                                          str(tmp_path)])
   lines = capsys.readouterr().out.splitlines()
@@ -159,6 +161,8 @@ def test_dry_run_at_the_papers_scale(script, cells, tmp_path, capsys, monkeypatc
     assert rows["stf_seed0"][0] == 35.0  # (training counted once, with the first seed's cell)
     assert rows["stf_seed0"][1] == pytest.approx(390_625 * 512 + 50_000 * 35, rel=1e-2)
     assert rows["stf_seed1"][1] == pytest.approx(50_000 * 35, rel=1e-2)
+  if script == "scoreflow_cifar":  # training counted (1.3M steps x 128 images) with the first cell
+    assert rows["uniform"][1] > 1_300_001 * 128
   if script == "diffusion_time_cifar":  # 1000 T Euler-Maruyama steps + the denoising step
     assert rows["T0.4_flow"][0] == 401.0 and rows["T1_gaussian"][0] == 1001.0
 
@@ -322,3 +326,32 @@ def test_diffusion_time_smoke(mock_tfds_module, tmp_path):
     assert cell["measured"]["nfe_sde"] == 3  # 2 smoke steps + the denoising step
   # p_noise and nu_phi at the same T: different priors, different bits/dim
   assert c["T0.4_flow"]["measured"]["bpd"] != c["T0.4_gaussian"]["measured"]["bpd"]
+
+
+def test_xla_flop_count_is_the_hand_count_of_a_convolution():
+  """The dry run's FLOPs are XLA's cost analysis; for one 3x3 'SAME' convolution it equals the hand
+  count 2 x (multiply-adds over the taps inside the image): 2 N Cout Cin (sum of valid taps)."""
+  import jax
+  import jax.numpy as jnp
+  n, h, w, cin, cout = 2, 16, 12, 8, 32
+  conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  xla = jax.jit(conv).lower(jnp.zeros((n, h, w, cin)), jnp.zeros((3, 3, cin, cout))).cost_analysis()
+  valid = lambda size: 3 * size - 2  # noqa: E731  (taps inside the image, summed over one axis)
+  assert xla["flops"] == 2 * n * cout * cin * valid(h) * valid(w)
+
+
+def test_dry_run_flops_and_accelerator_hours():
+  """flops_per_evaluation counts each work kind of a (tiny) DDPM++ without running it: a
+  likelihood step (score + one VJP) and a training image (forward + backward) cost more than a
+  forward pass (each between 1.5x and 4x); accelerator hours are FLOPs / (peak x utilisation)."""
+  from configs.cifar_vp_dsm import get_config
+  config = get_config()
+  config.model.nf, config.model.num_res_blocks, config.model.ch_mult = 16, 1, (1, 2)
+  f = ct.flops_per_evaluation(config)
+  assert f["sample"] == f["bound"] > 0 and f["train"] == f["dequantizer"]
+  for kind in ("likelihood", "train"):
+    assert 1.5 < f[kind] / f["sample"] < 4, f
+  hours = ct.accelerator_hours(3600 * 156e12 * ct.UTILISATION)
+  assert hours["A100"] == pytest.approx(1.0)
+  assert hours["H100 SXM"] < hours["TPU v4"] < hours["A100"]
