@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import cifar_tables as ct  # noqa: E402
+from experiments import cifar_protocol as ct  # noqa: E402
 
 TS = (1.0, 0.6, 0.4, 0.2)
 PRIORS = ("gaussian", "flow")

@@ -245,7 +245,7 @@ def dry_run(smoke: bool) -> dict:
   evaluation; training as 3 evaluations per image (forward + backward), the ODE bits/dim as 2
   (Hutchinson: forward + one VJP) x the printed NFE, for 4 T values x 65k iterations."""
   from configs.mnist_vp import get_config
-  from experiments.cifar_tables import seconds_per_evaluation
+  from experiments.cifar_protocol import seconds_per_evaluation
   config = reduced_config(1.0, True) if smoke else get_config()
   per_eval, device = seconds_per_evaluation(config, 4 if smoke else 32)
   train = 4 * 65_000 * config.training.batch_size * 3 * per_eval

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import cifar_tables as ct  # noqa: E402
+from experiments import cifar_protocol as ct  # noqa: E402
 
 STEPS = tuple(int(s) for s in ct.CAO_STEPS)
 CS = (0, 1, 2, 4)

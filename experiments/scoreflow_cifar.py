@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import cifar_tables as ct  # noqa: E402
+from experiments import cifar_protocol as ct  # noqa: E402
 
 DEFAULT_ROW = "Baseline + LW + IS, VP"
 WEIGHTING = {"": "default", " + LW": "likelihood", " + LW + IS": "likelihood_is"}

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from experiments import cifar_tables as ct  # noqa: E402
+from experiments import cifar_protocol as ct  # noqa: E402
 
 TARGETS = ("dsm", "stf")
 SNAPSHOT_IMAGES = 2_500_000  # App. D.1: a snapshot per 2.5M images, as EDM (snapshot_ticks 50 x 50 kimg)

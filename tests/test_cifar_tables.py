@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import cifar_tables as ct
+from experiments import cifar_protocol as ct
 
 
 # -- the printed numbers ---------------------------------------------------------------------------
