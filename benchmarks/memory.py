@@ -229,8 +229,10 @@ def accum_markdown(result: dict) -> str:
             f"{programs.ACCUM_STEPS}, XLA:{result.get('backend', 'cpu')}'s memory analysis) fits "
             "the usable fraction of the capacity, as in the table above; grad_accum_steps: the "
             "fewest k dividing the paper's global batch (score_sde 128, EDM 512) with global / k "
-            "<= that micro-batch, on one device (with D devices: k / D, rounded up to a divisor). "
-            "Only the global batch's input rows (B x 3072 floats) grow with k."]
+            "<= that micro-batch, on one device (on D devices a micro-batch is spread over all of "
+            "them, global / (k D) rows each: take the fewest k with global / (k D) <= the "
+            "micro-batch). Only the global batch's input rows (B x 3072 floats, 6 MiB at 512) "
+            "grow with k. * = extrapolated beyond the compiled micro-batches."]
   return "\n".join(lines) + "\n"
 
 
