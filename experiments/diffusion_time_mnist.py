@@ -169,10 +169,18 @@ def eval_stage(out: str, smoke: bool) -> dict:
   result = {"rows": rows, "fig4": fig4(out, smoke), "printed": {str(k): v for k, v in
                                                                  PRINTED.items()},
             "reduction": REDUCED, "eval_split": EVAL_SPLIT, "smoke": smoke,
+            "paper_model_cost": _read(os.path.join(out, "dry_run.json")),
             "seconds_this_invocation": time.time() - t0,
             "units": {"bpd": "bits/dim", "nfe": "network evaluations per image"}}
   write(result, out)
   return result
+
+
+def _read(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def header(result: dict) -> str:
@@ -187,7 +195,18 @@ def header(result: dict) -> str:
           f"{r['ema_rate']}, truncated at each T. ODE bits/dim (Hutchinson, rtol = atol = 1e-5) "
           f"on {result['eval_split']!r} ({n} test images), ± standard error; 'paired' is the "
           f"per-image change against p_noise on the same images. DPGMM: 20 diagonal components "
-          f"fitted on 8000 samples. Printed: the paper's Tables 2 and 4 (bits/dim, NFE).")
+          f"fitted on 8000 samples. Printed: the paper's Tables 2 and 4 (bits/dim, NFE)."
+          + _cost_sentence(result.get("paper_model_cost")))
+
+
+def _cost_sentence(cost) -> str:
+  """The paper's own scale (``--dry-run``): XLA FLOPs as A100 hours, and this machine's hours."""
+  if not cost:
+    return ""
+  return (f" The paper's scale (4 models x 65k iterations, ODE bits/dim of 10^4 images; "
+          f"--dry-run): {cost['pflop']:.0f} PFLOP, {cost['accelerator_hours']['A100']:.1f} "
+          f"A100-hours at {cost['utilisation']:.0%} of peak, ~{cost['hours_here']:.0f} hours on "
+          f"this project's 2-core CPU.")
 
 
 def write(result: dict, out: str) -> None:
@@ -240,20 +259,28 @@ def _figure(result: dict, out: str) -> None:
   plt.close(fig)
 
 
-def dry_run(smoke: bool) -> dict:
-  """The paper's App. H.2 model (configs/mnist_vp.py) here: measured seconds per image per network
-  evaluation; training as 3 evaluations per image (forward + backward), the ODE bits/dim as 2
-  (Hutchinson: forward + one VJP) x the printed NFE, for 4 T values x 65k iterations."""
+def dry_run(smoke: bool, out: str) -> dict:
+  """The paper's App. H.2 model (configs/mnist_vp.py) here: measured seconds per image per forward
+  pass and XLA's FLOP count per work kind (cifar_protocol), for 4 T values x 65k training
+  iterations and the ODE bits/dim of the 10^4 test images at the printed NFE; A100 hours at the
+  stated utilisation."""
   from configs.mnist_vp import get_config
-  from experiments.cifar_protocol import seconds_per_evaluation
+  from experiments import cifar_protocol as cp
   config = reduced_config(1.0, True) if smoke else get_config()
-  per_eval, device = seconds_per_evaluation(config, 4 if smoke else 32)
-  train = 4 * 65_000 * config.training.batch_size * 3 * per_eval
-  ode = sum(10_000 * 2 * v["nfe"] * per_eval for v in PRINTED.values())
-  cost = {"device": device, "seconds_per_image_evaluation": per_eval,
-          "train_hours": train / 3600, "ode_bpd_hours": ode / 3600,
-          "total_hours": (train + ode) / 3600}
+  per_eval, device = cp.seconds_per_evaluation(config, 4 if smoke else 32)
+  flops = cp.flops_per_evaluation(config)
+  work = {"train": 4 * 65_000 * config.training.batch_size,
+          "likelihood": sum(10_000 * v["nfe"] for v in PRINTED.values())}
+  seconds = per_eval * sum(cp.WORK_COST[k] * v for k, v in work.items())
+  total = sum(flops[k] * v for k, v in work.items())
+  cost = {"device": device, "seconds_per_forward_image": per_eval,
+          "gflop_per_image": {k: flops[k] / 1e9 for k in ("sample", "likelihood", "train")},
+          "hours_here": seconds / 3600, "pflop": total / 1e15,
+          "accelerator_hours": cp.accelerator_hours(total), "utilisation": cp.UTILISATION}
   print(json.dumps(cost, indent=2))
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "dry_run.json"), "w") as f:
+    json.dump(cost, f, indent=2)
   return cost
 
 
@@ -268,7 +295,7 @@ def main(argv=None) -> None:
   from absl import logging
   logging.set_verbosity(logging.INFO)  # the modes' progress lines (rate, ETA)
   if args.dry_run:
-    dry_run(args.smoke)
+    dry_run(args.smoke, args.out)
     return
   if args.stage in ("train", "all"):
     print(json.dumps(train_stage(args.out, args.smoke)), flush=True)
