@@ -401,27 +401,95 @@ def test_import_mode_writes_a_workdir_and_refuses_bad_reuse(tmp_path):
     sample(other, wd)
 
 
+def _direct(config):
+  """(typed config, SDE, score_fn(params, x, t)) of ``config`` built from its sections, and the
+  fixture's imported EMA parameters (``_imported``), without the workdir."""
+  cfg = run_lib.validate_config(config)
+  sde = sde_lib.get_sde(cfg.sde)
+  return cfg, sde, mutils.score_fn_from_config(cfg.model, sde, models.get_model(cfg)), \
+      _imported("ddpmpp")["ema_params"]
+
+
 @pytest.mark.slow
 def test_import_mode_then_sample(tmp_path):
-  """--mode=sample on the imported workdir gives finite samples at step 123456 (a minute of
-  DDPM++ compile on 2 CPU cores: -m slow; the imported network's outputs are checked against
-  score_sde_pytorch's in the default suite, above)."""
+  """--mode=sample on the imported workdir gives, at step 123456, the samples of the SDE sampler
+  run directly on the fixture's imported EMA parameters (samplers.get_sampler of the sampling
+  section, p_noise, sample i from fold_in(key, i) of sample mode's key fold_in(PRNGKey(seed),
+  0x5A)), and samples.png is their grid. Minutes of DDPM++ compiles on 2 CPU cores: -m slow (the
+  imported network's outputs are checked against score_sde_pytorch's in the default suite)."""
+  import samplers
+  from conftest import assert_grid_png
   from modes.sample import sample
   config, wd = _import_fixture(tmp_path)
-  s = sample(config, wd)
-  assert s["finite"] and s["step"] == 123456
+  report = sample(config, wd)
+  assert report["step"] == 123456 and report["n_samples"] == 4 and report["finite"]
+  out = os.path.join(wd, "samples")
+  with np.load(os.path.join(out, "samples.npz")) as z:
+    x = z["samples"]
+  cfg, sde, score, params = _direct(config)
+  one = samplers.get_sampler(cfg.sampling, sde, (1, 32, 32, 3))
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0x5A)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(4))
+
+  def run(p, ks):
+    def single(k):
+      x, stats = one(functools.partial(score, p), k)
+      return x[0], jnp.mean(jnp.asarray(stats["nfe"], jnp.float32))
+    return jax.vmap(single)(ks)
+
+  want, nfe = jit(run)(params, keys)
+  assert x.shape == (4, 32, 32, 3) and np.all(np.isfinite(x))
+  assert float(np.max(np.abs(np.asarray(want) - x[::-1]))) > 0.1  # the comparison tells samples apart
+  np.testing.assert_allclose(x, np.asarray(want), rtol=1e-4, atol=1e-3)  # 4e-5 seen: 4 devices
+  assert report["nfe"] == float(np.mean(nfe)) == 5  # 4 steps, then the noise-free last step
+  assert_grid_png(os.path.join(out, "samples.png"), x, cfg.data.centered)
 
 
 @pytest.mark.slow
 def test_import_mode_then_eval_bits_per_dim(mock_tfds, tmp_path):
-  """--mode=eval bits/dim of the imported DDPM++ on mocked CIFAR-shaped data (9 test images),
-  step 123456 in the report. Slow on CPU (minutes of per-example ODE solves): -m slow."""
+  """--mode=eval bits/dim of the imported DDPM++ on mocked CIFAR-shaped data (9 test images) at
+  step 123456: the mean of its per-example bits/dim, which for the first and last image agree (to
+  2e-3) with the probability-flow ODE likelihood computed directly on the imported EMA parameters
+  (the image's levels, uniform dequantization and Hutchinson probe from eval's keys: fold_in(k, i)
+  of the first key of split(fold_in(PRNGKey(seed), 0xE7A1), 3)). Minutes of per-example ODE
+  solves and DDPM++ compiles on CPU: -m slow."""
+  import likelihood
+  from conftest import _mock_images, assert_grid_png
   from modes.evaluate import evaluate
   config, wd = _import_fixture(tmp_path)
   config.eval.num_samples, config.eval.bound, config.eval.fid = 4, False, False
   config.eval.batch_size, config.eval.rtol, config.eval.atol = 9, 0.1, 0.1
   report = evaluate(config, wd)
-  assert report["step"] == 123456 and report["bpd_n_examples"] == 9 and np.isfinite(report["bpd"])
+  assert report["step"] == 123456 and report["bpd_n_examples"] == 9 and report["bpd_n_failed"] == 0
+  per_example = np.asarray(report["bpd_per_example"], np.float64)
+  assert per_example.shape == (9,) and np.all(np.isfinite(per_example))
+  np.testing.assert_allclose(report["bpd"], per_example.mean(), rtol=1e-6)  # float32 sums
+  cfg, sde, score, params = _direct(config)
+  ev = cfg.eval
+  k_ll = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0xE7A1), 3)[0]
+  levels = _mock_images("cifar10", np.arange(9), "test")
+
+  @jit
+  def bpd(p, level, key):
+    k_deq, k_fn = jax.random.split(key)
+    y = likelihood.uniform_dequantize(k_deq, level[None], 256, centered=True, dtype=jnp.float32)
+    out = likelihood.log_likelihood(functools.partial(score, p), sde, y, k_fn, prior=sde.prior(),
+                                    divergence=ev.divergence, probe=ev.hutchinson_probe,
+                                    rtol=ev.rtol, atol=ev.atol, max_steps=ev.max_steps)
+    return likelihood.bits_per_dim(out["logp"], (32, 32, 3), centered=True)[0], out["nfe"][0]
+
+  assert cfg.data.centered and ev.divergence == "hutchinson"
+  # 4e-4 and 5e-4 bits/dim seen (rounding moves the rtol = 0.1 solver's steps); another key's
+  # dequantization and probe move them by 2e-2 and 1e-1
+  tol = 2e-3
+  for i in (0, 8):
+    want, nfe = bpd(params, jnp.asarray(levels[i]), jax.random.fold_in(k_ll, i))
+    assert abs(per_example[i] - float(want)) < tol, (i, per_example[i], float(want))
+    assert report["likelihood_nfe_per_example"][i] == float(nfe)
+    other, _ = bpd(params, jnp.asarray(levels[i]), jax.random.fold_in(k_ll, i + 1))
+    assert abs(per_example[i] - float(other)) > 5 * tol  # the comparison tells the keys apart
+  with np.load(os.path.join(wd, "eval", "samples.npz")) as z:
+    assert_grid_png(os.path.join(wd, "eval", "samples.png"), z["samples"], True)
 
 
 def test_peer_benchmark_skips_with_a_clear_message(tmp_path, capsys):
