@@ -49,6 +49,7 @@ Array = jax.Array
 
 # Config fields that may change between a run and its resumption (everything else must match).
 RESUMABLE_FIELDS = ("training.n_iters", "training.log_freq", "training.eval_freq",
+                    "training.grad_accum_steps",  # the same update for any k (training.py)
                     "training.snapshot_freq", "training.snapshot_freq_for_preemption",
                     "training.max_to_keep")
 RESUMABLE_SECTIONS = ("sampling.", "eval.", "prior.", "dequantizer.", "classifier.")

@@ -11,7 +11,8 @@ and the STF authors' release, or any ``network-snapshot-*.pkl``), read as data b
 ``--mode=import`` (edm_pickle.py: nothing in them runs), which configures the network from the
 pickle; score_sde-format files are imported onto configs/cifar_vp_dsm.py's DDPM++ as before.
 ``--full`` trains EDM's SongUNet (``--arch``) with configs/cifar_edm_dsm.py and cifar_edm_stf.py:
-200M images at batch 512 (with ``--grad-accum k`` micro-batches of 512 / k on one device), STF
+200M images at batch 512 (``--grad-accum 4``: micro-batches of 128 fit one 80 GB device,
+benchmarks/results/memory_accum.md), STF
 reference batch 1024 as the authors' released models (``--ref-batch 4096``: the main text), a
 snapshot every 2.5M images kept, so the best snapshot can be chosen (``--eval-step``) as the
 paper does. Each target is scored ``--seeds`` times (3: mean ± sd and minimum, as EDM). Writes
