@@ -1,14 +1,20 @@
 """The Colab notebooks in notebooks/: committed without outputs, one papermill `parameters` cell and
 an "Open in Colab" badge each; every notebook runs top to bottom at scale="smoke" (papermill, the
-python3 kernel, cwd notebooks/) and writes its figures. Those that train and evaluate a digits
-U-Net, or repeat an experiment smoke run of the default suite, are marked slow (-m slow)."""
+python3 kernel, cwd notebooks/) and writes its figures (PNGs with content; a workdir's sample grid
+equal to the samples.npz beside it, conftest.assert_grid_png) and shows figures inline. Those that
+train and evaluate a digits U-Net, or repeat an experiment smoke run of the default suite, are
+marked slow (-m slow)."""
 from __future__ import annotations
 
+import base64
 import glob
+import io
 import json
 import os
 
+import numpy as np
 import pytest
+from conftest import assert_grid_png
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
@@ -83,13 +89,41 @@ def _execute(name: str, tmp_path, extra: dict, pngs: list[str]) -> None:
       os.path.join(NOTEBOOKS, f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
       parameters=dict(scale="smoke", out_dir=str(out), **extra), kernel_name="python3",
       cwd=NOTEBOOKS, progress_bar=False)
-  for png in pngs:  # 16 digits samples are a PNG of under 1 kB
-    assert os.path.getsize(out / png) > 200, png
+  for png in pngs:
+    _check_png(out / png)
   with open(tmp_path / f"{name}.ipynb") as f:
     executed = json.load(f)
-  images = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c["outputs"]
-            if "image/png" in o.get("data", {})]
+  images = [o["data"]["image/png"] for c in executed["cells"] if c["cell_type"] == "code"
+            for o in c["outputs"] if "image/png" in o.get("data", {})]
   assert images, f"{name}: no figure shown inline"
+  for data in images:
+    _decode_png(base64.b64decode("".join(data)), f"{name}: an inline figure")
+
+
+def _decode_png(data: bytes, what: str):
+  """``data`` as a PIL image: a PNG of at least 16 x 16 pixels that is not of one colour."""
+  from PIL import Image
+  with Image.open(io.BytesIO(data)) as im:
+    assert im.format == "PNG" and min(im.size) >= 16, (what, im.format, im.size)
+    pixels = np.asarray(im.convert("RGB"))
+  assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1, f"{what}: one colour"
+  return pixels
+
+
+def _check_png(path) -> None:
+  """A figure decodes to a PNG with content; a workdir's ``eval/samples.png`` of images is the grid
+  of the ``samples.npz`` beside it (conftest.assert_grid_png, centering from the workdir's
+  config.json); toy samples are a scatter plot (any figure)."""
+  with open(path, "rb") as f:
+    _decode_png(f.read(), str(path))
+  npz = os.path.join(os.path.dirname(path), "samples.npz")
+  if os.path.basename(path) == "samples.png" and os.path.exists(npz):
+    with np.load(npz) as z:
+      samples = z["samples"]
+    if samples.ndim == 4:
+      with open(os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")) as f:
+        centered = json.load(f)["data"]["centered"]
+      assert_grid_png(str(path), samples, centered)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
