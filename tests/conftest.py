@@ -145,9 +145,11 @@ def assert_grid_png(path: str, samples, centered: bool, nrow: int | None = None,
   gh, gw = nrows * (h + padding) + padding, ncol * (w + padding) + padding
   s = png.shape[0] // gh
   assert s >= 1 and png.shape == (gh * s, gw * s, c), (
-      f"{path}: {png.shape} is not a {nrows} x {ncol} grid of {h} x {w} tiles scaled by a whole factor")
+      f"{path}: {png.shape} is not a {nrows} x {ncol} grid of {h} x {w} tiles, scaled by a whole "
+      "factor")
   grid = png[::s, ::s]
-  assert np.array_equal(png, np.repeat(np.repeat(grid, s, 0), s, 1)), f"{path}: not a x{s} nearest scale-up"
+  assert np.array_equal(png, np.repeat(np.repeat(grid, s, 0), s, 1)), \
+      f"{path}: not a x{s} nearest scale-up"
   tiles = np.round(np.clip(np.asarray((x + 1) / 2 if centered else x, np.float64), 0, 1) * 255)
   want = np.full_like(grid, 255)
   for i in range(n):

@@ -30,7 +30,8 @@ def _check_batches(name: str, r: dict, batches: int, batch: int, rate: str) -> N
   assert all(math.isfinite(s) and s > 0 for s in spans), (name, spans)
   assert r["first_batch_s"] == spans[0]
   assert r["batch_s_median"] == pytest.approx(statistics.median(spans[1:]), rel=REL)
-  assert r["compile_s"] == pytest.approx(max(spans[0] - r["batch_s_median"], 0.0), rel=REL, abs=1e-12)
+  assert r["compile_s"] == pytest.approx(max(spans[0] - r["batch_s_median"], 0.0), rel=REL,
+                                         abs=1e-12)
   assert r[rate] == pytest.approx(batch / r["batch_s_median"], rel=REL), (name, rate)
   assert r["phase_wall_s"] >= sum(spans)
 

@@ -143,40 +143,161 @@ def test_ct_elbo_training_smoke(tmp_path):
   assert os.path.getsize(os.path.join(out, "elbo_vs_training.png")) > 1000
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+  """A config.json's fields as {'section.field': value}."""
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def _config_json(wd: str) -> dict:
+  """A workdir's config.json, flat ({'section.field': value})."""
+  with open(os.path.join(wd, "config.json")) as f:
+    return _flat(json.load(f))
+
+
+def _check_eval_folder(wd: str, folder: str) -> dict:
+  """The eval report of ``wd/folder``; its samples.png is the grid of its samples.npz."""
+  from conftest import assert_grid_png
+  with open(os.path.join(wd, "config.json")) as f:
+    centered = json.load(f)["data"]["centered"]
+  with np.load(os.path.join(wd, folder, "samples.npz")) as z:
+    assert_grid_png(os.path.join(wd, folder, "samples.png"), z["samples"], centered)
+  with open(os.path.join(wd, folder, "report.json")) as f:
+    return json.load(f)
+
+
+def _check_figure(path: str, figsize: tuple[float, float]) -> None:
+  """A matplotlib figure saved at 100 dpi (experiments/common.figure): a PNG of figsize x 100
+  pixels (to rounding) that is not of one colour."""
+  from PIL import Image
+  with Image.open(path) as im:
+    assert im.format == "PNG", path
+    assert all(abs(n - 100 * s) <= 1 for n, s in zip(im.size, figsize)), (path, im.size, figsize)
+    pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+  assert len(np.unique(pixels, axis=0)) > 10, f"{path}: blank"
+
+
+def _check_stf_digits(out: str, cells) -> None:
+  """experiments/stf_digits.py's smoke output for ``cells`` ((sde, weighting, target), in run
+  order): each run's row is its workdir's (eval report, config, loss log); a DSM / STF pair
+  differs in its config only by the target and the reference batch; table and figure."""
+  import run_lib
+  with open(os.path.join(out, "result.json")) as f:
+    result = json.load(f)
+  runs = result["runs"]
+  assert [(r["sde"], r["weighting"], r["target"]) for r in runs] == list(cells)
+  assert result["scale"] == "smoke" and result["window"] == 5
+  table = open(os.path.join(out, "table.md")).read()
+  configs = {}
+  for r in runs:
+    wd = os.path.join(out, f"{r['sde']}_{r['weighting']}_{r['target']}")
+    report = _check_eval_folder(wd, "eval")
+    for k in ("bpd", "bpd_stderr", "likelihood_nfe"):
+      assert r[k] == report[k], (wd, k)
+    assert np.isfinite(r["bpd"]) and report["bpd_n_failed"] == 0
+    assert report["step"] == r["n_iters"] == 20 and report["sde"] == r["sde"]
+    config = _config_json(wd)
+    assert (config["training.target"], config["training.weighting"]) == (r["target"],
+                                                                         r["weighting"])
+    # 16 rows trained on a step; STF's target averages over a reference batch of 64 rows that
+    # contains them. (A DSM run's ref_batch_size is unused; at smoke scale it is left at digits_vp's
+    # 128, which the row and table report as n.)
+    assert config["training.batch_size"] == 16
+    assert config["training.ref_batch_size"] == r["ref_batch_size"]
+    if r["target"] == "stf":
+      assert r["ref_batch_size"] == 64
+    train, heldout = run_lib.read_loss_curves(wd)
+    np.testing.assert_array_equal(np.asarray(r["train_loss_curve"]), np.asarray(train))
+    np.testing.assert_array_equal(np.asarray(r["heldout_loss_curve"]), np.asarray(heldout))
+    assert [s for s, _ in train] == list(range(1, 21))  # every step's training loss
+    losses = np.asarray([v for _, v in train])
+    assert r["loss_variance_second_half"] == pytest.approx(np.var(losses[10:], ddof=1), rel=1e-9)
+    assert r["loss_mean_second_half"] == pytest.approx(np.mean(losses[10:]), rel=1e-9)
+    assert (f"| {r['sde']} | {r['weighting']} | {r['target'].upper()} | {r['ref_batch_size']} | "
+            f"20 | {r['bpd']:.3f} ± {r['bpd_stderr']:.3f} |") in table
+    configs[r["sde"], r["weighting"], r["target"]] = config
+  for sde, weighting, target in cells:
+    if target == "stf":
+      dsm, stf = configs[sde, weighting, "dsm"], configs[sde, weighting, "stf"]
+      assert set(dsm) == set(stf)
+      assert {k for k in dsm if dsm[k] != stf[k]} == {"training.target", "training.ref_batch_size"}
+  pairs = len({(s, w) for s, w, _ in cells})
+  _check_figure(os.path.join(out, "loss_traces.png"), (4.2 * pairs, 6))
+
+
 @pytest.mark.slow
 def test_stf_digits_smoke(tmp_path):
   """DSM and STF on digits for VP, VE and VP + LW + IS (20 steps, nf 8): every run trains and
-  evaluates to finite bits/dim; the STF runs use the larger reference batch; the loss-trace figure
-  and table are written. Slow (six trainings and evals): -m slow."""
+  evaluates to finite bits/dim; result.json holds what each run's workdir says (eval report,
+  loss log) with the loss statistics of that log; each DSM / STF pair is the same run but for the
+  target and its reference batch (64 rows); the eval sample grids, table and loss-trace figure
+  are written. Slow (six trainings and evals): -m slow."""
+  from experiments import stf_digits
   out = str(tmp_path / "out")
   subprocess.run([sys.executable, os.path.join(REPO, "experiments", "stf_digits.py"),
                   "--smoke", "--out", out], check=True, timeout=3600, capture_output=True)
+  _check_stf_digits(out, [(s, w, t) for s, w in stf_digits.SETTINGS for t in stf_digits.TARGETS])
+
+
+def _check_scoreflow_digits(out: str, cells) -> None:
+  """experiments/scoreflow_digits.py's smoke output for ``cells`` ((sde, eps, weighting), in run
+  order): each cell's numbers are its two eval reports' (uniform; variational after the 4-step
+  dequantizer fit) of one checkpoint, the paired Δ their per-image difference; the IS variance
+  ratio is the ratio of its variances; table and figure."""
+  import likelihood
   with open(os.path.join(out, "result.json")) as f:
-    runs = json.load(f)["runs"]
-  assert len(runs) == 6
-  for r in runs:
-    assert np.isfinite(r["bpd"]) and np.isfinite(r["loss_variance_second_half"])
-    assert r["ref_batch_size"] == (64 if r["target"] == "stf" else 16)
-  assert os.path.getsize(os.path.join(out, "loss_traces.png")) > 1000
+    result = json.load(f)
+  rows = result["rows"]
+  assert [(r["sde"], r["eps"], r["weighting"]) for r in rows] == list(cells)
+  table = open(os.path.join(out, "table.md")).read()
+  for r, cell in zip(rows, cells):
+    wd = os.path.join(out, f"{r['sde']}_{r['weighting']}")
+    config = _config_json(wd)
+    assert (config["sde.name"], config["sde.eps"], config["training.weighting"]) == cell
+    reports = {d: _check_eval_folder(wd, f"eval_{d}") for d in ("uniform", "variational")}
+    for d, report in reports.items():
+      assert report["dequantization"] == d and report["step"] == 20 and report["eps"] == r["eps"]
+      for k in ("bpd", "bpd_stderr", "bound_bpd", "bound_bpd_stderr", "likelihood_nfe"):
+        assert r[f"{d}_{k}"] == report[k], (wd, d, k)
+      assert np.isfinite(r[f"{d}_bpd"]) and np.isfinite(r[f"{d}_bound_bpd"])
+    assert reports["variational"]["dequantizer_step"] == 4
+    assert "dequantizer_step" not in reports["uniform"]
+    for k in ("bpd", "bound_bpd"):
+      diff = (np.asarray(reports["variational"][f"{k}_per_example"], np.float64)
+              - np.asarray(reports["uniform"][f"{k}_per_example"], np.float64))
+      mean, stderr = (float(v) for v in likelihood.mean_and_stderr(diff[np.isfinite(diff)]))
+      assert r[f"delta_{k}"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
+      assert r[f"delta_{k}_stderr"] == pytest.approx(stderr, rel=1e-9, abs=1e-12)
+    assert f"| {r['uniform_bpd']:.3f} ± {r['uniform_bpd_stderr']:.3f} | " \
+        f"{r['uniform_bound_bpd']:.3f} ± {r['uniform_bound_bpd_stderr']:.3f} |" in table
+  v = result["is_variance"]
+  if v is not None:
+    assert v["draws"] == 8 and v["batch_size"] == 16
+    assert v["likelihood"]["variance"] > 0 and v["likelihood_is"]["variance"] > 0
+    assert v["variance_ratio"] == pytest.approx(
+        v["likelihood"]["variance"] / v["likelihood_is"]["variance"], rel=1e-12)
+  _check_figure(os.path.join(out, "bpd_cells.png"), (7, 4))
 
 
 @pytest.mark.slow
 def test_scoreflow_digits_smoke(tmp_path):
   """VP / sub-VP x three weightings x {uniform, variational} dequantization on digits (20 steps,
-  nf 8): finite bits/dim and bound in every cell, sub-VP at eps = 1e-2, the importance-sampling
-  variance ratio measured. Slow (six trainings, dequantizer fits, twelve evals): -m slow."""
+  nf 8): finite bits/dim and bound in every cell, taken from the cell's two eval reports of one
+  checkpoint (the variational one after the dequantizer's fit), sub-VP at eps = 1e-2, the paired
+  differences and the importance-sampling variance ratio recomputed from what they summarize, the
+  eval sample grids, table and figure written. Slow (six trainings, dequantizer fits, twelve
+  evals): -m slow."""
+  from experiments import scoreflow_digits
   out = str(tmp_path / "out")
   subprocess.run([sys.executable, os.path.join(REPO, "experiments", "scoreflow_digits.py"),
                   "--smoke", "--out", out], check=True, timeout=3600, capture_output=True)
+  cells = [(s, e, w) for s, e in scoreflow_digits.SDES for w, _ in scoreflow_digits.WEIGHTINGS]
+  assert [e for _, e, _ in cells] == [1e-5] * 3 + [1e-2] * 3
+  _check_scoreflow_digits(out, cells)
   with open(os.path.join(out, "result.json")) as f:
-    result = json.load(f)
-  assert len(result["rows"]) == 6
-  for r in result["rows"]:
-    for d in ("uniform", "variational"):
-      assert np.isfinite(r[f"{d}_bpd"]) and np.isfinite(r[f"{d}_bound_bpd"])
-    assert r["eps"] == (1e-2 if r["sde"] == "subvpsde" else 1e-5)
-  assert result["is_variance"]["variance_ratio"] > 0
-  assert os.path.getsize(os.path.join(out, "bpd_cells.png")) > 1000
+    assert json.load(f)["is_variance"] is not None
 
 
 def test_scale_flags_and_sizes():

@@ -439,7 +439,7 @@ def test_import_mode_then_sample(tmp_path):
 
   want, nfe = jit(run)(params, keys)
   assert x.shape == (4, 32, 32, 3) and np.all(np.isfinite(x))
-  assert float(np.max(np.abs(np.asarray(want) - x[::-1]))) > 0.1  # the comparison tells samples apart
+  assert float(np.max(np.abs(np.asarray(want) - x[::-1]))) > 0.1  # samples are told apart
   np.testing.assert_allclose(x, np.asarray(want), rtol=1e-4, atol=1e-3)  # 4e-5 seen: 4 devices
   assert report["nfe"] == float(np.mean(nfe)) == 5  # 4 steps, then the noise-free last step
   assert_grid_png(os.path.join(out, "samples.png"), x, cfg.data.centered)
