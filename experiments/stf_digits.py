@@ -49,7 +49,6 @@ def run_config(sde_name: str, weighting: str, target: str, scale: str):
     config.sde.sigma_min, config.sde.sigma_max = 0.01, 20.0
     config.model.input_scaling = True
   config.training.weighting, config.training.target = weighting, target
-  config.training.ref_batch_size = s["n_ref"] if target == "stf" else config.training.batch_size
   config.training.n_iters = s["n_iters"]
   config.training.log_freq = max(1, s["window"])
   config.training.snapshot_freq = config.training.snapshot_freq_for_preemption = s["n_iters"]
@@ -68,6 +67,8 @@ def run_config(sde_name: str, weighting: str, target: str, scale: str):
     config.eval.use_ema = False
     config.eval.batch_size = 120
     config.eval.num_samples = 16
+  # after the size overrides: DSM's "reference batch" is its own (smoke: 16-row) batch
+  config.training.ref_batch_size = s["n_ref"] if target == "stf" else config.training.batch_size
   return config
 
 
