@@ -17,12 +17,20 @@ switched off in this process so they are cold compiles.
   python benchmarks/memory.py --tiny --batches 2,4 --out /tmp/m.json   # a seconds-long smoke run
   python benchmarks/memory.py --report                          # only rewrite memory.md
   python benchmarks/memory.py --accum --fast-compile            # micro-batches, grad_accum_steps
+  python benchmarks/memory.py --dequantizer --fast-compile      # ScoreFlow's dequantizer fit step
 
 ``--accum``: for the published CIFAR-10 trainings (DDPM++ cont., EDM's DDPM++ and NCSN++) the
 accumulated train step (``train_accum``: training.grad_accum_steps = 2 micro-batches of each
 ``--batches`` size) is compiled; the largest per-device micro-batch under 16 / 40 / 80 GiB is
 read off its peaks as above, and the training.grad_accum_steps that reach the papers' global
 batches (``programs.PAPER_BATCH``: score_sde 128, EDM 512) with it; into memory_accum.json / .md.
+
+``--dequantizer``: one step of ScoreFlow's variational dequantizer fit (``programs.
+dequantizer_program``: ``--mode=fit_dequantizer``'s eq. 13 step through the frozen DDPM++ cont. VP
+of configs/cifar_vp_lw_is.py, ``dequantizer.*`` as configs/default.py) per dequantizer batch; the
+program ``dequantizer_noremat`` is the same step lowered with ``jax.checkpoint`` as the identity
+(what the per-draw remat of ``likelihood._time_integral`` / ``eps_correction`` saves); into
+memory_dequantizer.json / .md.
 
 Results accumulate in ``--out`` (default benchmarks/results/memory.json; entries of the same
 model, program, batch and dtype are replaced), the table in memory.md beside it. How far a CPU
@@ -56,6 +64,8 @@ STATS = ("argument", "output", "alias", "temp", "generated_code")
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # --accum: the published CIFAR-10 trainings (score_sde DDPM++ cont., EDM DDPM++ / NCSN++).
 ACCUM_MODELS = "ddpmpp,edm_ddpmpp,edm_ncsnpp"
+# --dequantizer: ScoreFlow's CIFAR-10 model (configs/cifar_vp_lw_is.py) and its dequantizer fit.
+DEQUANTIZER_MODELS = "scoreflow"
 
 
 def memory_stats(compiled) -> dict:
@@ -77,9 +87,12 @@ def measure(model: str, program: str, batch: int, tiny: bool, dtype: str, mesh,
   prog = programs.PROGRAMS[program](config, batch, mesh)
   compiled, times = compile_timed(prog, FAST_COMPILE if fast_compile else None)
   accum = programs.ACCUM_STEPS if program == "train_accum" else 1
+  extra = ({f"dequantizer_{k}": config.dequantizer[k] for k in (
+      "batch_size", "bound_time_samples", "flow_steps", "flow_levels", "flow_hidden",
+      "context_features")} if program.startswith("dequantizer") else {})
   return dict(model=model, program=program, batch=batch, dtype=dtype, tiny=tiny,
               params=prog.params, grad_accum_steps=accum, fast_compile=fast_compile, **times, **memory_stats(compiled),
-              load_average=os.getloadavg())
+              load_average=os.getloadavg(), **extra)
 
 
 def compile_timed(prog, options: dict | None = None):
@@ -236,6 +249,35 @@ def accum_markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def dequantizer_markdown(result: dict) -> str:
+  """The remat comparison of memory_dequantizer.md: per model and dequantizer batch, the peak of
+  the fit step with the per-draw ``jax.checkpoint`` and without it (where compiled)."""
+  rows: dict[tuple, dict] = {}
+  for e in result["entries"]:
+    if e["program"] in ("dequantizer", "dequantizer_noremat"):
+      rows.setdefault((e["model"], e["tiny"], e["dtype"], e["batch"]), {})[e["program"]] = e
+  if not rows:
+    return ""
+  lines = ["", "## Dequantizer fit: with and without the per-draw remat", "",
+           "| model | dequantizer batch | bound_time_samples | peak GiB (temp) with jax.checkpoint | "
+           "peak GiB (temp) without | without / with |", "|---|---|---|---|---|---|"]
+  for (model, tiny, _, batch), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][3])):
+    w, wo = r.get("dequantizer"), r.get("dequantizer_noremat")
+    cell = lambda e: f"{_gib(e['peak_bytes'])} ({_gib(e['temp_bytes'])})" if e else "–"  # noqa: E731
+    ratio = f"{wo['peak_bytes'] / w['peak_bytes']:.1f}x" if w and wo else "–"
+    n_t = (w or wo).get("dequantizer_bound_time_samples", "?")
+    lines.append(f"| {model}{' (tiny)' if tiny else ''} | {batch} | {n_t} | {cell(w)} | "
+                 f"{cell(wo)} | {ratio} |")
+  lines += ["", "One step of --mode=fit_dequantizer (ScoreFlow eq. 13 with the eq. 39 bound of the "
+            "frozen score network: bound_time_samples draws each of the time integral and of the "
+            "eps correction, sequential in lax.map; Adam on the dequantizer's parameters). 'with': "
+            "each draw under jax.checkpoint (likelihood._time_integral / eps_correction), the "
+            "backward pass recomputes one draw at a time; 'without': the same program lowered "
+            "with jax.checkpoint replaced by the identity, so every draw's activations of the "
+            "score network are kept for the backward pass. Peak as in the table above."]
+  return "\n".join(lines) + "\n"
+
+
 def _load(path: str) -> dict:
   if os.path.exists(path):
     with open(path) as f:
@@ -263,7 +305,7 @@ def write(result: dict, out: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=2)
-  text = markdown(result) + accum_markdown(result)
+  text = markdown(result) + accum_markdown(result) + dequantizer_markdown(result)
   with open(os.path.splitext(out)[0] + ".md", "w") as f:
     f.write("# Memory and compile budgets (benchmarks/memory.py)\n\n" + text)
   return text
@@ -297,13 +339,17 @@ def main(argv=None) -> dict:
                  "(default ddpmpp,ddpmpp_deep,ncsnpp,edm,celeba64; --accum: "
                  f"{ACCUM_MODELS})")
   p.add_argument("--programs", default=None,
-                 help="comma list of train,likelihood,sample,train_accum (default train; --accum: "
-                 "train_accum)")
+                 help="comma list of train,likelihood,sample,train_accum,dequantizer,"
+                 "dequantizer_noremat (default train; --accum: train_accum; --dequantizer: "
+                 "dequantizer)")
   p.add_argument("--batches", default=None, help="per-device (micro-)batches to compile (>= 2 "
                  "to fit; default 8,32; --accum: 32,128)")
   p.add_argument("--accum", action="store_true", help="the published CIFAR-10 trainings' "
                  "micro-batches per memory size and the training.grad_accum_steps reaching the "
                  "papers' global batches (--out default memory_accum.json)")
+  p.add_argument("--dequantizer", action="store_true", help="ScoreFlow's variational "
+                 "dequantizer fit step (programs dequantizer, dequantizer_noremat) of the frozen "
+                 "DDPM++ cont. VP (--out default memory_dequantizer.json)")
   p.add_argument("--dtype", default="float32", help="model.dtype (compute dtype)")
   p.add_argument("--tiny", action="store_true", help="tiny network and 8x8 images (smoke test)")
   p.add_argument("--usable-fraction", type=float, default=USABLE_FRACTION)
@@ -318,7 +364,9 @@ def main(argv=None) -> dict:
                  help="leave JAX's persistent compilation cache as configured (default: off)")
   args = p.parse_args(argv)
   defaults = (ACCUM_MODELS, "train_accum", "32,128", "memory_accum.json") if args.accum else (
-      "ddpmpp,ddpmpp_deep,ncsnpp,edm,celeba64", "train", "8,32", "memory.json")
+      DEQUANTIZER_MODELS, "dequantizer", "1,4,16", "memory_dequantizer.json") if (
+      args.dequantizer) else ("ddpmpp,ddpmpp_deep,ncsnpp,edm,celeba64", "train", "8,32",
+                              "memory.json")
   for name, value in zip(("models", "programs", "batches", "out"), defaults):
     if getattr(args, name) is None:
       setattr(args, name, os.path.join(RESULTS, value) if name == "out" else value)

@@ -43,6 +43,9 @@ MODELS = {
     # EDM's own CIFAR-10 networks (models/songunet.py, configs/default_image.songunet_model).
     "edm_ddpmpp": ("cifar_edm_dsm", {"songunet": "ddpmpp"}, "EDM DDPM++ (SongUNet), CIFAR-10, 55.7M"),
     "edm_ncsnpp": ("cifar_edm_dsm", {"songunet": "ncsnpp"}, "EDM NCSN++ (SongUNet), CIFAR-10, 56.4M"),
+    # ScoreFlow (Song et al. 2021b) Table 2's DDPM++ cont. VP (likelihood weighting + IS), whose
+    # variational dequantizer the ``dequantizer`` program fits (dequantizer.* of configs/default.py).
+    "scoreflow": ("cifar_vp_lw_is", {}, "DDPM++ cont. (VP), LW + IS, CIFAR-10 (ScoreFlow), 61.8M"),
 }
 # The papers' global training batches: score_sde (Song et al. 2021) 128, EDM (Karras et al. 2022)
 # 512; benchmarks/memory.py --accum gives the training.grad_accum_steps that reach them.
@@ -198,3 +201,80 @@ ACCUM_STEPS = 2
 PROGRAMS = {"train": train_program, "likelihood": likelihood_program, "sample": sample_program,
             "train_accum": lambda config, batch, mesh: train_program(config, batch, mesh,
                                                                      ACCUM_STEPS)}
+
+
+def dequantizer_program(config, batch: int, mesh) -> Program:
+  """One step of ``--mode=fit_dequantizer`` (ScoreFlow §5.2, eq. 13): ``dequantization.
+  make_train_step`` of the config's ``dequantizer`` section at ``dequantizer.batch_size = batch``
+  levels, with log p = minus ``likelihood.scoreflow_bound`` of the frozen score network
+  (``dequantizer.bound_time_samples`` draws of the time integral, prior and eps correction, as
+  modes/fit_dequantizer.py). The score network's parameters are an argument (the mode closes over
+  its loaded ones), so nothing of full size is allocated; one device (the mode has no mesh)."""
+  del mesh
+  import datasets
+  import dequantization
+  import likelihood
+  import run_lib
+  config.dequantizer.batch_size = batch
+  sde, score_fn, event, abstract_params, init, count = _network(config)
+  cfg = run_lib.validate_config(config)
+  info = datasets.dataset_info(cfg)
+  d, n_t = cfg.dequantizer, cfg.dequantizer.bound_time_samples
+  model = dequantization.from_section(d, event, info.num_grey_levels)
+  optimizer = dequantization.make_optimizer(d.lr, d.n_iters)
+  levels = jax.ShapeDtypeStruct((batch,) + event, jnp.uint8)
+  init_q = lambda: dequantization.init_variables(  # noqa: E731
+      model, jax.random.PRNGKey(0), jnp.zeros((batch,) + event, jnp.uint8))
+  variables = jax.eval_shape(init_q)
+  prior = sde.prior()
+
+  def step(score_params, params, constants, opt_state, k, key):
+    def log_p_fn(y, kp):  # modes/fit_dequantizer.py's
+      return -likelihood.scoreflow_bound(lambda x, t: score_fn(score_params, x, t), sde, y, kp,
+                                         prior=prior, n_time_samples=n_t,
+                                         n_prior_samples=n_t)["nll_bound"]
+    inner = dequantization.make_train_step(model, constants, log_p_fn, optimizer,
+                                           num_levels=info.num_grey_levels, centered=info.centered)
+    return inner(params, opt_state, k, key)
+
+  split = lambda v: (v["params"], {n: c for n, c in v.items() if n != "params"})  # noqa: E731
+  params, constants = split(variables)
+  opt_state = jax.eval_shape(optimizer.init, params)
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(1))
+
+  def make_args():
+    p, c = split(jax.jit(init_q)())
+    k = np.random.default_rng(0).integers(0, info.num_grey_levels, levels.shape, np.uint8)
+    return init(), p, c, optimizer.init(p), jnp.asarray(k), jax.random.PRNGKey(1)
+
+  return Program("dequantizer", jax.jit(step), (abstract_params, params, constants, opt_state,
+                                                levels, key), make_args, batch, count)
+
+
+PROGRAMS["dequantizer"] = dequantizer_program
+
+
+class _WithoutRemat:
+  """A jitted function lowered with ``jax.checkpoint`` replaced by the identity (the Monte Carlo
+  draws of ``likelihood._time_integral`` / ``eps_correction`` then keep their activations for the
+  backward pass): what the remat saves."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def lower(self, *args):
+    from unittest import mock
+    with mock.patch.object(jax, "checkpoint", lambda f, *a, **k: f):
+      return self.fn.lower(*args)
+
+  def __call__(self, *args):
+    return self.lower(*args).compile()(*args)
+
+
+def dequantizer_noremat_program(config, batch: int, mesh) -> Program:
+  """``dequantizer_program`` without the per-draw ``jax.checkpoint`` (``_WithoutRemat``)."""
+  prog = dequantizer_program(config, batch, mesh)
+  return dataclasses.replace(prog, name="dequantizer_noremat", fn=_WithoutRemat(prog.fn))
+
+
+PROGRAMS["dequantizer_noremat"] = dequantizer_noremat_program

@@ -32,3 +32,29 @@ def test_memory_accum_tiny(tmp_path):
   for cap in plan["capacities"].values():
     assert cap["grad_accum_steps"] == memory.accum_steps_for(512, cap["max_micro_batch"])
   assert "grad_accum_steps x micro-batch" in open(str(tmp_path / "memory_accum.md")).read()
+
+
+def test_dequantizer_markdown():
+  """The remat table pairs the fit step with and without jax.checkpoint per batch."""
+  e = lambda prog, peak: dict(model="scoreflow", tiny=False, dtype="float32", batch=1,  # noqa: E731
+                              program=prog, peak_bytes=peak * memory.GIB, temp_bytes=peak * memory.GIB / 2,
+                              dequantizer_bound_time_samples=16)
+  text = memory.dequantizer_markdown({"entries": [e("dequantizer", 2), e("dequantizer_noremat", 7)]})
+  assert "| scoreflow | 1 | 16 | 2.00 (1.00) | 7.00 (3.50) | 3.5x |" in text
+  assert memory.dequantizer_markdown({"entries": []}) == ""
+
+
+@pytest.mark.slow  # ~30 CPU s of compiles (75 s wall at load 7), as test_memory_accum_tiny
+def test_memory_dequantizer_tiny(tmp_path):
+  """--dequantizer at the tiny size and batch 1: ScoreFlow's dequantizer fit step compiles with
+  and without the per-draw jax.checkpoint, the config's bound_time_samples (16) is recorded, the
+  remat keeps less live, and memory_dequantizer.md holds the comparison."""
+  out = str(tmp_path / "memory_dequantizer.json")
+  res = memory.main(["--dequantizer", "--tiny", "--keep-cache", "--fast-compile", "--batches", "1",
+                     "--programs", "dequantizer,dequantizer_noremat", "--out", out])
+  rows = {e["program"]: e for e in res["entries"]}
+  assert set(rows) == {"dequantizer", "dequantizer_noremat"}
+  assert rows["dequantizer"]["dequantizer_bound_time_samples"] == 16
+  assert rows["dequantizer"]["dequantizer_batch_size"] == 1
+  assert 0 < rows["dequantizer"]["temp_bytes"] < rows["dequantizer_noremat"]["temp_bytes"]
+  assert "without / with" in open(str(tmp_path / "memory_dequantizer.md")).read()
