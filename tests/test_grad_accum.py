@@ -178,6 +178,7 @@ def test_k_micro_batches_give_the_one_batch_update(case):
     np.testing.assert_allclose(m4["stf_ess_mean"], m1["stf_ess_mean"], rtol=1e-5)
 
 
+@pytest.mark.slow  # 22 s; not an oracle (the default suite keeps the equality oracles)
 def test_dropout_masks_are_per_micro_batch():
   """With dropout the k = 4 step is a different draw of the same law (masks of micro-batch
   shape): finite, and not bit-identical to k = 1."""
