@@ -92,6 +92,7 @@ def _run_gpu_bench(tmp_path, phases: str) -> dict:
   return written
 
 
+@pytest.mark.slow  # a benchmark's smoke run, ~15 s
 def test_gpu_bench_tiny(tmp_path, monkeypatch):
   """One train phase (STF target, bfloat16: the tiny reference batch of 8 rows a step) and the
   peer's skip reason; every phase: the slow test below (each phase compiles its own programs,

@@ -187,6 +187,7 @@ def compilation_cache(tmp_path):
     parallel.set_compilation_cache("")
 
 
+@pytest.mark.slow  # a killed main.py and two reruns, ~42 s; the resume itself is tested above in process
 def test_eval_killed_mid_pass_resumes_with_the_same_report(tmp_path, caplog, compilation_cache):
   """main.py --mode=eval, SIGKILLed once the ODE bits/dim pass holds some but not all of its 6
   batches, then run again: it resumes there (log), and the report equals an uninterrupted run's,

@@ -539,6 +539,7 @@ def test_eval_fid_features_see_exactly_the_quantized_samples(tmp_path, monkeypat
   np.testing.assert_array_equal(pool3_b, pool3)
 
 
+@pytest.mark.slow  # a real Inception compile, ~10 s; the spy test checks the 8-bit inputs
 def test_inception_features_identical_for_samples_that_round_alike(random_variables):
   """With the real network (random weights, 75 x 75 input): two sample sets that round to the same
   8-bit images give identical pool3 (one call, so one compilation)."""

@@ -91,6 +91,7 @@ def test_resizing_offline_is_refused():
     datasets.dataset_info(config)
 
 
+@pytest.mark.slow  # two main.py processes, ~53 s: the suite's 12-minute budget
 def test_main_trains_and_evaluates_on_mnist(tmp_path):
   """The main job's commands on MNIST at a tiny size: train 4 steps, then the ODE's bits/dim of the
   first 4 test digits (256 levels) and 4 samples."""
