@@ -153,7 +153,7 @@ def compiler_options(mesh: Mesh) -> dict | None:
 
 # -- process-wide XLA setup ------------------------------------------------------------------------
 CACHE_DIR_ENV = "SCORELAB_COMPILATION_CACHE_DIR"
-# scorelab's cache folder as inception_weights.default_cache_dir finds it, then xla/.
+# scorelab's cache folder as downloads.cache_dir finds it (read here at import, before any JAX), then xla/
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("SCORELAB_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
